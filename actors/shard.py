@@ -1,0 +1,172 @@
+"""The shard actor: a thin Ray shell around ShardState and the store.
+
+It is an async actor so that queries interleave with ingest instead of
+queuing behind it, and so the checkpoint loop runs beside both. State is only
+touched on the event loop thread; the store write runs on one dedicated
+thread, from an immutable in-flight Checkpoint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import json
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import ray
+
+from actors.shard_state import ShardState
+from checkpoint.remote import open_store_in_actor
+from wire.batches import Batch
+from wire.timeslots import month_of_hour
+
+log = logging.getLogger("tally.shard")
+
+SHARD_NAME = "tally-shard-{}"
+
+
+@ray.remote(num_cpus=0, max_restarts=-1, enable_task_events=False)
+class ShardActor:
+    def __init__(self, shard: int, store_url: str, checkpoint_interval: float) -> None:
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+        self.shard = shard
+        self.interval = checkpoint_interval
+        self.store = open_store_in_actor(store_url)
+        self.state = ShardState(shard, self.store.open_shard(shard))
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix=f"checkpoint-{shard}")
+        self._loop_task: asyncio.Task | None = None
+        self._ck_lock: asyncio.Lock | None = None
+        self.checkpoints = 0
+        self.store_errors = 0
+        self.last_error: str | None = None
+        self.last_checkpoint_seconds = 0.0
+        gc.freeze()  # start-up objects never need collecting; avoids long gen2 pauses later
+
+    # ---- lifecycle -----------------------------------------------------
+
+    def _start_loop(self) -> None:
+        if self._loop_task is None:
+            self._ck_lock = asyncio.Lock()
+            self._loop_task = asyncio.get_running_loop().create_task(self._checkpoint_loop())
+            self._loop_task.add_done_callback(self._loop_ended)
+
+    def _loop_ended(self, task: asyncio.Task) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            self.last_error = f"checkpoint loop died: {task.exception()!r}"
+            log.error(json.dumps({"event": "error", "shard": self.shard, "error": self.last_error}))
+
+    async def ready(self) -> dict[str, Any]:
+        self._start_loop()
+        return {"shard": self.shard, "ck": self.state.last_ck}
+
+    # ---- ingest --------------------------------------------------------
+
+    async def apply(self, batch: Batch) -> dict[str, Any] | None:
+        """None when applied; else an error naming the aggregate that was refused."""
+        self._start_loop()
+        # load_months runs synchronously on the event loop on purpose: nothing
+        # else may touch the state between finding a month missing and
+        # installing its base (see ShardState.ingest).
+        refused = self.state.ingest(batch, self.store.load_months)
+        if refused is not None and refused["code"] == "overloaded":
+            self._store_failed(RuntimeError(refused["message"]))
+        return refused
+
+    async def revert(self, batch: Batch) -> None:
+        self.state.revert(batch)
+
+    # ---- queries -------------------------------------------------------
+
+    async def hourly(
+        self, tenant: str, metric: str, where: dict[str, str], h0: int, h1: int
+    ) -> tuple[Any, list]:
+        return self.state.hourly(tenant, metric, where, h0, h1)
+
+    async def totals(
+        self, tenant: str, metric: str, where: dict[str, str], h0: int, h1: int
+    ) -> tuple[dict[str, int], list]:
+        return self.state.totals(tenant, metric, where, h0, h1)
+
+    async def catalog(self, tenant: str) -> list[str]:
+        return self.state.catalog(tenant)
+
+    # ---- checkpoints ---------------------------------------------------
+
+    async def checkpoint(self) -> int:
+        """Write everything applied so far; returns the last checkpoint id written."""
+        self._start_loop()
+        assert self._ck_lock is not None
+        for _ in range(3):  # an unfinished one first, then what is dirty
+            if await self._checkpoint_once() is None:
+                break
+        return self.state.last_ck
+
+    async def _checkpoint_once(self) -> int | None:
+        assert self._ck_lock is not None
+        async with self._ck_lock:
+            cp = self.state.begin_checkpoint()
+            if cp is None:
+                return None
+            started = time.monotonic()
+            loop = asyncio.get_running_loop()
+            try:
+                await loop.run_in_executor(self._writer, self.store.write_checkpoint, cp)
+            except Exception as e:
+                self._store_failed(e)
+                raise
+            self.state.finish_checkpoint(cp.ck)
+            now_month = month_of_hour(int(time.time()) // 3600)
+            evicted = self.state.evict(now_month)
+            self.checkpoints += 1
+            self.last_checkpoint_seconds = time.monotonic() - started
+            log.info(
+                json.dumps(
+                    {
+                        "event": "checkpoint",
+                        "shard": self.shard,
+                        "ck": cp.ck,
+                        "documents": len(cp.deltas),
+                        "slots": sum(len(h) for h in cp.deltas.values()),
+                        "new_series": len(cp.new_series),
+                        "evicted": evicted,
+                        "seconds": round(self.last_checkpoint_seconds, 4),
+                    }
+                )
+            )
+            return cp.ck
+
+    async def _checkpoint_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                await self._checkpoint_once()
+            except Exception:  # kept in last_error and retried next interval; state is intact
+                continue
+
+    def _store_failed(self, e: Exception) -> None:
+        self.store_errors += 1
+        self.last_error = repr(e)
+        log.error(json.dumps({"event": "error", "shard": self.shard, "error": self.last_error}))
+
+    async def stats(self) -> dict[str, Any]:
+        return {
+            "shard": self.shard,
+            "ck": self.state.last_ck,
+            "series": len(self.state.series),
+            "dirty_slots": self.state.dirty_slots,
+            "increments": self.state.increments,
+            "checkpoints": self.checkpoints,
+            "store_errors": self.store_errors,
+            "last_error": self.last_error,
+            "last_checkpoint_seconds": self.last_checkpoint_seconds,
+        }
+
+    async def shutdown(self) -> int:
+        """Final checkpoint, then stop the loop; the process may be killed after this."""
+        ck = await self.checkpoint()
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+        return ck

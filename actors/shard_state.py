@@ -1,0 +1,275 @@
+"""A shard's in-memory state, free of I/O: batches in, checkpoint deltas out.
+
+The shard owns every (series, UTC month) it has touched: it loads the stored
+month document once (its *base*), then applies increments on top, so for
+those months its totals are complete and a query needs no store round trip.
+Months it has never touched are answered from the store alone; the two sets
+never overlap, which is what makes a query count each increment once.
+
+Changes since the last checkpoint are kept apart as ``dirty`` deltas. A
+checkpoint freezes them into an immutable in-flight ``Checkpoint`` that is
+retried as it is until the store takes it (the store's ``ck`` guard makes a
+retry of a half-applied checkpoint exact); new increments meanwhile start the
+next one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from checkpoint.store import Checkpoint, MonthDoc, MonthKey
+from wire.batches import INT64_MAX, INT64_MIN, Batch
+from wire.series import SeriesKey, matches, parse_series_id
+from wire.timeslots import month_hours, month_of_hour, months_between
+
+
+class SlotOverflow(ValueError):
+    """An increment would take a stored slot outside int64; nothing was applied."""
+
+    def __init__(self, aggregate: int, message: str) -> None:
+        super().__init__(message)
+        self.aggregate = aggregate
+
+
+@dataclass(slots=True)
+class MonthSlots:
+    hours: dict[int, int] = field(default_factory=dict)  # absolute hour -> total (base + applied)
+    dirty: dict[int, int] = field(default_factory=dict)  # absolute hour -> delta since last checkpoint
+
+
+@dataclass(slots=True)
+class SeriesState:
+    key: SeriesKey
+    months: dict[str, MonthSlots] = field(default_factory=dict)
+
+
+class ShardState:
+    def __init__(self, shard: int, last_ck: int) -> None:
+        self.shard = shard
+        self.last_ck = last_ck  # highest checkpoint id claimed in the store
+        self.series: dict[str, SeriesState] = {}
+        self.by_metric: dict[tuple[str, str], set[str]] = {}
+        self.dirty_keys: set[MonthKey] = set()
+        self.inflight: Checkpoint | None = None
+        self.unrecorded: set[str] = set()  # series no checkpoint has recorded in the catalog yet
+        self.increments = 0  # applied since start, for stats
+
+    # ---- loading -------------------------------------------------------
+
+    def missing(self, batch: Batch) -> list[MonthKey]:
+        """(series, month) pairs of the batch whose stored base is not loaded yet."""
+        out: list[MonthKey] = []
+        seen: set[MonthKey] = set()
+        sids = batch.sids
+        for idx, hour in zip(batch.series.tolist(), batch.hours.tolist(), strict=True):
+            key = (sids[idx], month_of_hour(hour))
+            if key in seen:
+                continue
+            seen.add(key)
+            st = self.series.get(key[0])
+            if st is None or key[1] not in st.months:
+                out.append(key)
+        return out
+
+    def install(self, keys: Iterable[MonthKey], docs: dict[MonthKey, MonthDoc]) -> None:
+        """Take stored bases for ``keys``; a key already present is kept (it is newer)."""
+        for sid, month in keys:
+            st = self.series.get(sid)
+            if st is None:
+                key = parse_series_id(sid)
+                st = self.series[sid] = SeriesState(key)
+                self.by_metric.setdefault((key.tenant, key.metric), set()).add(sid)
+                self.unrecorded.add(sid)
+            if month not in st.months:
+                doc = docs.get((sid, month))
+                st.months[month] = MonthSlots(hours=dict(doc.hours) if doc else {})
+
+    # ---- applying ------------------------------------------------------
+
+    def ingest(
+        self, batch: Batch, load: Callable[[list[MonthKey]], dict[MonthKey, MonthDoc]]
+    ) -> dict[str, Any] | None:
+        """Load missing bases through ``load``, then apply; None, or the refusal.
+
+        Callers must not let other calls touch this state between the load and
+        the apply (the shard actor calls ``load`` synchronously), or a stale
+        base could be installed over newer counts.
+        """
+        missing = self.missing(batch)
+        if missing:
+            try:
+                docs = load(missing)
+            except Exception as e:  # the store is down: refuse, the client backs off and resends
+                return {"code": "overloaded", "message": f"store unavailable: {e}"}
+            self.install(missing, docs)
+        try:
+            self.apply(batch)
+        except SlotOverflow as e:
+            return {"code": "bad_row", "aggregate": e.aggregate, "message": str(e)}
+        return None
+
+    def apply(self, batch: Batch) -> None:
+        """All or nothing: checks every slot for int64 overflow before changing any."""
+        sids = batch.sids
+        entries = list(
+            zip(batch.series.tolist(), batch.hours.tolist(), batch.values.tolist(), strict=True)
+        )
+        resolved = []
+        for n, (idx, hour, value) in enumerate(entries):
+            slots = self.series[sids[idx]].months[month_of_hour(hour)]
+            total = slots.hours.get(hour, 0) + value
+            if not INT64_MIN <= total <= INT64_MAX:
+                raise SlotOverflow(
+                    n,
+                    f"series {sids[idx]!r} hour {hour}: total {total} would leave int64",
+                )
+            resolved.append((slots, hour, value, sids[idx]))
+        self._add(resolved)
+        self.increments += batch.increments
+
+    def revert(self, batch: Batch) -> None:
+        """Undo an applied batch (another shard refused its part of the same batch)."""
+        sids = batch.sids
+        resolved = [
+            (self.series[sids[idx]].months[month_of_hour(hour)], hour, -value, sids[idx])
+            for idx, hour, value in zip(
+                batch.series.tolist(), batch.hours.tolist(), batch.values.tolist(), strict=True
+            )
+        ]
+        self._add(resolved)
+        self.increments -= batch.increments
+
+    def _add(self, resolved: list[tuple[MonthSlots, int, int, str]]) -> None:
+        dirty_keys = self.dirty_keys
+        for slots, hour, value, sid in resolved:
+            total = slots.hours.get(hour, 0) + value
+            if total:
+                slots.hours[hour] = total
+            else:
+                slots.hours.pop(hour, None)
+            delta = slots.dirty.get(hour, 0) + value
+            if delta:
+                slots.dirty[hour] = delta
+            else:
+                slots.dirty.pop(hour, None)
+            dirty_keys.add((sid, month_of_hour(hour)))
+
+    # ---- checkpoints ---------------------------------------------------
+
+    def begin_checkpoint(self) -> Checkpoint | None:
+        """The checkpoint to write next: the unfinished one again, else the dirty deltas."""
+        if self.inflight is not None:
+            return self.inflight
+        deltas: dict[MonthKey, dict[int, int]] = {}
+        for sid, month in self.dirty_keys:
+            slots = self.series[sid].months[month]
+            if slots.dirty:
+                deltas[(sid, month)] = slots.dirty
+                slots.dirty = {}
+        self.dirty_keys = set()
+        if not deltas and not self.unrecorded:
+            return None
+        self.last_ck += 1
+        self.inflight = Checkpoint(
+            shard=self.shard, ck=self.last_ck, deltas=deltas, new_series=sorted(self.unrecorded)
+        )
+        self.unrecorded = set()
+        return self.inflight
+
+    def finish_checkpoint(self, ck: int) -> None:
+        if self.inflight is None or self.inflight.ck != ck:
+            raise RuntimeError(f"checkpoint {ck} is not the one in flight")
+        self.inflight = None
+
+    def evict(self, current_month: str) -> int:
+        """Forget clean months other than the current one; the store has them."""
+        busy = set(self.dirty_keys)
+        if self.inflight is not None:
+            busy.update(self.inflight.deltas)
+        evicted = 0
+        for sid in list(self.series):
+            st = self.series[sid]
+            for month in [m for m in st.months if m != current_month]:
+                if (sid, month) not in busy:
+                    del st.months[month]
+                    evicted += 1
+            if not st.months and sid not in self.unrecorded:
+                del self.series[sid]
+                metric_sids = self.by_metric[(st.key.tenant, st.key.metric)]
+                metric_sids.discard(sid)
+                if not metric_sids:
+                    del self.by_metric[(st.key.tenant, st.key.metric)]
+        return evicted
+
+    @property
+    def dirty_slots(self) -> int:
+        n = sum(len(self.series[sid].months[m].dirty) for sid, m in self.dirty_keys)
+        if self.inflight is not None:
+            n += sum(len(h) for h in self.inflight.deltas.values())
+        return n
+
+    # ---- queries -------------------------------------------------------
+
+    def _matching(self, tenant: str, metric: str, where: dict[str, str]) -> list[SeriesState]:
+        return [
+            self.series[sid]
+            for sid in self.by_metric.get((tenant, metric), ())
+            if matches(self.series[sid].key.tags, where)
+        ]
+
+    def hourly(
+        self, tenant: str, metric: str, where: dict[str, str], h0: int, h1: int
+    ) -> tuple[np.ndarray, list[MonthKey]]:
+        """Summed counts per hour of [h0, h1) over matching series, and the months covered."""
+        out = np.zeros(h1 - h0, dtype=np.int64)
+        covered: list[MonthKey] = []
+        months = months_between(h0, h1)
+        for st in self._matching(tenant, metric, where):
+            sid = st.key.sid
+            for month in months:
+                slots = st.months.get(month)
+                if slots is None:
+                    continue
+                covered.append((sid, month))
+                _add_hours(out, slots.hours, h0, h1, month)
+        return out, covered
+
+    def totals(
+        self, tenant: str, metric: str, where: dict[str, str], h0: int, h1: int
+    ) -> tuple[dict[str, int], list[MonthKey]]:
+        """Per-series totals over [h0, h1), and the months covered."""
+        out: dict[str, int] = {}
+        covered: list[MonthKey] = []
+        months = months_between(h0, h1)
+        for st in self._matching(tenant, metric, where):
+            sid = st.key.sid
+            for month in months:
+                slots = st.months.get(month)
+                if slots is None:
+                    continue
+                covered.append((sid, month))
+                first, end = month_hours(month)
+                if h0 <= first and end <= h1:
+                    total = sum(slots.hours.values())
+                else:
+                    total = sum(v for h, v in slots.hours.items() if h0 <= h < h1)
+                out[sid] = out.get(sid, 0) + total
+        return out, covered
+
+    def catalog(self, tenant: str) -> list[str]:
+        return [sid for (t, _), sids in self.by_metric.items() if t == tenant for sid in sids]
+
+
+def _add_hours(out: np.ndarray, hours: dict[int, int], h0: int, h1: int, month: str) -> None:
+    first, end = month_hours(month)
+    if h0 <= first and end <= h1:
+        for h, v in hours.items():
+            out[h - h0] += v
+    else:
+        for h, v in hours.items():
+            if h0 <= h < h1:
+                out[h - h0] += v

@@ -1,0 +1,92 @@
+"""The gateway actor: HTTP and TCP ingress in one async Ray actor.
+
+A gateway holds no counts, only handles to the shard actors and a read
+handle to the store, so several can run (one per node) and any of them can
+be restarted without losing anything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+from typing import Any
+
+import ray
+import uvicorn
+
+from actors.clients import RayShards
+from actors.shard import SHARD_NAME
+from api.http import create_app
+from api.service import Service
+from api.tcp import TcpServer
+from checkpoint.remote import open_store_in_actor
+
+log = logging.getLogger("tally.gateway")
+GATEWAY_NAME = "tally-gateway"
+
+
+class PortInUse(RuntimeError):
+    pass
+
+
+@ray.remote(num_cpus=0, enable_task_events=False)
+class Gateway:
+    def __init__(self, store_url: str, shards: int, max_frame: int) -> None:
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+        handles = [ray.get_actor(SHARD_NAME.format(i)) for i in range(shards)]
+        self.store = open_store_in_actor(store_url)
+        self.service = Service(RayShards(handles), self.store)
+        self.tcp = TcpServer(self.service, max_frame=max_frame)
+        self.http: uvicorn.Server | None = None
+        self._http_task: asyncio.Task | None = None
+
+    async def start(self, host: str, http_port: int, tcp_port: int) -> dict[str, Any]:
+        """Listen on both ports; raises PortInUse naming the port that is taken."""
+        try:
+            tcp = await self.tcp.start(host, tcp_port)
+        except OSError as e:
+            raise PortInUse(f"TCP port {tcp_port} on {host}: {e.strerror}") from None
+        config = uvicorn.Config(
+            create_app(self.service),
+            host=host,
+            port=http_port,
+            log_level="warning",
+            lifespan="off",
+            access_log=False,
+        )
+        self.http = uvicorn.Server(config)
+        self._http_task = asyncio.get_running_loop().create_task(self._run_http())
+        while not self.http.started:
+            if self._http_task.done():
+                await self.tcp.stop()
+                exc = self._http_task.exception()
+                raise PortInUse(f"HTTP port {http_port} on {host}: {exc}")
+            await asyncio.sleep(0.02)
+        gc.freeze()
+        return {"http_port": http_port, "tcp_port": tcp}
+
+    async def _run_http(self) -> None:
+        assert self.http is not None
+        try:
+            await self.http.serve()
+        except SystemExit as e:
+            # uvicorn exits the process when it cannot bind; inside an actor
+            # that would hang it, so it becomes an error start() reports.
+            raise RuntimeError(f"cannot listen (uvicorn exited with {e.code})") from None
+
+    async def stop(self) -> None:
+        """Stop accepting on both ports; requests in progress finish first."""
+        await self.tcp.stop()
+        if self.http is not None:
+            self.http.should_exit = True
+        if self._http_task is not None:
+            await self._http_task
+
+    async def stats(self) -> dict[str, Any]:
+        return {
+            "connections": self.tcp.connections,
+            "increments": self.service.increments,
+            "batches": self.service.batches,
+            "shards": await self.service.shards.stats(),
+        }

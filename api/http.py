@@ -1,0 +1,181 @@
+"""The HTTP API v1 as a FastAPI app over a Service.
+
+Errors follow the design's shape, ``{"error": {"code", "message"}}``, with
+400 (not FastAPI's 422) for a bad parameter or body.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import msgpack
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from api.ingest import build_batch, check_ack, json_column
+from api.service import IngestError, Service
+from api.timerange import GRANULARITIES, QueryError, compare_plan, plan_range
+from wire.series import InvalidSeries, check_metric, check_tag_key, check_tag_value, check_tenant
+
+DEFAULT_MAX_BODY = 16 * 1024 * 1024
+STATUS = {"bad_request": 400, "bad_row": 400, "too_large": 413, "overloaded": 503}
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+def error_response(status: int, code: str, message: str, **extra: Any) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message, **extra}}, status_code=status)
+
+
+def bad(message: str) -> ApiError:
+    return ApiError(400, "bad_request", message)
+
+
+def parse_where(items: list[str]) -> dict[str, str]:
+    where: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition(":")
+        if not sep:
+            raise bad(f"where {item!r} must be key:value")
+        try:
+            where[check_tag_key(key)] = check_tag_value(key, value)
+        except InvalidSeries as e:
+            raise bad(f"where {item!r}: {e}") from None
+    return where
+
+
+def parse_series_params(tenant: str, metric: str) -> None:
+    try:
+        check_tenant(tenant)
+        check_metric(metric)
+    except InvalidSeries as e:
+        raise bad(str(e)) from None
+
+
+async def read_body(request: Request, max_body: int) -> dict[str, Any]:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_body:
+        raise ApiError(413, "too_large", f"body of {declared} bytes; at most {max_body}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_body:
+            raise ApiError(413, "too_large", f"body over {max_body} bytes")
+        chunks.append(chunk)
+    raw = b"".join(chunks)
+    ctype = request.headers.get("content-type", "application/json").split(";")[0].strip()
+    try:
+        if ctype in ("application/msgpack", "application/x-msgpack"):
+            body = msgpack.unpackb(raw, raw=False, strict_map_key=False)
+        elif ctype in ("application/json", ""):
+            body = json.loads(raw)
+        else:
+            raise bad(f"content-type {ctype!r}: send application/json or application/msgpack")
+    except (ValueError, msgpack.UnpackException) as e:
+        raise bad(f"body is not valid {ctype}: {e}") from None
+    if not isinstance(body, dict):
+        raise bad("body must be an object")
+    return body
+
+
+def create_app(service: Service, *, max_body: int = DEFAULT_MAX_BODY) -> FastAPI:
+    app = FastAPI(title="tally", version="1", docs_url="/docs", redoc_url=None)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, e: ApiError) -> JSONResponse:
+        return error_response(e.status, e.code, e.message)
+
+    @app.exception_handler(IngestError)
+    async def _ingest_error(_: Request, e: IngestError) -> JSONResponse:
+        extra = {"row": e.row} if e.row is not None else {}
+        return error_response(STATUS.get(e.code, 500), e.code, e.message, **extra)
+
+    @app.exception_handler(QueryError)
+    async def _query_error(_: Request, e: QueryError) -> JSONResponse:
+        return error_response(400, "bad_request", str(e))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, e: RequestValidationError) -> JSONResponse:
+        parts = []
+        for err in e.errors():
+            where = ".".join(str(x) for x in err.get("loc", ()) if x not in ("query", "body"))
+            parts.append(f"{where}: {err.get('msg')}")
+        return error_response(400, "bad_request", "; ".join(parts) or "invalid request")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, e: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code, "bad_request")
+        return error_response(e.status_code, code, str(e.detail))
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, Any]:
+        return {"status": "ok", "shards": service.shards.shards}
+
+    @app.post("/v1/increments")
+    async def increments(request: Request) -> dict[str, int]:
+        body = await read_body(request, max_body)
+        check_ack(body.get("ack"))
+        for field in ("producer", "seq"):
+            if body.get(field) is not None:
+                raise bad(f"{field}: idempotent producers are not available yet; omit it")
+        i, ts, v = body.get("i"), body.get("ts"), body.get("v")
+        if body.get("series") is not None:
+            i, ts, v = json_column("i", i, "<u4"), json_column("ts", ts, "<i8"), json_column(
+                "v", v, "<i8"
+            )
+        batch = build_batch(body.get("rows"), body.get("series"), i, ts, v, service.clock())
+        return {"rows": await service.ingest(batch)}
+
+    @app.get("/v1/series")
+    async def series(
+        tenant: str,
+        metric: str,
+        from_: str = Query(alias="from"),
+        to: str = Query(),
+        granularity: str = "day",
+        tz: str = "UTC",
+        where: list[str] = Query(default=[]),
+        compare: str | None = None,
+    ) -> dict[str, Any]:
+        parse_series_params(tenant, metric)
+        if granularity not in GRANULARITIES:
+            raise bad(f"granularity {granularity!r}: expected one of {', '.join(GRANULARITIES)}")
+        plan = plan_range(from_, to, granularity, tz)
+        prev = compare_plan(plan, compare) if compare else None
+        return await service.series(tenant, metric, parse_where(where), plan, prev)
+
+    @app.get("/v1/breakdown")
+    async def breakdown(
+        tenant: str,
+        metric: str,
+        by: str,
+        from_: str = Query(alias="from"),
+        to: str = Query(),
+        tz: str = "UTC",
+        where: list[str] = Query(default=[]),
+        limit: int = Query(default=10, ge=1, le=1000),
+    ) -> dict[str, Any]:
+        parse_series_params(tenant, metric)
+        try:
+            check_tag_key(by)
+        except InvalidSeries as e:
+            raise bad(f"by: {e}") from None
+        plan = plan_range(from_, to, "day", tz)
+        return await service.breakdown(tenant, metric, by, parse_where(where), plan, limit)
+
+    @app.get("/v1/catalog")
+    async def catalog(tenant: str) -> dict[str, Any]:
+        try:
+            check_tenant(tenant)
+        except InvalidSeries as e:
+            raise bad(str(e)) from None
+        return await service.catalog(tenant)
+
+    return app

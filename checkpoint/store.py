@@ -1,0 +1,72 @@
+"""The store protocol: the small interface every backend implements.
+
+Shards write checkpoints and load the month documents they are about to
+change; gateways read history for queries and the catalog. Everything is
+keyed by series id and UTC month; hours are absolute hour indexes
+(``ts // 3600``), converted to the backend's layout inside each backend.
+
+Idempotence is the contract's core: ``write_checkpoint`` called again with
+the same ``(shard, ck)`` and the same deltas — after a crash or a failed
+attempt that got half way — leaves every count as if it ran once. Backends
+get there by claiming ``ck`` in the shard record before touching documents
+and by guarding each document update with ``ck < cp.ck``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from wire.series import SeriesKey
+
+MonthKey = tuple[str, str]  # (series id, "YYYY-MM")
+
+
+@dataclass(slots=True)
+class MonthDoc:
+    """One series' counts for one UTC month, as stored."""
+
+    sid: str
+    month: str
+    hours: dict[int, int]  # absolute hour -> count (zero hours absent)
+    ck: int = 0  # last checkpoint of the owning shard applied to this document
+
+
+@dataclass(slots=True)
+class Checkpoint:
+    shard: int
+    ck: int  # strictly increasing per shard, across restarts
+    deltas: dict[MonthKey, dict[int, int]]  # (sid, month) -> absolute hour -> delta
+    new_series: list[str] = field(default_factory=list)  # sids the catalog may not have yet
+
+
+class StoreError(RuntimeError):
+    """The backend failed; the operation may be retried as it is."""
+
+
+class LayoutMismatch(RuntimeError):
+    """The store was created with another number of shards."""
+
+
+class Store(Protocol):
+    def ensure_layout(self, shards: int) -> None:
+        """Record the shard count on first use; raise LayoutMismatch if it differs."""
+
+    def open_shard(self, shard: int) -> int:
+        """The highest checkpoint id this shard ever claimed (0 for a new store)."""
+
+    def write_checkpoint(self, cp: Checkpoint) -> None:
+        """Apply deltas durably and idempotently; returns once they are durable."""
+
+    def load_months(self, keys: list[MonthKey]) -> dict[MonthKey, MonthDoc]:
+        """Documents that exist among ``keys``; absent keys have no data yet."""
+
+    def read_months(
+        self, tenant: str, metric: str, where: dict[str, str], months: list[str]
+    ) -> list[MonthDoc]:
+        """Every document of the metric in those months whose tags include ``where``."""
+
+    def catalog(self, tenant: str) -> list[SeriesKey]:
+        """Every series of the tenant that a checkpoint has recorded."""
+
+    def close(self) -> None: ...

@@ -1,0 +1,131 @@
+"""Starting and stopping the service on Ray: store check, shards, gateway."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from actors.shard import SHARD_NAME, ShardActor
+from api.gateway import GATEWAY_NAME, Gateway
+from checkpoint.remote import HOST_NAME, StoreHost
+from checkpoint.store import LayoutMismatch
+from checkpoint.urls import open_store
+from cluster.config import ConfigError, ServeConfig
+
+NAMESPACE = "tally"
+
+
+def absolute_store_url(url: str) -> str:
+    """Actors may run with another working directory: pin a relative SQLite path."""
+    prefix = "sqlite:///"
+    if url.startswith(prefix) and not url.startswith(prefix + "/"):
+        return prefix + str(Path(url[len(prefix):]).resolve())
+    return url
+
+
+class Service:
+    """The running actors of one ``tally serve``."""
+
+    def __init__(self, cfg: ServeConfig) -> None:
+        self.cfg = cfg
+        self.store_url = absolute_store_url(cfg.store)
+        self.shards: list[Any] = []
+        self.gateway: Any = None
+        self.ports: dict[str, int] = {}
+
+    def check_store(self) -> None:
+        """Open the store once here so a bad URL or shard count fails before Ray starts."""
+        if self.store_url.startswith("memory://"):
+            return
+        try:
+            store = open_store(self.store_url)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        try:
+            store.ensure_layout(self.cfg.shards)
+        except LayoutMismatch as e:
+            raise ConfigError(str(e)) from None
+        finally:
+            store.close()
+
+    def start(self) -> None:
+        cfg = self.cfg
+        if self.store_url.startswith("memory://"):
+            host = StoreHost.options(name=HOST_NAME).remote(self.store_url)
+            ray.get(host.call.remote("ensure_layout", cfg.shards))
+        self.shards = [
+            ShardActor.options(name=SHARD_NAME.format(i)).remote(
+                i, self.store_url, cfg.checkpoint_interval
+            )
+            for i in range(cfg.shards)
+        ]
+        ray.get([s.ready.remote() for s in self.shards])
+        self.gateway = Gateway.options(name=GATEWAY_NAME).remote(
+            self.store_url, cfg.shards, cfg.max_frame
+        )
+        self.ports = ray.get(self.gateway.start.remote(cfg.host, cfg.http_port, cfg.tcp_port))
+
+    def stop(self) -> list[int]:
+        """Stop accepting, then a final checkpoint on every shard; their ck ids."""
+        if self.gateway is not None:
+            ray.get(self.gateway.stop.remote())
+        return ray.get([s.shutdown.remote() for s in self.shards])
+
+
+def init_ray(address: str | None) -> None:
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    if address:
+        ray.init(address=address, namespace=NAMESPACE, log_to_driver=True)
+    else:
+        ray.init(
+            namespace=NAMESPACE,
+            include_dashboard=False,
+            num_cpus=os.cpu_count() or 1,
+            object_store_memory=256 * 1024 * 1024,
+            log_to_driver=True,
+            configure_logging=False,
+        )
+
+
+def serve(cfg: ServeConfig) -> int:
+    service = Service(cfg)
+    service.check_store()
+    stop = threading.Event()
+    received: list[int] = []
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        received.append(signum)
+        stop.set()
+
+    init_ray(cfg.address)
+    try:
+        try:
+            service.start()
+        except ray.exceptions.RayTaskError as e:
+            cause = e.cause if e.cause is not None else e
+            print(f"tally: error: cannot start: {cause}", file=sys.stderr, flush=True)
+            return 1
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, on_signal)
+        print(
+            f"tally: serving HTTP on http://{cfg.host}:{service.ports['http_port']} and "
+            f"TCP on {cfg.host}:{service.ports['tcp_port']}; {cfg.shards} shards; "
+            f"store {service.store_url}; checkpoints every {cfg.checkpoint_interval:g} s",
+            flush=True,
+        )
+        while not stop.wait(1.0):
+            pass
+        name = signal.Signals(received[0]).name
+        print(f"tally: {name} received; stopping ingress and writing a final checkpoint", flush=True)
+        cks = service.stop()
+        print(f"tally: final checkpoint written (checkpoint ids {cks}); bye", flush=True)
+        return 0
+    finally:
+        ray.shutdown()
+        sys.stdout.flush()

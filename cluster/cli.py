@@ -1,0 +1,50 @@
+"""The ``tally`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from cluster.config import ConfigError, load_config
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tally", description="Analytics counters on Ray.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser(
+        "serve",
+        help="run the whole service",
+        description="Run tally: shard actors, the gateway, checkpoints. Each flag can also "
+        "be set as a TALLY_* variable (TALLY_HTTP_PORT) or in a TOML file (--config).",
+    )
+    serve.add_argument("--config", help="TOML file with settings (also TALLY_CONFIG)")
+    serve.add_argument("--store", help="sqlite:///path (default sqlite:///tally-data/tally.db), "
+                       "mongodb://..., or memory:// (tests only)")
+    serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--http-port", type=int, help="HTTP API port (default 8780)")
+    serve.add_argument("--tcp-port", type=int, help="wire protocol port (default 8781)")
+    serve.add_argument("--shards", type=int, help="number of shard actors (default 2 x CPUs)")
+    serve.add_argument("--checkpoint-interval", type=float,
+                       help="seconds between checkpoints (default 2)")
+    serve.add_argument("--address", help="Ray address to join (auto on a ray up cluster)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        flags = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
+        try:
+            cfg = load_config(flags, args.config, dict(os.environ))
+            from cluster.boot import serve
+
+            return serve(cfg)
+        except ConfigError as e:
+            print(f"tally: error: {e}", file=sys.stderr)
+            return 2
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""Settings for ``tally serve``: flag, then ``TALLY_*`` variable, then TOML file, then default."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A setting that cannot work; the message names it."""
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    store: str = "sqlite:///tally-data/tally.db"
+    host: str = "127.0.0.1"
+    http_port: int = 8780
+    tcp_port: int = 8781
+    shards: int = 2 * (os.cpu_count() or 1)
+    checkpoint_interval: float = 2.0
+    address: str | None = None
+    max_frame: int = 16 * 1024 * 1024
+
+
+def load_config(flags: dict[str, Any], config_file: str | None, env: dict[str, str]) -> ServeConfig:
+    file_values: dict[str, Any] = {}
+    path = config_file or env.get("TALLY_CONFIG")
+    if path:
+        try:
+            file_values = tomllib.loads(Path(path).read_text())
+        except (OSError, tomllib.TOMLDecodeError) as e:
+            raise ConfigError(f"config file {path}: {e}") from None
+    values: dict[str, Any] = {}
+    for f in fields(ServeConfig):
+        raw: Any = flags.get(f.name)
+        if raw is None:
+            raw = env.get(f"TALLY_{f.name.upper()}")
+        if raw is None:
+            raw = file_values.get(f.name, file_values.get(f.name.replace("_", "-")))
+        if raw is None:
+            continue
+        values[f.name] = _coerce(f.name, raw, f.type)
+    unknown = set(file_values) - {f.name for f in fields(ServeConfig)} - {
+        f.name.replace("_", "-") for f in fields(ServeConfig)
+    }
+    if unknown:
+        raise ConfigError(f"config file {path}: unknown settings {', '.join(sorted(unknown))}")
+    cfg = ServeConfig(**values)
+    check(cfg)
+    return cfg
+
+
+def _coerce(name: str, raw: Any, typ: Any) -> Any:
+    kind = str(typ)
+    try:
+        if "int" in kind:
+            return int(raw)
+        if "float" in kind:
+            return float(raw)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name}: {raw!r} is not a number") from None
+    return str(raw)
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        pass  # a name, not an address: resolve it below
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except OSError as e:
+        raise ConfigError(f"host {host!r} does not resolve: {e}") from None
+    return all(ipaddress.ip_address(info[4][0]).is_loopback for info in infos)
+
+
+def check(cfg: ServeConfig) -> None:
+    if cfg.shards < 1:
+        raise ConfigError(f"shards: {cfg.shards}; at least 1")
+    if cfg.checkpoint_interval <= 0:
+        raise ConfigError(f"checkpoint-interval: {cfg.checkpoint_interval}; must be positive")
+    for name in ("http_port", "tcp_port"):
+        port = getattr(cfg, name)
+        if not 0 < port < 65536:
+            raise ConfigError(f"{name.replace('_', '-')}: {port} is not a TCP port")
+    if cfg.http_port == cfg.tcp_port:
+        raise ConfigError(f"http-port and tcp-port are both {cfg.http_port}")
+    if not is_loopback(cfg.host):
+        raise ConfigError(
+            f"host {cfg.host} is not a loopback address: listening beyond this machine "
+            "requires access tokens (--tokens), which this version does not offer yet"
+        )

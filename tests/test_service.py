@@ -1,0 +1,172 @@
+"""The gateway's merge of live shard state with stored history, without Ray.
+
+Shards run in-process (LocalShards) over a real SQLite store, so these
+tests exercise the same ShardState, Router and Service code the actors run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import calendar
+from collections import defaultdict
+
+import pytest
+
+from actors.clients import LocalShards
+from api.service import IngestError, Service
+from api.timerange import compare_plan, plan_range
+from checkpoint.sqlite import SqliteStore
+from wire.batches import INT64_MAX, rows_batch
+from wire.series import series_id
+
+NOW = calendar.timegm((2026, 11, 20, 12, 0, 0))
+
+
+def ts(y: int, m: int, d: int, h: int = 0) -> int:
+    return calendar.timegm((y, m, d, h, 0, 0))
+
+
+@pytest.fixture
+def env(tmp_path):
+    store = SqliteStore(str(tmp_path / "t.db"))
+    shards = LocalShards(store, 3)
+    service = Service(shards, store, clock=lambda: NOW)
+    yield store, shards, service
+    store.close()
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+ROWS = [
+    ["acme", "msgs", {"channel": "email"}, ts(2026, 10, 31, 23), 5],
+    ["acme", "msgs", {"channel": "email"}, ts(2026, 11, 1, 0), 7],
+    ["acme", "msgs", {"channel": "chat"}, ts(2026, 11, 1, 5), 11],
+    ["acme", "msgs", {"channel": "chat"}, ts(2026, 11, 2, 5), -2],
+    ["acme", "msgs", None, ts(2026, 11, 2, 6), 100],
+    ["globex", "msgs", {"channel": "email"}, ts(2026, 11, 1, 1), 1000],
+]
+
+
+def day_points(service, where=None, tenant="acme", tz="UTC"):
+    plan = plan_range("2026-10-31", "2026-11-02", "day", tz)
+    answer = run(service.series(tenant, "msgs", where or {}, plan))
+    return answer["points"], answer["total"]
+
+
+def test_counts_are_the_same_live_in_flight_and_after_eviction(env):
+    store, shards, service = env
+    assert run(service.ingest(rows_batch(ROWS, NOW))) == 6
+    expected = ([["2026-10-31", 5], ["2026-11-01", 18], ["2026-11-02", 98]], 121)
+    assert day_points(service) == expected
+
+    # A checkpoint written to the store but not yet finished in the shard:
+    # the shard still answers for its months, the store copy is not added.
+    cps = [s.begin_checkpoint() for s in shards.states]
+    for cp in cps:
+        if cp is not None:
+            store.write_checkpoint(cp)
+    assert day_points(service) == expected
+    for state, cp in zip(shards.states, cps, strict=True):
+        if cp is not None:
+            state.finish_checkpoint(cp.ck)
+        state.evict("2026-12")  # every month is past: all answered by the store now
+    assert all(not s.series for s in shards.states)
+    assert day_points(service) == expected
+
+    # New increments on evicted months reload their base exactly once.
+    run(service.ingest(rows_batch([ROWS[0], ROWS[2]], NOW)))
+    assert day_points(service) == (
+        [["2026-10-31", 10], ["2026-11-01", 29], ["2026-11-02", 98]],
+        137,
+    )
+
+
+def test_where_tenant_isolation_and_tz(env):
+    _, _, service = env
+    run(service.ingest(rows_batch(ROWS, NOW)))
+    assert day_points(service, {"channel": "email"}) == (
+        [["2026-10-31", 5], ["2026-11-01", 7], ["2026-11-02", 0]],
+        12,
+    )
+    assert day_points(service, tenant="globex")[1] == 1000
+    assert day_points(service, tenant="nobody")[1] == 0
+    # Tokyo is UTC+9: 2026-10-31 23:00 UTC is 2026-11-01 08:00 there.
+    assert day_points(service, tz="Asia/Tokyo")[0] == [
+        ["2026-10-31", 0],
+        ["2026-11-01", 23],
+        ["2026-11-02", 98],
+    ]
+
+
+def test_overflow_on_one_shard_leaves_every_shard_unchanged(env):
+    _, shards, service = env
+    run(service.ingest(rows_batch(ROWS, NOW)))
+    before = day_points(service)
+    # Many distinct series so the batch spans every shard; the last row
+    # overflows a slot that already holds 7.
+    rows = [["acme", "msgs", {"n": str(k)}, ts(2026, 11, 1), 1] for k in range(30)]
+    rows.append(["acme", "msgs", {"channel": "email"}, ts(2026, 11, 1, 0), INT64_MAX - 3])
+    touched = {shards_for for shards_for in (service.router.shard(series_id(*r[:3])) for r in rows)}
+    assert len(touched) == 3
+    with pytest.raises(IngestError) as e:
+        run(service.ingest(rows_batch(rows, NOW)))
+    assert e.value.code == "bad_row" and e.value.row == 30
+    assert day_points(service) == before
+
+
+def test_breakdown_and_compare(env):
+    _, _, service = env
+    run(service.ingest(rows_batch(ROWS, NOW)))
+    plan = plan_range("2026-11-01", "2026-11-02", "day", "UTC")
+    b = run(service.breakdown("acme", "msgs", "channel", {}, plan, limit=1))
+    assert b["groups"] == [{"value": None, "total": 100}]
+    assert (b["other"], b["total"]) == (7 + 9, 116)
+    prev = compare_plan(plan, "previous_period")
+    answer = run(service.series("acme", "msgs", {}, plan, prev))
+    assert answer["compare"]["from"] == "2026-10-30"
+    assert answer["compare"]["total"] == 5
+    assert answer["compare"]["change"] == pytest.approx((116 - 5) / 5)
+
+
+def test_catalog_lists_live_and_stored_series_of_one_tenant(env):
+    store, shards, service = env
+    run(service.ingest(rows_batch(ROWS, NOW)))
+    shards.checkpoint()
+    run(service.ingest(rows_batch([["acme", "other", {"k": "v"}, NOW, 1]], NOW)))
+    cat = run(service.catalog("acme"))
+    assert cat == {
+        "tenant": "acme",
+        "metrics": [
+            {"metric": "msgs", "series": 3, "tags": {"channel": ["chat", "email"]}},
+            {"metric": "other", "series": 1, "tags": {"k": ["v"]}},
+        ],
+    }
+    assert [m["metric"] for m in run(service.catalog("globex"))["metrics"]] == ["msgs"]
+
+
+def test_hourly_matches_a_brute_force_oracle(env):
+    import random
+
+    _, shards, service = env
+    rnd = random.Random(7)
+    rows = []
+    oracle = defaultdict(int)
+    for _ in range(3000):
+        t = rnd.randrange(ts(2026, 9, 20), NOW)
+        tags = {"c": rnd.choice("abc")}
+        v = rnd.randrange(-5, 50)
+        rows.append(["acme", "m", tags, t, v])
+        oracle[t // 3600] += v
+    for k in range(0, len(rows), 500):
+        run(service.ingest(rows_batch(rows[k : k + 500], NOW)))
+        if k % 1000 == 0:
+            shards.checkpoint()
+            for s in shards.states:
+                s.evict("2026-11")
+    h0, h1 = ts(2026, 9, 1) // 3600, ts(2026, 12, 1) // 3600
+    got = run(service.hourly("acme", "m", {}, h0, h1))
+    assert {h0 + i: int(v) for i, v in enumerate(got) if v} == {
+        h: v for h, v in oracle.items() if v
+    }
