@@ -81,7 +81,9 @@ class LocalShards:
         return self.states[shard].catalog(tenant)
 
     async def stats(self) -> list[dict[str, Any]]:
-        return [{"shard": s.shard, "ck": s.last_ck, "dirty_slots": s.dirty_slots} for s in self.states]
+        return [
+            {"shard": s.shard, "ck": s.last_ck, "dirty_slots": s.dirty_slots} for s in self.states
+        ]
 
     def checkpoint(self) -> None:
         """Write every shard's pending deltas, as the actors' loop would."""

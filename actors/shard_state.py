@@ -16,8 +16,8 @@ next one.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -37,8 +37,10 @@ class SlotOverflow(ValueError):
 
 @dataclass(slots=True)
 class MonthSlots:
-    hours: dict[int, int] = field(default_factory=dict)  # absolute hour -> total (base + applied)
-    dirty: dict[int, int] = field(default_factory=dict)  # absolute hour -> delta since last checkpoint
+    # absolute hour -> total (stored base + everything applied since)
+    hours: dict[int, int] = field(default_factory=dict)
+    # absolute hour -> delta not yet handed to a checkpoint
+    dirty: dict[int, int] = field(default_factory=dict)
 
 
 @dataclass(slots=True)

@@ -7,6 +7,7 @@ Errors follow the design's shape, ``{"error": {"code", "message"}}``, with
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
 import msgpack
@@ -20,6 +21,7 @@ from api.service import IngestError, Service
 from api.timerange import GRANULARITIES, QueryError, compare_plan, plan_range
 from wire.series import InvalidSeries, check_metric, check_tag_key, check_tag_value, check_tenant
 
+log = logging.getLogger("tally.http")
 DEFAULT_MAX_BODY = 16 * 1024 * 1024
 STATUS = {"bad_request": 400, "bad_row": 400, "too_large": 413, "overloaded": 503}
 
@@ -113,6 +115,11 @@ def create_app(service: Service, *, max_body: int = DEFAULT_MAX_BODY) -> FastAPI
     async def _http(_: Request, e: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code, "bad_request")
         return error_response(e.status_code, code, str(e.detail))
+
+    @app.exception_handler(Exception)
+    async def _internal(_: Request, e: Exception) -> JSONResponse:
+        log.error(json.dumps({"event": "error", "where": "http", "error": repr(e)}))
+        return error_response(500, "internal", f"internal error: {e!r}")
 
     @app.get("/healthz")
     async def healthz() -> dict[str, Any]:

@@ -38,6 +38,7 @@ class Service:
         self.shards: list[Any] = []
         self.gateway: Any = None
         self.ports: dict[str, int] = {}
+        self.store_host: Any = None  # memory:// only; the handle keeps the actor alive
 
     def check_store(self) -> None:
         """Open the store once here so a bad URL or shard count fails before Ray starts."""
@@ -57,8 +58,8 @@ class Service:
     def start(self) -> None:
         cfg = self.cfg
         if self.store_url.startswith("memory://"):
-            host = StoreHost.options(name=HOST_NAME).remote(self.store_url)
-            ray.get(host.call.remote("ensure_layout", cfg.shards))
+            self.store_host = StoreHost.options(name=HOST_NAME).remote(self.store_url)
+            ray.get(self.store_host.call.remote("ensure_layout", cfg.shards))
         self.shards = [
             ShardActor.options(name=SHARD_NAME.format(i)).remote(
                 i, self.store_url, cfg.checkpoint_interval
@@ -84,6 +85,7 @@ def init_ray(address: str | None) -> None:
         ray.init(address=address, namespace=NAMESPACE, log_to_driver=True)
     else:
         ray.init(
+            address="local",  # never join a cluster found on this machine by accident
             namespace=NAMESPACE,
             include_dashboard=False,
             num_cpus=os.cpu_count() or 1,
@@ -122,7 +124,7 @@ def serve(cfg: ServeConfig) -> int:
         while not stop.wait(1.0):
             pass
         name = signal.Signals(received[0]).name
-        print(f"tally: {name} received; stopping ingress and writing a final checkpoint", flush=True)
+        print(f"tally: {name}: stopping ingress and writing a final checkpoint", flush=True)
         cks = service.stop()
         print(f"tally: final checkpoint written (checkpoint ids {cks}); bye", flush=True)
         return 0

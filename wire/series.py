@@ -66,9 +66,12 @@ def check_tag_key(key: Any) -> str:
 
 def check_tag_value(key: str, value: Any) -> str:
     if not isinstance(value, str):
-        raise InvalidSeries(f"tag {key!r} has a {type(value).__name__} value; tag values are strings")
+        kind = type(value).__name__
+        raise InvalidSeries(f"tag {key!r} has a {kind} value; tag values are strings")
     if len(value) > MAX_TAG_VALUE:
-        raise InvalidSeries(f"tag {key!r} value is {len(value)} characters; at most {MAX_TAG_VALUE}")
+        raise InvalidSeries(
+            f"tag {key!r} value is {len(value)} characters; at most {MAX_TAG_VALUE}"
+        )
     return value
 
 

@@ -1,0 +1,287 @@
+"""Embedded store in one SQLite file, shared by the shard and gateway processes.
+
+Durability: WAL with ``synchronous=FULL`` syncs the log at every commit, so a
+returned ``write_checkpoint`` survives a power cut, not just a process crash.
+Concurrency: several processes open the file at once (WAL lets readers run
+beside the one writer) and several threads of one process use the store, so
+each thread gets its own connection and every write is one short
+``BEGIN IMMEDIATE`` transaction that waits (``busy_timeout``) rather than
+failing when another process holds the write lock.
+
+Hours are stored as absolute hour indexes; a "month document" is its
+``months`` row (which carries the ``ck`` guard) plus the ``slots`` rows of
+the series inside the month's hours. Reads run in one transaction so a
+document's ``ck`` and its counts come from the same snapshot: a query merging
+live deltas newer than ``ck`` then counts every increment exactly once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from checkpoint.layout import check_month, check_sid, check_where, month_deltas
+from checkpoint.store import Checkpoint, LayoutMismatch, MonthDoc, MonthKey, StoreError
+from wire.series import SeriesKey, check_metric, check_tenant, matches, parse_series_id
+from wire.timeslots import month_hours
+
+_SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS series (
+        sid TEXT PRIMARY KEY,
+        tenant TEXT NOT NULL,
+        metric TEXT NOT NULL,
+        tags TEXT NOT NULL
+    )""",
+    "CREATE INDEX IF NOT EXISTS series_tenant_metric ON series (tenant, metric)",
+    # SQLite silently turns an integer overflow into a float; the CHECK makes
+    # it an error instead, as int64 counters must never wrap or go inexact.
+    """CREATE TABLE IF NOT EXISTS slots (
+        sid TEXT NOT NULL,
+        hour INTEGER NOT NULL,
+        value INTEGER NOT NULL CHECK (typeof(value) = 'integer'),
+        PRIMARY KEY (sid, hour)
+    ) WITHOUT ROWID""",
+    """CREATE TABLE IF NOT EXISTS months (
+        sid TEXT NOT NULL,
+        month TEXT NOT NULL,
+        ck INTEGER NOT NULL,
+        PRIMARY KEY (sid, month)
+    ) WITHOUT ROWID""",
+    "CREATE TABLE IF NOT EXISTS shards (shard INTEGER PRIMARY KEY, ck INTEGER NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value)",
+)
+
+_CLAIM = (
+    "INSERT INTO shards (shard, ck) VALUES (?, ?) "
+    "ON CONFLICT (shard) DO UPDATE SET ck = max(ck, excluded.ck)"
+)
+_UPSERT_SERIES = (
+    "INSERT INTO series (sid, tenant, metric, tags) VALUES (?, ?, ?, ?) "
+    "ON CONFLICT (sid) DO NOTHING"
+)
+_UPSERT_SLOT = (
+    "INSERT INTO slots (sid, hour, value) VALUES (?, ?, ?) "
+    "ON CONFLICT (sid, hour) DO UPDATE SET value = value + excluded.value"
+)
+_UPSERT_MONTH = (
+    "INSERT INTO months (sid, month, ck) VALUES (?, ?, ?) "
+    "ON CONFLICT (sid, month) DO UPDATE SET ck = excluded.ck"
+)
+_MONTH_SLOTS = (
+    "SELECT hour, value FROM slots WHERE sid = ? AND hour >= ? AND hour < ? AND value != 0"
+)
+
+
+class SqliteStore:
+    """Store in the SQLite file at ``path``; parent directories are created.
+
+    ``busy_timeout`` (seconds) is how long an operation waits for another
+    process's transaction before failing with StoreError.
+    """
+
+    def __init__(self, path: str, busy_timeout: float = 30.0) -> None:
+        self.path = os.path.abspath(path)
+        self._busy_ms = int(busy_timeout * 1000)
+        self._local = threading.local()
+        # Every connection with its thread: close() must reach the connections
+        # of other threads, and those of finished threads are closed rather
+        # than leaked when the next connection is made.
+        self._connections: list[tuple[threading.Thread, sqlite3.Connection]] = []
+        self._registry_lock = threading.Lock()
+        self._closed = False
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        with self._errors("creating the schema"), self._transaction(write=True) as conn:
+            for statement in _SCHEMA:
+                conn.execute(statement)
+
+    # -- connections and transactions ------------------------------------------
+
+    def _connect(self) -> sqlite3.Connection:
+        # isolation_level=None: transactions are begun explicitly, so each is
+        # exactly as long as the code below makes it. check_same_thread=False
+        # only so close() may close it from another thread; it is used by one.
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {self._busy_ms}")
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = FULL")
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _conn(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is not None:
+            return conn
+        if self._closed:
+            raise RuntimeError(f"SqliteStore({self.path!r}) is closed")
+        conn = self._connect()
+        with self._registry_lock:
+            alive = []
+            for thread, other in self._connections:
+                if thread.is_alive():
+                    alive.append((thread, other))
+                else:
+                    other.close()
+            alive.append((threading.current_thread(), conn))
+            self._connections = alive
+        self._local.conn = conn
+        return conn
+
+    @contextmanager
+    def _transaction(self, write: bool) -> Iterator[sqlite3.Connection]:
+        """One transaction on this thread's connection, rolled back on any error.
+
+        Writes take the write lock up front (IMMEDIATE): a deferred
+        transaction that reads then writes can fail with SQLITE_BUSY at the
+        write without the busy timeout helping.
+        """
+        conn = self._conn()
+        conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+        try:
+            yield conn
+            conn.execute("COMMIT")
+        except BaseException as e:
+            if conn.in_transaction:
+                try:
+                    conn.execute("ROLLBACK")
+                except sqlite3.Error as rollback_error:
+                    e.add_note(f"rolling back also failed: {rollback_error}")
+            raise
+
+    @contextmanager
+    def _errors(self, operation: str) -> Iterator[None]:
+        try:
+            yield
+        except sqlite3.IntegrityError as e:
+            raise StoreError(
+                f"SQLite {self.path}: {operation} refused: {e} "
+                "(a count would leave int64; nothing of this operation was written)"
+                if "typeof(value)" in str(e)
+                else f"SQLite {self.path}: {operation} refused: {e}"
+            ) from e
+        except sqlite3.Error as e:
+            raise StoreError(f"SQLite {self.path}: {operation} failed: {e}") from e
+
+    # -- writes ---------------------------------------------------------------
+
+    def write_checkpoint(self, cp: Checkpoint) -> None:
+        # Validate everything before the transaction: a bad checkpoint raises
+        # ValueError and leaves the store as it was.
+        months = [
+            (key, pairs) for key, hours in cp.deltas.items() if (pairs := month_deltas(key, hours))
+        ]
+        series_rows = []
+        for sid in cp.new_series:
+            key = check_sid(sid)
+            series_rows.append((sid, key.tenant, key.metric, json.dumps(dict(key.tags))))
+        with (
+            self._errors(f"writing checkpoint {cp.ck} of shard {cp.shard}"),
+            self._transaction(write=True) as conn,
+        ):
+            conn.execute(_CLAIM, (cp.shard, cp.ck))
+            conn.executemany(_UPSERT_SERIES, series_rows)
+            slot_rows: list[tuple[str, int, int]] = []
+            month_rows: list[tuple[str, str, int]] = []
+            for (sid, month), pairs in months:
+                row = conn.execute(
+                    "SELECT ck FROM months WHERE sid = ? AND month = ?", (sid, month)
+                ).fetchone()
+                if row is not None and row[0] >= cp.ck:
+                    continue  # this document already took this checkpoint or a newer one
+                slot_rows.extend((sid, hour, delta) for hour, delta in pairs)
+                month_rows.append((sid, month, cp.ck))
+            conn.executemany(_UPSERT_SLOT, slot_rows)
+            conn.executemany(_UPSERT_MONTH, month_rows)
+
+    def ensure_layout(self, shards: int) -> None:
+        if isinstance(shards, bool) or not isinstance(shards, int) or shards < 1:
+            raise ValueError(f"shard count must be a positive integer, not {shards!r}")
+        with self._errors("recording the shard layout"), self._transaction(write=True) as conn:
+            conn.execute(
+                "INSERT INTO meta (key, value) VALUES ('shards', ?) ON CONFLICT (key) DO NOTHING",
+                (shards,),
+            )
+            (recorded,) = conn.execute("SELECT value FROM meta WHERE key = 'shards'").fetchone()
+        if recorded != shards:
+            raise LayoutMismatch(
+                f"the store {self.path} was created with {recorded} shards, not {shards}; "
+                f"start with --shards {recorded} or migrate it"
+            )
+
+    # -- reads ----------------------------------------------------------------
+
+    def open_shard(self, shard: int) -> int:
+        with self._errors(f"reading the checkpoint id of shard {shard}"):
+            row = self._conn().execute("SELECT ck FROM shards WHERE shard = ?", (shard,)).fetchone()
+        return row[0] if row else 0
+
+    @staticmethod
+    def _month_doc(conn: sqlite3.Connection, sid: str, month: str, ck: int) -> MonthDoc:
+        first, end = month_hours(month)
+        hours = dict(conn.execute(_MONTH_SLOTS, (sid, first, end)).fetchall())
+        return MonthDoc(sid=sid, month=month, hours=hours, ck=ck)
+
+    def load_months(self, keys: list[MonthKey]) -> dict[MonthKey, MonthDoc]:
+        out: dict[MonthKey, MonthDoc] = {}
+        with (
+            self._errors(f"loading {len(keys)} month documents"),
+            self._transaction(write=False) as conn,
+        ):
+            for sid, month in dict.fromkeys(keys):
+                row = conn.execute(
+                    "SELECT ck FROM months WHERE sid = ? AND month = ?", (sid, check_month(month))
+                ).fetchone()
+                if row is not None:
+                    out[(sid, month)] = self._month_doc(conn, sid, month, row[0])
+        return out
+
+    def read_months(
+        self, tenant: str, metric: str, where: dict[str, str], months: list[str]
+    ) -> list[MonthDoc]:
+        # A series id starts with "tenant|metric|" and neither part may hold a
+        # "|", so the metric's series are one range of the months primary key
+        # ("}" is the character after "|"): no join with series is needed.
+        prefix = f"{check_tenant(tenant)}|{check_metric(metric)}|"
+        upper = prefix[:-1] + "}"
+        where = check_where(where)
+        out: list[MonthDoc] = []
+        with (
+            self._errors(f"reading {tenant}/{metric} for {len(months)} months"),
+            self._transaction(write=False) as conn,
+        ):
+            for month in dict.fromkeys(months):
+                rows = conn.execute(
+                    "SELECT sid, ck FROM months WHERE sid >= ? AND sid < ? AND month = ?",
+                    (prefix, upper, check_month(month)),
+                ).fetchall()
+                for sid, ck in rows:
+                    if matches(parse_series_id(sid).tags, where):
+                        out.append(self._month_doc(conn, sid, month, ck))
+        out.sort(key=lambda d: (d.sid, d.month))
+        return out
+
+    def catalog(self, tenant: str) -> list[SeriesKey]:
+        with self._errors(f"reading the catalog of {tenant}"):
+            rows = (
+                self._conn()
+                .execute(
+                    "SELECT sid FROM series WHERE tenant = ? ORDER BY sid", (check_tenant(tenant),)
+                )
+                .fetchall()
+            )
+        return [parse_series_id(sid) for (sid,) in rows]
+
+    def close(self) -> None:
+        """Close every thread's connection; the store cannot be used afterwards."""
+        with self._registry_lock:
+            self._closed = True
+            connections, self._connections = self._connections, []
+        for _thread, conn in connections:
+            conn.close()
+        self._local = threading.local()

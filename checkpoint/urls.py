@@ -1,0 +1,57 @@
+"""Store URLs, as given to ``tally serve --store``: one place that knows every form."""
+
+from __future__ import annotations
+
+import os
+import re
+
+from checkpoint.store import Store
+
+ACCEPTED_FORMS = (
+    "sqlite:///relative/path (relative to the current directory), "
+    "sqlite:////absolute/path, mongodb://..., mongodb+srv://..., memory://"
+)
+
+_USERINFO_RE = re.compile(r"//([^/@:]*):[^/@]*@")
+
+
+def redact_url(url: str) -> str:
+    """The URL without its password: errors end up in logs."""
+    return _USERINFO_RE.sub(r"//\1:***@", url, count=1)
+
+
+def _refuse(url: str, why: str) -> ValueError:
+    return ValueError(f"store URL {redact_url(url)!r} {why}; accepted forms: {ACCEPTED_FORMS}")
+
+
+def open_store(url: str) -> Store:
+    """The store a URL names; ValueError naming the URL and the accepted forms otherwise.
+
+    Imports are local so that using SQLite needs neither pymongo nor mongomock
+    to import, and a relative SQLite path is resolved against the current
+    directory now, not whenever the file is first opened.
+    """
+    if not isinstance(url, str):
+        raise TypeError(f"store URL must be a string, not {type(url).__name__}")
+    if url.startswith("sqlite:///"):
+        path = url[len("sqlite:///") :]  # "/abs" for sqlite:////abs, "rel" for sqlite:///rel
+        if not path or path.endswith("/"):
+            raise _refuse(url, "names no database file")
+        if "?" in path:
+            raise _refuse(url, "has query parameters, which the SQLite store does not take")
+        from checkpoint.sqlite import SqliteStore
+
+        return SqliteStore(os.path.abspath(path))
+    if url.startswith("sqlite:"):
+        raise _refuse(url, "is not a SQLite file URL (in-memory SQLite is not shared or durable)")
+    if url.startswith(("mongodb://", "mongodb+srv://")):
+        from checkpoint.mongo import MongoStore
+
+        return MongoStore(url)
+    if url == "memory://":
+        from checkpoint.memory import MemoryStore
+
+        return MemoryStore()
+    if url.startswith("memory:"):
+        raise _refuse(url, "takes nothing after memory://")
+    raise _refuse(url, "has an unknown scheme")

@@ -1,0 +1,127 @@
+"""Helpers for the store contract suite: the repository on sys.path and a SecantusDB server.
+
+SecantusDB speaks MongoDB's wire protocol, so MongoStore is tested against a
+real server (real BSON types, real duplicate-key errors, real int64 overflow
+refusals) rather than only against mongomock's imitation.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+# The project is not installed into the venv, and pytest puts only tests/ on
+# sys.path (tests/ has no __init__.py), so `import checkpoint` needs this.
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+SECANTUS_EXECUTABLE = "secantusd-py"
+STARTUP_TIMEOUT = 60.0
+
+
+def find_secantusd() -> str | None:
+    """The server next to this interpreter (the venv's bin), else on PATH."""
+    beside = Path(sys.executable).parent / SECANTUS_EXECUTABLE
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
+    return shutil.which(SECANTUS_EXECUTABLE)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class SecantusServer:
+    """One ``secantusd-py`` process on a free port with its data in ``workdir``."""
+
+    def __init__(self, executable: str, workdir: Path) -> None:
+        self.executable = executable
+        self.workdir = workdir
+        self.port = free_port()
+        self.log_path = workdir / "secantusd.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"mongodb://127.0.0.1:{self.port}"
+
+    def url(self, database: str) -> str:
+        return f"{self.base_url}/{database}"
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError as e:
+            return f"(no log: {e})"
+
+    def start(self) -> None:
+        # An empty config file: without --config the server reads
+        # ./secantusd.toml or ~/.secantus/secantusd.toml, which would make
+        # the test depend on whatever the machine has there.
+        config = self.workdir / "secantusd.toml"
+        config.write_text("")
+        with self.log_path.open("wb") as log:
+            self.process = subprocess.Popen(
+                [
+                    self.executable,
+                    "--storage-path",
+                    str(self.workdir / "data"),
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(self.port),
+                    "--config",
+                    str(config),
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+        self._wait_until_ready()
+
+    def _wait_until_ready(self) -> None:
+        import pymongo
+        from pymongo.errors import PyMongoError
+
+        assert self.process is not None
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        last_error: Exception | None = None
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(
+                    f"{self.executable} exited with {self.process.returncode} before serving:\n"
+                    + self.log_tail()
+                )
+            client = pymongo.MongoClient(self.base_url, serverSelectionTimeoutMS=500)
+            try:
+                client.admin.command("ping")
+                return
+            except PyMongoError as e:
+                last_error = e
+            finally:
+                client.close()
+            time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(
+            f"{self.executable} did not answer ping on port {self.port} within "
+            f"{STARTUP_TIMEOUT:.0f}s (last error: {last_error}):\n" + self.log_tail()
+        )
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(timeout=15)

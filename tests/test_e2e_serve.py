@@ -1,0 +1,272 @@
+"""End to end: ``tally serve`` as a subprocess, fed through every ingress,
+checked against a brute-force oracle, before and after a clean restart."""
+
+from __future__ import annotations
+
+import random
+import time
+from datetime import date, timedelta
+
+import httpx
+import msgpack
+import numpy as np
+import pytest
+
+from tests.oracle import Oracle
+from tests.served import Served
+from wire.client import Connection, ServerError
+
+pytestmark = pytest.mark.e2e
+
+TENANTS = ("acme", "globex")
+CHANNELS = ("email", "chat", "twitter")
+SENTIMENTS = ("positive", "neutral", "negative")
+AGENTS = ("ann", "bob", "cho", "dev")
+BUCKETS = ("lt_30m", "lt_1h", "lt_4h", "lt_24h", "gt_24h")
+ZONES = ("UTC", "Europe/London", "America/New_York", "Asia/Tokyo", "Australia/Sydney")
+
+
+def dataset(n: int, now: int, seed: int = 2026) -> list[list]:
+    """~40 series over the last ~3 months, two tenants, some negative corrections."""
+    rnd = random.Random(seed)
+    series = []
+    for tenant in TENANTS:
+        series += [(tenant, "messages.received", {"channel": c, "sentiment": s})
+                   for c in CHANNELS for s in SENTIMENTS]
+        series += [(tenant, "messages.handled", {"agent": a}) for a in AGENTS]
+        series += [(tenant, "response_time", {"bucket": b}) for b in BUCKETS]
+        series += [(tenant, "logins", None)]
+    start = now - 93 * 86400
+    rows = []
+    for _ in range(n):
+        tenant, metric, tags = rnd.choice(series)
+        ts = rnd.randrange(start, now - 60)
+        value = rnd.choice((1, 1, 1, 2, 3, rnd.randrange(1, 500), -1))
+        rows.append([tenant, metric, tags, ts, value])
+    return rows
+
+
+def send_everything(served: Served, rows: list[list], oracle: Oracle) -> None:
+    third = len(rows) // 3
+    tcp_rows, columnar, http_rows = rows[:third], rows[third : 2 * third], rows[2 * third :]
+    with Connection("127.0.0.1", served.tcp_port, producer="e2e-rows") as conn:
+        for k in range(0, len(tcp_rows), 2000):
+            chunk = tcp_rows[k : k + 2000]
+            assert conn.send_rows(chunk) == {"op": "ack", "seq": conn.seq, "rows": len(chunk)}
+    with Connection("127.0.0.1", served.tcp_port, producer="e2e-columnar") as conn:
+        for k in range(0, len(columnar), 5000):
+            chunk = columnar[k : k + 5000]
+            keys = sorted({(r[0], r[1], tuple(sorted((r[2] or {}).items()))) for r in chunk})
+            index = {key: n for n, key in enumerate(keys)}
+            ser = [(t, m, dict(tags) if tags else None) for t, m, tags in keys]
+            idx = [index[(r[0], r[1], tuple(sorted((r[2] or {}).items())))] for r in chunk]
+            reply = conn.send_columnar(ser, idx, [r[3] for r in chunk], [r[4] for r in chunk])
+            assert reply["rows"] == len(chunk)
+    with httpx.Client(base_url=served.url, timeout=30) as http:
+        half = len(http_rows) // 2
+        for k in range(0, half, 3000):
+            chunk = http_rows[k : min(k + 3000, half)]
+            r = http.post("/v1/increments", json={"rows": chunk})
+            assert r.status_code == 200 and r.json() == {"rows": len(chunk)}, r.text
+        for k in range(half, len(http_rows), 3000):
+            chunk = http_rows[k : k + 3000]
+            series = sorted({(r[0], r[1], tuple(sorted((r[2] or {}).items()))) for r in chunk})
+            index = {key: n for n, key in enumerate(series)}
+            body = {
+                "series": [[t, m, dict(tags) if tags else None] for t, m, tags in series],
+                "i": np.array([index[(r[0], r[1], tuple(sorted((r[2] or {}).items())))]
+                               for r in chunk], "<u4").tobytes(),
+                "ts": np.array([r[3] for r in chunk], "<i8").tobytes(),
+                "v": np.array([r[4] for r in chunk], "<i8").tobytes(),
+            }
+            r = http.post("/v1/increments", content=msgpack.packb(body),
+                          headers={"content-type": "application/msgpack"})
+            assert r.status_code == 200 and r.json() == {"rows": len(chunk)}, r.text
+    for r in rows:
+        oracle.add(*r)
+
+
+def check_queries(served: Served, oracle: Oracle, today: date) -> int:
+    """Every answer equals the oracle's; returns how many queries were checked."""
+    start, end = today - timedelta(days=95), today
+    wheres = [{}, {"channel": "email"}, {"channel": "chat", "sentiment": "negative"}]
+    n = 0
+    with httpx.Client(base_url=served.url, timeout=30) as http:
+
+        def get(path: str, **params: object) -> dict:
+            nonlocal n
+            n += 1
+            r = http.get(path, params=params)
+            assert r.status_code == 200, r.text
+            return r.json()
+
+        for tenant in TENANTS:
+            for tz in ZONES:
+                for gran in ("day", "week", "month"):
+                    for where in wheres:
+                        got = get("/v1/series", tenant=tenant, metric="messages.received",
+                                  **{"from": start.isoformat(), "to": end.isoformat()},
+                                  granularity=gran, tz=tz,
+                                  where=[f"{k}:{v}" for k, v in where.items()])
+                        points, total = oracle.series(tenant, "messages.received", where,
+                                                      start, end, gran, tz)
+                        assert (got["points"], got["total"]) == (points, total), (tz, gran, where)
+                # hours across the last Sunday of October (DST ends in Europe)
+                got = get("/v1/series", tenant=tenant, metric="messages.handled", tz=tz,
+                          granularity="hour", **{"from": "2026-10-24", "to": "2026-10-26"})
+                points, total = oracle.series(tenant, "messages.handled", {},
+                                              date(2026, 10, 24), date(2026, 10, 26), "hour", tz)
+                assert (got["points"], got["total"]) == (points, total), (tz, "hour")
+                # a month against the one before it
+                got = get("/v1/series", tenant=tenant, metric="logins", tz=tz,
+                          compare="previous_period", **{"from": "2026-10-01", "to": "2026-10-31"})
+                prev_points, prev_total = oracle.series(tenant, "logins", {}, date(2026, 8, 31),
+                                                        date(2026, 9, 30), "day", tz)
+                points, total = oracle.series(tenant, "logins", {}, date(2026, 10, 1),
+                                              date(2026, 10, 31), "day", tz)
+                assert got["total"] == total and got["points"] == points
+                cmp = got["compare"]
+                assert (cmp["from"], cmp["to"]) == ("2026-08-31", "2026-09-30")
+                assert (cmp["points"], cmp["total"]) == (prev_points, prev_total)
+                assert cmp["change"] == pytest.approx((total - prev_total) / prev_total)
+                for metric, by, where in (
+                    ("messages.received", "channel", {}),
+                    ("messages.received", "sentiment", {"channel": "twitter"}),
+                    ("messages.handled", "agent", {}),
+                ):
+                    got = get("/v1/breakdown", tenant=tenant, metric=metric, by=by, tz=tz,
+                              limit=2, where=[f"{k}:{v}" for k, v in where.items()],
+                              **{"from": start.isoformat(), "to": end.isoformat()})
+                    groups = oracle.breakdown(tenant, metric, by, where, start, end, tz)
+                    ranked = sorted(groups.items(), key=lambda kv: (-kv[1], kv[0]))
+                    assert got["groups"] == [{"value": k, "total": v} for k, v in ranked[:2]]
+                    assert got["other"] == sum(v for _, v in ranked[2:])
+                    assert got["total"] == sum(groups.values())
+        catalog = get("/v1/catalog", tenant="acme")
+        assert [m["metric"] for m in catalog["metrics"]] == [
+            "logins", "messages.handled", "messages.received", "response_time"]
+        assert catalog["metrics"][2]["tags"] == {"channel": sorted(CHANNELS),
+                                                 "sentiment": sorted(SENTIMENTS)}
+    return n
+
+
+def test_exact_counts_through_every_ingress_and_a_restart(tmp_path):
+    now = int(time.time())
+    today = time.gmtime(now)
+    today_d = date(today.tm_year, today.tm_mon, today.tm_mday)
+    rows = dataset(60_000, now)
+    oracle = Oracle()
+    served = Served(tmp_path, "sqlite:///data/tally.db", "--checkpoint-interval", "0.5").start()
+    try:
+        send_everything(served, rows, oracle)
+        assert check_queries(served, oracle, today_d) > 100
+        r = httpx.get(served.url + "/v1/series", params={
+            "tenant": "acme", "metric": "logins", "from": "2026-10-01", "to": "2026-10-31",
+            "tz": "Asia/Kolkata"})
+        assert r.status_code == 400
+        assert "+05:30" in r.json()["error"]["message"]
+        assert "whole" in r.json()["error"]["message"]
+    finally:
+        code = served.stop()
+    assert code == 0, served.output()
+    assert "final checkpoint written" in served.output()
+
+    again = Served(tmp_path, "sqlite:///data/tally.db").start()
+    try:
+        check_queries(again, oracle, today_d)
+    finally:
+        assert again.stop() == 0, again.output()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    served = Served(tmp_path_factory.mktemp("serve"), "memory://", shards=2).start()
+    yield served
+    served.stop()
+
+
+def logins_total(served: Served, tenant: str) -> int:
+    r = httpx.get(served.url + "/v1/series", params={
+        "tenant": tenant, "metric": "logins", "from": "2026-01-01", "to": "2026-12-31",
+        "granularity": "month"})
+    assert r.status_code == 200, r.text
+    return r.json()["total"]
+
+
+BAD_ROWS = [
+    ("a string value", ["badco", "logins", None, 0, "7"]),
+    ("a float value", ["badco", "logins", None, 0, 1.5]),
+    ("an int64 overflow", ["badco", "logins", None, 0, 2**63]),
+    ("a bad tenant", ["Bad Co", "logins", None, 0, 1]),
+    ("a bad metric", ["badco", "log ins", None, 0, 1]),
+    ("a bad tag key", ["badco", "logins", {"Bad": "x"}, 0, 1]),
+    ("a future timestamp", ["badco", "logins", None, 7200, 1]),
+    ("a float timestamp", ["badco", "logins", None, 0.5, 1]),
+    ("a short row", ["badco", "logins", None, 0]),
+]
+
+
+@pytest.mark.parametrize("what,bad", BAD_ROWS, ids=[w for w, _ in BAD_ROWS])
+def test_a_bad_row_refuses_the_whole_batch_on_tcp_and_http(server, what, bad):
+    now = int(time.time())
+    bad = list(bad)
+    if len(bad) == 5 and isinstance(bad[3], int):
+        bad[3] += now  # relative timestamps: 0 is now, 7200 two hours ahead
+    good = ["badco", "logins", None, now - 10, 1]
+    before = logins_total(server, "badco")
+    with Connection("127.0.0.1", server.tcp_port) as conn:
+        with pytest.raises(ServerError) as e:
+            conn.send_rows([good, good, good, bad, good])
+        assert e.value.code == "bad_row" and e.value.row == 3, e.value.frame
+        assert e.value.frame["seq"] == 1 and "row 3" in e.value.frame["message"]
+        assert conn.ping() == {"op": "pong"}  # the connection survives a bad row
+    body = msgpack.packb({"rows": [good, bad]})
+    r = httpx.post(server.url + "/v1/increments", content=body,
+                   headers={"content-type": "application/msgpack"})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["code"] == "bad_row" and r.json()["error"]["row"] == 1
+    assert logins_total(server, "badco") == before
+
+
+def test_slot_overflow_refuses_the_batch_on_every_shard(server):
+    now = int(time.time()) - 10
+    with Connection("127.0.0.1", server.tcp_port) as conn:
+        conn.send_rows([["ovf", "logins", None, now, 2**63 - 10]])
+        rows = [["ovf", "logins", {"n": str(k)}, now, 1] for k in range(20)]
+        rows.append(["ovf", "logins", None, now, 11])
+        with pytest.raises(ServerError) as e:
+            conn.send_rows(rows)
+        assert e.value.code == "bad_row" and e.value.row == 20
+    assert logins_total(server, "ovf") == 2**63 - 10
+
+
+def test_tenants_never_see_each_other(server):
+    now = int(time.time()) - 10
+    with Connection("127.0.0.1", server.tcp_port) as conn:
+        conn.send_rows([["tenant-a", "logins", {"secret": "a"}, now, 5],
+                        ["tenant-b", "logins", {"secret": "b"}, now, 7]])
+    assert logins_total(server, "tenant-a") == 5
+    assert logins_total(server, "tenant-b") == 7
+    cat = httpx.get(server.url + "/v1/catalog", params={"tenant": "tenant-a"}).json()
+    assert cat["metrics"] == [{"metric": "logins", "series": 1, "tags": {"secret": ["a"]}}]
+    r = httpx.get(server.url + "/v1/breakdown", params={
+        "tenant": "tenant-b", "metric": "logins", "by": "secret", "from": "2026-01-01",
+        "to": "2026-12-31"})
+    assert r.json()["groups"] == [{"value": "b", "total": 7}]
+
+
+@pytest.mark.parametrize("params,needle", [
+    ({"tz": "Asia/Kolkata"}, "+05:30"),
+    ({"tz": "Mars/Olympus"}, "Mars/Olympus"),
+    ({"granularity": "fortnight"}, "fortnight"),
+    ({"from": "2026-11-05", "to": "2026-11-01"}, "after"),
+    ({"from": "2026-13-01"}, "2026-13-01"),
+    ({"where": "channel"}, "key:value"),
+])
+def test_bad_query_parameters_are_400_with_a_reason(server, params, needle):
+    query = {"tenant": "acme", "metric": "logins", "from": "2026-11-01", "to": "2026-11-03"}
+    query.update(params)
+    r = httpx.get(server.url + "/v1/series", params=query)
+    assert r.status_code == 400
+    err = r.json()["error"]
+    assert err["code"] == "bad_request" and needle in err["message"], err
