@@ -76,7 +76,8 @@ async def read_body(request: Request, max_body: int) -> dict[str, Any]:
     try:
         if ctype in ("application/msgpack", "application/x-msgpack"):
             body = msgpack.unpackb(raw, raw=False, strict_map_key=False)
-        elif ctype in ("application/json", ""):
+        elif ctype in ("application/json", "", "application/x-www-form-urlencoded"):
+            # (the last is what `curl -d` sends when no type is given)
             body = json.loads(raw)
         else:
             raise bad(f"content-type {ctype!r}: send application/json or application/msgpack")

@@ -14,8 +14,8 @@ import ray
 from actors.shard import SHARD_NAME, ShardActor
 from api.gateway import GATEWAY_NAME, Gateway
 from checkpoint.remote import HOST_NAME, StoreHost
-from checkpoint.store import LayoutMismatch
-from checkpoint.urls import open_store
+from checkpoint.store import LayoutMismatch, StoreError
+from checkpoint.urls import open_store, redact_url
 from cluster.config import ConfigError, ServeConfig
 
 NAMESPACE = "tally"
@@ -52,6 +52,8 @@ class Service:
             store.ensure_layout(self.cfg.shards)
         except LayoutMismatch as e:
             raise ConfigError(str(e)) from None
+        except StoreError as e:
+            raise ConfigError(f"store {redact_url(self.cfg.store)} is not reachable: {e}") from None
         finally:
             store.close()
 
@@ -106,6 +108,11 @@ def serve(cfg: ServeConfig) -> int:
         stop.set()
 
     init_ray(cfg.address)
+    # After ray.init, which installs a SIGTERM handler of its own (it aborts
+    # the process); before the actors start, so a signal during start-up
+    # stops the service cleanly once it is up.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, on_signal)
     try:
         try:
             service.start()
@@ -113,12 +120,11 @@ def serve(cfg: ServeConfig) -> int:
             cause = e.cause if e.cause is not None else e
             print(f"tally: error: cannot start: {cause}", file=sys.stderr, flush=True)
             return 1
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, on_signal)
         print(
             f"tally: serving HTTP on http://{cfg.host}:{service.ports['http_port']} and "
             f"TCP on {cfg.host}:{service.ports['tcp_port']}; {cfg.shards} shards; "
-            f"store {service.store_url}; checkpoints every {cfg.checkpoint_interval:g} s",
+            f"store {redact_url(service.store_url)}; "
+            f"checkpoints every {cfg.checkpoint_interval:g} s",
             flush=True,
         )
         while not stop.wait(1.0):

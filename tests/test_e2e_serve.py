@@ -4,16 +4,19 @@ checked against a brute-force oracle, before and after a clean restart."""
 from __future__ import annotations
 
 import random
+import socket
+import subprocess
 import time
 from datetime import date, timedelta
 
 import httpx
 import msgpack
 import numpy as np
+import pymongo
 import pytest
 
 from tests.oracle import Oracle
-from tests.served import Served
+from tests.served import TALLY, Served, free_port
 from wire.client import Connection, ServerError
 
 pytestmark = pytest.mark.e2e
@@ -270,3 +273,68 @@ def test_bad_query_parameters_are_400_with_a_reason(server, params, needle):
     assert r.status_code == 400
     err = r.json()["error"]
     assert err["code"] == "bad_request" and needle in err["message"], err
+
+
+def run_serve(tmp_path, *args: str, timeout: float = 90) -> subprocess.CompletedProcess:
+    return subprocess.run([TALLY, "serve", *args], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_a_taken_port_is_an_error_naming_it(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = run_serve(tmp_path, "--store", "memory://", "--shards", "1",
+                         "--http-port", str(port), "--tcp-port", str(free_port()))
+    assert done.returncode == 1
+    assert f"HTTP port {port}" in done.stderr
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--host", "0.0.0.0"], "not a loopback address"),
+    (["--shards", "0"], "shards"),
+    (["--store", "postgres://x"], "postgres://x"),
+    (["--store", "mongodb://127.0.0.1:9/t?serverSelectionTimeoutMS=300"], "not reachable"),
+])
+def test_settings_that_cannot_work_are_refused_before_starting(tmp_path, args, needle):
+    done = run_serve(tmp_path, *args)
+    assert done.returncode == 2
+    assert "tally: error:" in done.stderr and needle in done.stderr
+
+
+def test_the_shard_count_is_fixed_for_a_stores_life(tmp_path):
+    from checkpoint.sqlite import SqliteStore
+
+    SqliteStore(str(tmp_path / "s.db")).ensure_layout(3)
+    done = run_serve(tmp_path, "--store", "sqlite:///s.db", "--shards", "2")
+    assert done.returncode == 2 and "3" in done.stderr and "2" in done.stderr, done.stderr
+
+
+def test_exact_counts_on_mongodb_through_a_restart(tmp_path, secantus):
+    """The production store over the real wire protocol (SecantusDB), smaller data."""
+    now = int(time.time())
+    rows = dataset(3_000, now, seed=7)
+    oracle = Oracle()
+    url = secantus.url("tally_e2e")
+    served = Served(tmp_path, url, "--checkpoint-interval", "0.5", shards=2).start()
+    try:
+        send_everything(served, rows, oracle)
+    finally:
+        assert served.stop() == 0, served.output()
+    docs = pymongo.MongoClient(url).get_database().months
+    doc = docs.find_one({"tenant": "acme", "metric": "logins"})
+    assert set(doc) == {"_id", "tenant", "metric", "tags", "month", "d", "h", "ck"}
+    assert sum(doc["d"].values()) == sum(sum(day.values()) for day in doc["h"].values())
+    again = Served(tmp_path, url, shards=2).start()
+    try:
+        for tenant in TENANTS:
+            for tz in ("UTC", "America/New_York"):
+                r = httpx.get(again.url + "/v1/series", params={
+                    "tenant": tenant, "metric": "messages.received", "granularity": "week",
+                    "tz": tz, "from": "2026-08-01", "to": "2026-12-31"})
+                points, total = oracle.series(tenant, "messages.received", {}, date(2026, 8, 1),
+                                              date(2026, 12, 31), "week", tz)
+                assert (r.json()["points"], r.json()["total"]) == (points, total)
+    finally:
+        assert again.stop() == 0, again.output()

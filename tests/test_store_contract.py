@@ -24,13 +24,13 @@ from typing import Any
 import pymongo
 import pytest
 from bson.int64 import Int64
-from conftest_stores import REPO_ROOT, SecantusServer, find_secantusd
 
 from checkpoint.memory import MemoryStore
 from checkpoint.mongo import MongoStore
 from checkpoint.sqlite import SqliteStore
 from checkpoint.store import Checkpoint, LayoutMismatch, MonthDoc, Store, StoreError
 from checkpoint.urls import open_store
+from tests.secantus import REPO_ROOT, SecantusServer
 from wire.series import InvalidSeries, SeriesKey, parse_series_id, series_id
 from wire.timeslots import month_first_hour
 
@@ -58,20 +58,6 @@ class Backend:
         store = self.open()
         self.opened.append(store)
         return store
-
-
-@pytest.fixture(scope="session")
-def secantus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecantusServer]:
-    executable = find_secantusd()
-    if executable is None:
-        pytest.skip(
-            "secantusd-py is not installed (pip install secantusdb, part of the test extra): "
-            "MongoStore cannot be tested against a MongoDB-wire server"
-        )
-    server = SecantusServer(executable, tmp_path_factory.mktemp("secantus"))
-    server.start()
-    yield server
-    server.stop()
 
 
 _database_numbers = itertools.count()

@@ -1,4 +1,4 @@
-"""Helpers for the store contract suite: the repository on sys.path and a SecantusDB server.
+"""A SecantusDB server for tests: MongoStore against a real MongoDB-wire-protocol server.
 
 SecantusDB speaks MongoDB's wire protocol, so MongoStore is tested against a
 real server (real BSON types, real duplicate-key errors, real int64 overflow
@@ -16,11 +16,6 @@ import time
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-
-# The project is not installed into the venv, and pytest puts only tests/ on
-# sys.path (tests/ has no __init__.py), so `import checkpoint` needs this.
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
 
 SECANTUS_EXECUTABLE = "secantusd-py"
 STARTUP_TIMEOUT = 60.0
