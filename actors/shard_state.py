@@ -15,6 +15,7 @@ next one.
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,7 +25,10 @@ import numpy as np
 from checkpoint.store import Checkpoint, MonthDoc, MonthKey
 from wire.batches import INT64_MAX, INT64_MIN, Batch
 from wire.series import SeriesKey, matches, parse_series_id
-from wire.timeslots import month_hours, month_of_hour, months_between
+from wire.timeslots import hour_start, month_hours, month_of_hour, months_between
+
+# Below this no 24 hours can add up to more than int64 (24 * 2**58 < 2**63).
+BIG = 2**58
 
 
 class SlotOverflow(ValueError):
@@ -41,6 +45,9 @@ class MonthSlots:
     hours: dict[int, int] = field(default_factory=dict)
     # absolute hour -> delta not yet handed to a checkpoint
     dirty: dict[int, int] = field(default_factory=dict)
+    # UTC days (hour // 24) holding an hour beyond BIG: only their day totals,
+    # which month documents keep too, can leave int64 while every hour fits
+    big_days: set[int] | None = None
 
 
 @dataclass(slots=True)
@@ -88,7 +95,10 @@ class ShardState:
                 self.unrecorded.add(sid)
             if month not in st.months:
                 doc = docs.get((sid, month))
-                st.months[month] = MonthSlots(hours=dict(doc.hours) if doc else {})
+                slots = st.months[month] = MonthSlots(hours=dict(doc.hours) if doc else {})
+                for hour, total in slots.hours.items():
+                    if abs(total) > BIG:
+                        _mark_big(slots, hour)
 
     # ---- applying ------------------------------------------------------
 
@@ -117,19 +127,27 @@ class ShardState:
     def apply(self, batch: Batch) -> None:
         """All or nothing: checks every slot for int64 overflow before changing any."""
         sids = batch.sids
-        entries = list(
-            zip(batch.series.tolist(), batch.hours.tolist(), batch.values.tolist(), strict=True)
+        entries = zip(
+            batch.series.tolist(), batch.hours.tolist(), batch.values.tolist(), strict=True
         )
-        resolved = []
+        resolved: list[tuple[MonthSlots, int, int, str]] = []
+        bad: list[tuple[int, str]] = []
+        near_limit: list[int] = []
         for n, (idx, hour, value) in enumerate(entries):
-            slots = self.series[sids[idx]].months[month_of_hour(hour)]
+            sid = sids[idx]
+            slots = self.series[sid].months[month_of_hour(hour)]
             total = slots.hours.get(hour, 0) + value
             if not INT64_MIN <= total <= INT64_MAX:
-                raise SlotOverflow(
-                    n,
-                    f"series {sids[idx]!r} hour {hour}: total {total} would leave int64",
-                )
-            resolved.append((slots, hour, value, sids[idx]))
+                bad.append((n, f"series {sid!r} at {_utc(hour)}: the hour's total {total} "
+                               "would leave int64"))
+            elif abs(total) > BIG or (slots.big_days and hour // 24 in slots.big_days):
+                near_limit.append(n)
+            resolved.append((slots, hour, value, sid))
+        if near_limit and not bad:
+            bad = _day_overflows(resolved, near_limit)
+        if bad:
+            n, message = min(bad, key=lambda b: int(batch.first_row[b[0]]))
+            raise SlotOverflow(n, message)
         self._add(resolved)
         self.increments += batch.increments
 
@@ -151,6 +169,8 @@ class ShardState:
             total = slots.hours.get(hour, 0) + value
             if total:
                 slots.hours[hour] = total
+                if abs(total) > BIG:
+                    _mark_big(slots, hour)
             else:
                 slots.hours.pop(hour, None)
             delta = slots.dirty.get(hour, 0) + value
@@ -275,3 +295,32 @@ def _add_hours(out: np.ndarray, hours: dict[int, int], h0: int, h1: int, month: 
         for h, v in hours.items():
             if h0 <= h < h1:
                 out[h - h0] += v
+
+
+def _mark_big(slots: MonthSlots, hour: int) -> None:
+    if slots.big_days is None:
+        slots.big_days = set()
+    slots.big_days.add(hour // 24)
+
+
+def _utc(hour: int) -> str:
+    return hour_start(hour).isoformat(timespec="minutes")
+
+
+def _day_overflows(
+    resolved: list[tuple[MonthSlots, int, int, str]], near_limit: list[int]
+) -> list[tuple[int, str]]:
+    """Aggregates whose UTC day total (stored plus this batch) would leave int64."""
+    batch_days: dict[tuple[int, int], int] = defaultdict(int)
+    for slots, hour, value, _ in resolved:
+        batch_days[(id(slots), hour // 24)] += value
+    bad = []
+    for n in near_limit:
+        slots, hour, _, sid = resolved[n]
+        day = hour // 24
+        stored = sum(slots.hours.get(h, 0) for h in range(day * 24, day * 24 + 24))
+        total = stored + batch_days[(id(slots), day)]
+        if not INT64_MIN <= total <= INT64_MAX:
+            bad.append((n, f"series {sid!r} on {_utc(day * 24)[:10]}: the day's total {total} "
+                           "would leave int64"))
+    return bad

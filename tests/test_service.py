@@ -170,3 +170,22 @@ def test_hourly_matches_a_brute_force_oracle(env):
     assert {h0 + i: int(v) for i, v in enumerate(got) if v} == {
         h: v for h, v in oracle.items() if v
     }
+
+
+def test_a_day_total_leaving_int64_is_refused_although_every_hour_fits(env):
+    """Month documents keep day totals too, so a day must stay inside int64."""
+    _, _, service = env
+    half = INT64_MAX // 2 + 1
+    run(service.ingest(rows_batch([["acme", "big", None, ts(2026, 11, 3, 1), half]], NOW)))
+    with pytest.raises(IngestError) as e:
+        run(service.ingest(rows_batch([
+            ["acme", "big", None, ts(2026, 11, 4, 1), half],  # another day: fine
+            ["acme", "big", None, ts(2026, 11, 3, 2), half],  # same day: 2**63
+        ], NOW)))
+    assert e.value.code == "bad_row" and e.value.row == 1
+    assert "2026-11-03" in e.value.message and "day" in e.value.message
+    plan = plan_range("2026-11-03", "2026-11-04", "day", "UTC")
+    assert run(service.series("acme", "big", {}, plan))["points"] == [
+        ["2026-11-03", half], ["2026-11-04", 0]]
+    run(service.ingest(rows_batch([["acme", "big", None, ts(2026, 11, 3, 2), half - 1]], NOW)))
+    assert run(service.series("acme", "big", {}, plan))["total"] == INT64_MAX
