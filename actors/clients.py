@@ -11,7 +11,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from actors.shard_state import ShardState
+from actors.shard_state import NO_SEQ, ShardState
 from checkpoint.store import MonthKey, Store
 from wire.batches import Batch
 
@@ -19,8 +19,13 @@ from wire.batches import Batch
 class ShardClient(Protocol):
     shards: int
 
-    async def apply(self, shard: int, batch: Batch) -> dict[str, Any] | None: ...
-    async def revert(self, shard: int, batch: Batch) -> None: ...
+    async def apply(
+        self, shard: int, batch: Batch, producer: str | None, seq: int | None,
+        expect: int | None,
+    ) -> dict[str, Any]: ...
+    async def revert(self, shard: int, batch: Batch, producer: str | None) -> None: ...
+    async def wait_checkpoint(self, shard: int, after_ck: int, timeout: float) -> dict: ...
+    async def durable_mark(self, shard: int, producer: str) -> int: ...
     async def hourly(
         self, shard: int, tenant: str, metric: str, where: dict[str, str], h0: int, h1: int
     ) -> tuple[np.ndarray, list[MonthKey]]: ...
@@ -38,11 +43,17 @@ class RayShards:
         self.handles = handles
         self.shards = len(handles)
 
-    async def apply(self, shard: int, batch: Batch) -> dict[str, Any] | None:
-        return await self.handles[shard].apply.remote(batch)
+    async def apply(self, shard, batch, producer, seq, expect):  # type: ignore[no-untyped-def]
+        return await self.handles[shard].apply.remote(batch, producer, seq, expect)
 
-    async def revert(self, shard: int, batch: Batch) -> None:
-        await self.handles[shard].revert.remote(batch)
+    async def revert(self, shard: int, batch: Batch, producer: str | None) -> None:
+        await self.handles[shard].revert.remote(batch, producer)
+
+    async def wait_checkpoint(self, shard: int, after_ck: int, timeout: float) -> dict:
+        return await self.handles[shard].wait_checkpoint.remote(after_ck, timeout)
+
+    async def durable_mark(self, shard: int, producer: str) -> int:
+        return await self.handles[shard].durable_mark.remote(producer)
 
     async def hourly(self, shard, tenant, metric, where, h0, h1):  # type: ignore[no-untyped-def]
         return await self.handles[shard].hourly.remote(tenant, metric, where, h0, h1)
@@ -60,16 +71,31 @@ class RayShards:
 class LocalShards:
     """Shard state in this process over one store: for tests and tools, not serving."""
 
+    incarnation = "local"
+
     def __init__(self, store: Store, shards: int) -> None:
         self.store = store
         self.shards = shards
         self.states = [ShardState(i, store.open_shard(i)) for i in range(shards)]
 
-    async def apply(self, shard: int, batch: Batch) -> dict[str, Any] | None:
-        return self.states[shard].ingest(batch, self.store.load_months)
+    async def apply(self, shard, batch, producer, seq, expect):  # type: ignore[no-untyped-def]
+        answer = self.states[shard].ingest(batch, self.store.load_months, producer, seq, expect)
+        answer["incarnation"] = self.incarnation
+        return answer
 
-    async def revert(self, shard: int, batch: Batch) -> None:
-        self.states[shard].revert(batch)
+    async def revert(self, shard: int, batch: Batch, producer: str | None) -> None:
+        self.states[shard].revert(batch, self.store.load_months, producer)
+
+    async def wait_checkpoint(self, shard: int, after_ck: int, timeout: float) -> dict:
+        state = self.states[shard]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while state.durable_ck <= after_ck and loop.time() < deadline:
+            await asyncio.sleep(0.01)  # checkpoint() runs outside any loop here: poll
+        return {"incarnation": self.incarnation, "durable_ck": state.durable_ck}
+
+    async def durable_mark(self, shard: int, producer: str) -> int:
+        return self.states[shard].durable.get(producer, NO_SEQ)
 
     async def hourly(self, shard, tenant, metric, where, h0, h1):  # type: ignore[no-untyped-def]
         return self.states[shard].hourly(tenant, metric, where, h0, h1)

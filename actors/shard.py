@@ -13,12 +13,13 @@ import gc
 import json
 import logging
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import ray
 
-from actors.shard_state import ShardState
+from actors.shard_state import NO_SEQ, ShardState
 from checkpoint.remote import open_store_in_actor
 from wire.batches import Batch
 from wire.timeslots import month_of_hour
@@ -30,12 +31,18 @@ SHARD_NAME = "tally-shard-{}"
 
 @ray.remote(num_cpus=0, max_restarts=-1, enable_task_events=False)
 class ShardActor:
-    def __init__(self, shard: int, store_url: str, checkpoint_interval: float) -> None:
+    def __init__(
+        self, shard: int, store_url: str, checkpoint_interval: float, max_dirty: int = 0
+    ) -> None:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
         self.shard = shard
         self.interval = checkpoint_interval
+        # A new id per start: the gateway tells a restart (and the loss of
+        # what was applied but not yet checkpointed) from a slow answer.
+        self.incarnation = uuid.uuid4().hex
         self.store = open_store_in_actor(store_url)
-        self.state = ShardState(shard, self.store.open_shard(shard))
+        self.state = ShardState(shard, self.store.open_shard(shard), max_dirty=max_dirty)
+        self._checkpointed: asyncio.Event | None = None
         self._writer = ThreadPoolExecutor(1, thread_name_prefix=f"checkpoint-{shard}")
         self._loop_task: asyncio.Task | None = None
         self._ck_lock: asyncio.Lock | None = None
@@ -50,6 +57,7 @@ class ShardActor:
     def _start_loop(self) -> None:
         if self._loop_task is None:
             self._ck_lock = asyncio.Lock()
+            self._checkpointed = asyncio.Event()
             self._loop_task = asyncio.get_running_loop().create_task(self._checkpoint_loop())
             self._loop_task.add_done_callback(self._loop_ended)
 
@@ -60,23 +68,48 @@ class ShardActor:
 
     async def ready(self) -> dict[str, Any]:
         self._start_loop()
-        return {"shard": self.shard, "ck": self.state.last_ck}
+        return {"shard": self.shard, "ck": self.state.last_ck, "incarnation": self.incarnation}
 
     # ---- ingest --------------------------------------------------------
 
-    async def apply(self, batch: Batch) -> dict[str, Any] | None:
-        """None when applied; else an error naming the aggregate that was refused."""
+    async def apply(
+        self,
+        batch: Batch,
+        producer: str | None = None,
+        seq: int | None = None,
+        expect: int | None = None,
+    ) -> dict[str, Any]:
+        """What ShardState.ingest answers, with this incarnation's id."""
         self._start_loop()
         # load_months runs synchronously on the event loop on purpose: nothing
         # else may touch the state between finding a month missing and
         # installing its base (see ShardState.ingest).
-        refused = self.state.ingest(batch, self.store.load_months)
-        if refused is not None and refused["code"] == "overloaded":
-            self._store_failed(RuntimeError(refused["message"]))
-        return refused
+        answer = self.state.ingest(batch, self.store.load_months, producer, seq, expect)
+        if answer.get("code") == "overloaded" and "store" in answer["message"]:
+            self._store_failed(RuntimeError(answer["message"]))
+        answer["incarnation"] = self.incarnation
+        return answer
 
-    async def revert(self, batch: Batch) -> None:
-        self.state.revert(batch)
+    async def revert(self, batch: Batch, producer: str | None = None) -> None:
+        self.state.revert(batch, self.store.load_months, producer)
+
+    async def wait_checkpoint(self, after_ck: int, timeout: float) -> dict[str, Any]:
+        """Answer once a checkpoint newer than ``after_ck`` is durable, or at ``timeout``.
+
+        Gateways keep one of these pending per shard: a long poll that tells
+        them when acknowledged batches became durable, without a call per batch.
+        """
+        self._start_loop()
+        assert self._checkpointed is not None
+        if self.state.durable_ck <= after_ck:
+            waiter = asyncio.ensure_future(self._checkpointed.wait())
+            done, _ = await asyncio.wait({waiter}, timeout=timeout)
+            if not done:  # answer with what is durable now; the caller polls again
+                waiter.cancel()
+        return {"incarnation": self.incarnation, "durable_ck": self.state.durable_ck}
+
+    async def durable_mark(self, producer: str) -> int:
+        return self.state.durable.get(producer, NO_SEQ)
 
     # ---- queries -------------------------------------------------------
 
@@ -118,6 +151,9 @@ class ShardActor:
                 self._store_failed(e)
                 raise
             self.state.finish_checkpoint(cp.ck)
+            assert self._checkpointed is not None
+            self._checkpointed.set()  # wake every waiter, then arm for the next one
+            self._checkpointed = asyncio.Event()
             now_month = month_of_hour(int(time.time()) // 3600)
             evicted = self.state.evict(now_month)
             self.checkpoints += 1
@@ -157,6 +193,8 @@ class ShardActor:
             "ck": self.state.last_ck,
             "series": len(self.state.series),
             "dirty_slots": self.state.dirty_slots,
+            "durable_ck": self.state.durable_ck,
+            "incarnation": self.incarnation,
             "increments": self.state.increments,
             "checkpoints": self.checkpoints,
             "store_errors": self.store_errors,

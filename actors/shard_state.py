@@ -22,10 +22,12 @@ from typing import Any
 
 import numpy as np
 
-from checkpoint.store import Checkpoint, MonthDoc, MonthKey
+from checkpoint.store import Checkpoint, MonthDoc, MonthKey, ShardRecord
 from wire.batches import INT64_MAX, INT64_MIN, Batch
 from wire.series import SeriesKey, matches, parse_series_id
 from wire.timeslots import hour_start, month_hours, month_of_hour, months_between
+
+NO_SEQ = -1  # the mark of a producer none of whose batches is applied here
 
 # Below this no 24 hours can add up to more than int64 (24 * 2**58 < 2**63).
 BIG = 2**58
@@ -57,9 +59,21 @@ class SeriesState:
 
 
 class ShardState:
-    def __init__(self, shard: int, last_ck: int) -> None:
+    def __init__(
+        self, shard: int, record: ShardRecord | None = None, max_dirty: int = 0
+    ) -> None:
+        record = record or ShardRecord()
         self.shard = shard
-        self.last_ck = last_ck  # highest checkpoint id claimed in the store
+        self.last_ck = record.ck  # highest checkpoint id claimed in the store
+        self.durable_ck = record.ck  # highest checkpoint id known durable
+        # producer -> highest seq applied here; durable marks are what the
+        # store holds. A restarted shard starts with applied == durable.
+        self.applied: dict[str, int] = dict(record.producers)
+        self.durable: dict[str, int] = dict(record.producers)
+        self._undo: dict[str, int | None] = {}  # producer -> mark before its last batch
+        self.max_dirty = max_dirty  # 0: unbounded
+        self.dirty_count = 0  # (series, hour) slots with a delta not yet in a checkpoint
+        self.inflight_count = 0
         self.series: dict[str, SeriesState] = {}
         self.by_metric: dict[tuple[str, str], set[str]] = {}
         self.dirty_keys: set[MonthKey] = set()
@@ -103,14 +117,44 @@ class ShardState:
     # ---- applying ------------------------------------------------------
 
     def ingest(
-        self, batch: Batch, load: Callable[[list[MonthKey]], dict[MonthKey, MonthDoc]]
-    ) -> dict[str, Any] | None:
-        """Load missing bases through ``load``, then apply; None, or the refusal.
+        self,
+        batch: Batch,
+        load: Callable[[list[MonthKey]], dict[MonthKey, MonthDoc]],
+        producer: str | None = None,
+        seq: int | None = None,
+        expect: int | None = None,
+    ) -> dict[str, Any]:
+        """Apply a batch once per (producer, seq); the answer says what happened.
+
+        ``{"status": "applied" | "duplicate", "ck": n}``, where ``n`` is the
+        checkpoint that makes it durable, or a refusal ``{"code", "message"}``.
+        A producer's batches reach every shard in seq order (the gateway sends
+        each one to all shards, empty where it has no rows there), so a seq at
+        or below this shard's mark is a resend. ``expect`` is the seq the
+        gateway sent before this one: a mark that differs means this shard
+        lost batches (it restarted) and must not skip past them.
 
         Callers must not let other calls touch this state between the load and
         the apply (the shard actor calls ``load`` synchronously), or a stale
         base could be installed over newer counts.
         """
+        if producer is not None:
+            assert seq is not None
+            mark = self.applied.get(producer)
+            if mark is not None and seq <= mark:
+                return {"status": "duplicate", "ck": self._holding_ck(producer)}
+            if expect is not None and mark != expect:
+                return {
+                    "code": "gap",
+                    "message": f"shard {self.shard} holds {producer!r} up to seq {mark}, "
+                    f"not {expect}: it restarted; resend from the last durable seq",
+                }
+        if self.max_dirty and self.dirty_count + self.inflight_count + len(batch) > self.max_dirty:
+            return {
+                "code": "overloaded",
+                "message": f"shard {self.shard} holds {self.dirty_count + self.inflight_count} "
+                f"slots not yet checkpointed (bound {self.max_dirty}); retry later",
+            }
         missing = self.missing(batch)
         if missing:
             try:
@@ -122,7 +166,27 @@ class ShardState:
             self.apply(batch)
         except SlotOverflow as e:
             return {"code": "bad_row", "aggregate": e.aggregate, "message": str(e)}
-        return None
+        if producer is not None:
+            self._undo[producer] = self.applied.get(producer)
+            self.applied[producer] = seq  # type: ignore[assignment]
+        return {"status": "applied", "ck": self._holding_ck(producer)}
+
+    def _holding_ck(self, producer: str | None) -> int:
+        """The checkpoint by which everything applied so far is durable.
+
+        Never one that will not happen: a waiter for it would wait forever.
+        """
+        if self.dirty_count or self.unrecorded:
+            return self.last_ck + 1
+        if producer is not None:
+            mark = self.applied.get(producer)
+            if self.durable.get(producer) != mark:
+                if self.inflight is not None and self.inflight.producers.get(producer) == mark:
+                    return self.inflight.ck
+                return self.last_ck + 1
+        if self.inflight is not None:
+            return self.inflight.ck
+        return self.durable_ck
 
     def apply(self, batch: Batch) -> None:
         """All or nothing: checks every slot for int64 overflow before changing any."""
@@ -151,8 +215,29 @@ class ShardState:
         self._add(resolved)
         self.increments += batch.increments
 
-    def revert(self, batch: Batch) -> None:
-        """Undo an applied batch (another shard refused its part of the same batch)."""
+    def revert(
+        self,
+        batch: Batch,
+        load: Callable[[list[MonthKey]], dict[MonthKey, MonthDoc]],
+        producer: str | None = None,
+    ) -> None:
+        """Undo an applied batch (another shard refused its part of the same batch).
+
+        A checkpoint may have written the batch and dropped its months from
+        memory meanwhile, so they are loaded again (with the batch in their
+        base) before subtracting. If that load fails, this raises and nothing
+        changes, mark included: the batch then stays applied here, and the
+        producer's resend of it is a duplicate here while other shards apply it.
+        """
+        missing = self.missing(batch)
+        if missing:
+            self.install(missing, load(missing))
+        if producer is not None and producer in self._undo:
+            # The mark goes back too, and the next checkpoint records the lower
+            # mark (marks are set, not maxed): the client resends this seq and
+            # it must apply here again, also after a restart.
+            previous = self._undo.pop(producer)
+            self.applied[producer] = NO_SEQ if previous is None else previous
         sids = batch.sids
         resolved = [
             (self.series[sids[idx]].months[month_of_hour(hour)], hour, -value, sids[idx])
@@ -173,11 +258,15 @@ class ShardState:
                     _mark_big(slots, hour)
             else:
                 slots.hours.pop(hour, None)
-            delta = slots.dirty.get(hour, 0) + value
+            before = slots.dirty.get(hour)
+            delta = (before or 0) + value
             if delta:
                 slots.dirty[hour] = delta
-            else:
-                slots.dirty.pop(hour, None)
+                if before is None:
+                    self.dirty_count += 1
+            elif before is not None:
+                del slots.dirty[hour]
+                self.dirty_count -= 1
             dirty_keys.add((sid, month_of_hour(hour)))
 
     # ---- checkpoints ---------------------------------------------------
@@ -193,19 +282,28 @@ class ShardState:
                 deltas[(sid, month)] = slots.dirty
                 slots.dirty = {}
         self.dirty_keys = set()
-        if not deltas and not self.unrecorded:
+        producers = {p: s for p, s in self.applied.items() if self.durable.get(p) != s}
+        if not deltas and not self.unrecorded and not producers:
             return None
         self.last_ck += 1
         self.inflight = Checkpoint(
-            shard=self.shard, ck=self.last_ck, deltas=deltas, new_series=sorted(self.unrecorded)
+            shard=self.shard,
+            ck=self.last_ck,
+            deltas=deltas,
+            new_series=sorted(self.unrecorded),
+            producers=producers,
         )
         self.unrecorded = set()
+        self.inflight_count, self.dirty_count = self.dirty_count, 0
         return self.inflight
 
     def finish_checkpoint(self, ck: int) -> None:
         if self.inflight is None or self.inflight.ck != ck:
             raise RuntimeError(f"checkpoint {ck} is not the one in flight")
+        self.durable.update(self.inflight.producers)
+        self.durable_ck = ck
         self.inflight = None
+        self.inflight_count = 0
 
     def evict(self, current_month: str) -> int:
         """Forget clean months other than the current one; the store has them."""
@@ -229,10 +327,7 @@ class ShardState:
 
     @property
     def dirty_slots(self) -> int:
-        n = sum(len(self.series[sid].months[m].dirty) for sid, m in self.dirty_keys)
-        if self.inflight is not None:
-            n += sum(len(h) for h in self.inflight.deltas.values())
-        return n
+        return self.dirty_count + self.inflight_count
 
     # ---- queries -------------------------------------------------------
 

@@ -43,6 +43,7 @@ class Gateway:
 
     async def start(self, host: str, http_port: int, tcp_port: int) -> dict[str, Any]:
         """Listen on both ports; raises PortInUse naming the port that is taken."""
+        self.service.start()
         try:
             tcp = await self.tcp.start(host, tcp_port)
         except OSError as e:
@@ -78,6 +79,7 @@ class Gateway:
     async def stop(self) -> None:
         """Stop accepting on both ports; requests in progress finish first."""
         await self.tcp.stop()
+        self.service.tracker.stop()
         if self.http is not None:
             self.http.should_exit = True
         if self._http_task is not None:

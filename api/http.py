@@ -16,6 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from api.durability import ShardRestarted
 from api.ingest import build_batch, check_ack, json_column
 from api.service import IngestError, Service
 from api.timerange import GRANULARITIES, QueryError, compare_plan, plan_range
@@ -88,7 +89,9 @@ async def read_body(request: Request, max_body: int) -> dict[str, Any]:
     return body
 
 
-def create_app(service: Service, *, max_body: int = DEFAULT_MAX_BODY) -> FastAPI:
+def create_app(
+    service: Service, *, max_body: int = DEFAULT_MAX_BODY, durable_timeout: float = 30.0
+) -> FastAPI:
     app = FastAPI(title="tally", version="1", docs_url="/docs", redoc_url=None)
 
     @app.exception_handler(ApiError)
@@ -129,17 +132,34 @@ def create_app(service: Service, *, max_body: int = DEFAULT_MAX_BODY) -> FastAPI
     @app.post("/v1/increments")
     async def increments(request: Request) -> dict[str, int]:
         body = await read_body(request, max_body)
-        check_ack(body.get("ack"))
-        for field in ("producer", "seq"):
-            if body.get(field) is not None:
-                raise bad(f"{field}: idempotent producers are not available yet; omit it")
+        ack = check_ack(body.get("ack"))
+        producer, seq = body.get("producer"), body.get("seq")
+        if (producer is None) != (seq is None):
+            raise bad("producer and seq go together: send both (idempotent) or neither")
+        if producer is not None:
+            if not isinstance(producer, str) or not 0 < len(producer) <= 200:
+                raise bad("producer must be a string of 1 to 200 characters")
+            if type(seq) is not int or not 1 <= seq < 2**63:
+                raise bad(f"seq {seq!r} must be an integer from 1 to 2**63-1")
         i, ts, v = body.get("i"), body.get("ts"), body.get("v")
         if body.get("series") is not None:
             i, ts, v = json_column("i", i, "<u4"), json_column("ts", ts, "<i8"), json_column(
                 "v", v, "<i8"
             )
         batch = build_batch(body.get("rows"), body.get("series"), i, ts, v, service.clock())
-        return {"rows": await service.ingest(batch)}
+        applied = await service.ingest(batch, producer, seq)
+        if ack == "durable":
+            try:
+                await service.tracker.wait(applied.token, timeout=durable_timeout)
+            except ShardRestarted as e:
+                raise ApiError(503, "overloaded", str(e)) from None
+            except TimeoutError:
+                raise ApiError(
+                    503, "overloaded",
+                    f"applied, but not checkpointed within {durable_timeout:g} s (store slow "
+                    "or down); resend with the same producer and seq to wait again",
+                ) from None
+        return {"rows": applied.rows}
 
     @app.get("/v1/series")
     async def series(

@@ -21,11 +21,6 @@ def check_ack(ack: Any) -> str:
         return "received"
     if ack not in ACKS:
         raise IngestError("bad_request", f"ack must be 'received' or 'durable', not {ack!r}")
-    if ack == "durable":
-        raise IngestError(
-            "bad_request",
-            "ack 'durable' is not available yet: this server acknowledges 'received' only",
-        )
     return ack
 
 

@@ -13,12 +13,15 @@ import asyncio
 import time
 from collections import defaultdict
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from actors.clients import ShardClient
 from actors.router import Router
+from api.durability import DurableTracker, Token
+from api.producers import Producers
 from api.timerange import Plan, bucket_points
 from checkpoint.store import MonthKey, Store
 from wire.batches import Batch
@@ -29,11 +32,23 @@ from wire.timeslots import months_between
 class IngestError(Exception):
     """A batch was refused as a whole; ``code`` is a wire-protocol error code."""
 
-    def __init__(self, code: str, message: str, row: int | None = None) -> None:
+    def __init__(
+        self, code: str, message: str, row: int | None = None, fatal: bool = False
+    ) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.row = row
+        self.fatal = fatal  # the connection must close: the client reconnects and resends
+
+
+@dataclass(slots=True)
+class Applied:
+    rows: int  # increments in the batch
+    token: Token  # what to wait for until it is durable (api.durability)
+
+
+EMPTY = Batch.empty()
 
 
 class Service:
@@ -44,33 +59,115 @@ class Service:
         self.store = store
         self.router = Router(shards.shards)
         self.clock = clock
+        self.producers = Producers()
+        self.tracker = DurableTracker(shards.shards, shards.wait_checkpoint)
         self.increments = 0
         self.batches = 0
 
+    def start(self) -> None:
+        """Start the durability watchers; needs the running event loop."""
+        self.tracker.start()
+
+    async def durable_seq(self, producer: str) -> int:
+        """Every batch of the producer up to this seq is durable on every shard (0: none)."""
+        marks = await self._gather("durable_mark", producer)
+        return max(0, min(marks))
+
     # ---- ingest --------------------------------------------------------
 
-    async def ingest(self, batch: Batch) -> int:
-        """Apply a validated batch on every shard it touches, all or nothing."""
+    async def ingest(
+        self, batch: Batch, producer: str | None = None, seq: int | None = None,
+        epoch: int | None = None,
+    ) -> Applied:
+        """Apply a validated batch on every shard, all or nothing, once per (producer, seq).
+
+        Without a producer the batch goes to the shards it touches and nothing
+        guards against a resend. With one, it goes to every shard (empty where
+        it has no rows) in the producer's seq order, so each shard's mark for
+        the producer moves with every batch and a resend is recognised.
+        """
         parts = self.router.split(batch)
-        order = list(parts)
-        results = await asyncio.gather(
-            *(self.shards.apply(s, parts[s]) for s in order), return_exceptions=True
-        )
-        refused = {s: r for s, r in zip(order, results, strict=True) if r is not None}
-        if refused:
-            applied = [s for s in order if s not in refused]
-            await asyncio.gather(*(self.shards.revert(s, parts[s]) for s in applied))
-            raise self._refusal(parts, refused)
+        if producer is None:
+            applied = await self._apply(parts, list(parts), None, None, None)
+        else:
+            assert seq is not None
+            st = self.producers.get(producer)
+            async with st.lock:
+                if epoch is not None and epoch != st.epoch:
+                    raise IngestError(
+                        "bad_request",
+                        f"producer {producer!r} connected again elsewhere: this connection "
+                        "is fenced",
+                        fatal=True,
+                    )
+                if st.blocked_at is not None and seq > st.blocked_at:
+                    raise IngestError(
+                        "overloaded",
+                        f"seq {st.blocked_at} of producer {producer!r} was refused and must "
+                        f"be resent before seq {seq}",
+                    )
+                try:
+                    applied = await self._apply(
+                        parts, range(self.shards.shards), producer, seq, st.last_seq
+                    )
+                except IngestError as e:
+                    if e.code == "bad_row":
+                        # permanent: the client drops the batch; later seqs may pass
+                        st.blocked_at = None
+                    else:
+                        st.blocked_at = seq if st.blocked_at is None else st.blocked_at
+                        if e.fatal:
+                            st.last_seq = None
+                    raise
+                if st.blocked_at is not None and seq >= st.blocked_at:
+                    st.blocked_at = None
+                fenced_meanwhile = epoch is not None and epoch != st.epoch
+                if not fenced_meanwhile and (st.last_seq is None or seq > st.last_seq):
+                    st.last_seq = seq
         self.increments += batch.increments
         self.batches += 1
-        return batch.increments
+        return applied
+
+    async def _apply(
+        self,
+        parts: dict[int, Batch],
+        shards: Any,
+        producer: str | None,
+        seq: int | None,
+        expect: int | None,
+    ) -> Applied:
+        order = list(shards)
+        sent = [parts.get(s) or EMPTY for s in order]
+        results = await asyncio.gather(
+            *(self.shards.apply(s, b, producer, seq, expect) for s, b in zip(order, sent,
+                                                                            strict=True)),
+            return_exceptions=True,
+        )
+        answers = dict(zip(order, results, strict=True))
+        refused = {
+            s: r for s, r in answers.items() if isinstance(r, BaseException) or "code" in r
+        }
+        if refused:
+            undo = [s for s, r in answers.items() if s not in refused and r["status"] == "applied"]
+            await asyncio.gather(*(self.shards.revert(s, parts.get(s) or EMPTY, producer)
+                                   for s in undo))
+            raise self._refusal(parts, refused)
+        token = {s: (r["incarnation"], r["ck"]) for s, r in answers.items()}
+        rows = sum(b.increments for b in sent)
+        return Applied(rows=rows, token=token)
 
     @staticmethod
     def _refusal(parts: dict[int, Batch], refused: dict[int, Any]) -> IngestError:
         crashed = [(s, r) for s, r in refused.items() if isinstance(r, BaseException)]
         if crashed:
             s, e = crashed[0]
-            return IngestError("internal", f"shard {s} failed: {e}; nothing was applied")
+            return IngestError(
+                "overloaded", f"shard {s} is restarting ({type(e).__name__}); nothing was "
+                "applied: reconnect and resend from the last durable seq", fatal=True,
+            )
+        gaps = [r for r in refused.values() if r["code"] == "gap"]
+        if gaps:
+            return IngestError("overloaded", gaps[0]["message"], fatal=True)
         overloaded = [r for r in refused.values() if r["code"] == "overloaded"]
         if overloaded:
             return IngestError("overloaded", overloaded[0]["message"])

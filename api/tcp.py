@@ -3,6 +3,8 @@
 Frames of one connection are handled one after another and answered in
 order; different connections interleave on the event loop. Decoding and
 validation are the sans-I/O parts in wire/; this module only moves bytes.
+``durable`` frames trail the acks: a task per connection waits for each
+batch's checkpoints in order and sends them as they complete.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import json
 import logging
 from typing import Any
 
+from api.durability import ShardRestarted, Token
 from api.ingest import build_batch, check_ack
 from api.service import IngestError, Service
 from wire.frames import (
@@ -34,10 +37,15 @@ READ_SIZE = 1 << 20
 class Connection:
     """One client connection's protocol state; ``handle`` maps a message to its reply."""
 
-    def __init__(self, service: Service) -> None:
+    def __init__(self, service: Service, writer: asyncio.StreamWriter | None = None) -> None:
         self.service = service
+        self.writer = writer
         self.hello: Hello | None = None
+        self.epoch: int | None = None
         self.close_after = False
+        self.pending: asyncio.Queue[tuple[int, Token, bool]] = asyncio.Queue()
+        self.durable_task: asyncio.Task | None = None
+        self.acked: tuple[int, Token, bool] | None = None
 
     async def handle(self, msg: dict[str, Any]) -> dict[str, Any]:
         try:
@@ -46,8 +54,7 @@ class Connection:
                 if not isinstance(parsed, Hello):
                     self.close_after = True
                     raise ProtocolError("bad_request", "the first frame must be hello")
-                self.hello = parsed
-                return {"op": "welcome", "v": 1}
+                return await self.welcome(parsed)
             if isinstance(parsed, Ping):
                 return {"op": "pong"}
             if isinstance(parsed, Hello):
@@ -63,19 +70,72 @@ class Connection:
         except ProtocolError as e:
             return e.frame()
 
+    async def welcome(self, hello: Hello) -> dict[str, Any]:
+        self.hello = hello
+        self.epoch = self.service.producers.connect(hello.producer)
+        durable_seq = await self.service.durable_seq(hello.producer)
+        return {"op": "welcome", "v": 1, "durable_seq": durable_seq}
+
     async def inc(self, m: Inc) -> dict[str, Any]:
+        assert self.hello is not None
         try:
+            if m.seq < 1:
+                raise IngestError("bad_request", f"seq {m.seq}: seqs start at 1")
             check_ack(m.ack)
             batch = build_batch(m.rows, m.series, m.i, m.ts, m.v, self.service.clock())
-            rows = await self.service.ingest(batch)
+            applied = await self.service.ingest(batch, self.hello.producer, m.seq, self.epoch)
         except IngestError as e:
+            if e.fatal:
+                self.close_after = True
             frame: dict[str, Any] = {
                 "op": "error", "seq": m.seq, "code": e.code, "message": e.message,
             }
             if e.row is not None:
                 frame["row"] = e.row
             return frame
-        return {"op": "ack", "seq": m.seq, "rows": rows}
+        self.acked = (m.seq, applied.token, m.ack == "durable")
+        return {"op": "ack", "seq": m.seq, "rows": applied.rows}
+
+    def after_reply(self) -> None:
+        """Once an ack is written, its durable frame may follow (never precede it)."""
+        if self.acked is None:
+            return
+        self.pending.put_nowait(self.acked)
+        self.acked = None
+        if self.durable_task is None and self.writer is not None:
+            self.durable_task = asyncio.get_running_loop().create_task(self._durability())
+            self.durable_task.add_done_callback(self._durability_ended)
+
+    async def _durability(self) -> None:
+        """Send ``durable`` for each batch that asked, in order, once checkpointed."""
+        assert self.writer is not None
+        while True:
+            seq, token, wanted = await self.pending.get()
+            try:
+                await self.service.tracker.wait(token)
+            except ShardRestarted as e:
+                # What was only acked is lost with the shard's memory: the
+                # client must reconnect and resend everything not durable.
+                self.writer.write(encode_frame(
+                    {"op": "error", "seq": seq, "code": "overloaded", "message": str(e)}
+                ))
+                self.writer.close()
+                return
+            if self.writer.is_closing():
+                return  # the connection is gone; the client learns durability on reconnect
+            if wanted:
+                self.writer.write(encode_frame({"op": "durable", "seq": seq}))
+
+    def _durability_ended(self, task: asyncio.Task) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error(json.dumps({"event": "error", "where": "tcp durable acks",
+                                  "error": repr(task.exception())}))
+            if self.writer is not None:
+                self.writer.close()  # the client reconnects and resends; nothing is lost
+
+    def close(self) -> None:
+        if self.durable_task is not None:
+            self.durable_task.cancel()
 
 
 class TcpServer:
@@ -96,7 +156,7 @@ class TcpServer:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
-        conn = Connection(self.service)
+        conn = Connection(self.service, writer)
         decoder = FrameDecoder(self.max_frame)
         try:
             while not conn.close_after:
@@ -107,13 +167,17 @@ class TcpServer:
                     messages, fatal = decoder.feed(data), None
                 except FrameError as e:
                     messages, fatal = e.messages, e
-                out = [encode_frame(await conn.handle(m)) for m in messages]
-                if fatal is not None:
-                    out.append(encode_frame(
-                        {"op": "error", "seq": None, "code": fatal.code, "message": fatal.message}
-                    ))
+                for m in messages:
+                    reply = await conn.handle(m)
+                    if writer.is_closing():  # closed meanwhile (a shard restarted)
+                        return
+                    writer.write(encode_frame(reply))
+                    conn.after_reply()
+                    if conn.close_after:
+                        break
+                if fatal is not None and not conn.close_after:
+                    writer.write(encode_frame(fatal.frame()))
                     conn.close_after = True
-                writer.write(b"".join(out))
                 await writer.drain()
         except ConnectionError as e:
             # The client went away; it resends what it has no answer for.
@@ -123,4 +187,5 @@ class TcpServer:
             raise
         finally:
             self.connections -= 1
+            conn.close()
             writer.close()

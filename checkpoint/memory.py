@@ -29,9 +29,9 @@ from pymongo.collection import Collection
 from pymongo.database import Database
 from pymongo.errors import DuplicateKeyError, PyMongoError
 
-from checkpoint.layout import INT64_MAX, INT64_MIN
+from checkpoint.layout import INT64_MAX, INT64_MIN, JOURNAL_PART_BYTES
 from checkpoint.mongo import MongoStore
-from checkpoint.store import Checkpoint, MonthDoc, MonthKey, StoreError
+from checkpoint.store import Checkpoint, MonthDoc, MonthKey, ShardRecord, StoreError
 from wire.series import SeriesKey
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -57,11 +57,28 @@ def _field(doc: dict, path: str) -> Any:
 
 
 class MemoryStore(MongoStore):
-    """A fresh, isolated, empty store living in this object; for tests only."""
+    """A fresh, isolated, empty store living in this object; for tests only.
 
-    def __init__(self) -> None:
-        self._lock = threading.RLock()
-        super().__init__("memory://", client_factory=lambda _url: mongomock.MongoClient())
+    ``shared_with`` gives instead a new store object on another one's data
+    (same mongomock client, same lock), as a restarted process would open the
+    same database: crash tests leave a half-written checkpoint behind with
+    one object and recover it with a new one, which shares nothing else.
+    """
+
+    def __init__(
+        self,
+        journal_part_bytes: int = JOURNAL_PART_BYTES,
+        shared_with: MemoryStore | None = None,
+    ) -> None:
+        if shared_with is None:
+            self._lock = threading.RLock()
+            client = mongomock.MongoClient()
+        else:
+            self._lock = shared_with._lock
+            client = shared_with._client
+        super().__init__(
+            "memory://", client_factory=lambda _url: client, journal_part_bytes=journal_part_bytes
+        )
 
     def _open_database(self, client: Any, name: str) -> Database:
         return client[name]  # no write concern to choose: nothing reaches a disk
@@ -115,7 +132,7 @@ class MemoryStore(MongoStore):
         super().ensure_layout(shards)
 
     @_locked
-    def open_shard(self, shard: int) -> int:
+    def open_shard(self, shard: int) -> ShardRecord:
         return super().open_shard(shard)
 
     @_locked

@@ -1,15 +1,38 @@
 """MongoDB store: month documents in the design's layout, written with pymongo.
 
-Idempotence comes from two rules (see ``checkpoint.store``): the shard's
-checkpoint id is claimed in ``shards`` before any month document changes, so
-a restarted shard never reuses an id whose deltas may be half applied; and
-every month update is guarded by ``ck < cp.ck``, so replaying a checkpoint
-skips the documents that already took it.
+A checkpoint changes many documents (months, catalog entries, producer
+marks, the shard's record) and MongoDB only makes single-document writes
+atomic without transactions, which standalone servers (and SecantusDB) do
+not have. So each checkpoint goes through a journal, in four steps:
 
-A duplicate-key error on a month upsert is read as "this document already
-has ``ck >= cp.ck``". That holds because each document has one writer, the
-shard that owns its series, whose checkpoints run one at a time: no two
-upserts ever race to insert the same document.
+(a) **journal**: the whole checkpoint (deltas, new series, producer marks,
+    id) is written to ``journal`` in parts of bounded size (BSON documents
+    stop at 16 MB), part 0 last. Part 0 is the commit marker: the checkpoint
+    exists exactly when it does, and it says how many parts there are.
+(b) **apply**: catalog upserts, then month updates guarded by ``ck < N``,
+    so a document that already took checkpoint N ignores it again.
+(c) **record**: each producer's mark is set (one document per shard and
+    producer in ``marks``, guarded by ``ck < N`` like a month, so the
+    latest checkpoint's mark wins), then the shard's ``ck`` is raised.
+(d) **drop**: part 0 is deleted first, then the other parts. Parts without a
+    part 0 are garbage whatever their history, so a crash in between leaves
+    nothing that recovery could mistake for a committed checkpoint.
+
+Every step is idempotent, so ``write_checkpoint`` retried after a failure at
+any point, or ``open_shard``'s recovery after a crash at any point, ends in
+the same state: a committed checkpoint is replayed whole ((b)-(d) again, in
+id order), an uncommitted one is dropped whole (nothing of it reached a
+month document or a mark, as (b) and (c) only start once the marker is
+written). A reader sees marks only through ``open_shard``, after recovery, so
+marks and deltas become visible together.
+
+Two assumptions, both the protocol's: each shard has one writer (the shard
+that owns its series), whose checkpoints run one at a time, in increasing
+id order, each retried until it succeeds before the next one starts. That
+is why a duplicate-key error on a month upsert can be read as "this
+document already has ``ck >= N``" (no two upserts race to insert it), and
+why recovery may delete parts without a marker (no live writer is about to
+add one).
 """
 
 from __future__ import annotations
@@ -29,14 +52,30 @@ from pymongo.errors import BulkWriteError, DuplicateKeyError, InvalidURI, PyMong
 from pymongo.write_concern import WriteConcern
 
 from checkpoint.layout import (
+    JOURNAL_PART_BYTES,
+    CheckedCheckpoint,
+    check_checkpoint,
+    check_journal_part_bytes,
     check_month,
     check_where,
+    checkpoint_from_journal,
+    journal_documents,
+    journal_id,
+    mark_update,
     month_doc_from_document,
     month_doc_id,
     month_update,
+    prefix_range,
     series_upsert,
 )
-from checkpoint.store import Checkpoint, LayoutMismatch, MonthDoc, MonthKey, StoreError
+from checkpoint.store import (
+    Checkpoint,
+    LayoutMismatch,
+    MonthDoc,
+    MonthKey,
+    ShardRecord,
+    StoreError,
+)
 from checkpoint.urls import redact_url
 from wire.series import SeriesKey, check_metric, check_tenant, parse_series_id
 
@@ -79,10 +118,18 @@ class MongoStore:
     the server until the first call, so a shard can start while the database
     is down and fail (and retry) per operation with StoreError instead.
     ``client_factory(url)`` replaces pymongo's client, e.g. with mongomock.
+    ``journal_part_bytes`` bounds each journal part (tests make it small to
+    split checkpoints into many parts).
     """
 
-    def __init__(self, url: str, client_factory: ClientFactory | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        client_factory: ClientFactory | None = None,
+        journal_part_bytes: int = JOURNAL_PART_BYTES,
+    ) -> None:
         self._url = url
+        self._journal_part_bytes = check_journal_part_bytes(journal_part_bytes)
         try:
             self._client = (client_factory or default_client)(url)
         except InvalidURI as e:
@@ -96,6 +143,8 @@ class MongoStore:
         self._series: Collection = self._db["series"]
         self._shards: Collection = self._db["shards"]
         self._meta: Collection = self._db["meta"]
+        self._journal: Collection = self._db["journal"]
+        self._marks: Collection = self._db["marks"]
         self._indexes_ready = False
         self._indexes_lock = threading.Lock()
 
@@ -172,23 +221,123 @@ class MongoStore:
                 ) from e
 
     def write_checkpoint(self, cp: Checkpoint) -> None:
-        # Build (and so validate) every update before the claim: a bad
+        # Validate and build everything before the first write: a bad
         # checkpoint raises ValueError without touching the store.
-        month_ops = [
-            op
-            for key, hours in cp.deltas.items()
-            if (op := month_update(key, hours, cp.ck)) is not None
-        ]
-        series_ops = [series_upsert(sid) for sid in cp.new_series]
+        checked = check_checkpoint(cp)
+        parts = journal_documents(checked, self._journal_part_bytes)
         self._ensure_indexes()
-        with self._errors(f"claiming checkpoint {cp.ck} of shard {cp.shard}"):
-            self._shards.update_one(
-                {"_id": f"shard-{cp.shard}"}, {"$max": {"ck": Int64(cp.ck)}}, upsert=True
-            )
-        if series_ops:
-            self._upsert_all(self._series, series_ops, "series")
+        self._write_journal(checked, parts)
+        self._apply(checked)
+        # A one-part journal (most checkpoints) is gone with its marker: the
+        # range delete would only cost another journaled round trip.
+        self._drop_journal(checked.shard, checked.ck, marker_only=len(parts) == 1)
+
+    def _what(self, cp: CheckedCheckpoint) -> str:
+        return f"checkpoint {cp.ck} of shard {cp.shard}"
+
+    def _write_journal(self, cp: CheckedCheckpoint, parts: list[dict]) -> None:
+        """Step (a): every other part, then part 0, whose write commits the checkpoint."""
+        with self._errors(f"journaling {self._what(cp)}"):
+            for doc in parts[1:]:
+                self._put_journal_part(doc)
+            self._put_journal_part(parts[0])
+
+    def _put_journal_part(self, doc: dict) -> None:
+        # A replace, not an insert: a retry finds the parts of its failed
+        # attempt and rewrites them with the same content.
+        self._journal.replace_one({"_id": doc["_id"]}, doc, upsert=True)
+
+    def _apply(self, cp: CheckedCheckpoint) -> None:
+        """Steps (b) and (c) for a committed checkpoint; a no-op for what already took it.
+
+        The catalog goes first so that a series with counts is always listed
+        (a listed series without counts is harmless); marks and the shard's
+        ``ck`` go last, though with the journal any order would recover.
+        """
+        if cp.series:
+            self._upsert_all(self._series, [series_upsert(sid) for sid in cp.series], "series")
+        month_ops = [month_update(key, pairs, cp.ck) for key, pairs in cp.months]
         if month_ops:
-            self._upsert_all(self._months, month_ops, f"checkpoint {cp.ck} of shard {cp.shard}")
+            self._upsert_all(self._months, month_ops, self._what(cp))
+        if cp.producers:
+            mark_ops = [
+                mark_update(cp.shard, name, seq, cp.ck) for name, seq in cp.producers.items()
+            ]
+            self._upsert_all(self._marks, mark_ops, f"producer marks of {self._what(cp)}")
+        self._claim(cp.shard, cp.ck)
+
+    def _claim(self, shard: int, ck: int) -> None:
+        """Raise the shard's record to ``ck``: the id is used, the next one is ``ck + 1``."""
+        with self._errors(f"recording checkpoint {ck} of shard {shard}"):
+            self._shards.update_one(
+                {"_id": f"shard-{shard}"}, {"$max": {"ck": Int64(ck)}}, upsert=True
+            )
+
+    def _drop_journal(self, shard: int, ck: int, marker_only: bool = False) -> None:
+        """Step (d): the marker first, so a crash half way leaves only unmarked garbage.
+
+        ``marker_only`` leaves any other part of this id in place; that is
+        safe whatever is left, as unmarked parts are never replayed and the
+        next ``open_shard`` deletes them.
+        """
+        with self._errors(f"dropping the journal of checkpoint {ck} of shard {shard}"):
+            self._delete_journal({"_id": journal_id(shard, ck, 0)})
+            if not marker_only:
+                self._delete_journal({"_id": prefix_range(f"{shard}|{ck}|")})
+
+    def _delete_journal(self, query: dict) -> None:
+        self._journal.delete_many(query)
+
+    def _recover(self, shard: int) -> None:
+        """Finish or drop, in id order, every checkpoint of the shard left in the journal.
+
+        A committed one is replayed whole: (b)-(d) skip whatever it already
+        did. An uncommitted one never reached a month document or a mark, so
+        its parts are dropped; its id is still recorded as claimed, so that
+        ids only ever go up. Replaying in id order matters: a document that
+        took checkpoint N+1 would ignore a later replay of N.
+        """
+        with self._errors(f"reading the journal of shard {shard}"):
+            heads = list(
+                self._journal.find(
+                    {"_id": prefix_range(f"{shard}|")}, {"ck": 1, "part": 1, "parts": 1}
+                )
+            )
+        by_ck: dict[int, dict[int, int | None]] = {}
+        for doc in heads:
+            parts = doc.get("parts")
+            by_ck.setdefault(int(doc["ck"]), {})[int(doc["part"])] = (
+                None if parts is None else int(parts)
+            )
+        for ck in sorted(by_ck):
+            count = by_ck[ck].get(0)
+            if count is None:
+                self._claim(shard, ck)
+            else:
+                self._replay(shard, ck, count)
+            self._drop_journal(shard, ck)
+
+    def _replay(self, shard: int, ck: int, count: int) -> None:
+        ids = [journal_id(shard, ck, part) for part in range(count)]
+        with self._errors(f"reading the journal of checkpoint {ck} of shard {shard}"):
+            docs = list(self._journal.find({"_id": {"$in": ids}}))
+        try:
+            cp = checkpoint_from_journal(docs)
+        except (ValueError, KeyError, TypeError) as e:
+            # Only a second writer of the shard or a hand edit gets here: the
+            # parts are written before the marker and deleted after it.
+            raise StoreError(
+                f"MongoDB {self._redacted_url()}: the journal of checkpoint {ck} of shard "
+                f"{shard} is committed but unreadable ({e}); it was left in place"
+            ) from e
+        try:
+            self._apply(cp)
+        except StoreError as e:
+            e.add_note(
+                f"while replaying committed checkpoint {ck} of shard {shard} from the journal; "
+                "the shard cannot start until it applies"
+            )
+            raise
 
     def ensure_layout(self, shards: int) -> None:
         if isinstance(shards, bool) or not isinstance(shards, int) or shards < 1:
@@ -213,10 +362,15 @@ class MongoStore:
 
     # -- reads ----------------------------------------------------------------
 
-    def open_shard(self, shard: int) -> int:
-        with self._errors(f"reading the checkpoint id of shard {shard}"):
+    def open_shard(self, shard: int) -> ShardRecord:
+        self._recover(shard)
+        with self._errors(f"reading the record of shard {shard}"):
             doc = self._shards.find_one({"_id": f"shard-{shard}"})
-        return int(doc["ck"]) if doc else 0
+            marks = {
+                m["p"]: int(m["seq"])
+                for m in self._marks.find({"_id": prefix_range(f"{shard}|")}, {"p": 1, "seq": 1})
+            }
+        return ShardRecord(ck=int(doc["ck"]) if doc else 0, producers=marks)
 
     def load_months(self, keys: list[MonthKey]) -> dict[MonthKey, MonthDoc]:
         out: dict[MonthKey, MonthDoc] = {}

@@ -11,7 +11,7 @@ from typing import Any
 
 import ray
 
-from checkpoint.store import Checkpoint, MonthDoc, MonthKey
+from checkpoint.store import Checkpoint, MonthDoc, MonthKey, ShardRecord
 from wire.series import SeriesKey
 
 HOST_NAME = "tally-store"
@@ -40,7 +40,7 @@ class RemoteStore:
     def ensure_layout(self, shards: int) -> None:
         self._call("ensure_layout", shards)
 
-    def open_shard(self, shard: int) -> int:
+    def open_shard(self, shard: int) -> ShardRecord:
         return self._call("open_shard", shard)
 
     def write_checkpoint(self, cp: Checkpoint) -> None:

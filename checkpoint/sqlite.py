@@ -13,6 +13,11 @@ Hours are stored as absolute hour indexes; a "month document" is its
 the series inside the month's hours. Reads run in one transaction so a
 document's ``ck`` and its counts come from the same snapshot: a query merging
 live deltas newer than ``ck`` then counts every increment exactly once.
+
+Atomicity needs no journal here, unlike MongoDB: a checkpoint (its claim,
+catalog rows, slot and month rows, and producer marks) is one SQLite
+transaction, so after a crash at any point either all of it is in the file or
+none of it is, and ``open_shard`` has nothing to finish.
 """
 
 from __future__ import annotations
@@ -24,8 +29,15 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from checkpoint.layout import check_month, check_sid, check_where, month_deltas
-from checkpoint.store import Checkpoint, LayoutMismatch, MonthDoc, MonthKey, StoreError
+from checkpoint.layout import check_checkpoint, check_month, check_sid, check_where
+from checkpoint.store import (
+    Checkpoint,
+    LayoutMismatch,
+    MonthDoc,
+    MonthKey,
+    ShardRecord,
+    StoreError,
+)
 from wire.series import SeriesKey, check_metric, check_tenant, matches, parse_series_id
 from wire.timeslots import month_hours
 
@@ -52,12 +64,27 @@ _SCHEMA = (
         PRIMARY KEY (sid, month)
     ) WITHOUT ROWID""",
     "CREATE TABLE IF NOT EXISTS shards (shard INTEGER PRIMARY KEY, ck INTEGER NOT NULL)",
+    # Each producer's mark on a shard: the highest seq applied there as of
+    # checkpoint ck, the latest checkpoint of the shard that carried it.
+    """CREATE TABLE IF NOT EXISTS producers (
+        shard INTEGER NOT NULL,
+        producer TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        ck INTEGER NOT NULL,
+        PRIMARY KEY (shard, producer)
+    ) WITHOUT ROWID""",
     "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value)",
 )
 
 _CLAIM = (
     "INSERT INTO shards (shard, ck) VALUES (?, ?) "
     "ON CONFLICT (shard) DO UPDATE SET ck = max(ck, excluded.ck)"
+)
+# Set, not maxed, and guarded like a month (see checkpoint.layout.mark_update).
+_UPSERT_MARK = (
+    "INSERT INTO producers (shard, producer, seq, ck) VALUES (?, ?, ?, ?) "
+    "ON CONFLICT (shard, producer) DO UPDATE SET seq = excluded.seq, ck = excluded.ck "
+    "WHERE producers.ck < excluded.ck"
 )
 _UPSERT_SERIES = (
     "INSERT INTO series (sid, tenant, metric, tags) VALUES (?, ?, ?, ?) "
@@ -171,33 +198,41 @@ class SqliteStore:
     # -- writes ---------------------------------------------------------------
 
     def write_checkpoint(self, cp: Checkpoint) -> None:
+        """The whole checkpoint in one transaction: all of it is durable, or none of it.
+
+        Month rows and producer marks skip those whose ``ck`` is already at
+        least this checkpoint's, so a retry changes nothing and an older
+        checkpoint never overrides a newer one.
+        """
         # Validate everything before the transaction: a bad checkpoint raises
         # ValueError and leaves the store as it was.
-        months = [
-            (key, pairs) for key, hours in cp.deltas.items() if (pairs := month_deltas(key, hours))
-        ]
+        checked = check_checkpoint(cp)
         series_rows = []
-        for sid in cp.new_series:
+        for sid in checked.series:
             key = check_sid(sid)
             series_rows.append((sid, key.tenant, key.metric, json.dumps(dict(key.tags))))
+        mark_rows = [
+            (checked.shard, name, seq, checked.ck) for name, seq in checked.producers.items()
+        ]
         with (
-            self._errors(f"writing checkpoint {cp.ck} of shard {cp.shard}"),
+            self._errors(f"writing checkpoint {checked.ck} of shard {checked.shard}"),
             self._transaction(write=True) as conn,
         ):
-            conn.execute(_CLAIM, (cp.shard, cp.ck))
+            conn.execute(_CLAIM, (checked.shard, checked.ck))
             conn.executemany(_UPSERT_SERIES, series_rows)
             slot_rows: list[tuple[str, int, int]] = []
             month_rows: list[tuple[str, str, int]] = []
-            for (sid, month), pairs in months:
+            for (sid, month), pairs in checked.months:
                 row = conn.execute(
                     "SELECT ck FROM months WHERE sid = ? AND month = ?", (sid, month)
                 ).fetchone()
-                if row is not None and row[0] >= cp.ck:
+                if row is not None and row[0] >= checked.ck:
                     continue  # this document already took this checkpoint or a newer one
                 slot_rows.extend((sid, hour, delta) for hour, delta in pairs)
-                month_rows.append((sid, month, cp.ck))
+                month_rows.append((sid, month, checked.ck))
             conn.executemany(_UPSERT_SLOT, slot_rows)
             conn.executemany(_UPSERT_MONTH, month_rows)
+            conn.executemany(_UPSERT_MARK, mark_rows)
 
     def ensure_layout(self, shards: int) -> None:
         if isinstance(shards, bool) or not isinstance(shards, int) or shards < 1:
@@ -216,10 +251,17 @@ class SqliteStore:
 
     # -- reads ----------------------------------------------------------------
 
-    def open_shard(self, shard: int) -> int:
-        with self._errors(f"reading the checkpoint id of shard {shard}"):
-            row = self._conn().execute("SELECT ck FROM shards WHERE shard = ?", (shard,)).fetchone()
-        return row[0] if row else 0
+    def open_shard(self, shard: int) -> ShardRecord:
+        """The shard's record; there is nothing to recover (see the module docstring)."""
+        with (
+            self._errors(f"reading the record of shard {shard}"),
+            self._transaction(write=False) as conn,
+        ):
+            row = conn.execute("SELECT ck FROM shards WHERE shard = ?", (shard,)).fetchone()
+            marks = conn.execute(
+                "SELECT producer, seq FROM producers WHERE shard = ?", (shard,)
+            ).fetchall()
+        return ShardRecord(ck=row[0] if row else 0, producers=dict(marks))
 
     @staticmethod
     def _month_doc(conn: sqlite3.Connection, sid: str, month: str, ck: int) -> MonthDoc:

@@ -38,6 +38,17 @@ class Checkpoint:
     ck: int  # strictly increasing per shard, across restarts
     deltas: dict[MonthKey, dict[int, int]]  # (sid, month) -> absolute hour -> delta
     new_series: list[str] = field(default_factory=list)  # sids the catalog may not have yet
+    # producer -> highest seq this shard had applied when the checkpoint was
+    # taken; durable together with the deltas, never one without the other
+    producers: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class ShardRecord:
+    """What a shard starts from: its last checkpoint id and its producers' marks."""
+
+    ck: int = 0  # highest checkpoint id ever claimed; the next one is ck + 1
+    producers: dict[str, int] = field(default_factory=dict)  # durable high-water marks
 
 
 class StoreError(RuntimeError):
@@ -52,11 +63,21 @@ class Store(Protocol):
     def ensure_layout(self, shards: int) -> None:
         """Record the shard count on first use; raise LayoutMismatch if it differs."""
 
-    def open_shard(self, shard: int) -> int:
-        """The highest checkpoint id this shard ever claimed (0 for a new store)."""
+    def open_shard(self, shard: int) -> ShardRecord:
+        """Finish what a crash interrupted, then say where the shard stands.
+
+        Replays every checkpoint of this shard that was committed (journaled)
+        but not completely applied, discards any that never committed, and
+        returns the highest claimed id with the producers' durable marks.
+        """
 
     def write_checkpoint(self, cp: Checkpoint) -> None:
-        """Apply deltas durably and idempotently; returns once they are durable."""
+        """Apply deltas and producer marks durably, atomically and idempotently.
+
+        Returns once durable. If it raises, the same checkpoint may be written
+        again; if the process dies instead, ``open_shard`` finishes it or
+        drops it as a whole, never half of it.
+        """
 
     def load_months(self, keys: list[MonthKey]) -> dict[MonthKey, MonthDoc]:
         """Documents that exist among ``keys``; absent keys have no data yet."""

@@ -64,7 +64,7 @@ class Service:
             ray.get(self.store_host.call.remote("ensure_layout", cfg.shards))
         self.shards = [
             ShardActor.options(name=SHARD_NAME.format(i)).remote(
-                i, self.store_url, cfg.checkpoint_interval
+                i, self.store_url, cfg.checkpoint_interval, cfg.max_dirty_slots
             )
             for i in range(cfg.shards)
         ]
@@ -82,7 +82,7 @@ class Service:
 
 
 def init_ray(address: str | None) -> None:
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ["RAY_DEDUP_LOGS"] = "0"
     if address:
         ray.init(address=address, namespace=NAMESPACE, log_to_driver=True)
     else:

@@ -28,6 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--checkpoint-interval", type=float,
                        help="seconds between checkpoints (default 2)")
     serve.add_argument("--address", help="Ray address to join (auto on a ray up cluster)")
+    serve.add_argument("--max-dirty-slots", type=int,
+                       help="per shard, slots not yet checkpointed before ingest answers "
+                       "overloaded (default 2000000)")
     return parser
 
 

@@ -25,6 +25,9 @@ class ServeConfig:
     checkpoint_interval: float = 2.0
     address: str | None = None
     max_frame: int = 16 * 1024 * 1024
+    # per shard: (series, hour) slots applied but not yet checkpointed before
+    # ingest answers `overloaded` (a few hundred bytes each)
+    max_dirty_slots: int = 2_000_000
 
 
 def load_config(flags: dict[str, Any], config_file: str | None, env: dict[str, str]) -> ServeConfig:
@@ -82,6 +85,8 @@ def is_loopback(host: str) -> bool:
 def check(cfg: ServeConfig) -> None:
     if cfg.shards < 1:
         raise ConfigError(f"shards: {cfg.shards}; at least 1")
+    if cfg.max_dirty_slots < 1:
+        raise ConfigError(f"max-dirty-slots: {cfg.max_dirty_slots}; at least 1")
     if cfg.checkpoint_interval <= 0:
         raise ConfigError(f"checkpoint-interval: {cfg.checkpoint_interval}; must be positive")
     for name in ("http_port", "tcp_port"):

@@ -57,7 +57,7 @@ def day_points(service, where=None, tenant="acme", tz="UTC"):
 
 def test_counts_are_the_same_live_in_flight_and_after_eviction(env):
     store, shards, service = env
-    assert run(service.ingest(rows_batch(ROWS, NOW))) == 6
+    assert run(service.ingest(rows_batch(ROWS, NOW))).rows == 6
     expected = ([["2026-10-31", 5], ["2026-11-01", 18], ["2026-11-02", 98]], 121)
     assert day_points(service) == expected
 
@@ -189,3 +189,64 @@ def test_a_day_total_leaving_int64_is_refused_although_every_hour_fits(env):
         ["2026-11-03", half], ["2026-11-04", 0]]
     run(service.ingest(rows_batch([["acme", "big", None, ts(2026, 11, 3, 2), half - 1]], NOW)))
     assert run(service.series("acme", "big", {}, plan))["total"] == INT64_MAX
+
+
+def logins(service, tenant="acme") -> int:
+    plan = plan_range("2026-11-01", "2026-11-30", "month", "UTC")
+    return run(service.series(tenant, "logins", {}, plan))["total"]
+
+
+def login_rows(n: int, tag: str = "x") -> list[list]:
+    return [["acme", "logins", {"k": f"{tag}{i}"}, ts(2026, 11, 2), 1] for i in range(n)]
+
+
+def test_a_resent_batch_is_applied_once_on_every_shard(env):
+    _, shards, service = env
+    for seq in (1, 2, 3):
+        run(service.ingest(rows_batch(login_rows(10, str(seq)), NOW), "p", seq))
+    assert logins(service) == 30
+    run(service.ingest(rows_batch(login_rows(10, "2"), NOW), "p", 2))  # a resend
+    assert logins(service) == 30
+    shards.checkpoint()
+    assert run(service.durable_seq("p")) == 3
+    assert run(service.durable_seq("someone-else")) == 0
+
+
+def test_a_shard_that_lost_its_memory_is_not_skipped_past(env):
+    store, shards, service = env
+    run(service.ingest(rows_batch(login_rows(12, "a"), NOW), "p", 1))
+    shards.checkpoint()
+    run(service.ingest(rows_batch(login_rows(12, "b"), NOW), "p", 2))
+    # shard 1 dies: what it had not checkpointed (its part of seq 2) is gone
+    from actors.shard_state import ShardState
+    shards.states[1] = ShardState(1, store.open_shard(1))
+    with pytest.raises(IngestError) as e:
+        run(service.ingest(rows_batch(login_rows(12, "c"), NOW), "p", 3))
+    assert e.value.code == "overloaded" and e.value.fatal
+    assert "resend" in e.value.message
+    # the client reconnects: welcome says 1; it resends 2 and 3
+    assert run(service.durable_seq("p")) == 1
+    run(service.ingest(rows_batch(login_rows(12, "b"), NOW), "p", 2))
+    run(service.ingest(rows_batch(login_rows(12, "c"), NOW), "p", 3))
+    assert logins(service) == 36
+
+
+def test_a_refused_batch_is_undone_everywhere_and_applies_when_resent(env):
+    _, shards, service = env
+    run(service.ingest(rows_batch(login_rows(20, "a"), NOW), "p", 1))
+    shards.states[2].max_dirty = 1  # shard 2 is at its bound: it refuses
+    with pytest.raises(IngestError) as e:
+        run(service.ingest(rows_batch(login_rows(20, "b"), NOW), "p", 2))
+    assert e.value.code == "overloaded" and not e.value.fatal
+    assert logins(service) == 20
+    # later seqs wait for the refused one
+    with pytest.raises(IngestError) as e:
+        run(service.ingest(rows_batch(login_rows(20, "c"), NOW), "p", 3))
+    assert "seq 2" in e.value.message
+    shards.checkpoint()  # a checkpoint between the refusal and the resend
+    shards.states[2].max_dirty = 0
+    run(service.ingest(rows_batch(login_rows(20, "b"), NOW), "p", 2))
+    run(service.ingest(rows_batch(login_rows(20, "c"), NOW), "p", 3))
+    assert logins(service) == 60
+    shards.checkpoint()
+    assert run(service.durable_seq("p")) == 3

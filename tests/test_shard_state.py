@@ -1,0 +1,106 @@
+"""ShardState against a real SQLite store: marks, reverts, checkpoints, restarts."""
+
+from __future__ import annotations
+
+import calendar
+
+import pytest
+
+from actors.shard_state import ShardState
+from checkpoint.sqlite import SqliteStore
+from wire.batches import rows_batch
+
+NOW = calendar.timegm((2026, 11, 20, 12, 0, 0))
+HOUR = calendar.timegm((2026, 11, 2, 5, 0, 0))
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = SqliteStore(str(tmp_path / "s.db"))
+    yield s
+    s.close()
+
+
+def checkpoint(state: ShardState, store) -> None:
+    cp = state.begin_checkpoint()
+    assert cp is not None
+    store.write_checkpoint(cp)
+    state.finish_checkpoint(cp.ck)
+
+
+def total(state: ShardState) -> int:
+    return int(state.hourly("acme", "m", {}, HOUR // 3600, HOUR // 3600 + 1)[0].sum())
+
+
+def batch(value: int):
+    return rows_batch([["acme", "m", None, HOUR, value]], NOW)
+
+
+def test_a_revert_that_was_checkpointed_lets_the_resend_apply_after_a_restart(store):
+    state = ShardState(0, store.open_shard(0))
+    assert state.ingest(batch(5), store.load_months, "p", 1, None)["status"] == "applied"
+    assert state.ingest(batch(7), store.load_months, "p", 2, 1)["status"] == "applied"
+    checkpoint(state, store)  # holds seq 2 and its 7
+    state.revert(batch(7), store.load_months, "p")  # another shard refused seq 2
+    checkpoint(state, store)  # holds the undo: net 5, mark back at 1
+    restarted = ShardState(0, store.open_shard(0))
+    assert restarted.applied == {"p": 1}
+    answer = restarted.ingest(batch(7), store.load_months, "p", 2, None)
+    assert answer["status"] == "applied"
+    assert total(restarted) == 12
+
+
+def test_marks_survive_a_restart_and_resends_are_skipped(store):
+    state = ShardState(0, store.open_shard(0))
+    state.ingest(batch(5), store.load_months, "p", 1, None)
+    state.ingest(batch(5), store.load_months, "q", 9, None)
+    checkpoint(state, store)
+    restarted = ShardState(0, store.open_shard(0))
+    assert restarted.ingest(batch(5), store.load_months, "p", 1, None)["status"] == "duplicate"
+    assert restarted.ingest(batch(5), store.load_months, "q", 8, None)["status"] == "duplicate"
+    assert restarted.ingest(batch(1), store.load_months, "p", 2, 1)["status"] == "applied"
+    assert total(restarted) == 11
+
+
+def test_a_gap_is_refused_and_changes_nothing(store):
+    state = ShardState(0, store.open_shard(0))
+    state.ingest(batch(5), store.load_months, "p", 1, None)
+    answer = state.ingest(batch(5), store.load_months, "p", 3, 2)
+    assert answer["code"] == "gap" and "resend" in answer["message"]
+    assert total(state) == 5 and state.applied == {"p": 1}
+
+
+def test_the_holding_checkpoint_is_one_that_will_happen(store):
+    state = ShardState(0, store.open_shard(0))
+    a = state.ingest(batch(5), store.load_months, "p", 1, None)
+    assert a["ck"] == 1
+    cp = state.begin_checkpoint()
+    # a resend while checkpoint 1 is in flight is durable with checkpoint 1
+    assert state.ingest(batch(5), store.load_months, "p", 1, None)["ck"] == 1
+    store.write_checkpoint(cp)
+    state.finish_checkpoint(cp.ck)
+    assert state.begin_checkpoint() is None
+    # and after it, already durable: no checkpoint 2 is needed or promised
+    assert state.ingest(batch(5), store.load_months, "p", 1, None)["ck"] == 1
+
+
+def test_the_dirty_bound_refuses_before_applying(store):
+    state = ShardState(0, store.open_shard(0), max_dirty=2)
+    rows = [["acme", "m", {"k": str(i)}, HOUR, 1] for i in range(3)]
+    answer = state.ingest(rows_batch(rows, NOW), store.load_months, "p", 1, None)
+    assert answer["code"] == "overloaded" and "bound 2" in answer["message"]
+    assert state.dirty_slots == 0 and "p" not in state.applied
+
+
+def test_a_revert_after_the_month_was_evicted_reloads_it(store):
+    state = ShardState(0, store.open_shard(0))
+    state.ingest(batch(5), store.load_months, "p", 1, None)
+    state.ingest(batch(7), store.load_months, "p", 2, 1)
+    checkpoint(state, store)
+    assert state.evict("2027-01") == 1  # November is clean and past: dropped
+    state.revert(batch(7), store.load_months, "p")
+    assert total(state) == 5 and state.applied == {"p": 1}
+    checkpoint(state, store)
+    restarted = ShardState(0, store.open_shard(0))
+    restarted.ingest(batch(7), store.load_months, "p", 2, None)
+    assert total(restarted) == 12

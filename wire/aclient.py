@@ -1,0 +1,366 @@
+"""The asyncio twin of ``wire.client.TallyClient``: the same core, the same API with ``await``.
+
+Everything about batching, seqs, resend, errors and backpressure is in the
+``wire.client`` module docstring and holds here word for word; only the
+shell differs. One task per client owns the connection (connects with
+backoff, writes frames, seals lingering batches, watches the answer
+timeout) and one reader task per connection reads answers, so a large
+frame being written never stops answers from being read. ``on_error`` is
+called on the event loop and must not block.
+
+The client belongs to the event loop that first uses it and is not
+thread-safe. Use it as ``async with AsyncTallyClient(...) as tally:`` or
+call ``await tally.close()``: a client dropped without closing leaves its
+task pending and loses what was not durable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from collections.abc import Callable
+
+from wire.client import (
+    DEFAULT_BACKOFF,
+    DEFAULT_MAX_BATCH_BYTES,
+    DEFAULT_MAX_IN_FLIGHT,
+    DEFAULT_MAX_PENDING,
+    BatchRejected,
+    ClientClosed,
+    ClientFailed,
+    SeriesCache,
+    TallyTimeout,
+    _Broken,
+    client_core,
+    prepare_increment,
+)
+from wire.frames import FrameDecoder, FrameError
+
+__all__ = ["AsyncTallyClient"]
+
+log = logging.getLogger("tally.client")
+
+
+class AsyncTallyClient:
+    """Batching, resending client for asyncio; see ``wire.client`` for the contract."""
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 8781,
+        *,
+        producer: str | None = None,
+        token: str | None = None,
+        batch_size: int = 50_000,
+        linger: float = 0.05,
+        timeout: float = 30.0,
+        max_pending: int = DEFAULT_MAX_PENDING,
+        max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
+        max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+        backoff: tuple[float, float] = DEFAULT_BACKOFF,
+        on_error: Callable[[BatchRejected], None] | None = None,
+    ) -> None:
+        self._core = client_core(
+            producer,
+            token,
+            batch_size=batch_size,
+            linger=linger,
+            timeout=timeout,
+            max_pending=max_pending,
+            max_batch_bytes=max_batch_bytes,
+            max_in_flight=max_in_flight,
+            backoff=backoff,
+        )
+        self.host = host
+        self.port = port
+        self.timeout = float(timeout)
+        self._on_error = on_error
+        self._series = SeriesCache()
+        # Replaced at every change, so a waiter holding the old one is woken
+        # once and re-checks its condition (an asyncio.Condition without a lock).
+        self._changed = asyncio.Event()
+        self._wakeup = asyncio.Event()  # the I/O task has something new to do
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        self._stop = False
+        self._fatal_seen = False
+
+    # -- public API ------------------------------------------------------------
+
+    @property
+    def producer(self) -> str:
+        return self._core.producer
+
+    @property
+    def pending(self) -> int:
+        """Increments held: buffered, or sent and not yet durable."""
+        return self._core.pending
+
+    @property
+    def last_seq(self) -> int:
+        return self._core.last_seq
+
+    @property
+    def durable_seq(self) -> int:
+        return self._core.durable_seq
+
+    @property
+    def stats(self) -> dict[str, int]:
+        core = self._core
+        return {**core.stats, "pending": core.pending, "kept_batches": len(core.kept)}
+
+    async def __aenter__(self) -> AsyncTallyClient:
+        self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def start(self) -> None:
+        """Start the I/O task (``inc`` and ``async with`` do it); needs the running loop."""
+        if self._task is None and not self._stop:
+            self._task = asyncio.get_running_loop().create_task(
+                self._io_main(), name=f"tally-client:{self._core.producer}"
+            )
+
+    async def inc(
+        self,
+        tenant: str,
+        metric: str,
+        value: int = 1,
+        ts: int | None = None,
+        tags: dict[str, str] | None = None,
+    ) -> None:
+        """As ``TallyClient.inc``; awaits (up to ``timeout``) while ``max_pending`` is reached."""
+        prepared = prepare_increment(self._series, tenant, metric, value, ts, tags, time.time())
+        self._check(rejections=True)
+        self.start()
+        core = self._core
+        if core.pending >= core.max_pending:
+            await self._wait(lambda: core.pending < core.max_pending, self.timeout,
+                             lambda: f"inc: {core.pending} increments pending (max_pending="
+                             f"{core.max_pending}); this increment was not buffered")
+        if core.add(*prepared, time.monotonic()):
+            self._wakeup.set()
+
+    async def flush(self, durable: bool = True, timeout: float | None = None) -> None:
+        """As ``TallyClient.flush``."""
+        core = self._core
+        self._check(rejections=False, closing_ok=True)
+        if core.seal() is not None:
+            self._wakeup.set()
+        if core.kept:
+            self.start()
+        upto = core.last_seq
+        await self._wait(lambda: core.settled(upto, durable),
+                         self.timeout if timeout is None else timeout,
+                         lambda: f"flush: {core.describe_wait(upto, durable)}")
+        self._check(rejections=True, closing_ok=True)
+
+    async def close(self, timeout: float | None = None) -> None:
+        """As ``TallyClient.close``: flush (durable), stop, and raise what went wrong."""
+        if self._closing:
+            return
+        self._closing = True
+        self._notify()
+        try:
+            if self._core.fatal is None and self._core.pending:
+                await self.flush(durable=True, timeout=timeout)
+        finally:
+            self._stop = True
+            self._wakeup.set()
+            if self._task is not None:
+                await self._task  # _io_main records its errors; it raises nothing
+        if self._core.fatal is not None and not self._fatal_seen:
+            self._fatal_seen = True
+            raise self._core.fatal.with_traceback(None)
+
+    # -- waiting ---------------------------------------------------------------
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    def _check(self, *, rejections: bool, closing_ok: bool = False) -> None:
+        core = self._core
+        if core.fatal is not None:
+            self._fatal_seen = True
+            raise core.fatal.with_traceback(None)
+        if self._stop or (self._closing and not closing_ok):
+            raise ClientClosed("the client is closed")
+        if rejections and core.rejections:
+            raise core.rejections.popleft()
+
+    async def _wait(
+        self, ready: Callable[[], bool], timeout: float | None, describe: Callable[[], str]
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        closing_ok = self._closing
+        while True:
+            self._check(rejections=False, closing_ok=closing_ok)
+            if ready():
+                return
+            changed = self._changed
+            if deadline is None:
+                await changed.wait()
+                continue
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise TallyTimeout(describe())
+            try:
+                await asyncio.wait_for(changed.wait(), remaining)
+            except TimeoutError:
+                continue  # the next round raises TallyTimeout, unless ready by now
+
+    async def _sleep(self, seconds: float | None) -> None:
+        """Until ``seconds`` pass or the wake-up event is set (cleared by the caller)."""
+        if seconds is None:
+            await self._wakeup.wait()
+            return
+        try:
+            await asyncio.wait_for(self._wakeup.wait(), seconds)
+        except TimeoutError:
+            return  # slept the whole time: that is what was asked
+
+    # -- the I/O task ----------------------------------------------------------
+
+    async def _io_main(self) -> None:
+        try:
+            await self._io_loop()
+        except Exception as exc:
+            failure = ClientFailed(f"the client's I/O task died: {exc!r}")
+            failure.__cause__ = exc
+            log.exception("tally client I/O task died")
+            self._core.fail(failure)
+            self._notify()
+
+    async def _io_loop(self) -> None:
+        core = self._core
+        delay = 0.0
+        while True:
+            if not await self._pause(delay):
+                return
+            try:
+                reader, writer = await asyncio.wait_for(
+                    asyncio.open_connection(self.host, self.port), self.timeout
+                )
+            except (OSError, TimeoutError) as exc:
+                delay = core.disconnected(f"connect to {self.host}:{self.port}: {exc!r}")
+                self._notify()
+                continue
+            try:
+                await self._serve(reader, writer)
+                return  # stopping, or fatal
+            except (OSError, TimeoutError, _Broken) as exc:
+                delay = core.disconnected(f"connection to {self.host}:{self.port}: {exc!r}")
+                self._notify()
+                log.info("tally connection lost (%r); reconnecting in %.3f s", exc, delay)
+            finally:
+                # abort, not close: close would first try to write what is still
+                # buffered, and wait for a server that may have stopped reading.
+                # Nothing buffered matters any more: it is kept and resent.
+                writer.transport.abort()
+                try:
+                    await writer.wait_closed()
+                except OSError as exc:  # the connection is already broken; nothing to do
+                    log.debug("closing a broken tally connection: %r", exc)
+
+    async def _pause(self, delay: float) -> bool:
+        """Wait ``delay`` between connections, sealing lingering batches; False to stop."""
+        core = self._core
+        end = time.monotonic() + delay
+        while True:
+            if self._stop or core.fatal is not None:
+                return False
+            now = time.monotonic()
+            if core.poll(now):
+                self._notify()
+            if now >= end:
+                return True
+            linger = core.linger_deadline()
+            self._wakeup.clear()
+            await self._sleep(end - now if linger is None else max(0.0, min(end, linger) - now))
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Drive one connection until it breaks (raises) or the client stops (returns)."""
+        core = self._core
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        writer.write(core.connection_made(time.monotonic()))
+        read_task = asyncio.get_running_loop().create_task(self._read(reader))
+        try:
+            while True:
+                if self._stop or core.fatal is not None:
+                    return
+                if read_task.done():
+                    read_task.result()  # raises why the reader stopped
+                    if core.fatal is None:
+                        raise _Broken("the reader stopped")
+                    return
+                now = time.monotonic()
+                if core.poll(now):
+                    self._notify()
+                if core.timed_out(now):
+                    raise _Broken(f"no answer within {core.timeout} s")
+                frames = core.take_frames(now)
+                self._wakeup.clear()
+                if frames:
+                    writer.writelines(frames)
+                    await asyncio.wait_for(writer.drain(), core.timeout)
+                    continue
+                deadline = core.deadline()
+                await self._sleep(None if deadline is None else max(0.0, deadline - now))
+        finally:
+            if not read_task.done():
+                read_task.cancel()
+            await asyncio.wait({read_task})
+            if not read_task.cancelled() and read_task.exception() is not None:
+                # Already raised above, or secondary to why this connection ends.
+                log.debug("tally reader ended: %r", read_task.exception())
+
+    async def _read(self, reader: asyncio.StreamReader) -> None:
+        core = self._core
+        decoder = FrameDecoder()
+        try:
+            while True:
+                data = await reader.read(1 << 16)
+                if not data:
+                    raise _Broken("the server closed the connection")
+                errors: list[BatchRejected] = []
+                try:
+                    try:
+                        messages = decoder.feed(data)
+                    except FrameError as exc:
+                        core.garbage(exc)  # raises _Broken, or records a fatal error
+                        messages = []
+                    now = time.monotonic()
+                    for msg in messages:
+                        core.receive(msg, now)
+                        if core.fatal is not None:
+                            break
+                finally:
+                    self._notify()
+                    self._wakeup.set()  # answers free the in-flight window, or end a pause
+                    if self._on_error is not None and core.rejections:
+                        errors = list(core.rejections)
+                        core.rejections.clear()
+                    self._deliver(errors)
+                if core.fatal is not None:
+                    return
+        finally:
+            self._wakeup.set()
+
+    def _deliver(self, errors: list[BatchRejected]) -> None:
+        for error in errors:
+            try:
+                self._on_error(error)  # type: ignore[misc]
+            except Exception as exc:
+                failure = ClientFailed(f"on_error raised {exc!r}")
+                failure.__cause__ = exc
+                self._core.fail(failure)
+                self._notify()
+                return
