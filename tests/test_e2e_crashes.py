@@ -140,3 +140,80 @@ def test_sigkill_of_shard_actors_five_times_mid_stream(tmp_path):
         check_totals(served, oracle, start, end)
     finally:
         assert served.stop() == 0, served.output()
+
+
+def test_resent_durable_batches_are_acked_not_applied(tmp_path):
+    from wire.client import Connection
+
+    served = Served(tmp_path, "sqlite:///data/tally.db", "--checkpoint-interval", "0.2",
+                    shards=2).start()
+    now = int(time.time()) - 60
+    batches = [[["acme", "logins", {"k": str(i % 7)}, now - i * 600, seq] for i in range(50)]
+               for seq in range(1, 11)]
+    expected = sum(sum(r[4] for r in b) for b in batches)
+
+    def total() -> int:
+        r = httpx.get(served.url + "/v1/series", params={
+            "tenant": "acme", "metric": "logins", "from": "2026-01-01", "to": "2026-12-31",
+            "granularity": "month"})
+        return r.json()["total"]
+
+    try:
+        with Connection("127.0.0.1", served.tcp_port, producer="resender") as conn:
+            assert conn.welcome["durable_seq"] == 0
+            for seq, rows in enumerate(batches, 1):
+                reply = conn.request({"op": "inc", "seq": seq, "rows": rows})
+                assert reply == {"op": "ack", "seq": seq, "rows": 50}
+
+        def durable_seq() -> int:
+            with Connection("127.0.0.1", served.tcp_port, producer="resender") as c:
+                return c.welcome["durable_seq"]
+
+        wait_for(lambda: durable_seq() == 10, 30, "all ten batches to be durable")
+        assert total() == expected
+        with Connection("127.0.0.1", served.tcp_port, producer="resender") as conn:
+            for seq, rows in enumerate(batches, 1):
+                reply = conn.request({"op": "inc", "seq": seq, "ack": "durable", "rows": rows})
+                assert reply == {"op": "ack", "seq": seq, "rows": 50}
+                assert conn.receive() == {"op": "durable", "seq": seq}
+        assert total() == expected
+    finally:
+        assert served.stop() == 0, served.output()
+
+
+def test_a_store_outage_answers_overloaded_then_everything_lands(tmp_path):
+    """30 s in which the store cannot be written (another process holds SQLite's
+    write lock): shards absorb up to their bound, then ingress says overloaded;
+    afterwards the client's resends make the totals exact."""
+    import sqlite3
+
+    served = Served(tmp_path, "sqlite:///data/tally.db", "--checkpoint-interval", "0.3",
+                    "--max-dirty-slots", "4000", shards=2).start()
+    now = int(time.time())
+    rows = dataset(120_000, now, seed=13)
+    oracle = Oracle()
+    for r in rows:
+        oracle.add(*r)
+    feeder = Feeder(served, rows[:20_000])
+    feeder.start()
+    feeder.join(120)
+    assert feeder.error is None
+    lock = sqlite3.connect(tmp_path / "data" / "tally.db", isolation_level=None)
+    lock.execute("BEGIN EXCLUSIVE")
+    try:
+        feeder = Feeder(served, rows[20_000:])
+        feeder.start()
+        wait_for(lambda: feeder.client.stats["overloaded"] > 0, 60, "ingress to say overloaded")
+        time.sleep(30)
+        assert feeder.is_alive()  # held back, not failed
+        assert feeder.error is None
+    finally:
+        lock.execute("COMMIT")
+        lock.close()
+    try:
+        feeder.join(300)
+        assert not feeder.is_alive() and feeder.error is None, feeder.error
+        start, end = date.fromtimestamp(now - 95 * 86400), date.fromtimestamp(now)
+        check_totals(served, oracle, start, end)
+    finally:
+        assert served.stop() == 0, served.output()
