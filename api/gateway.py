@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import socket
+import time
 from typing import Any
 
 import ray
@@ -26,8 +28,18 @@ log = logging.getLogger("tally.gateway")
 GATEWAY_NAME = "tally-gateway"
 
 
+BIND_WAIT = 10.0
+
+
 class PortInUse(RuntimeError):
     pass
+
+
+def _probe_bind(host: str, port: int) -> None:
+    """Raise OSError when uvicorn could not bind ``port`` (it would exit instead)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind((host, port))
 
 
 @ray.remote(num_cpus=0, enable_task_events=False)
@@ -44,10 +56,24 @@ class Gateway:
     async def start(self, host: str, http_port: int, tcp_port: int) -> dict[str, Any]:
         """Listen on both ports; raises PortInUse naming the port that is taken."""
         self.service.start()
-        try:
-            tcp = await self.tcp.start(host, tcp_port)
-        except OSError as e:
-            raise PortInUse(f"TCP port {tcp_port} on {host}: {e.strerror}") from None
+        # A gateway of a service killed a moment ago can hold the ports for a
+        # few seconds more (its worker outlives the driver briefly): wait.
+        deadline = time.monotonic() + BIND_WAIT
+        while True:
+            try:
+                _probe_bind(host, http_port)
+            except OSError as e:
+                failing = ("HTTP", http_port, e)
+            else:
+                try:
+                    tcp = await self.tcp.start(host, tcp_port)
+                    break
+                except OSError as e:
+                    failing = ("TCP", tcp_port, e)
+            if time.monotonic() > deadline:
+                which, port, err = failing
+                raise PortInUse(f"{which} port {port} on {host}: {err.strerror}")
+            await asyncio.sleep(0.25)
         config = uvicorn.Config(
             create_app(self.service),
             host=host,

@@ -21,6 +21,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def port_free(port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
 class Served:
     """One running ``tally serve``; ``stop()`` sends SIGTERM and returns the exit code."""
 
@@ -72,6 +82,13 @@ class Served:
         return code
 
     def kill(self) -> None:
+        """SIGKILL the process group, then wait until its Ray workers (which have
+        groups of their own and outlive it by a second or two) free the ports."""
         if self.proc is not None and self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(30)
+            deadline = time.monotonic() + 30
+            while not (port_free(self.http_port) and port_free(self.tcp_port)):
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the killed service still holds its ports after 30 s")
+                time.sleep(0.2)
