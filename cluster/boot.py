@@ -6,6 +6,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -75,10 +76,36 @@ class Service:
         self.ports = ray.get(self.gateway.start.remote(cfg.host, cfg.http_port, cfg.tcp_port))
 
     def stop(self) -> list[int]:
-        """Stop accepting, then a final checkpoint on every shard; their ck ids."""
+        """Stop accepting, then a final checkpoint on every shard; their ck ids.
+
+        A shard that is restarting at that moment (it crashed just before) is
+        asked again until it answers: its final checkpoint is what makes the
+        acknowledged increments it recovers durable.
+        """
         if self.gateway is not None:
-            ray.get(self.gateway.stop.remote())
-        return ray.get([s.shutdown.remote() for s in self.shards])
+            try:
+                ray.get(self.gateway.stop.remote())
+            except ray.exceptions.RayActorError as e:
+                # gone already: nothing to stop accepting; the shards still checkpoint
+                print(f"tally: the gateway was already gone ({type(e).__name__})",
+                      file=sys.stderr, flush=True)
+        return [
+            _call_until_answered(lambda s=s: s.shutdown.remote(), f"shard {i}")
+            for i, s in enumerate(self.shards)
+        ]
+
+
+def _call_until_answered(call: Any, what: str, attempts: int = 20) -> Any:
+    for attempt in range(attempts):
+        try:
+            return ray.get(call())
+        except (ray.exceptions.ActorUnavailableError, ray.exceptions.ActorDiedError) as e:
+            if attempt == attempts - 1:
+                raise
+            print(f"tally: {what} is unavailable ({type(e).__name__}); asking again",
+                  file=sys.stderr, flush=True)
+            time.sleep(0.5)
+    raise AssertionError("unreachable")
 
 
 def init_ray(address: str | None) -> None:
@@ -124,7 +151,8 @@ def serve(cfg: ServeConfig) -> int:
             f"tally: serving HTTP on http://{cfg.host}:{service.ports['http_port']} and "
             f"TCP on {cfg.host}:{service.ports['tcp_port']}; {cfg.shards} shards; "
             f"store {redact_url(service.store_url)}; "
-            f"checkpoints every {cfg.checkpoint_interval:g} s",
+            f"checkpoints every {cfg.checkpoint_interval:g} s; "
+            f"Ray at {ray.get_runtime_context().gcs_address} (namespace {NAMESPACE})",
             flush=True,
         )
         while not stop.wait(1.0):

@@ -6,9 +6,12 @@ and resends after reconnecting; shards apply a (producer, seq) at most once.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import subprocess
+import sys
 import threading
 import time
 from datetime import date
@@ -117,7 +120,7 @@ def test_sigkill_of_the_whole_service_twice_mid_stream(tmp_path):
 
 def test_sigkill_of_shard_actors_five_times_mid_stream(tmp_path):
     now = int(time.time())
-    rows = dataset(400_000, now, seed=12)
+    rows = dataset(2_000_000, now, seed=12)
     oracle = Oracle()
     for r in rows:
         oracle.add(*r)
@@ -207,6 +210,9 @@ def test_a_store_outage_answers_overloaded_then_everything_lands(tmp_path):
         time.sleep(30)
         assert feeder.is_alive()  # held back, not failed
         assert feeder.error is None
+        stats = shard_stats(ray_address(served))
+        assert all(s["dirty_slots"] <= 4000 for s in stats), stats  # memory stays bounded
+        assert max(s["dirty_slots"] for s in stats) > 1000, stats  # and it was the bound
     finally:
         lock.execute("COMMIT")
         lock.close()
@@ -214,6 +220,71 @@ def test_a_store_outage_answers_overloaded_then_everything_lands(tmp_path):
         feeder.join(300)
         assert not feeder.is_alive() and feeder.error is None, feeder.error
         start, end = date.fromtimestamp(now - 95 * 86400), date.fromtimestamp(now)
+        check_totals(served, oracle, start, end)
+    finally:
+        assert served.stop() == 0, served.output()
+
+
+def ray_address(served: Served) -> str:
+    match = re.search(r"Ray at (\S+) \(namespace", served.output())
+    assert match, served.output()
+    return match.group(1)
+
+
+def ray_kill(address: str, name: str) -> None:
+    """ray.kill from another driver, as an operator would (the actor restarts).
+
+    It joins with ``address="auto"`` (the explicit GCS address is refused with
+    InvalidAuthToken under Ray 2.60's token auth here, while "auto" is not) and
+    checks that it reached the service's cluster before killing anything.
+    """
+    script = (
+        "import ray, sys\n"
+        "ray.init(address='auto', namespace='tally', log_to_driver=False)\n"
+        "assert ray.get_runtime_context().gcs_address == sys.argv[1]\n"
+        "ray.kill(ray.get_actor(sys.argv[2]), no_restart=False)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script, address, name], timeout=120,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def shard_stats(address: str) -> list[dict]:
+    """Every shard's own account (dirty slots, store errors), read through Ray."""
+    script = (
+        "import json, ray, sys\n"
+        "ray.init(address='auto', namespace='tally', log_to_driver=False)\n"
+        "assert ray.get_runtime_context().gcs_address == sys.argv[1]\n"
+        "print(json.dumps(ray.get(ray.get_actor('tally-gateway').stats.remote())['shards']))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script, address], timeout=120,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_ray_kill_of_shard_actors_five_times_mid_stream(tmp_path):
+    now = int(time.time())
+    rows = dataset(400_000, now, seed=14)
+    oracle = Oracle()
+    for r in rows:
+        oracle.add(*r)
+    served = Served(tmp_path, "sqlite:///data/tally.db", "--checkpoint-interval", "0.5",
+                    shards=2).start()
+    address = ray_address(served)
+    feeder = Feeder(served, rows)
+    feeder.start()
+    try:
+        for k in range(5):
+            wait_for(lambda k=k: feeder.sent >= (k + 1) * len(rows) // 7
+                     or not feeder.is_alive(), 120, "the stream to progress")
+            live_shards(2)
+            ray_kill(address, f"tally-shard-{k % 2}")
+        feeder.join(300)
+        assert not feeder.is_alive() and feeder.error is None, feeder.error
+        assert feeder.client.stats["reconnects"] >= 1
+        start, end = date.fromtimestamp(now - 95 * 86400), date.fromtimestamp(now)
+        live_shards(2)
         check_totals(served, oracle, start, end)
     finally:
         assert served.stop() == 0, served.output()
