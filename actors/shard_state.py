@@ -149,11 +149,16 @@ class ShardState:
                     "message": f"shard {self.shard} holds {producer!r} up to seq {mark}, "
                     f"not {expect}: it restarted; resend from the last durable seq",
                 }
-        if self.max_dirty and self.dirty_count + self.inflight_count + len(batch) > self.max_dirty:
+        # Room for the batch twice: if another shard refuses its part, undoing
+        # it here may add as many slots again (when a checkpoint took the
+        # originals meanwhile), and an undo cannot be refused. An empty shard
+        # takes any batch, so a batch larger than half the bound still passes.
+        used = self.dirty_count + self.inflight_count
+        if self.max_dirty and used and used + 2 * len(batch) > self.max_dirty:
             return {
                 "code": "overloaded",
-                "message": f"shard {self.shard} holds {self.dirty_count + self.inflight_count} "
-                f"slots not yet checkpointed (bound {self.max_dirty}); retry later",
+                "message": f"shard {self.shard} holds {used} slots not yet checkpointed "
+                f"(bound {self.max_dirty}); retry later",
             }
         missing = self.missing(batch)
         if missing:

@@ -76,6 +76,8 @@ class SecantusServer:
                     str(self.port),
                     "--config",
                     str(config),
+                    # configureFailPoint, for store-outage tests
+                    "--enable-test-commands",
                 ],
                 stdout=log,
                 stderr=subprocess.STDOUT,

@@ -17,6 +17,7 @@ import time
 from datetime import date
 
 import httpx
+import pymongo
 import pytest
 
 from tests.oracle import Oracle
@@ -30,10 +31,10 @@ pytestmark = pytest.mark.e2e
 class Feeder(threading.Thread):
     """Sends rows through one client, sampling its durable seq as it goes."""
 
-    def __init__(self, served: Served, rows: list[list]) -> None:
+    def __init__(self, served: Served, rows: list[list], batch_size: int = 5_000) -> None:
         super().__init__(daemon=True)
         self.client = TallyClient("127.0.0.1", served.tcp_port, producer="crash-test",
-                                  batch_size=5_000, timeout=10.0)
+                                  batch_size=batch_size, timeout=10.0)
         self.rows = rows
         self.sent = 0
         self.error: BaseException | None = None
@@ -197,26 +198,26 @@ def test_a_store_outage_answers_overloaded_then_everything_lands(tmp_path):
     oracle = Oracle()
     for r in rows:
         oracle.add(*r)
-    feeder = Feeder(served, rows[:20_000])
-    feeder.start()
-    feeder.join(120)
-    assert feeder.error is None
-    lock = sqlite3.connect(tmp_path / "data" / "tally.db", isolation_level=None)
-    lock.execute("BEGIN EXCLUSIVE")
     try:
-        feeder = Feeder(served, rows[20_000:])
+        feeder = Feeder(served, rows[:20_000])
         feeder.start()
-        wait_for(lambda: feeder.client.stats["overloaded"] > 0, 60, "ingress to say overloaded")
-        time.sleep(30)
-        assert feeder.is_alive()  # held back, not failed
+        feeder.join(120)
         assert feeder.error is None
-        stats = shard_stats(ray_address(served))
-        assert all(s["dirty_slots"] <= 4000 for s in stats), stats  # memory stays bounded
-        assert max(s["dirty_slots"] for s in stats) > 1000, stats  # and it was the bound
-    finally:
-        lock.execute("COMMIT")
-        lock.close()
-    try:
+        lock = sqlite3.connect(tmp_path / "data" / "tally.db", isolation_level=None)
+        lock.execute("BEGIN EXCLUSIVE")
+        try:
+            feeder = Feeder(served, rows[20_000:], batch_size=1_000)
+            feeder.start()
+            wait_for(lambda: feeder.client.stats["overloaded"] > 0, 60, "overloaded")
+            time.sleep(30)
+            assert feeder.is_alive()  # held back, not failed
+            assert feeder.error is None
+            stats = shard_stats(ray_address(served))
+            assert all(s["dirty_slots"] <= 4000 for s in stats), stats  # memory stays bounded
+            assert max(s["dirty_slots"] for s in stats) > 1000, stats  # and it was the bound
+        finally:
+            lock.execute("COMMIT")
+            lock.close()
         feeder.join(300)
         assert not feeder.is_alive() and feeder.error is None, feeder.error
         start, end = date.fromtimestamp(now - 95 * 86400), date.fromtimestamp(now)
@@ -265,7 +266,7 @@ def shard_stats(address: str) -> list[dict]:
 
 def test_ray_kill_of_shard_actors_five_times_mid_stream(tmp_path):
     now = int(time.time())
-    rows = dataset(400_000, now, seed=14)
+    rows = dataset(2_000_000, now, seed=14)
     oracle = Oracle()
     for r in rows:
         oracle.add(*r)
@@ -285,6 +286,46 @@ def test_ray_kill_of_shard_actors_five_times_mid_stream(tmp_path):
         assert feeder.client.stats["reconnects"] >= 1
         start, end = date.fromtimestamp(now - 95 * 86400), date.fromtimestamp(now)
         live_shards(2)
+        check_totals(served, oracle, start, end)
+    finally:
+        assert served.stop() == 0, served.output()
+
+
+def test_a_mongodb_write_outage_answers_overloaded_then_everything_lands(tmp_path, secantus):
+    """30 s in which MongoDB refuses every write (a failCommand fail point on
+    SecantusDB): checkpoints fail and are retried, shards stop at their bound,
+    ingress says overloaded, and afterwards the totals are exact."""
+    url = secantus.url("tally_outage")
+    served = Served(tmp_path, url, "--checkpoint-interval", "0.3", "--max-dirty-slots", "3000",
+                    shards=2).start()
+    now = int(time.time())
+    rows = dataset(40_000, now, seed=15)
+    oracle = Oracle()
+    for r in rows:
+        oracle.add(*r)
+    admin = pymongo.MongoClient(secantus.url("admin")).admin
+    try:
+        feeder = Feeder(served, rows[:5_000])
+        feeder.start()
+        feeder.join(120)
+        assert feeder.error is None
+        admin.command({"configureFailPoint": "failCommand", "mode": "alwaysOn",
+                       "data": {"failCommands": ["insert", "update", "delete"],
+                                "errorCode": 91}})
+        try:
+            feeder = Feeder(served, rows[5_000:], batch_size=1_000)
+            feeder.start()
+            wait_for(lambda: feeder.client.stats["overloaded"] > 0, 60, "overloaded")
+            time.sleep(30)
+            assert feeder.is_alive() and feeder.error is None
+            stats = shard_stats(ray_address(served))
+            assert all(s["dirty_slots"] <= 3000 for s in stats), stats
+            assert all(s["store_errors"] > 0 for s in stats), stats
+        finally:
+            admin.command({"configureFailPoint": "failCommand", "mode": "off"})
+        feeder.join(300)
+        assert not feeder.is_alive() and feeder.error is None, feeder.error
+        start, end = date.fromtimestamp(now - 95 * 86400), date.fromtimestamp(now)
         check_totals(served, oracle, start, end)
     finally:
         assert served.stop() == 0, served.output()

@@ -85,11 +85,24 @@ def test_the_holding_checkpoint_is_one_that_will_happen(store):
 
 
 def test_the_dirty_bound_refuses_before_applying(store):
-    state = ShardState(0, store.open_shard(0), max_dirty=2)
+    state = ShardState(0, store.open_shard(0), max_dirty=10)
+    rows = [["acme", "m", {"k": str(i)}, HOUR, 1] for i in range(4)]
+    assert state.ingest(rows_batch(rows, NOW), store.load_months, "p", 1, None)["ck"] == 1
+    more = [["acme", "m", {"k": str(i)}, HOUR + 3600, 1] for i in range(4)]
+    answer = state.ingest(rows_batch(more, NOW), store.load_months, "p", 2, 1)
+    assert answer["code"] == "overloaded" and "bound 10" in answer["message"]
+    assert state.dirty_slots == 4 and state.applied == {"p": 1}
+
+
+def test_an_undo_after_a_checkpoint_took_the_batch_stays_within_the_bound(store):
+    state = ShardState(0, store.open_shard(0), max_dirty=10)
     rows = [["acme", "m", {"k": str(i)}, HOUR, 1] for i in range(3)]
-    answer = state.ingest(rows_batch(rows, NOW), store.load_months, "p", 1, None)
-    assert answer["code"] == "overloaded" and "bound 2" in answer["message"]
-    assert state.dirty_slots == 0 and "p" not in state.applied
+    state.ingest(rows_batch(rows, NOW), store.load_months, "p", 1, None)
+    more = [["acme", "m", {"k": str(i)}, HOUR + 3600, 1] for i in range(3)]
+    state.ingest(rows_batch(more, NOW), store.load_months, "p", 2, 1)
+    state.begin_checkpoint()  # the write hangs: the store is down
+    state.revert(rows_batch(more, NOW), store.load_months, "p")
+    assert state.dirty_slots == 9 <= state.max_dirty
 
 
 def test_a_revert_after_the_month_was_evicted_reloads_it(store):
