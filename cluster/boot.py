@@ -109,7 +109,6 @@ def _call_until_answered(call: Any, what: str, attempts: int = 20) -> Any:
 
 
 def init_ray(address: str | None) -> None:
-    os.environ["RAY_DEDUP_LOGS"] = "0"
     if address:
         ray.init(address=address, namespace=NAMESPACE, log_to_driver=True)
     else:

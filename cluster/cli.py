@@ -40,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
         flags = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
         try:
             cfg = load_config(flags, args.config, dict(os.environ))
+            # One structured line per checkpoint and error, never folded into
+            # "repeated Nx": Ray reads this when it is imported.
+            os.environ.setdefault("RAY_DEDUP_LOGS", "0")
             from cluster.boot import serve
 
             return serve(cfg)
