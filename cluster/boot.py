@@ -58,22 +58,25 @@ class Service:
         finally:
             store.close()
 
-    def start(self) -> None:
+    def start(self, stop: threading.Event) -> None:
+        """Create the actors; raises StartAborted on a signal or when Ray never answers."""
         cfg = self.cfg
         if self.store_url.startswith("memory://"):
             self.store_host = StoreHost.options(name=HOST_NAME).remote(self.store_url)
-            ray.get(self.store_host.call.remote("ensure_layout", cfg.shards))
+            _wait(self.store_host.call.remote("ensure_layout", cfg.shards), stop, "the store")
         self.shards = [
             ShardActor.options(name=SHARD_NAME.format(i)).remote(
                 i, self.store_url, cfg.checkpoint_interval, cfg.max_dirty_slots
             )
             for i in range(cfg.shards)
         ]
-        ray.get([s.ready.remote() for s in self.shards])
+        _wait([s.ready.remote() for s in self.shards], stop, "the shard actors")
         self.gateway = Gateway.options(name=GATEWAY_NAME).remote(
             self.store_url, cfg.shards, cfg.max_frame
         )
-        self.ports = ray.get(self.gateway.start.remote(cfg.host, cfg.http_port, cfg.tcp_port))
+        self.ports = _wait(
+            self.gateway.start.remote(cfg.host, cfg.http_port, cfg.tcp_port), stop, "the gateway"
+        )
 
     def stop(self) -> list[int]:
         """Stop accepting, then a final checkpoint on every shard; their ck ids.
@@ -93,6 +96,30 @@ class Service:
             _call_until_answered(lambda s=s: s.shutdown.remote(), f"shard {i}")
             for i, s in enumerate(self.shards)
         ]
+
+
+START_TIMEOUT = 120.0
+
+
+class StartAborted(RuntimeError):
+    def __init__(self, message: str, by_signal: bool) -> None:
+        super().__init__(message)
+        self.by_signal = by_signal
+
+
+def _wait(refs: Any, stop: threading.Event, what: str, timeout: float = START_TIMEOUT) -> Any:
+    """ray.get that a signal can interrupt and that gives up when Ray never answers
+    (a raylet that died during start-up would otherwise hang the command)."""
+    pending = refs if isinstance(refs, list) else [refs]
+    deadline = time.monotonic() + timeout
+    while True:
+        _, not_ready = ray.wait(pending, num_returns=len(pending), timeout=0.5)
+        if not not_ready:
+            return ray.get(refs)
+        if stop.is_set():
+            raise StartAborted(f"stopped by a signal while waiting for {what}", by_signal=True)
+        if time.monotonic() > deadline:
+            raise StartAborted(f"{what} did not start within {timeout:g} s", by_signal=False)
 
 
 def _call_until_answered(call: Any, what: str, attempts: int = 20) -> Any:
@@ -141,11 +168,14 @@ def serve(cfg: ServeConfig) -> int:
         signal.signal(sig, on_signal)
     try:
         try:
-            service.start()
+            service.start(stop)
         except ray.exceptions.RayTaskError as e:
             cause = e.cause if e.cause is not None else e
             print(f"tally: error: cannot start: {cause}", file=sys.stderr, flush=True)
             return 1
+        except StartAborted as e:
+            print(f"tally: {'' if e.by_signal else 'error: '}{e}", file=sys.stderr, flush=True)
+            return 0 if e.by_signal else 1
         print(
             f"tally: serving HTTP on http://{cfg.host}:{service.ports['http_port']} and "
             f"TCP on {cfg.host}:{service.ports['tcp_port']}; {cfg.shards} shards; "
