@@ -71,7 +71,10 @@ class Served:
 
     def stop(self, timeout: float = 60) -> int:
         assert self.proc is not None
-        os.killpg(self.proc.pid, signal.SIGTERM)
+        # The process, as `kill PID`, docker and Kubernetes do; Ray's own
+        # processes share its group and would die of a group-wide SIGTERM
+        # before the final checkpoint (Ctrl-C is fine: Ray blocks SIGINT there).
+        os.kill(self.proc.pid, signal.SIGTERM)
         try:
             code = self.proc.wait(timeout)
         except subprocess.TimeoutExpired:

@@ -87,14 +87,24 @@ def live_shards(count: int) -> list[int]:
     return shard_pids()
 
 
-def test_sigkill_of_the_whole_service_twice_mid_stream(tmp_path):
+def stream(n: int, seed: int) -> tuple[list[list], Oracle, date, date]:
+    """``n`` increments over the last ~3 months, the oracle of them, and the days to check."""
     now = int(time.time())
-    rows = dataset(300_000, now, seed=11)
+    rows = dataset(n, now, seed=seed)
     oracle = Oracle()
     for r in rows:
         oracle.add(*r)
-    served = Served(tmp_path, "sqlite:///data/tally.db", "--checkpoint-interval", "0.5",
-                    shards=2).start()
+    return rows, oracle, date.fromtimestamp(now - 95 * 86400), date.fromtimestamp(now)
+
+
+def serve_sqlite(tmp_path, *extra: str) -> Served:
+    return Served(tmp_path, "sqlite:///data/tally.db", "--checkpoint-interval", "0.5", *extra,
+                  shards=2).start()
+
+
+def test_sigkill_of_the_whole_service_twice_mid_stream(tmp_path):
+    rows, oracle, start, end = stream(300_000, 11)
+    served = serve_sqlite(tmp_path)
     feeder = Feeder(served, rows)
     feeder.start()
     try:
@@ -107,7 +117,6 @@ def test_sigkill_of_the_whole_service_twice_mid_stream(tmp_path):
         assert not feeder.is_alive() and feeder.error is None, feeder.error
         assert feeder.client.stats["resends"] > 0
         assert feeder.durable_seen == sorted(feeder.durable_seen)
-        start, end = date.fromtimestamp(now - 95 * 86400), date.fromtimestamp(now)
         check_totals(served, oracle, start, end)
     finally:
         code = served.stop()
@@ -120,13 +129,8 @@ def test_sigkill_of_the_whole_service_twice_mid_stream(tmp_path):
 
 
 def test_sigkill_of_shard_actors_five_times_mid_stream(tmp_path):
-    now = int(time.time())
-    rows = dataset(2_000_000, now, seed=12)
-    oracle = Oracle()
-    for r in rows:
-        oracle.add(*r)
-    served = Served(tmp_path, "sqlite:///data/tally.db", "--checkpoint-interval", "0.5",
-                    shards=2).start()
+    rows, oracle, start, end = stream(2_000_000, 12)
+    served = serve_sqlite(tmp_path)
     feeder = Feeder(served, rows)
     feeder.start()
     try:
@@ -139,7 +143,6 @@ def test_sigkill_of_shard_actors_five_times_mid_stream(tmp_path):
         assert not feeder.is_alive() and feeder.error is None, feeder.error
         assert feeder.client.stats["reconnects"] >= 1
         assert feeder.durable_seen == sorted(feeder.durable_seen)
-        start, end = date.fromtimestamp(now - 95 * 86400), date.fromtimestamp(now)
         live_shards(2)
         check_totals(served, oracle, start, end)
     finally:
@@ -193,11 +196,7 @@ def test_a_store_outage_answers_overloaded_then_everything_lands(tmp_path):
 
     served = Served(tmp_path, "sqlite:///data/tally.db", "--checkpoint-interval", "0.3",
                     "--max-dirty-slots", "4000", shards=2).start()
-    now = int(time.time())
-    rows = dataset(120_000, now, seed=13)
-    oracle = Oracle()
-    for r in rows:
-        oracle.add(*r)
+    rows, oracle, start, end = stream(120_000, 13)
     try:
         feeder = Feeder(served, rows[:20_000])
         feeder.start()
@@ -220,7 +219,6 @@ def test_a_store_outage_answers_overloaded_then_everything_lands(tmp_path):
             lock.close()
         feeder.join(300)
         assert not feeder.is_alive() and feeder.error is None, feeder.error
-        start, end = date.fromtimestamp(now - 95 * 86400), date.fromtimestamp(now)
         check_totals(served, oracle, start, end)
     finally:
         assert served.stop() == 0, served.output()
@@ -265,13 +263,8 @@ def shard_stats(address: str) -> list[dict]:
 
 
 def test_ray_kill_of_shard_actors_five_times_mid_stream(tmp_path):
-    now = int(time.time())
-    rows = dataset(2_000_000, now, seed=14)
-    oracle = Oracle()
-    for r in rows:
-        oracle.add(*r)
-    served = Served(tmp_path, "sqlite:///data/tally.db", "--checkpoint-interval", "0.5",
-                    shards=2).start()
+    rows, oracle, start, end = stream(2_000_000, 14)
+    served = serve_sqlite(tmp_path)
     address = ray_address(served)
     feeder = Feeder(served, rows)
     feeder.start()
@@ -284,7 +277,6 @@ def test_ray_kill_of_shard_actors_five_times_mid_stream(tmp_path):
         feeder.join(300)
         assert not feeder.is_alive() and feeder.error is None, feeder.error
         assert feeder.client.stats["reconnects"] >= 1
-        start, end = date.fromtimestamp(now - 95 * 86400), date.fromtimestamp(now)
         live_shards(2)
         check_totals(served, oracle, start, end)
     finally:
@@ -298,11 +290,7 @@ def test_a_mongodb_write_outage_answers_overloaded_then_everything_lands(tmp_pat
     url = secantus.url("tally_outage")
     served = Served(tmp_path, url, "--checkpoint-interval", "0.3", "--max-dirty-slots", "3000",
                     shards=2).start()
-    now = int(time.time())
-    rows = dataset(40_000, now, seed=15)
-    oracle = Oracle()
-    for r in rows:
-        oracle.add(*r)
+    rows, oracle, start, end = stream(40_000, 15)
     admin = pymongo.MongoClient(secantus.url("admin")).admin
     try:
         feeder = Feeder(served, rows[:5_000])
@@ -325,7 +313,6 @@ def test_a_mongodb_write_outage_answers_overloaded_then_everything_lands(tmp_pat
             admin.command({"configureFailPoint": "failCommand", "mode": "off"})
         feeder.join(300)
         assert not feeder.is_alive() and feeder.error is None, feeder.error
-        start, end = date.fromtimestamp(now - 95 * 86400), date.fromtimestamp(now)
         check_totals(served, oracle, start, end)
     finally:
         assert served.stop() == 0, served.output()
