@@ -10,7 +10,9 @@ import asyncio
 from typing import Any, Protocol
 
 import numpy as np
+from prometheus_client import CollectorRegistry
 
+from actors.metrics import render, state_gauges
 from actors.shard_state import NO_SEQ, ShardState
 from checkpoint.store import MonthKey, Store
 from wire.batches import Batch
@@ -34,10 +36,16 @@ class ShardClient(Protocol):
     ) -> tuple[dict[str, int], list[MonthKey]]: ...
     async def catalog(self, shard: int, tenant: str) -> list[str]: ...
     async def stats(self) -> list[dict[str, Any]]: ...
+    async def metrics(self) -> list[str | BaseException]:
+        """Prometheus text per shard, in shard order; a shard that did not answer is its error."""
+        ...
 
 
 class RayShards:
     """Named shard actors; ObjectRefs are awaited so the gateway's loop never blocks."""
+
+    # A restarting shard holds its calls until it is back: a scrape does not wait that long.
+    METRICS_TIMEOUT = 5.0
 
     def __init__(self, handles: list[Any]) -> None:
         self.handles = handles
@@ -67,6 +75,12 @@ class RayShards:
     async def stats(self) -> list[dict[str, Any]]:
         return list(await asyncio.gather(*(h.stats.remote() for h in self.handles)))
 
+    async def metrics(self) -> list[str | BaseException]:
+        async def one(handle: Any) -> str:
+            return await asyncio.wait_for(handle.metrics.remote(), self.METRICS_TIMEOUT)
+
+        return list(await asyncio.gather(*(one(h) for h in self.handles), return_exceptions=True))
+
 
 class LocalShards:
     """Shard state in this process over one store: for tests and tools, not serving."""
@@ -77,6 +91,9 @@ class LocalShards:
         self.store = store
         self.shards = shards
         self.states = [ShardState(i, store.open_shard(i)) for i in range(shards)]
+        self.registries = [CollectorRegistry(auto_describe=False) for _ in range(shards)]
+        for i, registry in enumerate(self.registries):
+            state_gauges(registry, i, lambda i=i: self.states[i])
 
     async def apply(self, shard, batch, producer, seq, expect):  # type: ignore[no-untyped-def]
         answer = self.states[shard].ingest(batch, self.store.load_months, producer, seq, expect)
@@ -110,6 +127,10 @@ class LocalShards:
         return [
             {"shard": s.shard, "ck": s.last_ck, "dirty_slots": s.dirty_slots} for s in self.states
         ]
+
+    async def metrics(self) -> list[str | BaseException]:
+        """State gauges only: checkpoints here run without a clock or an actor loop."""
+        return [render(r) for r in self.registries]
 
     def checkpoint(self) -> None:
         """Write every shard's pending deltas, as the actors' loop would."""

@@ -19,6 +19,7 @@ from typing import Any
 
 import ray
 
+from actors.metrics import ShardMetrics
 from actors.shard_state import NO_SEQ, ShardState
 from checkpoint.remote import open_store_in_actor
 from wire.batches import Batch
@@ -50,6 +51,7 @@ class ShardActor:
         self.store_errors = 0
         self.last_error: str | None = None
         self.last_checkpoint_seconds = 0.0
+        self.meters = ShardMetrics(shard, lambda: self.state)
         gc.freeze()  # start-up objects never need collecting; avoids long gen2 pauses later
 
     # ---- lifecycle -----------------------------------------------------
@@ -87,11 +89,14 @@ class ShardActor:
         answer = self.state.ingest(batch, self.store.load_months, producer, seq, expect)
         if answer.get("code") == "overloaded" and "store" in answer["message"]:
             self._store_failed(RuntimeError(answer["message"]))
+        elif answer.get("status") == "applied":
+            self.meters.applied(batch.increments)
         answer["incarnation"] = self.incarnation
         return answer
 
     async def revert(self, batch: Batch, producer: str | None = None) -> None:
         self.state.revert(batch, self.store.load_months, producer)
+        self.meters.lag.applied()  # the undo is a delta to checkpoint like any other
 
     async def wait_checkpoint(self, after_ck: int, timeout: float) -> dict[str, Any]:
         """Answer once a checkpoint newer than ``after_ck`` is durable, or at ``timeout``.
@@ -142,7 +147,9 @@ class ShardActor:
         async with self._ck_lock:
             cp = self.state.begin_checkpoint()
             if cp is None:
+                self.meters.lag.clean()
                 return None
+            self.meters.lag.began(cp.ck)
             started = time.monotonic()
             loop = asyncio.get_running_loop()
             try:
@@ -158,6 +165,7 @@ class ShardActor:
             evicted = self.state.evict(now_month)
             self.checkpoints += 1
             self.last_checkpoint_seconds = time.monotonic() - started
+            lag = self.meters.checkpoint_written(cp.ck, self.last_checkpoint_seconds)
             log.info(
                 json.dumps(
                     {
@@ -169,6 +177,7 @@ class ShardActor:
                         "new_series": len(cp.new_series),
                         "evicted": evicted,
                         "seconds": round(self.last_checkpoint_seconds, 4),
+                        "lag_seconds": round(lag, 4),
                     }
                 )
             )
@@ -184,6 +193,7 @@ class ShardActor:
 
     def _store_failed(self, e: Exception) -> None:
         self.store_errors += 1
+        self.meters.store_errors.inc()
         self.last_error = repr(e)
         log.error(json.dumps({"event": "error", "shard": self.shard, "error": self.last_error}))
 
@@ -201,6 +211,10 @@ class ShardActor:
             "last_error": self.last_error,
             "last_checkpoint_seconds": self.last_checkpoint_seconds,
         }
+
+    async def metrics(self) -> str:
+        """Prometheus text of this shard; the gateway merges every shard's into /metrics."""
+        return self.meters.render()
 
     async def shutdown(self) -> int:
         """Final checkpoint, then stop the loop; the process may be killed after this."""

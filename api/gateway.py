@@ -12,6 +12,7 @@ import gc
 import logging
 import socket
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import ray
@@ -19,9 +20,10 @@ import uvicorn
 
 from actors.clients import RayShards
 from actors.shard import SHARD_NAME
+from api.access import AccessList
 from api.http import create_app
 from api.service import Service
-from api.tcp import TcpServer
+from api.tcp import TcpLimits, TcpServer
 from checkpoint.remote import open_store_in_actor
 
 log = logging.getLogger("tally.gateway")
@@ -42,14 +44,24 @@ def _probe_bind(host: str, port: int) -> None:
         s.bind((host, port))
 
 
+@dataclass(frozen=True)
+class GatewayOptions:
+    """What a gateway enforces; the access list holds digests only, never secrets."""
+
+    limits: TcpLimits = field(default_factory=TcpLimits)
+    access: AccessList | None = None
+    max_query_days: int = 3660
+
+
 @ray.remote(num_cpus=0, enable_task_events=False)
 class Gateway:
-    def __init__(self, store_url: str, shards: int, max_frame: int) -> None:
+    def __init__(self, store_url: str, shards: int, options: GatewayOptions) -> None:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
         handles = [ray.get_actor(SHARD_NAME.format(i)) for i in range(shards)]
         self.store = open_store_in_actor(store_url)
+        self.options = options
         self.service = Service(RayShards(handles), self.store)
-        self.tcp = TcpServer(self.service, max_frame=max_frame)
+        self.tcp = TcpServer(self.service, options.limits, options.access)
         self.http: uvicorn.Server | None = None
         self._http_task: asyncio.Task | None = None
 
@@ -74,13 +86,20 @@ class Gateway:
                 which, port, err = failing
                 raise PortInUse(f"{which} port {port} on {host}: {err.strerror}")
             await asyncio.sleep(0.25)
+        opts = self.options
+        app = create_app(
+            self.service, max_body=opts.limits.max_frame, access=opts.access,
+            max_query_days=opts.max_query_days,
+        )
         config = uvicorn.Config(
-            create_app(self.service),
+            app,
             host=host,
             port=http_port,
             log_level="warning",
             lifespan="off",
             access_log=False,
+            # connections and requests in progress; over it uvicorn answers 503
+            limit_concurrency=opts.limits.max_connections,
         )
         self.http = uvicorn.Server(config)
         self._http_task = asyncio.get_running_loop().create_task(self._run_http())

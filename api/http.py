@@ -11,13 +11,17 @@ import logging
 from typing import Any
 
 import msgpack
-from fastapi import FastAPI, Query, Request
+from fastapi import Depends, FastAPI, Query, Request, Security
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from api.access import OPEN, AccessList, Denied, Grant
 from api.durability import ShardRestarted
-from api.ingest import build_batch, check_ack, json_column
+from api.ingest import batch_tenants, build_batch, check_ack, json_column
+from api.metrics import HttpMetricsMiddleware, body_increments
 from api.service import IngestError, Service
 from api.timerange import GRANULARITIES, QueryError, compare_plan, plan_range
 from wire.series import InvalidSeries, check_metric, check_tag_key, check_tag_value, check_tenant
@@ -89,19 +93,64 @@ async def read_body(request: Request, max_body: int) -> dict[str, Any]:
     return body
 
 
+def authorizer(access: AccessList | None, scope: str) -> Any:
+    """A dependency giving the request's Grant for ``scope``: 401 without a known token,
+    403 when the token lacks the scope; every grant is OPEN when no tokens are configured."""
+    bearer = HTTPBearer(auto_error=False, description="a secret from the tokens file")
+
+    async def grant(
+        credentials: HTTPAuthorizationCredentials | None = Security(bearer),
+    ) -> Grant:
+        if access is None:
+            return OPEN
+        if credentials is None:
+            raise Denied("unauthorized", "a token is required: Authorization: Bearer <token>")
+        found = access.grant_for(credentials.credentials)
+        found.require_scope(scope)
+        return found
+
+    return grant
+
+
 def create_app(
-    service: Service, *, max_body: int = DEFAULT_MAX_BODY, durable_timeout: float = 30.0
+    service: Service,
+    *,
+    max_body: int = DEFAULT_MAX_BODY,
+    durable_timeout: float = 30.0,
+    access: AccessList | None = None,
+    max_query_days: int = 3660,
 ) -> FastAPI:
     app = FastAPI(title="tally", version="1", docs_url="/docs", redoc_url=None)
+    may_ingest = Depends(authorizer(access, "ingest"))
+    may_query = Depends(authorizer(access, "query"))
+    may_administer = Depends(authorizer(access, "admin"))  # /metrics
+    app.add_middleware(HttpMetricsMiddleware, metrics=service.metrics)
+
+    def refused(request: Request, code: str) -> None:
+        """Count a refused ingest batch once; the route stashed how many increments it held."""
+        state = request.state
+        if request.scope["path"] == "/v1/increments" and not getattr(state, "counted", False):
+            state.counted = True
+            service.metrics.batch_rejected("http", code, getattr(state, "increments", 0))
 
     @app.exception_handler(ApiError)
-    async def _api_error(_: Request, e: ApiError) -> JSONResponse:
+    async def _api_error(request: Request, e: ApiError) -> JSONResponse:
+        refused(request, e.code)
         return error_response(e.status, e.code, e.message)
 
     @app.exception_handler(IngestError)
-    async def _ingest_error(_: Request, e: IngestError) -> JSONResponse:
+    async def _ingest_error(request: Request, e: IngestError) -> JSONResponse:
+        refused(request, e.code)
         extra = {"row": e.row} if e.row is not None else {}
         return error_response(STATUS.get(e.code, 500), e.code, e.message, **extra)
+
+    @app.exception_handler(Denied)
+    async def _denied(request: Request, e: Denied) -> JSONResponse:
+        refused(request, e.code)
+        response = error_response(e.status, e.code, e.message)
+        if e.status == 401:
+            response.headers["WWW-Authenticate"] = 'Bearer realm="tally"'
+        return response
 
     @app.exception_handler(QueryError)
     async def _query_error(_: Request, e: QueryError) -> JSONResponse:
@@ -121,7 +170,8 @@ def create_app(
         return error_response(e.status_code, code, str(e.detail))
 
     @app.exception_handler(Exception)
-    async def _internal(_: Request, e: Exception) -> JSONResponse:
+    async def _internal(request: Request, e: Exception) -> JSONResponse:
+        refused(request, "internal")
         log.error(json.dumps({"event": "error", "where": "http", "error": repr(e)}))
         return error_response(500, "internal", f"internal error: {e!r}")
 
@@ -129,9 +179,16 @@ def create_app(
     async def healthz() -> dict[str, Any]:
         return {"status": "ok", "shards": service.shards.shards}
 
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics(_: Grant = may_administer) -> Response:
+        """Prometheus text: this gateway's counters and every shard's, merged."""
+        text = await service.metrics.render(service.shards)
+        return Response(text, media_type=CONTENT_TYPE_LATEST)
+
     @app.post("/v1/increments")
-    async def increments(request: Request) -> dict[str, int]:
+    async def increments(request: Request, grant: Grant = may_ingest) -> dict[str, int]:
         body = await read_body(request, max_body)
+        request.state.increments = body_increments(body)  # for a refusal's count
         ack = check_ack(body.get("ack"))
         producer, seq = body.get("producer"), body.get("seq")
         if (producer is None) != (seq is None):
@@ -147,7 +204,11 @@ def create_app(
                 "v", v, "<i8"
             )
         batch = build_batch(body.get("rows"), body.get("series"), i, ts, v, service.clock())
+        grant.require_tenants(batch_tenants(batch))
         applied = await service.ingest(batch, producer, seq)
+        # Applied, so accepted even if the durable wait below fails (the resend is a duplicate).
+        service.metrics.batch_accepted("http", applied.rows)
+        request.state.counted = True
         if ack == "durable":
             try:
                 await service.tracker.wait(applied.token, timeout=durable_timeout)
@@ -171,11 +232,13 @@ def create_app(
         tz: str = "UTC",
         where: list[str] = Query(default=[]),
         compare: str | None = None,
+        grant: Grant = may_query,
     ) -> dict[str, Any]:
         parse_series_params(tenant, metric)
+        grant.require_tenant(tenant)
         if granularity not in GRANULARITIES:
             raise bad(f"granularity {granularity!r}: expected one of {', '.join(GRANULARITIES)}")
-        plan = plan_range(from_, to, granularity, tz)
+        plan = plan_range(from_, to, granularity, tz, max_days=max_query_days)
         prev = compare_plan(plan, compare) if compare else None
         return await service.series(tenant, metric, parse_where(where), plan, prev)
 
@@ -189,21 +252,24 @@ def create_app(
         tz: str = "UTC",
         where: list[str] = Query(default=[]),
         limit: int = Query(default=10, ge=1, le=1000),
+        grant: Grant = may_query,
     ) -> dict[str, Any]:
         parse_series_params(tenant, metric)
+        grant.require_tenant(tenant)
         try:
             check_tag_key(by)
         except InvalidSeries as e:
             raise bad(f"by: {e}") from None
-        plan = plan_range(from_, to, "day", tz)
+        plan = plan_range(from_, to, "day", tz, max_days=max_query_days)
         return await service.breakdown(tenant, metric, by, parse_where(where), plan, limit)
 
     @app.get("/v1/catalog")
-    async def catalog(tenant: str) -> dict[str, Any]:
+    async def catalog(tenant: str, grant: Grant = may_query) -> dict[str, Any]:
         try:
             check_tenant(tenant)
         except InvalidSeries as e:
             raise bad(str(e)) from None
+        grant.require_tenant(tenant)
         return await service.catalog(tenant)
 
     return app

@@ -55,3 +55,17 @@ def json_column(name: str, values: Any, dtype: str) -> bytes:
         if not info.min <= x <= info.max:
             raise IngestError("bad_row", f"row {n}: {name} {x} is outside {dtype}", row=n)
     return np.asarray(values, dtype=dtype).tobytes()
+
+
+def batch_tenants(batch: Batch) -> list[tuple[str, int]]:
+    """Each tenant of a batch with the first input row that names it (for access checks)."""
+    if not batch.sids:
+        return []
+    first = np.full(len(batch.sids), np.iinfo(np.int64).max, dtype=np.int64)
+    np.minimum.at(first, batch.series.astype(np.intp), batch.first_row)
+    rows: dict[str, int] = {}
+    for sid, row in zip(batch.sids, first.tolist(), strict=True):
+        tenant = sid.split("|", 1)[0]
+        if row < rows.get(tenant, row + 1):
+            rows[tenant] = row
+    return list(rows.items())

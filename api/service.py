@@ -21,6 +21,7 @@ import numpy as np
 from actors.clients import ShardClient
 from actors.router import Router
 from api.durability import DurableTracker, Token
+from api.metrics import GatewayMetrics
 from api.producers import Producers
 from api.timerange import Plan, bucket_points
 from checkpoint.store import MonthKey, Store
@@ -63,6 +64,8 @@ class Service:
         self.tracker = DurableTracker(shards.shards, shards.wait_checkpoint)
         self.increments = 0
         self.batches = 0
+        # counted by the ingress shells, which also see refusals that never get here
+        self.metrics = GatewayMetrics()
 
     def start(self) -> None:
         """Start the durability watchers; needs the running event loop."""

@@ -10,12 +10,15 @@ batch's checkpoints in order and sends them as they complete.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+from dataclasses import dataclass
 from typing import Any
 
+from api.access import OPEN, AccessList, Denied, Grant
 from api.durability import ShardRestarted, Token
-from api.ingest import build_batch, check_ack
+from api.ingest import batch_tenants, build_batch, check_ack
 from api.service import IngestError, Service
 from wire.frames import (
     DEFAULT_MAX_FRAME,
@@ -37,9 +40,16 @@ READ_SIZE = 1 << 20
 class Connection:
     """One client connection's protocol state; ``handle`` maps a message to its reply."""
 
-    def __init__(self, service: Service, writer: asyncio.StreamWriter | None = None) -> None:
+    def __init__(
+        self,
+        service: Service,
+        writer: asyncio.StreamWriter | None = None,
+        access: AccessList | None = None,
+    ) -> None:
         self.service = service
         self.writer = writer
+        self.access = access
+        self.grant: Grant = OPEN
         self.hello: Hello | None = None
         self.epoch: int | None = None
         self.close_after = False
@@ -71,6 +81,18 @@ class Connection:
             return e.frame()
 
     async def welcome(self, hello: Hello) -> dict[str, Any]:
+        if self.access is not None:
+            try:
+                grant = self.access.grant_for(hello.token)
+                grant.require_scope("ingest")
+            except Denied as e:
+                # The protocol has one code for both: no valid token, or a token
+                # that may not ingest at all. Either way this connection is useless.
+                self.close_after = True
+                self.service.metrics.connection_refused(e.code)
+                message = "hello: a token is required" if hello.token is None else e.message
+                raise ProtocolError("unauthorized", message) from None
+            self.grant = grant
         self.hello = hello
         self.epoch = self.service.producers.connect(hello.producer)
         durable_seq = await self.service.durable_seq(hello.producer)
@@ -83,8 +105,15 @@ class Connection:
                 raise IngestError("bad_request", f"seq {m.seq}: seqs start at 1")
             check_ack(m.ack)
             batch = build_batch(m.rows, m.series, m.i, m.ts, m.v, self.service.clock())
+            try:
+                self.grant.require_tenants(batch_tenants(batch))
+            except Denied as e:
+                # `unauthorized` is the protocol's only access code; the row says
+                # which tenant, and the connection stays usable for the others.
+                raise IngestError("unauthorized", e.message, row=e.row) from None
             applied = await self.service.ingest(batch, self.hello.producer, m.seq, self.epoch)
         except IngestError as e:
+            self.service.metrics.batch_rejected("tcp", e.code, _increments_in(m))
             if e.fatal:
                 self.close_after = True
             frame: dict[str, Any] = {
@@ -93,6 +122,7 @@ class Connection:
             if e.row is not None:
                 frame["row"] = e.row
             return frame
+        self.service.metrics.batch_accepted("tcp", applied.rows)
         self.acked = (m.seq, applied.token, m.ack == "durable")
         return {"op": "ack", "seq": m.seq, "rows": applied.rows}
 
@@ -138,10 +168,30 @@ class Connection:
             self.durable_task.cancel()
 
 
+def _increments_in(m: Inc) -> int:
+    """Increments a refused batch carried, as far as its envelope tells (for metrics)."""
+    if m.rows is not None:
+        return len(m.rows)
+    return len(m.v) // 8 if m.v is not None else 0
+
+
+@dataclass(frozen=True)
+class TcpLimits:
+    max_frame: int = DEFAULT_MAX_FRAME
+    max_connections: int = 1000
+    # a frame must be complete this many seconds after its first byte arrived,
+    # and the client must read its answers within as long
+    frame_timeout: float = 30.0
+
+
 class TcpServer:
-    def __init__(self, service: Service, *, max_frame: int = DEFAULT_MAX_FRAME) -> None:
+    def __init__(
+        self, service: Service, limits: TcpLimits | None = None,
+        access: AccessList | None = None,
+    ) -> None:
         self.service = service
-        self.max_frame = max_frame
+        self.limits = limits or TcpLimits()
+        self.access = access
         self.server: asyncio.base_events.Server | None = None
         self.connections = 0
 
@@ -155,37 +205,103 @@ class TcpServer:
             await self.server.wait_closed()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        metrics = self.service.metrics
+        if self.connections >= self.limits.max_connections:
+            metrics.connection_refused("max_connections")
+            writer.write(encode_frame({
+                "op": "error", "seq": None, "code": "overloaded",
+                "message": f"too many connections (at most {self.limits.max_connections}); "
+                "retry later",
+            }))
+            with contextlib.suppress(ConnectionError, TimeoutError):
+                await asyncio.wait_for(writer.drain(), self.limits.frame_timeout)
+            writer.close()
+            return
         self.connections += 1
-        conn = Connection(self.service, writer)
-        decoder = FrameDecoder(self.max_frame)
+        metrics.connection_opened()
+        conn = Connection(self.service, writer, self.access)
         try:
-            while not conn.close_after:
-                data = await reader.read(READ_SIZE)
-                if not data:
-                    break
-                try:
-                    messages, fatal = decoder.feed(data), None
-                except FrameError as e:
-                    messages, fatal = e.messages, e
-                for m in messages:
-                    reply = await conn.handle(m)
-                    if writer.is_closing():  # closed meanwhile (a shard restarted)
-                        return
-                    writer.write(encode_frame(reply))
-                    conn.after_reply()
-                    if conn.close_after:
-                        break
-                if fatal is not None and not conn.close_after:
-                    writer.write(encode_frame(fatal.frame()))
-                    conn.close_after = True
-                await writer.drain()
+            await self._converse(conn, reader, writer)
         except ConnectionError as e:
             # The client went away; it resends what it has no answer for.
             log.debug("connection lost: %r", e)
+        except _SlowClient as e:
+            metrics.frame_error("timeout")
+            log.info(json.dumps({"event": "slow_client", "peer": _peer(writer), "error": str(e)}))
+            if e.reading:
+                writer.write(encode_frame(
+                    {"op": "error", "seq": None, "code": "bad_frame", "message": str(e)}
+                ))
+            else:  # it does not read: what is buffered for it would never leave
+                writer.transport.abort()
         except Exception as e:
             log.error(json.dumps({"event": "error", "where": "tcp", "error": repr(e)}))
             raise
         finally:
             self.connections -= 1
+            metrics.connection_closed()
             conn.close()
             writer.close()
+
+    async def _converse(
+        self, conn: Connection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        decoder = FrameDecoder(self.limits.max_frame)
+        timeout = self.limits.frame_timeout
+        frame_started: float | None = None  # when the partial frame's first byte arrived
+        loop = asyncio.get_running_loop()
+        while not conn.close_after:
+            if frame_started is None:
+                data = await reader.read(READ_SIZE)  # idle between frames: no limit
+            else:
+                left = frame_started + timeout - loop.time()
+                try:
+                    data = await asyncio.wait_for(reader.read(READ_SIZE), max(left, 0))
+                except TimeoutError:
+                    raise _SlowClient(
+                        f"frame incomplete after {timeout:g} s ({decoder.pending} bytes "
+                        "received): closing", reading=True,
+                    ) from None
+            if not data:
+                break
+            received_at = loop.time()
+            try:
+                messages, fatal = decoder.feed(data), None
+            except FrameError as e:
+                messages, fatal = e.messages, e
+            if decoder.pending == 0:
+                frame_started = None
+            elif frame_started is None or messages:
+                frame_started = received_at  # a new frame began in this read
+            for m in messages:
+                reply = await conn.handle(m)
+                if writer.is_closing():  # closed meanwhile (a shard restarted)
+                    return
+                writer.write(encode_frame(reply))
+                conn.after_reply()
+                if conn.close_after:
+                    break
+            if fatal is not None and not conn.close_after:
+                self.service.metrics.frame_error(fatal.code)
+                writer.write(encode_frame(fatal.frame()))
+                conn.close_after = True
+            try:
+                await asyncio.wait_for(writer.drain(), timeout)
+            except TimeoutError:
+                raise _SlowClient(
+                    f"client did not read its answers within {timeout:g} s: closing",
+                    reading=False,
+                ) from None
+
+
+class _SlowClient(Exception):
+    """A client that holds a partial frame (``reading``) or unread answers too long."""
+
+    def __init__(self, message: str, reading: bool) -> None:
+        super().__init__(message)
+        self.reading = reading
+
+
+def _peer(writer: asyncio.StreamWriter) -> str:
+    peer = writer.get_extra_info("peername")
+    return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)

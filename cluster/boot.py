@@ -13,7 +13,9 @@ from typing import Any
 import ray
 
 from actors.shard import SHARD_NAME, ShardActor
-from api.gateway import GATEWAY_NAME, Gateway
+from api.access import load_access
+from api.gateway import GATEWAY_NAME, Gateway, GatewayOptions
+from api.tcp import TcpLimits
 from checkpoint.remote import HOST_NAME, StoreHost
 from checkpoint.store import LayoutMismatch, StoreError
 from checkpoint.urls import open_store, redact_url
@@ -71,8 +73,13 @@ class Service:
             for i in range(cfg.shards)
         ]
         _wait([s.ready.remote() for s in self.shards], stop, "the shard actors")
+        options = GatewayOptions(
+            TcpLimits(cfg.max_frame, cfg.max_connections, cfg.frame_timeout),
+            load_access(cfg.tokens) if cfg.tokens else None,
+            cfg.max_query_days,
+        )
         self.gateway = Gateway.options(name=GATEWAY_NAME).remote(
-            self.store_url, cfg.shards, cfg.max_frame
+            self.store_url, cfg.shards, options
         )
         self.ports = _wait(
             self.gateway.start.remote(cfg.host, cfg.http_port, cfg.tcp_port), stop, "the gateway"
@@ -181,6 +188,7 @@ def serve(cfg: ServeConfig) -> int:
             f"TCP on {cfg.host}:{service.ports['tcp_port']}; {cfg.shards} shards; "
             f"store {redact_url(service.store_url)}; "
             f"checkpoints every {cfg.checkpoint_interval:g} s; "
+            f"{'tokens from ' + cfg.tokens if cfg.tokens else 'open access (no tokens)'}; "
             f"Ray at {ray.get_runtime_context().gcs_address} (namespace {NAMESPACE})",
             flush=True,
         )

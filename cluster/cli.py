@@ -31,6 +31,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-dirty-slots", type=int,
                        help="per shard, slots not yet checkpointed before ingest answers "
                        "overloaded (default 2000000)")
+    serve.add_argument("--tokens", metavar="FILE",
+                       help="TOML access list ([[token]] secret, tenants, scopes); required "
+                       "to listen on a non-loopback --host")
+    serve.add_argument("--max-connections", type=int,
+                       help="TCP connections at once, and HTTP connections (default 1000)")
+    serve.add_argument("--frame-timeout", type=float,
+                       help="seconds a client may take to send one frame or read its "
+                       "answers before it is disconnected (default 30)")
+    serve.add_argument("--max-query-days", type=int,
+                       help="longest from..to range of a query, in days (default 3660)")
     return parser
 
 

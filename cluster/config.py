@@ -10,6 +10,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from api.access import AccessFileError, load_access
+
 
 class ConfigError(ValueError):
     """A setting that cannot work; the message names it."""
@@ -28,6 +30,14 @@ class ServeConfig:
     # per shard: (series, hour) slots applied but not yet checkpointed before
     # ingest answers `overloaded` (a few hundred bytes each)
     max_dirty_slots: int = 2_000_000
+    tokens: str | None = None  # TOML access list (api/access.py); None: open, loopback only
+    # TCP connections per gateway; over it a connection is answered `overloaded`
+    # and closed (HTTP: uvicorn's limit on connections and requests in progress)
+    max_connections: int = 1000
+    # a frame must arrive whole within this many seconds of its first byte, and
+    # a client must take its answers within it: slow clients never hold memory
+    frame_timeout: float = 30.0
+    max_query_days: int = 3660  # longest from..to range a query may ask for
 
 
 def load_config(flags: dict[str, Any], config_file: str | None, env: dict[str, str]) -> ServeConfig:
@@ -95,8 +105,19 @@ def check(cfg: ServeConfig) -> None:
             raise ConfigError(f"{name.replace('_', '-')}: {port} is not a TCP port")
     if cfg.http_port == cfg.tcp_port:
         raise ConfigError(f"http-port and tcp-port are both {cfg.http_port}")
-    if not is_loopback(cfg.host):
+    for name in ("max_connections", "max_query_days"):
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"{name.replace('_', '-')}: {getattr(cfg, name)}; at least 1")
+    if cfg.frame_timeout <= 0:
+        raise ConfigError(f"frame-timeout: {cfg.frame_timeout}; must be positive")
+    if cfg.tokens is not None:
+        try:
+            load_access(cfg.tokens)
+        except AccessFileError as e:
+            raise ConfigError(str(e)) from None
+    elif not is_loopback(cfg.host):
         raise ConfigError(
             f"host {cfg.host} is not a loopback address: listening beyond this machine "
-            "requires access tokens (--tokens), which this version does not offer yet"
+            "requires access tokens (--tokens FILE); without them anyone who can reach "
+            "the port could read and write every tenant's counts"
         )

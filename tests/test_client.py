@@ -319,6 +319,20 @@ def test_bad_row_drops_the_batch_and_names_the_increment() -> None:
     assert core.settled(1, durable=True)  # refused batches are not waited for
 
 
+def test_a_tenant_outside_the_token_rejects_that_batch_only() -> None:
+    core = core_with(batch_size=2)
+    add(core, "acme", "a", 1, 100)
+    add(core, "globex", "b", 2, 200)
+    add(core, "acme", "c", 3, 300)
+    connected(core)
+    core.take_frames(0.0)
+    core.receive({"op": "error", "seq": 1, "code": "unauthorized", "row": 1,
+                  "message": "row 1: token 't' has no access to tenant 'globex'"}, 0.0)
+    assert core.fatal is None and list(core.kept) == [] and core.pending == 1
+    [err] = core.rejections
+    assert (err.code, err.row, err.increment) == ("unauthorized", 1, ("globex", "b", None, 200, 2))
+
+
 def test_bad_request_for_a_batch_is_permanent_too() -> None:
     core = core_with(batch_size=1)
     add(core, "acme", "a")
@@ -351,7 +365,7 @@ def test_a_durable_seq_from_an_earlier_incarnation_is_fine() -> None:
 
 
 @pytest.mark.parametrize("msg,error", [
-    ({"op": "error", "seq": 1, "code": "unauthorized", "message": "revoked"}, Unauthorized),
+    ({"op": "error", "seq": None, "code": "unauthorized", "message": "revoked"}, Unauthorized),
     ({"op": "error", "seq": 1, "code": "too_large", "message": "big"}, ClientFailed),
     ({"op": "error", "seq": None, "code": "bad_frame", "message": "?"}, ClientFailed),
     ({"op": "durable", "seq": 5}, ProducerConflict),

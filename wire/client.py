@@ -79,7 +79,8 @@ increment would take up to ``batch_size - 1`` good ones down with it.
 What the server can still refuse (a ts ahead of *its* clock, an hour slot
 pushed out of int64) arrives later, from the I/O thread:
 
-- ``bad_row`` / ``bad_request`` for a batch: permanent. The batch is dropped
+- ``bad_row`` / ``bad_request`` for a batch, or ``unauthorized`` for a batch
+  naming a tenant the token does not cover: permanent. The batch is dropped
   and a ``BatchRejected`` (``.code``, ``.row``, ``.seq``, ``.increments``,
   ``.increment`` -- the offending increment when the server named a row) is
   raised from the next ``inc``, ``flush`` or ``close`` call, once, in any
@@ -91,7 +92,8 @@ pushed out of int64) arrives later, from the I/O thread:
   waits for the answers still in flight, backs off, then resends the refused
   batch and everything after it in seq order. (The server refuses later seqs
   of a producer until the refused one comes back, so nothing overtakes it.)
-- ``unauthorized``: raised as ``Unauthorized``; the client stops, it does not
+- ``unauthorized`` in answer to ``hello`` (no valid token, or one without the
+  ``ingest`` scope): raised as ``Unauthorized``; the client stops, it does not
   retry.
 - ``too_large``, a server that does not answer ``welcome.durable_seq`` (one
   without durable acks), a server that is not a tally wire endpoint, a
@@ -755,6 +757,8 @@ class ProducerCore:
     def _handshake(self, msg: dict[str, Any]) -> None:
         op = msg.get("op")
         if op == "error":
+            if msg.get("code") == "overloaded":  # e.g. too many connections: back off, retry
+                raise _Broken(f"the server is busy: {msg.get('message')}")
             error: ClientFailed | Unauthorized
             if msg.get("code") == "unauthorized":
                 error = Unauthorized(msg)
@@ -812,7 +816,7 @@ class ProducerCore:
     def _error(self, msg: dict[str, Any], head: int, now: float) -> None:
         code = msg.get("code")
         seq = msg.get("seq")
-        if code == "unauthorized":
+        if code == "unauthorized" and seq is None:
             self.fail(Unauthorized(msg))
             return
         if code == "too_large":
@@ -833,7 +837,8 @@ class ProducerCore:
                           f"{_short(msg)}")
         self.inflight.popleft()
         batch = self.kept.get(seq)
-        if code in ("bad_row", "bad_request"):
+        if code in ("bad_row", "bad_request", "unauthorized"):
+            # (unauthorized with a seq: the token lacks a tenant of this batch only)
             if batch is not None:
                 del self.kept[seq]
                 self.kept_increments -= batch.increments

@@ -1,0 +1,158 @@
+"""A shard's operational metrics, in its own Prometheus registry.
+
+Each shard owns a ``CollectorRegistry`` rather than the process-wide default:
+tests build many shards in one process, and a Ray worker may host a restarted
+shard whose old metrics must not linger. The gateway scrapes the rendered
+text of every shard and merges it (api/metrics.py).
+
+Values that already live in ShardState (dirty slots, live series) are read at
+scrape time instead of being mirrored on every batch, so the ingest path only
+pays for one counter increment per batch.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from actors.shard_state import ShardState
+
+# A checkpoint of a few slots to SQLite takes about a millisecond; a large one
+# to a slow MongoDB can take tens of seconds before the store is declared down.
+CHECKPOINT_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+)
+
+
+class CheckpointLag:
+    """Age of the oldest increment applied but not yet durable.
+
+    ShardState knows which deltas are dirty or in flight but has no clock (it
+    is free of I/O), so the times live here. Two marks are enough because a
+    shard has at most one checkpoint in flight: ``dirty_since`` is when the
+    first increment after the last hand-over was applied, ``inflight_since``
+    is the ``dirty_since`` the in-flight checkpoint took with it. A failed
+    write keeps its mark, so the lag keeps growing while the store is down.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._dirty_since: float | None = None
+        self._inflight_since: float | None = None
+        self._inflight_ck: int | None = None
+
+    def applied(self) -> None:
+        """Something not yet durable was applied (an increment, or an undo of one)."""
+        if self._dirty_since is None:
+            self._dirty_since = self._clock()
+
+    def clean(self) -> None:
+        """The state had nothing to checkpoint: an applied batch may since have been undone."""
+        self._dirty_since = None
+        self._inflight_since = None
+        self._inflight_ck = None
+
+    def began(self, ck: int) -> None:
+        """Checkpoint ``ck`` is being written; a retry of the same one moves nothing."""
+        if ck != self._inflight_ck:
+            self._inflight_ck = ck
+            self._inflight_since = self._dirty_since
+            self._dirty_since = None
+
+    def durable(self, ck: int) -> float:
+        """Checkpoint ``ck`` is in the store; answers how long its oldest increment waited."""
+        waited = 0.0
+        if ck == self._inflight_ck:
+            if self._inflight_since is not None:
+                waited = self._clock() - self._inflight_since
+            self._inflight_since = None
+            self._inflight_ck = None
+        return waited
+
+    def seconds(self) -> float:
+        marks = [m for m in (self._inflight_since, self._dirty_since) if m is not None]
+        return self._clock() - min(marks) if marks else 0.0
+
+
+def state_gauges(
+    registry: CollectorRegistry, shard: int, state: Callable[[], ShardState]
+) -> None:
+    """Gauges read from a ShardState at scrape time; ``state`` is looked up per scrape."""
+    label = str(shard)
+    Gauge(
+        "tally_dirty_slots",
+        "(series, hour) slots applied but not yet durable (dirty or in flight)",
+        ["shard"],
+        registry=registry,
+    ).labels(shard=label).set_function(lambda: state().dirty_slots)
+    Gauge(
+        "tally_live_series",
+        "Series held in shard memory (evicted once their months are checkpointed and past)",
+        ["shard"],
+        registry=registry,
+    ).labels(shard=label).set_function(lambda: len(state().series))
+
+
+def render(registry: CollectorRegistry) -> str:
+    return generate_latest(registry).decode()
+
+
+class ShardMetrics:
+    """Everything a shard actor exposes on /metrics, labelled with its shard number."""
+
+    def __init__(
+        self,
+        shard: int,
+        state: Callable[[], ShardState],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.lag = CheckpointLag(clock)
+        label = str(shard)
+        reg = self.registry
+        self.checkpoints = Counter(
+            "tally_checkpoints_total", "Checkpoints written to the store", ["shard"],
+            registry=reg,
+        ).labels(shard=label)
+        self.checkpoint_seconds = Histogram(
+            "tally_checkpoint_duration_seconds",
+            "Time to write one checkpoint to the store (successful writes)",
+            ["shard"],
+            buckets=CHECKPOINT_BUCKETS,
+            registry=reg,
+        ).labels(shard=label)
+        self.increments = Counter(
+            "tally_shard_increments_total",
+            "Increments applied on this shard (a batch undone later still counts)",
+            ["shard"],
+            registry=reg,
+        ).labels(shard=label)
+        self.store_errors = Counter(
+            "tally_store_errors_total",
+            "Failed store reads and checkpoint writes",
+            ["shard"],
+            registry=reg,
+        ).labels(shard=label)
+        Gauge(
+            "tally_checkpoint_lag_seconds",
+            "Age of the oldest increment applied but not yet durable (0: all durable)",
+            ["shard"],
+            registry=reg,
+        ).labels(shard=label).set_function(self.lag.seconds)
+        state_gauges(reg, shard, state)
+
+    def applied(self, increments: int) -> None:
+        if increments:
+            self.increments.inc(increments)
+            self.lag.applied()
+
+    def checkpoint_written(self, ck: int, seconds: float) -> float:
+        """Count a durable checkpoint; answers the lag of its oldest increment."""
+        self.checkpoints.inc()
+        self.checkpoint_seconds.observe(seconds)
+        return self.lag.durable(ck)
+
+    def render(self) -> str:
+        return render(self.registry)

@@ -1,0 +1,98 @@
+"""`tally serve` with a tokens file on a non-loopback address, its metrics and its logs."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.served import Served
+from tests.test_e2e_serve import run_serve
+from wire.client import TallyClient
+
+pytestmark = pytest.mark.e2e
+
+NOW = int(time.time())
+DAY = time.strftime("%Y-%m-%d", time.gmtime(NOW - 60))
+TS = NOW - 60 - (NOW - 60) % 86400 + 1
+INGEST, QUERY, ADMIN = "ingest-0123456789abcdef", "query-0123456789abcdef", "admin-0123456789ab"
+TOKENS = f"""
+[[token]]
+name = "acme writer"
+secret = "{INGEST}"
+tenants = ["acme"]
+scopes = ["ingest"]
+
+[[token]]
+secret = "{QUERY}"
+tenants = ["acme"]
+scopes = ["query"]
+
+[[token]]
+name = "prometheus"
+secret = "{ADMIN}"
+tenants = ["*"]
+scopes = ["admin"]
+"""
+
+
+def samples(text: str) -> dict[tuple[str, tuple], float]:
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def test_tokens_on_every_interface_with_metrics_and_one_log_line_per_checkpoint(tmp_path):
+    (tmp_path / "tokens.toml").write_text(TOKENS)
+    served = Served(tmp_path, "sqlite:///t.db", "--host", "0.0.0.0", "--tokens", "tokens.toml",
+                    "--checkpoint-interval", "0.5", shards=2).start()
+    try:
+        query = {"tenant": "acme", "metric": "m", "from": DAY, "to": DAY}
+        assert httpx.get(served.url + "/v1/series", params=query).status_code == 401
+        bearer = {"Authorization": f"Bearer {QUERY}"}
+        assert httpx.get(served.url + "/v1/series", params={**query, "tenant": "globex"},
+                         headers=bearer).status_code == 403
+        with TallyClient("127.0.0.1", served.tcp_port, token=INGEST, producer="e2e") as client:
+            for n in range(5000):
+                client.inc("acme", "m", 1 + n % 3, tags={"k": f"v{n % 7}"}, ts=TS)
+            client.flush(durable=True, timeout=60)
+        r = httpx.get(served.url + "/v1/series", params=query, headers=bearer)
+        assert r.status_code == 200 and r.json()["total"] == 9999
+        r = httpx.post(served.url + "/v1/increments", headers={"Authorization": f"Bearer {INGEST}"},
+                       json={"rows": [["acme", "m", None, TS, "x"]]})
+        assert (r.status_code, r.json()["error"]["code"]) == (400, "bad_row")
+
+        assert httpx.get(served.url + "/metrics", headers=bearer).status_code == 403
+        r = httpx.get(served.url + "/metrics", headers={"Authorization": f"Bearer {ADMIN}"})
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+        got = samples(r.text)
+        assert got[("tally_increments_accepted_total", (("ingress", "tcp"),))] == 5000
+        assert got[("tally_increments_rejected_total",
+                    (("ingress", "http"), ("reason", "bad_row")))] == 1
+        shards = {dict(labels)["shard"] for name, labels in got if name == "tally_dirty_slots"}
+        assert shards == {"0", "1"}
+        applied = sum(v for (name, _), v in got.items()
+                      if name == "tally_shard_increments_total")
+        assert applied == 5000
+        assert sum(v for (name, _), v in got.items() if name == "tally_checkpoints_total") >= 2
+    finally:
+        assert served.stop() == 0, served.output()
+    lines = [json.loads(m) for m in re.findall(r"(\{\"event\": \"checkpoint\".*\})",
+                                                served.output())]
+    assert lines and all({"shard", "ck", "documents", "seconds"} <= set(x) for x in lines)
+    # one line per checkpoint, none per increment or batch
+    assert len(served.output().splitlines()) < 200
+
+
+def test_a_bad_tokens_file_is_refused_before_starting(tmp_path):
+    (tmp_path / "tokens.toml").write_text('[[token]]\nsecret = "short"\n')
+    done = run_serve(tmp_path, "--host", "0.0.0.0", "--tokens", "tokens.toml")
+    assert done.returncode == 2
+    assert "tokens file tokens.toml: token 1: secret must be a string of at least 16" in \
+        done.stderr, done.stderr

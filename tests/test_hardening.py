@@ -1,0 +1,295 @@
+"""Guarantee 6 on the real TCP and HTTP servers: bad input, limits and access.
+
+Every refusal is checked for its exact code and for what it must not do:
+change a count, or disturb another connection. The servers run in-process
+(tests/inproc.py); tests/test_e2e_hardening.py repeats the essentials
+against `tally serve`.
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+from collections.abc import Iterator
+
+import httpx
+import msgpack
+import numpy as np
+import pytest
+
+from api.tcp import TcpLimits
+from tests.inproc import InProcessTally, RawConnection
+from wire.client import TallyClient
+
+NOW = int(time.time())
+DAY = time.strftime("%Y-%m-%d", time.gmtime(NOW - 60))
+TS = NOW - 60 - (NOW - 60) % 86400 + 1  # early in DAY (UTC), in the past
+HELLO = {"op": "hello", "v": 1, "token": None, "producer": "p"}
+
+
+def row(tenant: str = "acme", value: int = 1, metric: str = "m") -> list:
+    return [tenant, metric, {"k": "v"}, TS, value]
+
+
+@pytest.fixture
+def tally(tmp_path) -> Iterator[InProcessTally]:
+    server = InProcessTally(tmp_path).start()
+    yield server
+    server.stop()
+
+
+def hello(port: int, producer: str = "p", token: str | None = None) -> RawConnection:
+    conn = RawConnection(port)
+    welcome = conn.request({**HELLO, "producer": producer, "token": token})
+    assert welcome["op"] == "welcome", welcome
+    return conn
+
+
+# ---------------------------------------------------------------- TCP: bad input
+
+
+def test_refused_batches_change_nothing_and_the_connection_goes_on(tally) -> None:
+    with hello(tally.tcp_port) as conn:
+        assert conn.request({"op": "inc", "seq": 1, "rows": [row(value=5)]})["op"] == "ack"
+        cases = [
+            ({"op": "inc", "seq": 2, "rows": [row(), ["acme", "m", None, TS, 1.5]]},
+             "bad_row", 1, "value 1.5"),
+            ({"op": "inc", "seq": 2, "rows": [row(), row(), ["Acme", "m", None, TS, 1]]},
+             "bad_row", 2, "tenant 'Acme'"),
+            ({"op": "inc", "seq": 2, "rows": [row(), ["acme", "m", None, NOW + 7200, 1]]},
+             "bad_row", 1, "ahead"),
+            ({"op": "inc", "seq": 2, "rows": [["acme", "m", {"K": "v"}, TS, 1]]},
+             "bad_row", 0, "tag key 'K'"),
+            ({"op": "inc", "seq": 2, "rows": [row(value=2**63)]}, "bad_row", 0, "int64"),
+            ({"op": "inc", "seq": 2, "rows": [row(), [1, 2]]}, "bad_row", 1, "has 2 fields"),
+            ({"op": "inc", "seq": 2, "ack": "maybe", "rows": [row()]}, "bad_request", None,
+             "ack 'maybe'"),
+            ({"op": "inc", "seq": "two", "rows": [row()]}, "bad_request", None, "seq 'two'"),
+            ({"op": "inc", "seq": 2}, "bad_request", None, "needs rows"),
+            ({"op": "inc", "seq": 2, "series": [["acme", "m", None]], "i": b"\0\0\0\0"},
+             "bad_request", None, "lacks ts, v"),
+            ({"op": "inc", "seq": 2, "series": [["acme", "m", None]],
+              "i": np.array([1], "<u4").tobytes(), "ts": np.array([TS], "<i8").tobytes(),
+              "v": np.array([1], "<i8").tobytes()}, "bad_row", 0, "i 1 is out of range"),
+            ({"op": "flush"}, "bad_request", None, "unknown op 'flush'"),
+            ({"seq": 3}, "bad_request", None, "no op"),
+            ({"op": "hello", "v": 1, "token": None, "producer": "p"}, "bad_request", None,
+             "already"),
+        ]
+        for frame, code, bad_row, words in cases:
+            answer = conn.request(frame)
+            assert answer["op"] == "error" and answer["code"] == code, (frame, answer)
+            assert answer.get("row") == bad_row, (frame, answer)
+            assert words in answer["message"], (frame, answer)
+        # the same connection still works, and nothing refused was counted
+        assert conn.request({"op": "inc", "seq": 2, "rows": [row(value=7)]})["op"] == "ack"
+        assert conn.request({"op": "ping"}) == {"op": "pong"}
+    assert tally.total("acme", "m", DAY) == 12
+
+
+@pytest.mark.parametrize(
+    ("raw", "code", "words"),
+    [
+        (struct.pack(">I", 2**32 - 1), "too_large", "4294967295 bytes exceeds"),
+        (struct.pack(">I", 0), "bad_frame", "0 bytes"),
+        (struct.pack(">I", 3) + b"\xc1\xc1\xc1", "bad_frame", "not valid msgpack"),
+        (struct.pack(">I", 2) + msgpack.packb([1]), "bad_frame", "msgpack list"),
+    ],
+)
+def test_broken_frames_are_answered_then_closed_without_harm(tally, raw, code, words) -> None:
+    with hello(tally.tcp_port, "bystander") as other, hello(tally.tcp_port) as conn:
+        assert conn.request({"op": "inc", "seq": 1, "rows": [row()]})["op"] == "ack"
+        conn.send(raw)
+        answer = conn.receive()
+        assert answer["op"] == "error" and answer["code"] == code, answer
+        assert answer["seq"] is None and words in answer["message"], answer
+        assert conn.closed_by_server()
+        # another connection is unaffected
+        assert other.request({"op": "inc", "seq": 1, "rows": [row(value=3)]})["op"] == "ack"
+    assert tally.total("acme", "m", DAY) == 4
+
+
+def test_frames_before_a_broken_one_in_the_same_packet_are_answered(tally) -> None:
+    with hello(tally.tcp_port) as conn:
+        good = msgpack.packb({"op": "inc", "seq": 1, "rows": [row(value=2)]})
+        conn.send(struct.pack(">I", len(good)) + good + struct.pack(">I", 2**31))
+        assert conn.receive()["op"] == "ack"
+        assert conn.receive()["code"] == "too_large"
+        assert conn.closed_by_server()
+    assert tally.total("acme", "m", DAY) == 2
+
+
+def test_the_first_frame_must_be_hello(tally) -> None:
+    with RawConnection(tally.tcp_port) as conn:
+        answer = conn.request({"op": "inc", "seq": 1, "rows": [row()]})
+        assert (answer["code"], answer["message"]) == (
+            "bad_request", "the first frame must be hello")
+        assert conn.closed_by_server()
+    assert tally.total("acme", "m", DAY) == 0
+
+
+# ------------------------------------------------------- TCP: slow clients, limits
+
+
+@pytest.fixture
+def strict(tmp_path) -> Iterator[InProcessTally]:
+    limits = TcpLimits(max_frame=1 << 16, max_connections=3, frame_timeout=0.5)
+    server = InProcessTally(tmp_path, limits=limits).start()
+    yield server
+    server.stop()
+
+
+def test_a_frame_stalled_halfway_is_timed_out_and_others_are_served(strict) -> None:
+    with hello(strict.tcp_port, "slow") as slow, hello(strict.tcp_port, "fast") as fast:
+        frame = msgpack.packb({"op": "inc", "seq": 1, "rows": [row(value=100)]})
+        slow.send(struct.pack(">I", len(frame)) + frame[:5])  # and then nothing
+        started = time.monotonic()
+        for seq in range(1, 6):  # meanwhile another client is answered at once
+            assert fast.request({"op": "inc", "seq": seq, "rows": [row()]})["op"] == "ack"
+        answer = slow.receive()
+        assert answer["code"] == "bad_frame"
+        assert answer["message"].startswith("frame incomplete after 0.5 s (9 bytes received)")
+        assert time.monotonic() - started < 5
+        assert slow.closed_by_server()
+    assert strict.total("acme", "m", DAY) == 5
+
+
+def test_a_slow_trickle_does_not_extend_the_frame_deadline(strict) -> None:
+    with hello(strict.tcp_port, "trickle") as conn:
+        frame = struct.pack(">I", 200) + b"\x81" + b"\xa2op" * 10
+        started = time.monotonic()
+        with pytest.raises((ConnectionError, BrokenPipeError)):
+            for byte in frame:
+                conn.send(bytes([byte]))
+                time.sleep(0.1)
+            conn.receive()  # (the error frame arrives first, then EOF)
+            conn.receive()
+        assert time.monotonic() - started < 3
+
+
+def test_an_idle_connection_between_frames_is_not_timed_out(strict) -> None:
+    with hello(strict.tcp_port) as conn:
+        time.sleep(1.2)  # more than twice frame_timeout, between frames
+        assert conn.request({"op": "ping"}) == {"op": "pong"}
+
+
+def test_connections_over_the_maximum_are_refused_overloaded(strict) -> None:
+    conns = [hello(strict.tcp_port, f"p{n}") for n in range(3)]
+    try:
+        with RawConnection(strict.tcp_port) as extra:
+            answer = extra.receive()
+            assert (answer["op"], answer["code"]) == ("error", "overloaded")
+            assert answer["message"] == "too many connections (at most 3); retry later"
+            assert extra.closed_by_server()
+        conns.pop().sock.close()
+        deadline = time.monotonic() + 5
+        while True:  # the freed place is taken by the next connection
+            try:
+                conns.append(hello(strict.tcp_port, "late"))
+                break
+            except (AssertionError, ConnectionError):
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+        assert conns[-1].request({"op": "inc", "seq": 1, "rows": [row()]})["op"] == "ack"
+    finally:
+        for c in conns:
+            c.sock.close()
+
+
+def test_the_client_library_waits_for_a_free_connection(strict) -> None:
+    conns = [hello(strict.tcp_port, f"p{n}") for n in range(3)]
+    with TallyClient("127.0.0.1", strict.tcp_port, producer="patient",
+                     backoff=(0.05, 0.2)) as client:
+        client.inc("acme", "m", 4, tags={"k": "v"}, ts=TS)
+        time.sleep(0.5)  # refused with overloaded meanwhile: it backs off, retries
+        for c in conns:
+            c.sock.close()
+        client.flush(durable=True, timeout=20)
+    assert strict.total("acme", "m", DAY) == 4
+
+
+def test_a_frame_over_the_configured_limit_is_too_large(strict) -> None:
+    with hello(strict.tcp_port) as conn:
+        answer = conn.request(struct.pack(">I", (1 << 16) + 1))
+        assert answer["code"] == "too_large"
+        assert answer["message"] == "frame of 65537 bytes exceeds the limit of 65536 bytes"
+        assert conn.closed_by_server()
+
+
+# ----------------------------------------------------------------- HTTP: bad input
+
+
+def test_http_refusals_name_the_field_and_change_nothing(tally) -> None:
+    url = tally.url + "/v1/increments"
+    assert httpx.post(url, json={"rows": [row(value=9)]}).json() == {"rows": 1}
+    cases = [
+        ({"rows": [row(), ["acme", "m", None, TS, "1"]]}, 400, "bad_row", "row 1"),
+        ({"rows": [row(), row(), ["acme", "", None, TS, 1]]}, 400, "bad_row", "row 2"),
+        ({"rows": "lots"}, 400, "bad_request", "rows"),
+        ({}, 400, "bad_request", "missing rows"),
+        ({"rows": [row()], "ack": "eventually"}, 400, "bad_request", "ack must be"),
+        ({"rows": [row()], "producer": "x"}, 400, "bad_request", "producer and seq go together"),
+        ({"rows": [row()], "producer": "x", "seq": 0}, 400, "bad_request", "seq 0"),
+        ({"series": [["acme", "m", None]], "i": [0], "ts": [TS], "v": [2**63]}, 400,
+         "bad_row", "row 0"),
+        ({"series": [["acme", "m", None]], "i": [0, 0], "ts": [TS], "v": [1]}, 400,
+         "bad_request", ""),
+    ]
+    for body, status, code, words in cases:
+        r = httpx.post(url, json=body)
+        assert r.status_code == status, (body, r.text)
+        error = r.json()["error"]
+        assert error["code"] == code and words in error["message"], (body, error)
+    r = httpx.post(url, content=b"{not json", headers={"content-type": "application/json"})
+    assert (r.status_code, r.json()["error"]["code"]) == (400, "bad_request")
+    assert "not valid application/json" in r.json()["error"]["message"]
+    r = httpx.post(url, content=b"\xc1", headers={"content-type": "application/msgpack"})
+    assert (r.status_code, r.json()["error"]["code"]) == (400, "bad_request")
+    r = httpx.post(url, content=b"rows", headers={"content-type": "text/plain"})
+    assert r.status_code == 400 and "content-type 'text/plain'" in r.json()["error"]["message"]
+    assert tally.total("acme", "m", DAY) == 9
+
+
+def test_an_http_body_over_the_limit_is_413(strict) -> None:
+    body = {"rows": [row()] * 3000}  # > 64 KiB as JSON
+    r = httpx.post(strict.url + "/v1/increments", json=body)
+    assert (r.status_code, r.json()["error"]["code"]) == (413, "too_large")
+    assert strict.total("acme", "m", DAY) == 0
+
+
+@pytest.mark.parametrize(
+    ("params", "words"),
+    [
+        ({"from": "2026-13-01", "to": "2026-12-31"}, "from '2026-13-01' is not a valid date"),
+        ({"from": "2026-11-20", "to": "2026-11-01"}, "from 2026-11-20 is after to 2026-11-01"),
+        ({"from": "2026-01-01", "to": "2026-12-31", "tz": "Mars/Olympus"}, "tz 'Mars/Olympus'"),
+        ({"from": "2026-01-01", "to": "2026-12-31", "tz": "Asia/Kolkata"}, "Asia/Kolkata"),
+        ({"from": "2026-01-01", "to": "2026-12-31", "granularity": "minute"},
+         "granularity 'minute'"),
+        ({"from": "2000-01-01", "to": "2026-12-31"}, "at most 400 days per query"),
+        ({"from": "2026-01-01", "to": "2026-12-31", "compare": "yesterday"}, "compare"),
+        ({"from": "2026-01-01", "to": "2026-12-31", "where": "channel"}, "key:value"),
+        ({"to": "2026-12-31"}, "from"),
+    ],
+)
+def test_query_guards_answer_400_with_a_reason(tmp_path, params, words) -> None:
+    server = InProcessTally(tmp_path, max_query_days=400).start()
+    try:
+        r = httpx.get(server.url + "/v1/series", params={"tenant": "acme", "metric": "m",
+                                                         **params})
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["code"] == "bad_request"
+        assert words in r.json()["error"]["message"], r.json()
+    finally:
+        server.stop()
+
+
+def test_unknown_routes_and_methods_keep_the_error_shape(tally) -> None:
+    r = httpx.get(tally.url + "/v2/nothing")
+    assert (r.status_code, r.json()["error"]["code"]) == (404, "not_found")
+    r = httpx.get(tally.url + "/v1/increments")
+    assert (r.status_code, r.json()["error"]["code"]) == (405, "method_not_allowed")
+    r = httpx.get(tally.url + "/v1/breakdown", params={"tenant": "acme", "metric": "m",
+                                                       "from": DAY, "to": DAY, "by": "k",
+                                                       "limit": 0})
+    assert r.status_code == 400 and "limit" in r.json()["error"]["message"]
