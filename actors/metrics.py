@@ -12,6 +12,7 @@ pays for one counter increment per batch.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 
@@ -93,6 +94,21 @@ def state_gauges(
         ["shard"],
         registry=registry,
     ).labels(shard=label).set_function(lambda: len(state().series))
+    Gauge(
+        "tally_live_series_months",
+        "(series, UTC month) pairs held in shard memory, each with its hourly counts",
+        ["shard"],
+        registry=registry,
+    ).labels(shard=label).set_function(lambda: state().series_months)
+
+
+def resident_bytes() -> float:
+    """This process's resident memory (Linux /proc); NaN where that is not available."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return float("nan")
 
 
 def render(registry: CollectorRegistry) -> str:
@@ -141,6 +157,12 @@ class ShardMetrics:
             ["shard"],
             registry=reg,
         ).labels(shard=label).set_function(self.lag.seconds)
+        Gauge(
+            "tally_shard_resident_bytes",
+            "Resident memory of the shard's process (one shard per Ray worker process)",
+            ["shard"],
+            registry=reg,
+        ).labels(shard=label).set_function(resident_bytes)
         state_gauges(reg, shard, state)
 
     def applied(self, increments: int) -> None:

@@ -334,6 +334,10 @@ class ShardState:
     def dirty_slots(self) -> int:
         return self.dirty_count + self.inflight_count
 
+    @property
+    def series_months(self) -> int:
+        return sum(len(st.months) for st in self.series.values())
+
     # ---- queries -------------------------------------------------------
 
     def _matching(self, tenant: str, metric: str, where: dict[str, str]) -> list[SeriesState]:

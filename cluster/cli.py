@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 
+from bench.run import BenchConfig
 from cluster.config import ConfigError, load_config
 
 
@@ -41,6 +42,22 @@ def build_parser() -> argparse.ArgumentParser:
                        "answers before it is disconnected (default 30)")
     serve.add_argument("--max-query-days", type=int,
                        help="longest from..to range of a query, in days (default 3660)")
+    bench = sub.add_parser(
+        "bench",
+        help="measure ingest, queries and memory against a service of its own",
+        description="Start a tally serve on free ports with a temporary store, measure "
+        "ingest (row and columnar frames), query latency while ingesting, breakdown latency "
+        "and memory, check every total, and print a table with ratios to baselines measured "
+        "in the same run.",
+    )
+    defaults = BenchConfig()
+    bench.add_argument("--store", help="store URL (default: SQLite in a temporary folder)")
+    for name in ("shards", "series", "rows", "columnar", "connections", "queries",
+                 "memory_series"):
+        bench.add_argument(f"--{name.replace('_', '-')}", type=int,
+                           default=getattr(defaults, name),
+                           help=f"(default {getattr(defaults, name):,})")
+    bench.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     return parser
 
 
@@ -59,7 +76,22 @@ def main(argv: list[str] | None = None) -> int:
         except ConfigError as e:
             print(f"tally: error: {e}", file=sys.stderr)
             return 2
+    if args.command == "bench":
+        return bench(args)
     return 2
+
+
+def bench(args: argparse.Namespace) -> int:
+    from bench.run import report, run, to_json
+
+    cfg = BenchConfig(**{k: v for k, v in vars(args).items()
+                         if k in BenchConfig.__dataclass_fields__ and v is not None})
+    results = run(cfg, say=lambda m: print(f"tally bench: {m}", flush=True))
+    report(results)
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(to_json(results))
+    return 0 if results.exact and not results.errors else 1
 
 
 if __name__ == "__main__":

@@ -1,0 +1,1 @@
+"""``tally bench``: the service's performance, measured against its own baselines."""

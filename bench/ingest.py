@@ -1,0 +1,95 @@
+"""Sending pre-encoded frames over raw TCP connections and timing them to the last ack."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from bench.workload import Chunk, frame
+from wire.frames import FrameDecoder, encode_frame
+
+
+@dataclass
+class Stream:
+    """One connection's frames, sent by one thread while another reads the acks."""
+
+    port: int
+    chunks: list[Chunk]
+    frames: int
+    producer: str = field(default_factory=lambda: f"bench-{uuid.uuid4().hex[:12]}")
+    acked_increments: int = 0
+    acked_total: int = 0
+    errors: list[dict] = field(default_factory=list)
+    stop: threading.Event | None = None  # when set, stop early (background streams)
+    sent: int = 0
+
+    def connect(self) -> socket.socket:
+        sock = socket.create_connection(("127.0.0.1", self.port))
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.sendall(encode_frame({"op": "hello", "v": 1, "token": None,
+                                   "producer": self.producer}))
+        decoder = FrameDecoder()
+        while True:
+            msgs = decoder.feed(sock.recv(65536))
+            if msgs:
+                assert msgs[0]["op"] == "welcome", msgs[0]
+                return sock
+
+    def run(self) -> None:
+        sock = self.connect()
+        chunks = self.chunks
+
+        def chunk_of(seq: int) -> Chunk:
+            return chunks[(seq - 1) % len(chunks)]
+
+        window = threading.Semaphore(16)  # frames in flight: a bounded pipeline
+
+        def send() -> None:
+            for seq in range(1, self.frames + 1):
+                window.acquire()
+                if self.stop is not None and self.stop.is_set():
+                    break
+                sock.sendall(frame(chunk_of(seq), seq))
+                self.sent += 1
+            self.sending_done = True
+
+        self.sending_done = False
+        sender = threading.Thread(target=send, daemon=True)
+        sender.start()
+        decoder = FrameDecoder()
+        answered = 0
+        while not (self.sending_done and answered == self.sent):
+            sock.settimeout(1.0)
+            try:
+                data = sock.recv(1 << 16)
+            except TimeoutError:
+                continue
+            if not data:
+                raise ConnectionError("the server closed a bench connection")
+            for msg in decoder.feed(data):
+                if msg.get("op") == "durable":
+                    continue
+                answered += 1
+                window.release()
+                if msg.get("op") == "ack":
+                    chunk = chunk_of(msg["seq"])
+                    self.acked_increments += chunk.increments
+                    self.acked_total += chunk.total
+                else:
+                    self.errors.append(msg)
+        sender.join()
+        sock.close()
+
+
+def run_streams(streams: list[Stream]) -> float:
+    """Run every stream at once; seconds from the first frame to the last ack."""
+    threads = [threading.Thread(target=s.run, daemon=True) for s in streams]
+    started = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - started
