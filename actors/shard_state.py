@@ -6,7 +6,12 @@ those months its totals are complete and a query needs no store round trip.
 Months it has never touched are answered from the store alone; the two sets
 never overlap, which is what makes a query count each increment once.
 
-Changes since the last checkpoint are kept apart as ``dirty`` deltas. A
+Layout, for speed and memory (the hot path is numpy, not a loop per
+increment): counts live in one int64 slab of *day blocks*, 24 hours each,
+one block per (series, UTC day) that has data; a dict maps ``series << 20 |
+day`` to a block. Series are small integers. Changes since the last
+checkpoint are kept as a log of (block, hour of day, delta) arrays, folded
+when a checkpoint begins (or when the dirty bound needs an exact count). A
 checkpoint freezes them into an immutable in-flight ``Checkpoint`` that is
 retried as it is until the store takes it (the store's ``ck`` guard makes a
 retry of a half-applied checkpoint exact); new increments meanwhile start the
@@ -15,9 +20,7 @@ next one.
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -25,12 +28,14 @@ import numpy as np
 from checkpoint.store import Checkpoint, MonthDoc, MonthKey, ShardRecord
 from wire.batches import INT64_MAX, INT64_MIN, Batch
 from wire.series import SeriesKey, matches, parse_series_id
-from wire.timeslots import hour_start, month_hours, month_of_hour, months_between
+from wire.timeslots import hour_start
 
 NO_SEQ = -1  # the mark of a producer none of whose batches is applied here
 
 # Below this no 24 hours can add up to more than int64 (24 * 2**58 < 2**63).
 BIG = 2**58
+DAY_BITS = 20  # a block key is series << DAY_BITS | UTC day (days up to year 4840)
+MONTH_BITS = 16  # a loaded-month key is series << MONTH_BITS | months since 1970-01
 
 
 class SlotOverflow(ValueError):
@@ -41,21 +46,23 @@ class SlotOverflow(ValueError):
         self.aggregate = aggregate
 
 
-@dataclass(slots=True)
-class MonthSlots:
-    # absolute hour -> total (stored base + everything applied since)
-    hours: dict[int, int] = field(default_factory=dict)
-    # absolute hour -> delta not yet handed to a checkpoint
-    dirty: dict[int, int] = field(default_factory=dict)
-    # UTC days (hour // 24) holding an hour beyond BIG: only their day totals,
-    # which month documents keep too, can leave int64 while every hour fits
-    big_days: set[int] | None = None
+def months_of_hours(hours: np.ndarray) -> np.ndarray:
+    """Months since 1970-01 of absolute UTC hours (vectorised)."""
+    return (hours * 3600).astype("datetime64[s]").astype("datetime64[M]").astype(np.int64)
 
 
-@dataclass(slots=True)
-class SeriesState:
-    key: SeriesKey
-    months: dict[str, MonthSlots] = field(default_factory=dict)
+def month_name(mno: int) -> str:
+    return f"{1970 + mno // 12:04d}-{mno % 12 + 1:02d}"
+
+
+def month_number(month: str) -> int:
+    return (int(month[:4]) - 1970) * 12 + int(month[5:7]) - 1
+
+
+def month_days(mno: int) -> tuple[int, int]:
+    """[first, end) UTC days of a month."""
+    first = np.array([mno, mno + 1], dtype="datetime64[M]").astype("datetime64[D]")
+    return int(first[0].astype(np.int64)), int(first[1].astype(np.int64))
 
 
 class ShardState:
@@ -72,47 +79,121 @@ class ShardState:
         self.durable: dict[str, int] = dict(record.producers)
         self._undo: dict[str, int | None] = {}  # producer -> mark before its last batch
         self.max_dirty = max_dirty  # 0: unbounded
-        self.dirty_count = 0  # (series, hour) slots with a delta not yet in a checkpoint
-        self.inflight_count = 0
-        self.series: dict[str, SeriesState] = {}
-        self.by_metric: dict[tuple[str, str], set[str]] = {}
-        self.dirty_keys: set[MonthKey] = set()
         self.inflight: Checkpoint | None = None
+        self.inflight_count = 0
         self.unrecorded: set[str] = set()  # series no checkpoint has recorded in the catalog yet
         self.increments = 0  # applied since start, for stats
 
-    # ---- loading -------------------------------------------------------
+        # series: small integers, recycled after eviction
+        self.series: dict[str, int] = {}  # sid -> series number
+        self._keys: list[SeriesKey | None] = []
+        self._sids: list[str | None] = []
+        self._free_series: list[int] = []
+        self._months_held = np.zeros(0, dtype=np.int32)  # per series: months loaded
+        self.by_metric: dict[tuple[str, str], set[int]] = {}
+        self._loaded: dict[int, set[int]] = {}  # month number -> series holding it
+        self._match_cache: dict[tuple, list[int]] = {}
+
+        # counts: day blocks of 24 hours
+        self._blocks = np.zeros((1024, 24), dtype=np.int64)
+        self._block_of: dict[int, int] = {}  # series << DAY_BITS | day -> block row
+        self._block_key = np.zeros(1024, dtype=np.int64)  # block row -> its key
+        self._free_blocks: list[int] = []
+        self._used_blocks = 0
+        self._big: set[int] = set()  # blocks holding an hour beyond BIG
+
+        # pending deltas since the last begin_checkpoint: (block rows, hour of day, delta)
+        self._log: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self._logged = 0  # entries in _log
+        self._folded = 0  # entries after the last fold (exact distinct slots then)
+        self._promised = False  # _holding_ck answered last_ck + 1 since the last begin
+
+    # ---- series and months ---------------------------------------------
+
+    def _series_numbers(self, sids: list[str]) -> np.ndarray:
+        get = self.series.get
+        return np.fromiter((get(s, -1) for s in sids), dtype=np.int64, count=len(sids))
+
+    def _add_series(self, sid: str) -> int:
+        key = parse_series_id(sid)
+        if self._free_series:
+            g = self._free_series.pop()
+            self._keys[g], self._sids[g] = key, sid
+        else:
+            g = len(self._keys)
+            self._keys.append(key)
+            self._sids.append(sid)
+            if g >= len(self._months_held):
+                self._months_held = np.concatenate(
+                    [self._months_held, np.zeros(max(1024, g), np.int32)]
+                )
+        self._months_held[g] = 0
+        self.series[sid] = g
+        self.by_metric.setdefault((key.tenant, key.metric), set()).add(g)
+        self._match_cache.clear()
+        self.unrecorded.add(sid)
+        return g
 
     def missing(self, batch: Batch) -> list[MonthKey]:
         """(series, month) pairs of the batch whose stored base is not loaded yet."""
+        if not len(batch):
+            return []
+        numbers = self._series_numbers(batch.sids).tolist()
+        local = batch.series.astype(np.int64)
+        pairs = np.unique(local << MONTH_BITS | months_of_hours(batch.hours))
+        low = (1 << MONTH_BITS) - 1
+        loaded = self._loaded
         out: list[MonthKey] = []
-        seen: set[MonthKey] = set()
-        sids = batch.sids
-        for idx, hour in zip(batch.series.tolist(), batch.hours.tolist(), strict=True):
-            key = (sids[idx], month_of_hour(hour))
-            if key in seen:
-                continue
-            seen.add(key)
-            st = self.series.get(key[0])
-            if st is None or key[1] not in st.months:
-                out.append(key)
+        for p in pairs.tolist():
+            s, m = p >> MONTH_BITS, p & low
+            g = numbers[s]
+            if g < 0 or g not in loaded.get(m, ()):
+                out.append((batch.sids[s], month_name(m)))
         return out
 
     def install(self, keys: Iterable[MonthKey], docs: dict[MonthKey, MonthDoc]) -> None:
         """Take stored bases for ``keys``; a key already present is kept (it is newer)."""
         for sid, month in keys:
-            st = self.series.get(sid)
-            if st is None:
-                key = parse_series_id(sid)
-                st = self.series[sid] = SeriesState(key)
-                self.by_metric.setdefault((key.tenant, key.metric), set()).add(sid)
-                self.unrecorded.add(sid)
-            if month not in st.months:
-                doc = docs.get((sid, month))
-                slots = st.months[month] = MonthSlots(hours=dict(doc.hours) if doc else {})
-                for hour, total in slots.hours.items():
-                    if abs(total) > BIG:
-                        _mark_big(slots, hour)
+            g = self.series.get(sid)
+            if g is None:
+                g = self._add_series(sid)
+            mno = month_number(month)
+            holders = self._loaded.setdefault(mno, set())
+            if g in holders:
+                continue
+            holders.add(g)
+            self._months_held[g] += 1
+            doc = docs.get((sid, month))
+            if doc is None or not doc.hours:
+                continue
+            for hour, total in doc.hours.items():
+                row = self._block(g << DAY_BITS | hour // 24)
+                self._blocks[row, hour % 24] = total
+                if abs(total) > BIG:
+                    self._big.add(row)
+
+    def _block(self, key: int) -> int:
+        row = self._block_of.get(key)
+        if row is None:
+            if self._free_blocks:
+                row = self._free_blocks.pop()
+            else:
+                row = self._used_blocks
+                if row == len(self._blocks):
+                    grow = max(1024, len(self._blocks) // 4)  # little slack: memory counts
+                    self._blocks = np.concatenate([self._blocks, np.zeros((grow, 24), np.int64)])
+                    self._block_key = np.concatenate([self._block_key, np.zeros(grow, np.int64)])
+                self._used_blocks += 1
+            self._block_of[key] = row
+            self._block_key[row] = key
+        return row
+
+    def _rows(self, keys: np.ndarray) -> np.ndarray:
+        """Block rows for block keys, creating missing blocks (one lookup per distinct key)."""
+        uniq, inverse = np.unique(keys, return_inverse=True)
+        block = self._block
+        rows = np.fromiter((block(k) for k in uniq.tolist()), dtype=np.int64, count=len(uniq))
+        return rows[inverse.reshape(-1)]
 
     # ---- applying ------------------------------------------------------
 
@@ -153,12 +234,11 @@ class ShardState:
         # it here may add as many slots again (when a checkpoint took the
         # originals meanwhile), and an undo cannot be refused. An empty shard
         # takes any batch, so a batch larger than half the bound still passes.
-        used = self.dirty_count + self.inflight_count
-        if self.max_dirty and used and used + 2 * len(batch) > self.max_dirty:
+        if self.max_dirty and self._over_bound(len(batch)):
             return {
                 "code": "overloaded",
-                "message": f"shard {self.shard} holds {used} slots not yet checkpointed "
-                f"(bound {self.max_dirty}); retry later",
+                "message": f"shard {self.shard} holds {self.dirty_slots} slots not yet "
+                f"checkpointed (bound {self.max_dirty}); retry later",
             }
         missing = self.missing(batch)
         if missing:
@@ -176,49 +256,107 @@ class ShardState:
             self.applied[producer] = seq  # type: ignore[assignment]
         return {"status": "applied", "ck": self._holding_ck(producer)}
 
+    def _over_bound(self, size: int) -> bool:
+        used = self.dirty_slots
+        if not used or used + 2 * size <= self.max_dirty:
+            return False
+        if self._logged > self._folded:
+            self._fold()  # the count is an upper bound until folded: make it exact
+            used = self.dirty_slots
+        return bool(used) and used + 2 * size > self.max_dirty
+
+    @property
+    def dirty_count(self) -> int:
+        """(series, hour) slots with a delta not yet in a checkpoint (an upper bound
+        between folds: a slot touched by several batches counts once per batch)."""
+        return self._logged
+
     def _holding_ck(self, producer: str | None) -> int:
         """The checkpoint by which everything applied so far is durable.
 
         Never one that will not happen: a waiter for it would wait forever.
         """
-        if self.dirty_count or self.unrecorded:
-            return self.last_ck + 1
+        if self._logged or self.unrecorded:
+            return self._promise()
         if producer is not None:
             mark = self.applied.get(producer)
             if self.durable.get(producer) != mark:
                 if self.inflight is not None and self.inflight.producers.get(producer) == mark:
                     return self.inflight.ck
-                return self.last_ck + 1
+                return self._promise()
         if self.inflight is not None:
             return self.inflight.ck
         return self.durable_ck
 
+    def _promise(self) -> int:
+        """The next checkpoint id, which begin_checkpoint then takes even if empty."""
+        self._promised = True
+        return self.last_ck + 1
+
+    def _locate(self, batch: Batch) -> tuple[np.ndarray, np.ndarray]:
+        """Block rows and hours of day of a batch's aggregates (all months loaded)."""
+        g = self._series_numbers(batch.sids)[batch.series.astype(np.intp)]
+        if (g < 0).any():
+            raise RuntimeError("a batch's series must be installed before it is applied")
+        hours = batch.hours
+        rows = self._rows(g << DAY_BITS | hours // 24)
+        return rows, hours % 24
+
     def apply(self, batch: Batch) -> None:
         """All or nothing: checks every slot for int64 overflow before changing any."""
-        sids = batch.sids
-        entries = zip(
-            batch.series.tolist(), batch.hours.tolist(), batch.values.tolist(), strict=True
-        )
-        resolved: list[tuple[MonthSlots, int, int, str]] = []
+        if not len(batch):
+            return
+        rows, hod = self._locate(batch)
+        values = batch.values
+        old = self._blocks[rows, hod]
+        with np.errstate(over="ignore"):
+            new = old + values
+        wrapped = ((values > 0) & (new < old)) | ((values < 0) & (new > old))
         bad: list[tuple[int, str]] = []
-        near_limit: list[int] = []
-        for n, (idx, hour, value) in enumerate(entries):
-            sid = sids[idx]
-            slots = self.series[sid].months[month_of_hour(hour)]
-            total = slots.hours.get(hour, 0) + value
-            if not INT64_MIN <= total <= INT64_MAX:
-                bad.append((n, f"series {sid!r} at {_utc(hour)}: the hour's total {total} "
-                               "would leave int64"))
-            elif abs(total) > BIG or (slots.big_days and hour // 24 in slots.big_days):
-                near_limit.append(n)
-            resolved.append((slots, hour, value, sid))
-        if near_limit and not bad:
-            bad = _day_overflows(resolved, near_limit)
+        for n in np.flatnonzero(wrapped).tolist():
+            total = int(old[n]) + int(values[n])
+            bad.append((n, f"series {batch.sids[int(batch.series[n])]!r} at "
+                           f"{_utc(int(batch.hours[n]))}: the hour's total {total} "
+                           "would leave int64"))
+        big = _beyond_big(new)
+        if self._big:
+            big |= np.isin(rows, np.fromiter(self._big, np.int64, len(self._big)))
+        if big.any() and not bad:
+            bad = self._day_overflows(batch, rows, hod, np.flatnonzero(big))
         if bad:
+            # (blocks the batch created stay, all zero, until their month is evicted)
             n, message = min(bad, key=lambda b: int(batch.first_row[b[0]]))
             raise SlotOverflow(n, message)
-        self._add(resolved)
+        self._blocks[rows, hod] = new
+        self._big.update(rows[_beyond_big(new)].tolist())
+        self._log_delta(rows, hod, values)
         self.increments += batch.increments
+
+    def _day_overflows(
+        self, batch: Batch, rows: np.ndarray, hod: np.ndarray, near: np.ndarray
+    ) -> list[tuple[int, str]]:
+        """Aggregates whose UTC day total (stored plus this batch) would leave int64."""
+        added: dict[int, int] = {}
+        for r, v in zip(rows.tolist(), batch.values.tolist(), strict=True):
+            added[r] = added.get(r, 0) + v
+        bad = []
+        for n in near.tolist():
+            r = int(rows[n])
+            total = sum(int(x) for x in self._blocks[r].tolist()) + added[r]
+            if not INT64_MIN <= total <= INT64_MAX:
+                day = int(batch.hours[n]) // 24
+                bad.append((n, f"series {batch.sids[int(batch.series[n])]!r} on "
+                               f"{_utc(day * 24)[:10]}: the day's total {total} "
+                               "would leave int64"))
+        return bad
+
+    def _log_delta(self, rows: np.ndarray, hod: np.ndarray, values: np.ndarray) -> None:
+        nonzero = values != 0
+        if not nonzero.all():
+            rows, hod, values = rows[nonzero], hod[nonzero], values[nonzero]
+        if len(rows):
+            self._log.append((rows, hod.astype(np.int64), values.copy()))
+            self._logged += len(rows)
 
     def revert(
         self,
@@ -243,52 +381,82 @@ class ShardState:
             # it must apply here again, also after a restart.
             previous = self._undo.pop(producer)
             self.applied[producer] = NO_SEQ if previous is None else previous
-        sids = batch.sids
-        resolved = [
-            (self.series[sids[idx]].months[month_of_hour(hour)], hour, -value, sids[idx])
-            for idx, hour, value in zip(
-                batch.series.tolist(), batch.hours.tolist(), batch.values.tolist(), strict=True
-            )
-        ]
-        self._add(resolved)
+        if not len(batch):
+            return
+        rows, hod = self._locate(batch)
+        old = self._blocks[rows, hod]
+        values = -batch.values
+        with np.errstate(over="ignore"):
+            new = old + values
+        if (((values > 0) & (new < old)) | ((values < 0) & (new > old))).any():
+            # Only possible if other batches moved the slot to within a batch of
+            # the limit meanwhile; an undo cannot be refused, and must not wrap.
+            raise RuntimeError(f"shard {self.shard}: undoing a batch would leave int64")
+        self._blocks[rows, hod] = new
+        self._big.update(rows[_beyond_big(new)].tolist())
+        self._log_delta(rows, hod, values)
         self.increments -= batch.increments
 
-    def _add(self, resolved: list[tuple[MonthSlots, int, int, str]]) -> None:
-        dirty_keys = self.dirty_keys
-        for slots, hour, value, sid in resolved:
-            total = slots.hours.get(hour, 0) + value
-            if total:
-                slots.hours[hour] = total
-                if abs(total) > BIG:
-                    _mark_big(slots, hour)
-            else:
-                slots.hours.pop(hour, None)
-            before = slots.dirty.get(hour)
-            delta = (before or 0) + value
-            if delta:
-                slots.dirty[hour] = delta
-                if before is None:
-                    self.dirty_count += 1
-            elif before is not None:
-                del slots.dirty[hour]
-                self.dirty_count -= 1
-            dirty_keys.add((sid, month_of_hour(hour)))
-
     # ---- checkpoints ---------------------------------------------------
+
+    def _fold(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The pending log summed per slot, zero sums dropped; the log becomes that."""
+        if not self._log:
+            empty = np.zeros(0, np.int64)
+            return empty, empty, empty
+        rows = np.concatenate([r for r, _, _ in self._log])
+        hod = np.concatenate([h for _, h, _ in self._log])
+        vals = np.concatenate([v for _, _, v in self._log])
+        slot = rows * 24 + hod
+        order = np.argsort(slot, kind="stable")
+        slot, vals = slot[order], vals[order]
+        starts = np.flatnonzero(np.r_[True, slot[1:] != slot[:-1]])
+        if len(vals) and max(-int(vals.min()), int(vals.max())) > INT64_MAX // len(vals):
+            # sums might leave int64 (a delta can span more than int64): Python ints
+            ends = np.r_[starts[1:], len(vals)]
+            sums = [sum(vals[a:b].tolist()) for a, b in zip(starts, ends, strict=True)]
+            keep = [k for k, s in enumerate(sums) if s]
+            slots = slot[starts][keep]
+            summed = np.array([sums[k] for k in keep], dtype=object)
+        else:
+            summed = np.add.reduceat(vals, starts) if len(vals) else vals
+            slots = slot[starts]
+            keep_mask = summed != 0
+            slots, summed = slots[keep_mask], summed[keep_mask]
+        rows_out, hod_out = slots // 24, slots % 24
+        self._log = [(rows_out, hod_out, summed)] if len(slots) else []
+        self._logged = self._folded = len(slots)
+        return rows_out, hod_out, summed
 
     def begin_checkpoint(self) -> Checkpoint | None:
         """The checkpoint to write next: the unfinished one again, else the dirty deltas."""
         if self.inflight is not None:
             return self.inflight
+        rows, hod, summed = self._fold()
         deltas: dict[MonthKey, dict[int, int]] = {}
-        for sid, month in self.dirty_keys:
-            slots = self.series[sid].months[month]
-            if slots.dirty:
-                deltas[(sid, month)] = slots.dirty
-                slots.dirty = {}
-        self.dirty_keys = set()
+        if len(rows):
+            keys = self._block_key[rows]
+            g = keys >> DAY_BITS
+            hours = (keys & ((1 << DAY_BITS) - 1)) * 24 + hod
+            mnos = months_of_hours(hours)
+            names: dict[int, str] = {}
+            sids = self._sids
+            for gi, m, h, v in zip(g.tolist(), mnos.tolist(), hours.tolist(), summed.tolist(),
+                                   strict=True):
+                name = names.get(m)
+                if name is None:
+                    name = names[m] = month_name(m)
+                key = (sids[gi], name)
+                d = deltas.get(key)
+                if d is None:
+                    d = deltas[key] = {}  # type: ignore[index]
+                d[h] = v
         producers = {p: s for p, s in self.applied.items() if self.durable.get(p) != s}
-        if not deltas and not self.unrecorded and not producers:
+        # A waiter may hold the promise of this checkpoint: it happens even if
+        # the deltas summed to nothing meanwhile (a batch and its undo).
+        promised, self._promised = self._promised, False
+        self._log, self._logged, self._folded = [], 0, 0
+        if not deltas and not self.unrecorded and not producers and not promised:
             return None
         self.last_ck += 1
         self.inflight = Checkpoint(
@@ -299,7 +467,7 @@ class ShardState:
             producers=producers,
         )
         self.unrecorded = set()
-        self.inflight_count, self.dirty_count = self.dirty_count, 0
+        self.inflight_count = sum(len(h) for h in deltas.values())
         return self.inflight
 
     def finish_checkpoint(self, ck: int) -> None:
@@ -312,119 +480,147 @@ class ShardState:
 
     def evict(self, current_month: str) -> int:
         """Forget clean months other than the current one; the store has them."""
-        busy = set(self.dirty_keys)
+        current = month_number(current_month)
+        others = [m for m in self._loaded if m != current]
+        if not others:
+            return 0
+        busy: set[tuple[int, int]] = set()
+        if self._log:
+            rows, hod, _ = self._fold()
+            keys = self._block_key[rows]
+            mnos = months_of_hours((keys & ((1 << DAY_BITS) - 1)) * 24 + hod)
+            busy.update(zip((keys >> DAY_BITS).tolist(), mnos.tolist(), strict=True))
         if self.inflight is not None:
-            busy.update(self.inflight.deltas)
+            busy.update((self.series[sid], month_number(m)) for sid, m in self.inflight.deltas
+                        if sid in self.series)
         evicted = 0
-        for sid in list(self.series):
-            st = self.series[sid]
-            for month in [m for m in st.months if m != current_month]:
-                if (sid, month) not in busy:
-                    del st.months[month]
-                    evicted += 1
-            if not st.months and sid not in self.unrecorded:
-                del self.series[sid]
-                metric_sids = self.by_metric[(st.key.tenant, st.key.metric)]
-                metric_sids.discard(sid)
-                if not metric_sids:
-                    del self.by_metric[(st.key.tenant, st.key.metric)]
+        for m in others:
+            holders = self._loaded[m]
+            first, end = month_days(m)
+            for g in [g for g in holders if (g, m) not in busy]:
+                holders.discard(g)
+                evicted += 1
+                base = g << DAY_BITS
+                for day in range(first, end):
+                    row = self._block_of.pop(base | day, None)
+                    if row is not None:
+                        self._blocks[row] = 0
+                        self._big.discard(row)
+                        self._free_blocks.append(row)
+                self._months_held[g] -= 1
+                if self._months_held[g] == 0 and self._sids[g] not in self.unrecorded:
+                    self._drop_series(g)
+            if not holders:
+                del self._loaded[m]
         return evicted
+
+    def _drop_series(self, g: int) -> None:
+        key, sid = self._keys[g], self._sids[g]
+        assert key is not None and sid is not None
+        del self.series[sid]
+        members = self.by_metric[(key.tenant, key.metric)]
+        members.discard(g)
+        if not members:
+            del self.by_metric[(key.tenant, key.metric)]
+        self._keys[g] = self._sids[g] = None
+        self._free_series.append(g)
+        self._match_cache.clear()
 
     @property
     def dirty_slots(self) -> int:
-        return self.dirty_count + self.inflight_count
+        return self._logged + self.inflight_count
 
     @property
     def series_months(self) -> int:
-        return sum(len(st.months) for st in self.series.values())
+        return sum(len(h) for h in self._loaded.values())
 
     # ---- queries -------------------------------------------------------
 
-    def _matching(self, tenant: str, metric: str, where: dict[str, str]) -> list[SeriesState]:
-        return [
-            self.series[sid]
-            for sid in self.by_metric.get((tenant, metric), ())
-            if matches(self.series[sid].key.tags, where)
-        ]
+    def _matching(self, tenant: str, metric: str, where: dict[str, str]) -> list[int]:
+        ck = (tenant, metric, tuple(sorted(where.items())))
+        found = self._match_cache.get(ck)
+        if found is None:
+            keys = self._keys
+            found = sorted(
+                g for g in self.by_metric.get((tenant, metric), ())
+                if matches(keys[g].tags, where)  # type: ignore[union-attr]
+            )
+            if len(self._match_cache) > 10_000:
+                self._match_cache.clear()
+            self._match_cache[ck] = found
+        return found
+
+    def _gather(
+        self, tenant: str, metric: str, where: dict[str, str], h0: int, h1: int
+    ) -> tuple[list[int], np.ndarray, list[MonthKey]]:
+        """Matching series, their counts per hour of [h0, h1) (series x hours), months held."""
+        series = self._matching(tenant, metric, where)
+        d0, d1 = h0 // 24, (h1 - 1) // 24 + 1
+        first_m = int(months_of_hours(np.array([h0]))[0])
+        last_m = int(months_of_hours(np.array([h1 - 1]))[0])
+        covered: list[MonthKey] = []
+        held: list[int] = []
+        for m in range(first_m, last_m + 1):
+            holders = self._loaded.get(m)
+            if not holders:
+                continue
+            name = month_name(m)
+            for g in series:
+                if g in holders:
+                    covered.append((self._sids[g], name))  # type: ignore[arg-type]
+                    held.append(g)
+        if not held:
+            return [], np.zeros((0, h1 - h0), np.int64), covered
+        uniq = sorted(set(held))
+        get = self._block_of.get
+        days = range(d0, d1)
+        rows = np.fromiter(
+            (get(g << DAY_BITS | d, -1) for g in uniq for d in days),
+            dtype=np.int64, count=len(uniq) * len(days),
+        )
+        counts = np.where((rows >= 0)[:, None], self._blocks[np.maximum(rows, 0)], 0)
+        per_hour = counts.reshape(len(uniq), len(days) * 24)
+        start = h0 - d0 * 24
+        return uniq, per_hour[:, start:start + (h1 - h0)], covered
 
     def hourly(
         self, tenant: str, metric: str, where: dict[str, str], h0: int, h1: int
     ) -> tuple[np.ndarray, list[MonthKey]]:
         """Summed counts per hour of [h0, h1) over matching series, and the months covered."""
-        out = np.zeros(h1 - h0, dtype=np.int64)
-        covered: list[MonthKey] = []
-        months = months_between(h0, h1)
-        for st in self._matching(tenant, metric, where):
-            sid = st.key.sid
-            for month in months:
-                slots = st.months.get(month)
-                if slots is None:
-                    continue
-                covered.append((sid, month))
-                _add_hours(out, slots.hours, h0, h1, month)
-        return out, covered
+        _, per_hour, covered = self._gather(tenant, metric, where, h0, h1)
+        return exact_sum(per_hour, axis=0), covered
 
     def totals(
         self, tenant: str, metric: str, where: dict[str, str], h0: int, h1: int
     ) -> tuple[dict[str, int], list[MonthKey]]:
         """Per-series totals over [h0, h1), and the months covered."""
-        out: dict[str, int] = {}
-        covered: list[MonthKey] = []
-        months = months_between(h0, h1)
-        for st in self._matching(tenant, metric, where):
-            sid = st.key.sid
-            for month in months:
-                slots = st.months.get(month)
-                if slots is None:
-                    continue
-                covered.append((sid, month))
-                first, end = month_hours(month)
-                if h0 <= first and end <= h1:
-                    total = sum(slots.hours.values())
-                else:
-                    total = sum(v for h, v in slots.hours.items() if h0 <= h < h1)
-                out[sid] = out.get(sid, 0) + total
-        return out, covered
+        series, per_hour, covered = self._gather(tenant, metric, where, h0, h1)
+        sums = exact_sum(per_hour, axis=1).tolist()
+        sids = self._sids
+        return {sids[g]: s for g, s in zip(series, sums, strict=True)}, covered  # type: ignore
 
     def catalog(self, tenant: str) -> list[str]:
-        return [sid for (t, _), sids in self.by_metric.items() if t == tenant for sid in sids]
+        sids = self._sids
+        return [sids[g] for (t, _), members in self.by_metric.items() if t == tenant  # type: ignore
+                for g in members]
 
 
-def _add_hours(out: np.ndarray, hours: dict[int, int], h0: int, h1: int, month: str) -> None:
-    first, end = month_hours(month)
-    if h0 <= first and end <= h1:
-        for h, v in hours.items():
-            out[h - h0] += v
-    else:
-        for h, v in hours.items():
-            if h0 <= h < h1:
-                out[h - h0] += v
+def _beyond_big(values: np.ndarray) -> np.ndarray:
+    """|values| > BIG without np.abs, which wraps INT64_MIN back to itself."""
+    return (values > BIG) | (values < -BIG)
 
 
-def _mark_big(slots: MonthSlots, hour: int) -> None:
-    if slots.big_days is None:
-        slots.big_days = set()
-    slots.big_days.add(hour // 24)
+def exact_sum(counts: np.ndarray, axis: int) -> np.ndarray:
+    """Sums along ``axis``: int64 when they provably fit, else Python ints (dtype object),
+    so a total over many hours or series is exact, never wrapped."""
+    n = counts.shape[axis]
+    if not counts.size:
+        return np.zeros(counts.shape[1 - axis], np.int64)
+    bound = max(abs(int(counts.min())), abs(int(counts.max()))) * n
+    if bound < 2**63:
+        return counts.sum(axis=axis, dtype=np.int64)
+    return counts.astype(object).sum(axis=axis)
 
 
 def _utc(hour: int) -> str:
     return hour_start(hour).isoformat(timespec="minutes")
-
-
-def _day_overflows(
-    resolved: list[tuple[MonthSlots, int, int, str]], near_limit: list[int]
-) -> list[tuple[int, str]]:
-    """Aggregates whose UTC day total (stored plus this batch) would leave int64."""
-    batch_days: dict[tuple[int, int], int] = defaultdict(int)
-    for slots, hour, value, _ in resolved:
-        batch_days[(id(slots), hour // 24)] += value
-    bad = []
-    for n in near_limit:
-        slots, hour, _, sid = resolved[n]
-        day = hour // 24
-        stored = sum(slots.hours.get(h, 0) for h in range(day * 24, day * 24 + 24))
-        total = stored + batch_days[(id(slots), day)]
-        if not INT64_MIN <= total <= INT64_MAX:
-            bad.append((n, f"series {sid!r} on {_utc(day * 24)[:10]}: the day's total {total} "
-                           "would leave int64"))
-    return bad

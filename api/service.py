@@ -20,6 +20,7 @@ import numpy as np
 
 from actors.clients import ShardClient
 from actors.router import Router
+from actors.shard_state import exact_sum
 from api.durability import DurableTracker, Token
 from api.metrics import GatewayMetrics
 from api.producers import Producers
@@ -47,6 +48,7 @@ class IngestError(Exception):
 class Applied:
     rows: int  # increments in the batch
     token: Token  # what to wait for until it is durable (api.durability)
+    fresh: bool = True  # applied on some shard (False: a resend every shard had already)
 
 
 EMPTY = Batch.empty()
@@ -125,7 +127,10 @@ class Service:
                 if st.blocked_at is not None and seq >= st.blocked_at:
                     st.blocked_at = None
                 fenced_meanwhile = epoch is not None and epoch != st.epoch
-                if not fenced_meanwhile and (st.last_seq is None or seq > st.last_seq):
+                # A resend every shard already had says nothing about their marks
+                # (they may be further on), so it must not become the next expect.
+                if not fenced_meanwhile and applied.fresh and (
+                        st.last_seq is None or seq > st.last_seq):
                     st.last_seq = seq
         self.increments += batch.increments
         self.batches += 1
@@ -157,7 +162,8 @@ class Service:
             raise self._refusal(parts, refused)
         token = {s: (r["incarnation"], r["ck"]) for s, r in answers.items()}
         rows = sum(b.increments for b in sent)
-        return Applied(rows=rows, token=token)
+        fresh = any(r["status"] == "applied" for r in answers.values())
+        return Applied(rows=rows, token=token, fresh=fresh)
 
     @staticmethod
     def _refusal(parts: dict[int, Batch], refused: dict[int, Any]) -> IngestError:
@@ -188,10 +194,12 @@ class Service:
         )
 
     async def _stored(
-        self, tenant: str, metric: str, where: dict[str, str], h0: int, h1: int
+        self, tenant: str, metric: str, where: dict[str, str], h0: int, h1: int,
+        covered: set[MonthKey],
     ) -> list:
+        """Stored months the shards did not answer for."""
         return await asyncio.to_thread(
-            self.store.read_months, tenant, metric, where, months_between(h0, h1)
+            self.store.read_months, tenant, metric, where, months_between(h0, h1), covered
         )
 
     async def hourly(
@@ -199,18 +207,22 @@ class Service:
     ) -> np.ndarray:
         """Counts per UTC hour of [h0, h1), every matching series summed."""
         answers = await self._gather("hourly", tenant, metric, where, h0, h1)
-        out = np.zeros(h1 - h0, dtype=np.int64)
         covered: set[MonthKey] = set()
-        for arr, keys in answers:
-            out += arr
+        for _, keys in answers:
             covered.update(keys)
-        for doc in await self._stored(tenant, metric, where, h0, h1):
-            if (doc.sid, doc.month) in covered:
-                continue
-            for h, v in doc.hours.items():
-                if h0 <= h < h1:
-                    out[h - h0] += v
-        return out
+        stored = np.zeros((1, h1 - h0), dtype=np.int64)
+        docs = [d for d in await self._stored(tenant, metric, where, h0, h1, covered)
+                if (d.sid, d.month) not in covered]
+        if docs:
+            stored = np.zeros((len(docs), h1 - h0), dtype=np.int64)
+            for k, doc in enumerate(docs):
+                for h, v in doc.hours.items():
+                    if h0 <= h < h1:
+                        stored[k, h - h0] = v
+        parts = [np.asarray(arr) for arr, _ in answers]
+        if any(p.dtype == object for p in parts):
+            return sum(parts, exact_sum(stored, axis=0).astype(object))
+        return exact_sum(np.vstack([*parts, stored]), axis=0)
 
     async def totals(
         self, tenant: str, metric: str, where: dict[str, str], h0: int, h1: int
@@ -223,7 +235,7 @@ class Service:
             for sid, v in per_series.items():
                 out[sid] += v
             covered.update(keys)
-        for doc in await self._stored(tenant, metric, where, h0, h1):
+        for doc in await self._stored(tenant, metric, where, h0, h1, covered):
             if (doc.sid, doc.month) in covered:
                 continue
             out[doc.sid] += sum(v for h, v in doc.hours.items() if h0 <= h < h1)
@@ -242,7 +254,7 @@ class Service:
             *(self.hourly(tenant, metric, where, p.h0, p.h1) for p in plans)
         )
         points = bucket_points(plan, hourlies[0])
-        total = int(hourlies[0].sum())
+        total = sum(v for _, v in points)
         answer: dict[str, Any] = {
             "tenant": tenant,
             "metric": metric,
@@ -256,11 +268,12 @@ class Service:
             "compare": None,
         }
         if compare is not None:
-            prev_total = int(hourlies[1].sum())
+            prev_points = bucket_points(compare, hourlies[1])
+            prev_total = sum(v for _, v in prev_points)
             answer["compare"] = {
                 "from": compare.from_label,
                 "to": compare.to_label,
-                "points": bucket_points(compare, hourlies[1]),
+                "points": prev_points,
                 "total": prev_total,
                 "change": (total - prev_total) / prev_total if prev_total else None,
             }

@@ -201,12 +201,13 @@ def bucket_points(plan: Plan, hourly: Any) -> list[list[Any]]:
     n = plan.h1 - plan.h0
     if arr.ndim != 1 or arr.shape[0] != n:
         raise ValueError(f"hourly has shape {arr.shape}; the plan covers {n} hours")
-    if arr.dtype.kind not in "iu":
+    if arr.dtype.kind not in "iuO":
         raise ValueError(f"hourly must hold integers, not {arr.dtype}")
     if plan.granularity == "hour":
-        return [[label, v] for (label, _, _), v in zip(plan.buckets, arr.tolist(), strict=True)]
+        return [[label, int(v)]
+                for (label, _, _), v in zip(plan.buckets, arr.tolist(), strict=True)]
     bound = max(abs(int(arr.min())), abs(int(arr.max()))) * n if n else 0
-    if bound < 2**63:
+    if bound < 2**63 and arr.dtype != object:
         csum = np.cumsum(arr.astype(np.int64, copy=False), dtype=np.int64)
         zero: Any = np.zeros(1, dtype=np.int64)
     else:

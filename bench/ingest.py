@@ -24,6 +24,7 @@ class Stream:
     acked_total: int = 0
     errors: list[dict] = field(default_factory=list)
     stop: threading.Event | None = None  # when set, stop early (background streams)
+    rate: float | None = None  # increments per second to pace at (background streams)
     sent: int = 0
 
     def connect(self) -> socket.socket:
@@ -48,11 +49,18 @@ class Stream:
         window = threading.Semaphore(16)  # frames in flight: a bounded pipeline
 
         def send() -> None:
+            started, increments = time.perf_counter(), 0
             for seq in range(1, self.frames + 1):
                 window.acquire()
                 if self.stop is not None and self.stop.is_set():
                     break
-                sock.sendall(frame(chunk_of(seq), seq))
+                if self.rate:
+                    ahead = increments / self.rate - (time.perf_counter() - started)
+                    if ahead > 0:
+                        time.sleep(ahead)
+                chunk = chunk_of(seq)
+                sock.sendall(frame(chunk, seq))
+                increments += chunk.increments
                 self.sent += 1
             self.sending_done = True
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import functools
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from typing import Any, TypeVar
 
 import mongomock
@@ -141,9 +141,10 @@ class MemoryStore(MongoStore):
 
     @_locked
     def read_months(
-        self, tenant: str, metric: str, where: dict[str, str], months: list[str]
+        self, tenant: str, metric: str, where: dict[str, str], months: list[str],
+        exclude: Container[MonthKey] = frozenset(),
     ) -> list[MonthDoc]:
-        return super().read_months(tenant, metric, where, months)
+        return super().read_months(tenant, metric, where, months, exclude)
 
     @_locked
     def catalog(self, tenant: str) -> list[SeriesKey]:

@@ -38,7 +38,7 @@ add one).
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Container, Iterator
 from contextlib import contextmanager, suppress
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
@@ -386,7 +386,8 @@ class MongoStore:
         return out
 
     def read_months(
-        self, tenant: str, metric: str, where: dict[str, str], months: list[str]
+        self, tenant: str, metric: str, where: dict[str, str], months: list[str],
+        exclude: Container[MonthKey] = frozenset(),
     ) -> list[MonthDoc]:
         check_tenant(tenant)
         check_metric(metric)
@@ -398,7 +399,14 @@ class MongoStore:
         for key, value in check_where(where).items():
             query[f"tags.{key}"] = value
         with self._errors(f"reading {tenant}/{metric} for {len(months)} months"):
-            docs = [month_doc_from_document(d) for d in self._months.find(query, _MONTH_PROJECTION)]
+            if exclude:
+                # ids first (small), then only the documents the caller lacks
+                ids = [d["_id"] for d in self._months.find(query, {"_id": 1, "month": 1})
+                       if (d["_id"].rsplit("|", 1)[0], d["month"]) not in exclude]
+                query = {"_id": {"$in": ids}} if ids else {}
+            docs = ([month_doc_from_document(d)
+                     for d in self._months.find(query, _MONTH_PROJECTION)]
+                    if query else [])
         docs.sort(key=lambda d: (d.sid, d.month))
         return docs
 

@@ -7,6 +7,7 @@ tests use it: production stores (SQLite, MongoDB) are opened in each process.
 
 from __future__ import annotations
 
+from collections.abc import Container
 from typing import Any
 
 import ray
@@ -50,9 +51,10 @@ class RemoteStore:
         return self._call("load_months", keys)
 
     def read_months(
-        self, tenant: str, metric: str, where: dict[str, str], months: list[str]
+        self, tenant: str, metric: str, where: dict[str, str], months: list[str],
+        exclude: Container[MonthKey] = frozenset(),
     ) -> list[MonthDoc]:
-        return self._call("read_months", tenant, metric, where, months)
+        return self._call("read_months", tenant, metric, where, months, exclude)
 
     def catalog(self, tenant: str) -> list[SeriesKey]:
         return self._call("catalog", tenant)

@@ -26,8 +26,9 @@ import json
 import os
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Container, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 from checkpoint.layout import check_checkpoint, check_month, check_sid, check_where
 from checkpoint.store import (
@@ -38,7 +39,7 @@ from checkpoint.store import (
     ShardRecord,
     StoreError,
 )
-from wire.series import SeriesKey, check_metric, check_tenant, matches, parse_series_id
+from wire.series import SeriesKey, check_metric, check_tenant, format_series_id, parse_series_id
 from wire.timeslots import month_hours
 
 _SCHEMA = (
@@ -284,7 +285,8 @@ class SqliteStore:
         return out
 
     def read_months(
-        self, tenant: str, metric: str, where: dict[str, str], months: list[str]
+        self, tenant: str, metric: str, where: dict[str, str], months: list[str],
+        exclude: Container[MonthKey] = frozenset(),
     ) -> list[MonthDoc]:
         # A series id starts with "tenant|metric|" and neither part may hold a
         # "|", so the metric's series are one range of the months primary key
@@ -297,13 +299,20 @@ class SqliteStore:
             self._errors(f"reading {tenant}/{metric} for {len(months)} months"),
             self._transaction(write=False) as conn,
         ):
+            # Each where pair is an exact ",k=v," item of the id's (escaped, sorted)
+            # tag list, so SQLite filters without a row reaching Python.
+            tag_filter = "".join(" AND instr(',' || substr(sid, ?) || ',', ?) > 0" for _ in where)
+            tag_params: list[Any] = []
+            for k, v in where.items():
+                tag_params += [len(prefix) + 1, f",{format_series_id('', '', ((k, v),))[2:]},"]
             for month in dict.fromkeys(months):
                 rows = conn.execute(
-                    "SELECT sid, ck FROM months WHERE sid >= ? AND sid < ? AND month = ?",
-                    (prefix, upper, check_month(month)),
+                    "SELECT sid, ck FROM months WHERE sid >= ? AND sid < ? AND month = ?"
+                    + tag_filter,
+                    (prefix, upper, check_month(month), *tag_params),
                 ).fetchall()
                 for sid, ck in rows:
-                    if matches(parse_series_id(sid).tags, where):
+                    if (sid, month) not in exclude:
                         out.append(self._month_doc(conn, sid, month, ck))
         out.sort(key=lambda d: (d.sid, d.month))
         return out

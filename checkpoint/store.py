@@ -14,6 +14,7 @@ and by guarding each document update with ``ck < cp.ck``.
 
 from __future__ import annotations
 
+from collections.abc import Container
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -83,9 +84,12 @@ class Store(Protocol):
         """Documents that exist among ``keys``; absent keys have no data yet."""
 
     def read_months(
-        self, tenant: str, metric: str, where: dict[str, str], months: list[str]
+        self, tenant: str, metric: str, where: dict[str, str], months: list[str],
+        exclude: Container[MonthKey] = frozenset(),
     ) -> list[MonthDoc]:
-        """Every document of the metric in those months whose tags include ``where``."""
+        """Every document of the metric in those months whose tags include ``where``,
+        but those in ``exclude`` (the caller has them: shards answer for what they hold,
+        and their documents need not cross the wire or be read from disk)."""
 
     def catalog(self, tenant: str) -> list[SeriesKey]:
         """Every series of the tenant that a checkpoint has recorded."""

@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     defaults = BenchConfig()
     bench.add_argument("--store", help="store URL (default: SQLite in a temporary folder)")
     for name in ("shards", "series", "rows", "columnar", "connections", "queries",
-                 "memory_series"):
+                 "background_rate", "memory_series"):
         bench.add_argument(f"--{name.replace('_', '-')}", type=int,
                            default=getattr(defaults, name),
                            help=f"(default {getattr(defaults, name):,})")

@@ -560,6 +560,33 @@ def test_read_months_filters_by_tags_and_months(backend: Backend) -> None:
         store.read_months("acme", "messages.received", {"tags.channel": "x"}, [nov])
 
 
+def test_read_months_leaves_out_what_the_caller_holds(backend: Backend) -> None:
+    store = backend.store
+    _write_tenants(store)
+    nov = "2026-11"
+    got = store.read_months("acme", "messages.received", {"channel": "twitter"},
+                            [nov, "2026-12"], {(TW_POS, nov), (EMAIL, nov)})
+    assert _totals(got) == {(TW_NEG, nov): 10, (TW_POS, "2026-12"): 5}
+    everything = {(TW_POS, nov), (TW_NEG, nov), (EMAIL, nov), (UNTAGGED, nov)}
+    assert store.read_months("acme", "messages.received", {}, [nov], everything) == []
+
+
+def test_where_matches_tag_values_with_separator_characters(backend: Backend) -> None:
+    store = backend.store
+    odd = series_id("acme", "odd", {"k": "a,b=c|d%e", "z": "1"})
+    near = series_id("acme", "odd", {"k": "a", "z": "b=c|d%e"})
+    day = month_first_hour("2026-11") + 5
+    store.write_checkpoint(
+        Checkpoint(0, 1, {(odd, "2026-11"): {day: 3}, (near, "2026-11"): {day: 4}},
+                   new_series=[odd, near])
+    )
+    got = store.read_months("acme", "odd", {"k": "a,b=c|d%e"}, ["2026-11"])
+    assert _totals(got) == {(odd, "2026-11"): 3}
+    assert _totals(store.read_months("acme", "odd", {"k": "a"}, ["2026-11"])) == {
+        (near, "2026-11"): 4}
+    assert store.read_months("acme", "odd", {"k": "a,b"}, ["2026-11"]) == []
+
+
 def test_read_months_isolates_tenants_and_metrics(backend: Backend) -> None:
     store = backend.store
     _write_tenants(store)

@@ -467,6 +467,8 @@ def columnar_batch(series: Any, i: Any, ts: Any, v: Any, now: float) -> Batch:
             raise _bad_row(bad, f"series[{entry}] is invalid: {problems[entry]}")
         raise _bad_row(bad, _ts_problem(int(ta[bad]), limit) or "invalid ts")
     if problems:
+        # a bad row, if any, is the more useful answer (an overflowing running sum)
+        _check_overflow(distinct, mapped, ta // SECONDS_PER_HOUR, va)
         j = min(problems)
         raise BadBatch(f"series[{j}] is invalid: {problems[j]} (no increment references it)")
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass
+from sys import intern
 from typing import Any
 
 TENANT_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
@@ -104,13 +105,15 @@ def format_series_id(tenant: str, metric: str, tags: tuple[tuple[str, str], ...]
 
 
 def parse_series_id(sid: str) -> SeriesKey:
+    """The key of a series id. Tenants, metrics and tag keys are interned: a shard
+    holding a million series of a few metrics keeps one copy of each name."""
     tenant, metric, tag_part = sid.split("|", 2)
     tags: list[tuple[str, str]] = []
     if tag_part:
         for item in tag_part.split(","):
             k, v = item.split("=", 1)
-            tags.append((k, _unescape(v)))
-    return SeriesKey(tenant, metric, tuple(tags))
+            tags.append((intern(k), _unescape(v)))
+    return SeriesKey(intern(tenant), intern(metric), tuple(tags))
 
 
 def series_id(tenant: Any, metric: Any, tags: Any) -> str:
