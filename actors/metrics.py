@@ -84,7 +84,8 @@ def state_gauges(
     label = str(shard)
     Gauge(
         "tally_dirty_slots",
-        "(series, hour) slots applied but not yet durable (dirty or in flight)",
+        "(series, hour) slots applied but not yet durable (dirty or in flight); between "
+        "checkpoints a slot hit by several batches may count once per batch",
         ["shard"],
         registry=registry,
     ).labels(shard=label).set_function(lambda: state().dirty_slots)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import socket
 import threading
 import time
@@ -26,6 +27,18 @@ from api.service import Service
 from api.tcp import TcpLimits, TcpServer
 from checkpoint.sqlite import SqliteStore
 from wire.frames import FrameDecoder, encode_frame
+
+
+def tokens_file(*tokens: tuple[str | None, str, list[str], list[str]]) -> str:
+    """A tokens file (TOML) from (name, secret, tenants, scopes) entries; name may be None."""
+    out = []
+    for name, secret, tenants, scopes in tokens:
+        out.append("[[token]]")
+        if name is not None:
+            out.append(f"name = {json.dumps(name)}")
+        out += [f"secret = {json.dumps(secret)}", f"tenants = {json.dumps(tenants)}",
+                f"scopes = {json.dumps(scopes)}", ""]
+    return "\n".join(out)
 
 
 class InProcessTally:

@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from api.access import parse_access
-from tests.inproc import InProcessTally, RawConnection
+from tests.inproc import InProcessTally, RawConnection, tokens_file
 from wire.client import TallyClient, Unauthorized
 
 NOW = int(time.time())
@@ -26,31 +26,12 @@ SECRETS = {
     "admin": "admin-only-0123456789",
     "all": "everything-0123456789",
 }
-TOKENS = f"""
-[[token]]
-name = "ingest acme"
-secret = "{SECRETS['ingest_acme']}"
-tenants = ["acme"]
-scopes = ["ingest"]
-
-[[token]]
-name = "query acme"
-secret = "{SECRETS['query_acme']}"
-tenants = ["acme"]
-scopes = ["query"]
-
-[[token]]
-name = "scraper"
-secret = "{SECRETS['admin']}"
-tenants = ["*"]
-scopes = ["admin"]
-
-[[token]]
-name = "root"
-secret = "{SECRETS['all']}"
-tenants = ["*"]
-scopes = ["ingest", "query", "admin"]
-"""
+TOKENS = tokens_file(
+    ("ingest acme", SECRETS["ingest_acme"], ["acme"], ["ingest"]),
+    ("query acme", SECRETS["query_acme"], ["acme"], ["query"]),
+    ("scraper", SECRETS["admin"], ["*"], ["admin"]),
+    ("root", SECRETS["all"], ["*"], ["ingest", "query", "admin"]),
+)
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.inproc import tokens_file
 from tests.served import Served
 from tests.test_e2e_serve import run_serve
 from wire.client import TallyClient
@@ -20,24 +21,11 @@ NOW = int(time.time())
 DAY = time.strftime("%Y-%m-%d", time.gmtime(NOW - 60))
 TS = NOW - 60 - (NOW - 60) % 86400 + 1
 INGEST, QUERY, ADMIN = "ingest-0123456789abcdef", "query-0123456789abcdef", "admin-0123456789ab"
-TOKENS = f"""
-[[token]]
-name = "acme writer"
-secret = "{INGEST}"
-tenants = ["acme"]
-scopes = ["ingest"]
-
-[[token]]
-secret = "{QUERY}"
-tenants = ["acme"]
-scopes = ["query"]
-
-[[token]]
-name = "prometheus"
-secret = "{ADMIN}"
-tenants = ["*"]
-scopes = ["admin"]
-"""
+TOKENS = tokens_file(
+    ("acme writer", INGEST, ["acme"], ["ingest"]),
+    (None, QUERY, ["acme"], ["query"]),
+    ("prometheus", ADMIN, ["*"], ["admin"]),
+)
 
 
 def samples(text: str) -> dict[tuple[str, tuple], float]:

@@ -17,99 +17,42 @@ task pending and loses what was not durable.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import time
 from collections.abc import Callable
 
 from wire.client import (
-    DEFAULT_BACKOFF,
-    DEFAULT_MAX_BATCH_BYTES,
-    DEFAULT_MAX_IN_FLIGHT,
-    DEFAULT_MAX_PENDING,
-    BatchRejected,
-    ClientClosed,
     ClientFailed,
-    SeriesCache,
     TallyTimeout,
     _Broken,
-    client_core,
+    _ClientBase,
     prepare_increment,
 )
-from wire.frames import FrameDecoder, FrameError
+from wire.frames import FrameDecoder
 
 __all__ = ["AsyncTallyClient"]
 
 log = logging.getLogger("tally.client")
 
 
-class AsyncTallyClient:
+class AsyncTallyClient(_ClientBase):
     """Batching, resending client for asyncio; see ``wire.client`` for the contract."""
 
-    def __init__(
-        self,
-        host: str = "127.0.0.1",
-        port: int = 8781,
-        *,
-        producer: str | None = None,
-        token: str | None = None,
-        batch_size: int = 50_000,
-        linger: float = 0.05,
-        timeout: float = 30.0,
-        max_pending: int = DEFAULT_MAX_PENDING,
-        max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
-        max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
-        backoff: tuple[float, float] = DEFAULT_BACKOFF,
-        on_error: Callable[[BatchRejected], None] | None = None,
-    ) -> None:
-        self._core = client_core(
-            producer,
-            token,
-            batch_size=batch_size,
-            linger=linger,
-            timeout=timeout,
-            max_pending=max_pending,
-            max_batch_bytes=max_batch_bytes,
-            max_in_flight=max_in_flight,
-            backoff=backoff,
-        )
-        self.host = host
-        self.port = port
-        self.timeout = float(timeout)
-        self._on_error = on_error
-        self._series = SeriesCache()
+    def _init_shell(self) -> None:
+        self._guard = contextlib.nullcontext()  # only the event loop touches the core
         # Replaced at every change, so a waiter holding the old one is woken
         # once and re-checks its condition (an asyncio.Condition without a lock).
         self._changed = asyncio.Event()
         self._wakeup = asyncio.Event()  # the I/O task has something new to do
         self._task: asyncio.Task[None] | None = None
-        self._closing = False
-        self._stop = False
-        self._fatal_seen = False
+
+    def _fail(self, failure: ClientFailed) -> None:
+        self._core.fail(failure)
+        self._notify()
 
     # -- public API ------------------------------------------------------------
-
-    @property
-    def producer(self) -> str:
-        return self._core.producer
-
-    @property
-    def pending(self) -> int:
-        """Increments held: buffered, or sent and not yet durable."""
-        return self._core.pending
-
-    @property
-    def last_seq(self) -> int:
-        return self._core.last_seq
-
-    @property
-    def durable_seq(self) -> int:
-        return self._core.durable_seq
-
-    @property
-    def stats(self) -> dict[str, int]:
-        core = self._core
-        return {**core.stats, "pending": core.pending, "kept_batches": len(core.kept)}
 
     async def __aenter__(self) -> AsyncTallyClient:
         self.start()
@@ -138,10 +81,8 @@ class AsyncTallyClient:
         self._check(rejections=True)
         self.start()
         core = self._core
-        if core.pending >= core.max_pending:
-            await self._wait(lambda: core.pending < core.max_pending, self.timeout,
-                             lambda: f"inc: {core.pending} increments pending (max_pending="
-                             f"{core.max_pending}); this increment was not buffered")
+        if not self._has_room():
+            await self._wait(self._has_room, self.timeout, self._describe_full)
         if core.add(*prepared, time.monotonic()):
             self._wakeup.set()
 
@@ -173,25 +114,13 @@ class AsyncTallyClient:
             self._wakeup.set()
             if self._task is not None:
                 await self._task  # _io_main records its errors; it raises nothing
-        if self._core.fatal is not None and not self._fatal_seen:
-            self._fatal_seen = True
-            raise self._core.fatal.with_traceback(None)
+        self._raise_unseen_fatal()
 
     # -- waiting ---------------------------------------------------------------
 
     def _notify(self) -> None:
         self._changed.set()
         self._changed = asyncio.Event()
-
-    def _check(self, *, rejections: bool, closing_ok: bool = False) -> None:
-        core = self._core
-        if core.fatal is not None:
-            self._fatal_seen = True
-            raise core.fatal.with_traceback(None)
-        if self._stop or (self._closing and not closing_ok):
-            raise ClientClosed("the client is closed")
-        if rejections and core.rejections:
-            raise core.rejections.popleft()
 
     async def _wait(
         self, ready: Callable[[], bool], timeout: float | None, describe: Callable[[], str]
@@ -234,8 +163,7 @@ class AsyncTallyClient:
             failure = ClientFailed(f"the client's I/O task died: {exc!r}")
             failure.__cause__ = exc
             log.exception("tally client I/O task died")
-            self._core.fail(failure)
-            self._notify()
+            self._fail(failure)
 
     async def _io_loop(self) -> None:
         core = self._core
@@ -330,37 +258,13 @@ class AsyncTallyClient:
                 data = await reader.read(1 << 16)
                 if not data:
                     raise _Broken("the server closed the connection")
-                errors: list[BatchRejected] = []
                 try:
-                    try:
-                        messages = decoder.feed(data)
-                    except FrameError as exc:
-                        core.garbage(exc)  # raises _Broken, or records a fatal error
-                        messages = []
-                    now = time.monotonic()
-                    for msg in messages:
-                        core.receive(msg, now)
-                        if core.fatal is not None:
-                            break
+                    self._digest(decoder, data)
                 finally:
                     self._notify()
                     self._wakeup.set()  # answers free the in-flight window, or end a pause
-                    if self._on_error is not None and core.rejections:
-                        errors = list(core.rejections)
-                        core.rejections.clear()
-                    self._deliver(errors)
+                    self._deliver(self._take_rejections())
                 if core.fatal is not None:
                     return
         finally:
             self._wakeup.set()
-
-    def _deliver(self, errors: list[BatchRejected]) -> None:
-        for error in errors:
-            try:
-                self._on_error(error)  # type: ignore[misc]
-            except Exception as exc:
-                failure = ClientFailed(f"on_error raised {exc!r}")
-                failure.__cause__ = exc
-                self._core.fail(failure)
-                self._notify()
-                return

@@ -870,37 +870,159 @@ def _short(msg: Any) -> str:
     return text if len(text) <= 300 else text[:297] + "..."
 
 
-def client_core(
-    producer: str | None,
-    token: str | None,
-    *,
-    batch_size: int,
-    linger: float,
-    timeout: float,
-    max_pending: int,
-    max_batch_bytes: int,
-    max_in_flight: int,
-    backoff: tuple[float, float],
-) -> ProducerCore:
-    """The core both shells build, with the default producer name."""
-    name = producer if producer is not None else f"python-{uuid.uuid4()}"
-    return ProducerCore(
-        name,
-        token,
-        batch_size=batch_size,
-        linger=linger,
-        timeout=timeout,
-        max_pending=max_pending,
-        max_batch_bytes=max_batch_bytes,
-        max_in_flight=max_in_flight,
-        backoff=backoff,
-    )
+class _ClientBase:
+    """What both shells share: the options, the core, its read-only view, and the errors.
+
+    ``__init__`` takes the clients' public signature, builds the core (with the
+    default producer name) and then calls ``_init_shell`` for the shell's own
+    I/O. A shell sets ``_guard``, the context manager that makes touching the
+    core safe (a lock, or nothing on an event loop), and ``_fail``, which
+    records a fatal error and wakes whoever waits.
+    """
+
+    _guard: contextlib.AbstractContextManager[Any]
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 8781,
+        *,
+        producer: str | None = None,
+        token: str | None = None,
+        batch_size: int = 50_000,
+        linger: float = 0.05,
+        timeout: float = 30.0,
+        max_pending: int = DEFAULT_MAX_PENDING,
+        max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
+        max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+        backoff: tuple[float, float] = DEFAULT_BACKOFF,
+        on_error: Callable[[BatchRejected], None] | None = None,
+    ) -> None:
+        self._core = ProducerCore(
+            producer if producer is not None else f"python-{uuid.uuid4()}",
+            token,
+            batch_size=batch_size,
+            linger=linger,
+            timeout=timeout,
+            max_pending=max_pending,
+            max_batch_bytes=max_batch_bytes,
+            max_in_flight=max_in_flight,
+            backoff=backoff,
+        )
+        self.host = host
+        self.port = port
+        self.timeout = float(timeout)
+        self._on_error = on_error
+        self._series = SeriesCache()
+        self._closing = False  # no more inc; close is flushing
+        self._stop = False  # the I/O thread or task must exit
+        self._fatal_seen = False  # the fatal error was raised to a caller at least once
+        self._init_shell()
+
+    def _init_shell(self) -> None:
+        """Set up the shell's I/O (and ``_guard``); called last by ``__init__``."""
+        raise NotImplementedError
+
+    def _fail(self, failure: ClientFailed) -> None:
+        """Record a fatal error in the core and wake every waiter."""
+        raise NotImplementedError
+
+    # -- public API ------------------------------------------------------------
+
+    @property
+    def producer(self) -> str:
+        return self._core.producer
+
+    @property
+    def pending(self) -> int:
+        """Increments held: buffered, or sent and not yet durable."""
+        with self._guard:
+            return self._core.pending
+
+    @property
+    def last_seq(self) -> int:
+        """The seq of the last sealed batch."""
+        with self._guard:
+            return self._core.last_seq
+
+    @property
+    def durable_seq(self) -> int:
+        """The highest seq of this producer the server reported durable."""
+        with self._guard:
+            return self._core.durable_seq
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """Counters (batches, sends, resends, connections, reconnects, overloaded, rejected)."""
+        with self._guard:
+            core = self._core
+            return {**core.stats, "pending": core.pending, "kept_batches": len(core.kept)}
+
+    # -- errors (under ``_guard``) -----------------------------------------------
+
+    def _check(self, *, rejections: bool, closing_ok: bool = False) -> None:
+        """Raise what the caller must hear about."""
+        core = self._core
+        if core.fatal is not None:
+            self._fatal_seen = True
+            raise core.fatal.with_traceback(None)
+        if self._stop or (self._closing and not closing_ok):
+            raise ClientClosed("the client is closed")
+        if rejections and core.rejections:
+            raise core.rejections.popleft()
+
+    def _has_room(self) -> bool:
+        return self._core.pending < self._core.max_pending
+
+    def _describe_full(self) -> str:
+        core = self._core
+        return (f"inc: {core.pending} increments pending (max_pending={core.max_pending}); "
+                "this increment was not buffered")
+
+    def _digest(self, decoder: FrameDecoder, data: bytes) -> None:
+        """Give the core each whole message in ``data``, until one is fatal (under ``_guard``)."""
+        core = self._core
+        try:
+            messages = decoder.feed(data)
+        except FrameError as exc:
+            core.garbage(exc)  # raises _Broken, or records a fatal error
+            return
+        now = time.monotonic()
+        for msg in messages:
+            core.receive(msg, now)
+            if core.fatal is not None:
+                return
+
+    def _take_rejections(self) -> list[BatchRejected]:
+        """The queued rejections when ``on_error`` takes them, else none (they are raised)."""
+        if self._on_error is None or not self._core.rejections:
+            return []
+        errors = list(self._core.rejections)
+        self._core.rejections.clear()
+        return errors
+
+    def _deliver(self, errors: list[BatchRejected]) -> None:
+        """Hand rejections to ``on_error`` (not under ``_guard``); a raising callback is fatal."""
+        for error in errors:
+            try:
+                self._on_error(error)  # type: ignore[misc]
+            except Exception as exc:
+                failure = ClientFailed(f"on_error raised {exc!r}")
+                failure.__cause__ = exc
+                self._fail(failure)
+                return
+
+    def _raise_unseen_fatal(self) -> None:
+        """After close: raise the fatal error if no caller has been told of it yet."""
+        if self._core.fatal is not None and not self._fatal_seen:
+            self._fatal_seen = True
+            raise self._core.fatal.with_traceback(None)
 
 
 # ------------------------------------------------------------------- sync client
 
 
-class TallyClient:
+class TallyClient(_ClientBase):
     """Thread-safe, batching, resending client; see the module docstring.
 
     - ``producer``: the name the server deduplicates seqs under (default: a
@@ -925,42 +1047,9 @@ class TallyClient:
     only touch the core under the lock.
     """
 
-    def __init__(
-        self,
-        host: str = "127.0.0.1",
-        port: int = 8781,
-        *,
-        producer: str | None = None,
-        token: str | None = None,
-        batch_size: int = 50_000,
-        linger: float = 0.05,
-        timeout: float = 30.0,
-        max_pending: int = DEFAULT_MAX_PENDING,
-        max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
-        max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
-        backoff: tuple[float, float] = DEFAULT_BACKOFF,
-        on_error: Callable[[BatchRejected], None] | None = None,
-    ) -> None:
-        self._core = client_core(
-            producer,
-            token,
-            batch_size=batch_size,
-            linger=linger,
-            timeout=timeout,
-            max_pending=max_pending,
-            max_batch_bytes=max_batch_bytes,
-            max_in_flight=max_in_flight,
-            backoff=backoff,
-        )
-        self.host = host
-        self.port = port
-        self.timeout = float(timeout)
-        self._on_error = on_error
-        self._series = SeriesCache()
+    def _init_shell(self) -> None:
         self._cond = threading.Condition()
-        self._closing = False  # no more inc; close is flushing
-        self._stop = False  # the I/O thread must exit
-        self._fatal_seen = False  # the fatal error was raised to a caller at least once
+        self._guard = self._cond
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
@@ -969,36 +1058,12 @@ class TallyClient:
         )
         self._thread.start()
 
+    def _fail(self, failure: ClientFailed) -> None:
+        with self._cond:
+            self._core.fail(failure)
+            self._cond.notify_all()
+
     # -- public API ------------------------------------------------------------
-
-    @property
-    def producer(self) -> str:
-        return self._core.producer
-
-    @property
-    def pending(self) -> int:
-        """Increments held: buffered, or sent and not yet durable."""
-        with self._cond:
-            return self._core.pending
-
-    @property
-    def last_seq(self) -> int:
-        """The seq of the last sealed batch."""
-        with self._cond:
-            return self._core.last_seq
-
-    @property
-    def durable_seq(self) -> int:
-        """The highest seq of this producer the server reported durable."""
-        with self._cond:
-            return self._core.durable_seq
-
-    @property
-    def stats(self) -> dict[str, int]:
-        """Counters (batches, sends, resends, connections, reconnects, overloaded, rejected)."""
-        with self._cond:
-            return {**self._core.stats, "pending": self._core.pending,
-                    "kept_batches": len(self._core.kept)}
 
     def __enter__(self) -> TallyClient:
         return self
@@ -1025,10 +1090,8 @@ class TallyClient:
         core = self._core
         with self._cond:
             self._check(rejections=True)
-            if core.pending >= core.max_pending:
-                self._wait(lambda: core.pending < core.max_pending, self.timeout,
-                           lambda: f"inc: {core.pending} increments pending (max_pending="
-                           f"{core.max_pending}); this increment was not buffered")
+            if not self._has_room():
+                self._wait(self._has_room, self.timeout, self._describe_full)
             wake = core.add(*prepared, time.monotonic())
         if wake:
             self._wake()
@@ -1071,22 +1134,9 @@ class TallyClient:
             self._thread.join()
             self._wake_r.close()
             self._wake_w.close()
-        if self._core.fatal is not None and not self._fatal_seen:
-            self._fatal_seen = True
-            raise self._core.fatal.with_traceback(None)
+        self._raise_unseen_fatal()
 
     # -- waiting ---------------------------------------------------------------
-
-    def _check(self, *, rejections: bool, closing_ok: bool = False) -> None:
-        """Raise what the caller must hear about (lock held)."""
-        core = self._core
-        if core.fatal is not None:
-            self._fatal_seen = True
-            raise core.fatal.with_traceback(None)
-        if self._stop or (self._closing and not closing_ok):
-            raise ClientClosed("the client is closed")
-        if rejections and core.rejections:
-            raise core.rejections.popleft()
 
     def _wait(
         self, ready: Callable[[], bool], timeout: float | None, describe: Callable[[], str]
@@ -1122,9 +1172,7 @@ class TallyClient:
             failure = ClientFailed(f"the client's I/O thread died: {exc!r}")
             failure.__cause__ = exc
             log.exception("tally client I/O thread died")
-            with self._cond:
-                self._core.fail(failure)
-                self._cond.notify_all()
+            self._fail(failure)
 
     def _io_loop(self) -> None:
         core = self._core
@@ -1218,46 +1266,16 @@ class TallyClient:
             return
         if not data:
             raise _Broken("the server closed the connection")
-        core = self._core
         errors: list[BatchRejected] = []
         try:
             with self._cond:
                 try:
-                    try:
-                        messages = decoder.feed(data)
-                    except FrameError as exc:
-                        core.garbage(exc)
-                        return
-                    now = time.monotonic()
-                    for msg in messages:
-                        core.receive(msg, now)
-                        if core.fatal is not None:
-                            return
+                    self._digest(decoder, data)
                 finally:
                     self._cond.notify_all()
                     errors = self._take_rejections()
         finally:
             self._deliver(errors)  # also when the connection broke after a rejection
-
-    def _take_rejections(self) -> list[BatchRejected]:
-        if self._on_error is None or not self._core.rejections:
-            return []
-        errors = list(self._core.rejections)
-        self._core.rejections.clear()
-        return errors
-
-    def _deliver(self, errors: list[BatchRejected]) -> None:
-        """Hand rejections to ``on_error`` outside the lock; a raising callback is fatal."""
-        for error in errors:
-            try:
-                self._on_error(error)  # type: ignore[misc]
-            except Exception as exc:
-                failure = ClientFailed(f"on_error raised {exc!r}")
-                failure.__cause__ = exc
-                with self._cond:
-                    self._core.fail(failure)
-                    self._cond.notify_all()
-                return
 
 
 def _write(sock: socket.socket, out: deque[memoryview]) -> None:
