@@ -1,0 +1,35 @@
+"""`tally bench` end to end, small: it must run, check its totals and print its table.
+
+Only that it works is asserted here; what it measures is for people to read
+(the README's figures), never a pass/fail threshold in a test.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+
+from tests.served import TALLY
+
+pytestmark = pytest.mark.e2e
+
+
+def test_tally_bench_runs_small_and_finds_its_totals_exact(tmp_path):
+    out = tmp_path / "bench.json"
+    done = subprocess.run(
+        [TALLY, "bench", "--shards", "2", "--series", "200", "--rows", "20000",
+         "--columnar", "400000", "--queries", "20", "--background-rate", "100000",
+         "--memory-series", "1000", "--json", str(out)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    for line in ("ingest, columnar frames", "ingest, row frames", "breakdown over 200 series",
+                 "memory per live series-month", "totals exact"):
+        assert line in done.stdout, done.stdout
+    results = json.loads(out.read_text())
+    assert results["exact"] and not results["errors"]
+    assert results["totals"]["queried"] == results["totals"]["sent_and_acked"] > 400_000
+    assert results["rows_mps"] > 0 and results["columnar_mps"] > 0
+    assert results["query"]["n"] == 20 and results["bytes_per_series_month"] > 0
