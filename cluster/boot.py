@@ -106,6 +106,7 @@ class Service:
 
 
 START_TIMEOUT = 120.0
+LOG_FLUSH_SECONDS = 1.5
 
 
 class StartAborted(RuntimeError):
@@ -197,6 +198,9 @@ def serve(cfg: ServeConfig) -> int:
         name = signal.Signals(received[0]).name
         print(f"tally: {name}: stopping ingress and writing a final checkpoint", flush=True)
         cks = service.stop()
+        # Ray forwards the actors' log lines by polling their files: a moment
+        # more, so the final checkpoints' lines reach this stdout before Ray goes.
+        time.sleep(LOG_FLUSH_SECONDS)
         print(f"tally: final checkpoint written (checkpoint ids {cks}); bye", flush=True)
         return 0
     finally:
