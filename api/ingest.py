@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from api.service import IngestError
-from wire.batches import BadBatch, BadRow, Batch, columnar_batch, rows_batch
+from wire.batches import BadBatch, BadRow, Batch, SeriesCache, columnar_batch, rows_batch
 
 ACKS = ("received", "durable")
 
@@ -25,14 +25,15 @@ def check_ack(ack: Any) -> str:
 
 
 def build_batch(
-    rows: Any, series: Any, i: Any, ts: Any, v: Any, now: float
+    rows: Any, series: Any, i: Any, ts: Any, v: Any, now: float,
+    known: SeriesCache | None = None,
 ) -> Batch:
     """Validate either form; BadRow becomes ``bad_row`` with the row index."""
     try:
         if rows is not None:
             if series is not None:
                 raise IngestError("bad_request", "send either rows or series/i/ts/v, not both")
-            return rows_batch(rows, now)
+            return rows_batch(rows, now, known)
         if series is None:
             raise IngestError("bad_request", "missing rows (or the columnar series/i/ts/v)")
         return columnar_batch(series, i, ts, v, now)

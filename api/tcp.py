@@ -20,6 +20,7 @@ from api.access import OPEN, AccessList, Denied, Grant
 from api.durability import ShardRestarted, Token
 from api.ingest import batch_tenants, build_batch, check_ack
 from api.service import IngestError, Service
+from wire.batches import SeriesCache
 from wire.frames import (
     DEFAULT_MAX_FRAME,
     Events,
@@ -50,6 +51,7 @@ class Connection:
         self.writer = writer
         self.access = access
         self.grant: Grant = OPEN
+        self.series_cache = SeriesCache()  # a producer sends the same series frame after frame
         self.hello: Hello | None = None
         self.epoch: int | None = None
         self.close_after = False
@@ -104,7 +106,8 @@ class Connection:
             if m.seq < 1:
                 raise IngestError("bad_request", f"seq {m.seq}: seqs start at 1")
             check_ack(m.ack)
-            batch = build_batch(m.rows, m.series, m.i, m.ts, m.v, self.service.clock())
+            batch = build_batch(m.rows, m.series, m.i, m.ts, m.v, self.service.clock(),
+                                self.series_cache)
             try:
                 self.grant.require_tenants(batch_tenants(batch))
             except Denied as e:

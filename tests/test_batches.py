@@ -24,6 +24,7 @@ from wire.batches import (
     BadBatch,
     BadRow,
     Batch,
+    SeriesCache,
     columnar_batch,
     rows_batch,
 )
@@ -517,3 +518,25 @@ def _timed(fn: Any) -> float:
     t0 = time.perf_counter()
     fn()
     return time.perf_counter() - t0
+
+
+def test_a_connection_series_cache_changes_nothing_but_the_cost() -> None:
+    """Frames of one connection share validated series; answers are the same as without."""
+    cache = SeriesCache(limit=3)
+    t0 = int(NOW) // 3600 * 3600 - 7200
+    frames = [
+        [["acme", "m", {"b": "2", "a": "1"}, t0, 1], ["acme", "m", {"a": "1", "b": "2"}, t0, 2],
+         ["acme", "m", None, t0, 3], ["acme", "m", {}, t0 + 3600, 4]],
+        [["acme", "m", {"a": "1", "b": "2"}, t0, 5], ["globex", "n", None, t0, 6],
+         ["acme", "m", {"a": 1, "b": "2"}, t0, 7]],  # an int tag value: a bad row
+    ]
+    assert rows_batch(frames[0], NOW, cache) == rows_batch(frames[0], NOW)
+    assert 0 < len(cache.sids) <= 3
+    with pytest.raises(BadRow) as cached:
+        rows_batch(frames[1], NOW, cache)
+    with pytest.raises(BadRow) as plain:
+        rows_batch(frames[1], NOW)
+    assert cached.value.row == plain.value.row == 2
+    assert str(cached.value) == str(plain.value)
+    assert all(all(type(p) is str for p in key[:2]) for key in cache.sids)
+    assert len(cache.sids) <= 3  # bounded: it starts over when full

@@ -314,13 +314,33 @@ def _by_sid(local_sids: list[str], local: list[int]) -> tuple[list[str], np.ndar
 # -- row batches --------------------------------------------------------------------
 
 
-def rows_batch(rows: Any, now: float) -> Batch:
+class SeriesCache:
+    """Series already validated on one connection, keyed by their raw parts as they
+    arrive (``(tenant, metric, *tag items)``), so a producer that sends the same
+    series frame after frame pays for validating each once. Only valid series
+    enter (every part a str), so a key holding a non-str part never matches one.
+    Bounded: it starts over when full."""
+
+    __slots__ = ("sids", "limit")
+
+    def __init__(self, limit: int = 100_000) -> None:
+        self.sids: dict[Any, str] = {}
+        self.limit = limit
+
+    def remember(self, key: Any, sid: str) -> None:
+        if len(self.sids) >= self.limit:
+            self.sids.clear()
+        self.sids[key] = sid
+
+
+def rows_batch(rows: Any, now: float, known: SeriesCache | None = None) -> Batch:
     """Validate and aggregate ``[[tenant, metric, tags|nil, ts, value], ...]``.
 
     ``now`` is the server clock (Unix seconds). The loop body is kept to type
-    checks and appends: a series is validated once per batch and afterwards
-    costs one dict lookup keyed by its raw parts, and error messages are only
-    built once the loop has stopped at a bad row.
+    checks and appends: a series is validated once per batch (once per
+    connection with ``known``) and afterwards costs one dict lookup keyed by
+    its raw parts, and error messages are only built once the loop has
+    stopped at a bad row.
     """
     if type(rows) is not list:
         raise BadBatch(f"rows must be a list, not a {_kind(rows)}")
@@ -335,6 +355,7 @@ def rows_batch(rows: Any, now: float) -> Batch:
     tss: list[int] = []
     vals: list[int] = []
     add_s, add_t, add_v = sidx.append, tss.append, vals.append
+    seen = known.sids if known is not None else {}
     for row in rows:
         kind = type(row)
         if kind is not list and kind is not tuple:
@@ -352,10 +373,14 @@ def rows_batch(rows: Any, now: float) -> Batch:
         try:
             si = cache[key]
         except KeyError:
-            try:
-                sid = series_key(tenant, metric, tags).sid
-            except InvalidSeries:
-                break
+            sid = seen.get(key)
+            if sid is None:
+                try:
+                    sid = series_key(tenant, metric, tags).sid
+                except InvalidSeries:
+                    break
+                if known is not None:
+                    known.remember(key, sid)
             si = local_of.get(sid)
             if si is None:
                 si = local_of[sid] = len(local_sids)
