@@ -279,10 +279,10 @@ class ShardState:
         if self._logged or self.unrecorded:
             return self._promise()
         if producer is not None:
-            mark = self.applied.get(producer)
-            if self.durable.get(producer) != mark:
-                if self.inflight is not None and self.inflight.producers.get(producer) == mark:
-                    return self.inflight.ck
+            # the mark the store will hold once the in-flight checkpoint lands (it may
+            # carry a lower one: a batch undone after an earlier checkpoint took it)
+            pending = self.inflight.producers if self.inflight is not None else {}
+            if pending.get(producer, self.durable.get(producer)) != self.applied.get(producer):
                 return self._promise()
         if self.inflight is not None:
             return self.inflight.ck

@@ -828,8 +828,6 @@ def test_a_store_that_cannot_load_refuses_the_batch_and_changes_nothing():
     assert state.applied == {"p": 2}
 
 
-@pytest.mark.xfail(reason="ShardState._holding_ck answers the in-flight checkpoint, which "
-                   "sets the producer's older mark", strict=True)
 def test_a_resend_while_an_older_mark_is_in_flight_waits_for_the_next_checkpoint():
     """A revert after a checkpoint took the mark, a checkpoint of the lowered mark in flight,
     then the resend of that seq (empty on this shard): the answer must not be the in-flight
