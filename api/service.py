@@ -52,6 +52,7 @@ class Applied:
 
 
 EMPTY = Batch.empty()
+TAG_CACHE = 200_000  # series whose parsed tags a gateway keeps for breakdowns
 
 
 class Service:
@@ -66,6 +67,7 @@ class Service:
         self.tracker = DurableTracker(shards.shards, shards.wait_checkpoint)
         self.increments = 0
         self.batches = 0
+        self._tag_cache: dict[str, dict[str, str]] = {}
         # counted by the ingress shells, which also see refusals that never get here
         self.metrics = GatewayMetrics()
 
@@ -285,8 +287,9 @@ class Service:
         """Totals per value of tag ``by``; series without that tag group under null."""
         per_series = await self.totals(tenant, metric, where, plan.h0, plan.h1)
         groups: dict[str | None, int] = defaultdict(int)
+        tags_of = self._tags_of
         for sid, v in per_series.items():
-            groups[parse_series_id(sid).tag_dict().get(by)] += v
+            groups[tags_of(sid).get(by)] += v
         ranked = sorted(
             ((value, t) for value, t in groups.items() if t),
             key=lambda vt: (-vt[1], vt[0] is None, vt[0] or ""),
@@ -303,6 +306,15 @@ class Service:
             "other": sum(t for _, t in ranked[limit:]),
             "total": sum(t for _, t in ranked),
         }
+
+    def _tags_of(self, sid: str) -> dict[str, str]:
+        """A series' tags; parsed once per series, not once per breakdown (bounded cache)."""
+        tags = self._tag_cache.get(sid)
+        if tags is None:
+            if len(self._tag_cache) >= TAG_CACHE:
+                self._tag_cache.clear()
+            tags = self._tag_cache[sid] = parse_series_id(sid).tag_dict()
+        return tags
 
     async def catalog(self, tenant: str, max_values: int = 100) -> dict[str, Any]:
         """Metrics of a tenant with their tag keys and (up to ``max_values``) values."""
