@@ -265,12 +265,6 @@ class ShardState:
             used = self.dirty_slots
         return bool(used) and used + 2 * size > self.max_dirty
 
-    @property
-    def dirty_count(self) -> int:
-        """(series, hour) slots with a delta not yet in a checkpoint (an upper bound
-        between folds: a slot touched by several batches counts once per batch)."""
-        return self._logged
-
     def _holding_ck(self, producer: str | None) -> int:
         """The checkpoint by which everything applied so far is durable.
 

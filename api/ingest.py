@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from api.service import IngestError
-from wire.batches import BadBatch, BadRow, Batch, SeriesCache, columnar_batch, rows_batch
+from wire.batches import BadBatch, BadRow, Batch, KnownSeries, columnar_batch, rows_batch
 
 ACKS = ("received", "durable")
 
@@ -26,7 +26,7 @@ def check_ack(ack: Any) -> str:
 
 def build_batch(
     rows: Any, series: Any, i: Any, ts: Any, v: Any, now: float,
-    known: SeriesCache | None = None,
+    known: KnownSeries | None = None,
 ) -> Batch:
     """Validate either form; BadRow becomes ``bad_row`` with the row index."""
     try:

@@ -20,7 +20,7 @@ from api.access import OPEN, AccessList, Denied, Grant
 from api.durability import ShardRestarted, Token
 from api.ingest import batch_tenants, build_batch, check_ack
 from api.service import IngestError, Service
-from wire.batches import SeriesCache
+from wire.batches import KnownSeries
 from wire.frames import (
     DEFAULT_MAX_FRAME,
     Events,
@@ -51,7 +51,7 @@ class Connection:
         self.writer = writer
         self.access = access
         self.grant: Grant = OPEN
-        self.series_cache = SeriesCache()  # a producer sends the same series frame after frame
+        self.series_cache = KnownSeries()  # a producer sends the same series frame after frame
         self.hello: Hello | None = None
         self.epoch: int | None = None
         self.close_after = False

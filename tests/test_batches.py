@@ -24,7 +24,7 @@ from wire.batches import (
     BadBatch,
     BadRow,
     Batch,
-    SeriesCache,
+    KnownSeries,
     columnar_batch,
     rows_batch,
 )
@@ -522,7 +522,7 @@ def _timed(fn: Any) -> float:
 
 def test_a_connection_series_cache_changes_nothing_but_the_cost() -> None:
     """Frames of one connection share validated series; answers are the same as without."""
-    cache = SeriesCache(limit=3)
+    cache = KnownSeries(limit=3)
     t0 = int(NOW) // 3600 * 3600 - 7200
     frames = [
         [["acme", "m", {"b": "2", "a": "1"}, t0, 1], ["acme", "m", {"a": "1", "b": "2"}, t0, 2],

@@ -314,10 +314,12 @@ def _by_sid(local_sids: list[str], local: list[int]) -> tuple[list[str], np.ndar
 # -- row batches --------------------------------------------------------------------
 
 
-class SeriesCache:
-    """Series already validated on one connection, keyed by their raw parts as they
-    arrive (``(tenant, metric, *tag items)``), so a producer that sends the same
-    series frame after frame pays for validating each once. Only valid series
+class KnownSeries:
+    """Series already validated on one server connection, keyed by their raw parts as
+    they arrive (``(tenant, metric, *tag items)``, unsorted: no sort per row), so a
+    producer that sends the same series frame after frame pays for validating each
+    once. (The client's ``wire.client.SeriesCache`` keys by sorted tags and keeps
+    wire entries with their packed size; this one only needs the series id.) Only valid series
     enter (every part a str), so a key holding a non-str part never matches one.
     Bounded: it starts over when full."""
 
@@ -333,7 +335,7 @@ class SeriesCache:
         self.sids[key] = sid
 
 
-def rows_batch(rows: Any, now: float, known: SeriesCache | None = None) -> Batch:
+def rows_batch(rows: Any, now: float, known: KnownSeries | None = None) -> Batch:
     """Validate and aggregate ``[[tenant, metric, tags|nil, ts, value], ...]``.
 
     ``now`` is the server clock (Unix seconds). The loop body is kept to type

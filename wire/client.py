@@ -138,6 +138,7 @@ import socket
 import threading
 import time
 import uuid
+from abc import ABC, abstractmethod
 from array import array
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Sequence
@@ -870,7 +871,7 @@ def _short(msg: Any) -> str:
     return text if len(text) <= 300 else text[:297] + "..."
 
 
-class _ClientBase:
+class _ClientBase(ABC):
     """What both shells share: the options, the core, its read-only view, and the errors.
 
     ``__init__`` takes the clients' public signature, builds the core (with the
@@ -919,13 +920,13 @@ class _ClientBase:
         self._fatal_seen = False  # the fatal error was raised to a caller at least once
         self._init_shell()
 
+    @abstractmethod
     def _init_shell(self) -> None:
         """Set up the shell's I/O (and ``_guard``); called last by ``__init__``."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _fail(self, failure: ClientFailed) -> None:
         """Record a fatal error in the core and wake every waiter."""
-        raise NotImplementedError
 
     # -- public API ------------------------------------------------------------
 
