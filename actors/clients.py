@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry
 
 from actors.metrics import render, state_gauges
 from actors.shard_state import NO_SEQ, ShardState
-from checkpoint.store import MonthKey, Store
+from checkpoint.store import Store
 from wire.batches import Batch
 
 
@@ -28,12 +28,11 @@ class ShardClient(Protocol):
     async def revert(self, shard: int, batch: Batch, producer: str | None) -> None: ...
     async def wait_checkpoint(self, shard: int, after_ck: int, timeout: float) -> dict: ...
     async def durable_mark(self, shard: int, producer: str) -> int: ...
-    async def hourly(
-        self, shard: int, tenant: str, metric: str, where: dict[str, str], h0: int, h1: int
-    ) -> tuple[np.ndarray, list[MonthKey]]: ...
-    async def totals(
-        self, shard: int, tenant: str, metric: str, where: dict[str, str], h0: int, h1: int
-    ) -> tuple[dict[str, int], list[MonthKey]]: ...
+    async def hourly_of(self, shard: int, sids: list[str], h0: int, h1: int) -> np.ndarray:
+        """Summed counts per hour of the shard's ``sids``, every month (see ShardState)."""
+        ...
+    async def totals_of(self, shard: int, sids: list[str], h0: int, h1: int) -> list[int]: ...
+    async def series_of(self, shard: int, tenant: str, metric: str) -> list[str]: ...
     async def catalog(self, shard: int, tenant: str) -> list[str]: ...
     async def stats(self) -> list[dict[str, Any]]: ...
     async def metrics(self) -> list[str | BaseException]:
@@ -63,11 +62,14 @@ class RayShards:
     async def durable_mark(self, shard: int, producer: str) -> int:
         return await self.handles[shard].durable_mark.remote(producer)
 
-    async def hourly(self, shard, tenant, metric, where, h0, h1):  # type: ignore[no-untyped-def]
-        return await self.handles[shard].hourly.remote(tenant, metric, where, h0, h1)
+    async def hourly_of(self, shard: int, sids: list[str], h0: int, h1: int) -> np.ndarray:
+        return await self.handles[shard].hourly_of.remote(sids, h0, h1)
 
-    async def totals(self, shard, tenant, metric, where, h0, h1):  # type: ignore[no-untyped-def]
-        return await self.handles[shard].totals.remote(tenant, metric, where, h0, h1)
+    async def totals_of(self, shard: int, sids: list[str], h0: int, h1: int) -> list[int]:
+        return await self.handles[shard].totals_of.remote(sids, h0, h1)
+
+    async def series_of(self, shard: int, tenant: str, metric: str) -> list[str]:
+        return await self.handles[shard].series_of.remote(tenant, metric)
 
     async def catalog(self, shard: int, tenant: str) -> list[str]:
         return await self.handles[shard].catalog.remote(tenant)
@@ -114,11 +116,14 @@ class LocalShards:
     async def durable_mark(self, shard: int, producer: str) -> int:
         return self.states[shard].durable.get(producer, NO_SEQ)
 
-    async def hourly(self, shard, tenant, metric, where, h0, h1):  # type: ignore[no-untyped-def]
-        return self.states[shard].hourly(tenant, metric, where, h0, h1)
+    async def hourly_of(self, shard: int, sids: list[str], h0: int, h1: int) -> np.ndarray:
+        return self.states[shard].hourly_of(sids, h0, h1, self.store.load_months)
 
-    async def totals(self, shard, tenant, metric, where, h0, h1):  # type: ignore[no-untyped-def]
-        return self.states[shard].totals(tenant, metric, where, h0, h1)
+    async def totals_of(self, shard: int, sids: list[str], h0: int, h1: int) -> list[int]:
+        return self.states[shard].totals_of(sids, h0, h1, self.store.load_months)
+
+    async def series_of(self, shard: int, tenant: str, metric: str) -> list[str]:
+        return self.states[shard].series_of(tenant, metric)
 
     async def catalog(self, shard: int, tenant: str) -> list[str]:
         return self.states[shard].catalog(tenant)

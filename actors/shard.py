@@ -118,15 +118,14 @@ class ShardActor:
 
     # ---- queries -------------------------------------------------------
 
-    async def hourly(
-        self, tenant: str, metric: str, where: dict[str, str], h0: int, h1: int
-    ) -> tuple[Any, list]:
-        return self.state.hourly(tenant, metric, where, h0, h1)
+    async def hourly_of(self, sids: list[str], h0: int, h1: int) -> Any:
+        return self.state.hourly_of(sids, h0, h1, self.store.load_months)
 
-    async def totals(
-        self, tenant: str, metric: str, where: dict[str, str], h0: int, h1: int
-    ) -> tuple[dict[str, int], list]:
-        return self.state.totals(tenant, metric, where, h0, h1)
+    async def totals_of(self, sids: list[str], h0: int, h1: int) -> list[int]:
+        return self.state.totals_of(sids, h0, h1, self.store.load_months)
+
+    async def series_of(self, tenant: str, metric: str) -> list[str]:
+        return self.state.series_of(tenant, metric)
 
     async def catalog(self, tenant: str) -> list[str]:
         return self.state.catalog(tenant)

@@ -21,10 +21,12 @@ next one.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from itertools import repeat
 from typing import Any
 
 import numpy as np
 
+from actors.history import DEFAULT_BYTES, MISSING, History
 from checkpoint.store import Checkpoint, MonthDoc, MonthKey, ShardRecord
 from wire.batches import INT64_MAX, INT64_MIN, Batch
 from wire.series import SeriesKey, matches, parse_series_id
@@ -67,7 +69,8 @@ def month_days(mno: int) -> tuple[int, int]:
 
 class ShardState:
     def __init__(
-        self, shard: int, record: ShardRecord | None = None, max_dirty: int = 0
+        self, shard: int, record: ShardRecord | None = None, max_dirty: int = 0,
+        history_bytes: int = DEFAULT_BYTES,
     ) -> None:
         record = record or ShardRecord()
         self.shard = shard
@@ -93,6 +96,7 @@ class ShardState:
         self.by_metric: dict[tuple[str, str], set[int]] = {}
         self._loaded: dict[int, set[int]] = {}  # month number -> series holding it
         self._match_cache: dict[tuple, list[int]] = {}
+        self.history = History(history_bytes)  # stored months other than those loaded
 
         # counts: day blocks of 24 hours
         self._blocks = np.zeros((1024, 24), dtype=np.int64)
@@ -162,6 +166,7 @@ class ShardState:
             if g in holders:
                 continue
             holders.add(g)
+            self.history.drop((sid, mno))  # live from now on; the copy would go stale
             self._months_held[g] += 1
             doc = docs.get((sid, month))
             if doc is None or not doc.hours:
@@ -592,6 +597,87 @@ class ShardState:
         sums = exact_sum(per_hour, axis=1).tolist()
         sids = self._sids
         return {sids[g]: s for g, s in zip(series, sums, strict=True)}, covered  # type: ignore
+
+    def series_of(self, tenant: str, metric: str) -> list[str]:
+        """The metric's series this shard holds live (the store's catalog may lag behind)."""
+        sids = self._sids
+        return [sids[g] for g in self.by_metric.get((tenant, metric), ())]  # type: ignore[misc]
+
+    def per_hour(
+        self, sids: list[str], h0: int, h1: int,
+        load: Callable[[list[MonthKey]], dict[MonthKey, MonthDoc]],
+    ) -> np.ndarray:
+        """Counts per hour of [h0, h1) of each of ``sids`` (one row each), stored months included.
+
+        The gateway sends a series only to the shard that owns it, so this
+        answers for every month: those held live from their blocks, the others
+        from ``self.history`` or, the first time, the store. Like ``ingest``,
+        ``load`` runs synchronously: nothing may touch the state between finding
+        a month not held and using what was read.
+        """
+        d0, d1 = h0 // 24, (h1 - 1) // 24 + 1
+        out = np.zeros((len(sids), (d1 - d0) * 24), np.int64)
+        first_m, last_m = months_of_hours(np.array([h0, h1 - 1])).tolist()
+        get_series, history = self.series.get, self.history
+        need: list[tuple[int, str, int, int, int]] = []  # (row, sid, month, first, end)
+        for m in range(first_m, last_m + 1):
+            m_first, m_end = month_days(m)
+            lo, hi = max(m_first, d0), min(m_end, d1)
+            cols = slice((lo - d0) * 24, (hi - d0) * 24)
+            holders = self._loaded.get(m, ())
+            live_rows: list[int] = []
+            live_series: list[int] = []
+            for i, sid in enumerate(sids):
+                g = get_series(sid)
+                if g is not None and g in holders:
+                    live_rows.append(i)
+                    live_series.append(g)
+                    continue
+                hours = history.get((sid, m))
+                if hours is MISSING:
+                    need.append((i, sid, m, lo, hi))
+                elif hours is not None:
+                    out[i, cols] = hours[(lo - m_first) * 24:(hi - m_first) * 24]  # type: ignore
+            if live_rows:
+                out[live_rows, cols] = self._day_counts(live_series, lo, hi)
+        if need:
+            keys = list(dict.fromkeys((sid, month_name(m)) for _, sid, m, _, _ in need))
+            docs = load(keys)
+            for i, sid, m, lo, hi in need:
+                m_first, m_end = month_days(m)
+                doc = docs.get((sid, month_name(m)))
+                hours = None
+                if doc is not None and doc.hours:
+                    hours = np.zeros((m_end - m_first) * 24, np.int64)
+                    for h, v in doc.hours.items():
+                        hours[h - m_first * 24] = v
+                    out[i, (lo - d0) * 24:(hi - d0) * 24] = hours[
+                        (lo - m_first) * 24:(hi - m_first) * 24]
+                history.put((sid, m), hours)
+        start = h0 - d0 * 24
+        return out[:, start:start + (h1 - h0)]
+
+    def _day_counts(self, series: list[int], lo: int, hi: int) -> np.ndarray:
+        """Counts of days [lo, hi) of each series, one row of (hi - lo) * 24 hours per series."""
+        days = np.arange(lo, hi, dtype=np.int64)
+        keys = (np.array(series, np.int64)[:, None] << DAY_BITS | days[None, :]).ravel().tolist()
+        rows = np.fromiter(map(self._block_of.get, keys, repeat(-1)), np.int64, len(keys))
+        counts = np.where((rows >= 0)[:, None], self._blocks[np.maximum(rows, 0)], 0)
+        return counts.reshape(len(series), len(days) * 24)
+
+    def hourly_of(
+        self, sids: list[str], h0: int, h1: int,
+        load: Callable[[list[MonthKey]], dict[MonthKey, MonthDoc]],
+    ) -> np.ndarray:
+        """Counts per hour of [h0, h1), summed over ``sids`` (exact: Python ints past int64)."""
+        return exact_sum(self.per_hour(sids, h0, h1, load), axis=0)
+
+    def totals_of(
+        self, sids: list[str], h0: int, h1: int,
+        load: Callable[[list[MonthKey]], dict[MonthKey, MonthDoc]],
+    ) -> list[int]:
+        """Each series' total over [h0, h1), in ``sids`` order."""
+        return exact_sum(self.per_hour(sids, h0, h1, load), axis=1).tolist()
 
     def catalog(self, tenant: str) -> list[str]:
         sids = self._sids

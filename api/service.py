@@ -1,10 +1,11 @@
 """The gateway's logic, shared by the TCP and HTTP shells: ingest and queries.
 
-Queries merge two disjoint sources. Shards answer for every (series, month)
-they hold — complete totals, base included — and name those months; the
-store answers for all other months. Shards are asked first: a month a shard
-picks up after its answer was taken is read from the store, which then
-already holds everything acknowledged before the query began.
+A query finds the matching series in the gateway's series index
+(api/series_index.py) and asks only the shards that own them; each shard
+answers for every month of its series, live or stored, because it is the only
+writer of their month documents (actors/history.py). One shard sees one
+consistent state, so an increment is counted once even while a checkpoint is
+in flight.
 """
 
 from __future__ import annotations
@@ -24,11 +25,11 @@ from actors.shard_state import exact_sum
 from api.durability import DurableTracker, Token
 from api.metrics import GatewayMetrics
 from api.producers import Producers
+from api.series_index import SeriesIndex
 from api.timerange import Plan, bucket_points
-from checkpoint.store import MonthKey, Store
+from checkpoint.store import Store
 from wire.batches import Batch
 from wire.series import SeriesKey, parse_series_id
-from wire.timeslots import months_between
 
 
 class IngestError(Exception):
@@ -52,7 +53,6 @@ class Applied:
 
 
 EMPTY = Batch.empty()
-TAG_CACHE = 200_000  # series whose parsed tags a gateway keeps for breakdowns
 
 
 class Service:
@@ -67,7 +67,7 @@ class Service:
         self.tracker = DurableTracker(shards.shards, shards.wait_checkpoint)
         self.increments = 0
         self.batches = 0
-        self._tag_cache: dict[str, dict[str, str]] = {}
+        self.index = SeriesIndex(self.router, self._series_of)
         # counted by the ingress shells, which also see refusals that never get here
         self.metrics = GatewayMetrics()
 
@@ -134,6 +134,8 @@ class Service:
                 if not fenced_meanwhile and applied.fresh and (
                         st.last_seq is None or seq > st.last_seq):
                     st.last_seq = seq
+        if applied.fresh:  # (a resend's rows are not applied: its series may not exist)
+            self.index.saw(batch.sids)  # before the ack: a query must find these series
         self.increments += batch.increments
         self.batches += 1
         return applied
@@ -195,52 +197,49 @@ class Service:
             *(getattr(self.shards, method)(s, *args) for s in range(self.shards.shards))
         )
 
-    async def _stored(
-        self, tenant: str, metric: str, where: dict[str, str], h0: int, h1: int,
-        covered: set[MonthKey],
-    ) -> list:
-        """Stored months the shards did not answer for."""
-        return await asyncio.to_thread(
-            self.store.read_months, tenant, metric, where, months_between(h0, h1), covered
+    async def _series_of(self, tenant: str, metric: str) -> list[str]:
+        """Every series of the metric: recorded by a checkpoint, or held live by a shard."""
+        stored, live = await asyncio.gather(
+            asyncio.to_thread(self.store.catalog, tenant, metric),
+            self._gather("series_of", tenant, metric),
         )
+        return [*(k.sid for k in stored), *(sid for sids in live for sid in sids)]
 
     async def hourly(
         self, tenant: str, metric: str, where: dict[str, str], h0: int, h1: int
     ) -> np.ndarray:
-        """Counts per UTC hour of [h0, h1), every matching series summed."""
-        answers = await self._gather("hourly", tenant, metric, where, h0, h1)
-        covered: set[MonthKey] = set()
-        for _, keys in answers:
-            covered.update(keys)
-        stored = np.zeros((1, h1 - h0), dtype=np.int64)
-        docs = [d for d in await self._stored(tenant, metric, where, h0, h1, covered)
-                if (d.sid, d.month) not in covered]
-        if docs:
-            stored = np.zeros((len(docs), h1 - h0), dtype=np.int64)
-            for k, doc in enumerate(docs):
-                for h, v in doc.hours.items():
-                    if h0 <= h < h1:
-                        stored[k, h - h0] = v
-        parts = [np.asarray(arr) for arr, _ in answers]
+        """Counts per UTC hour of [h0, h1), every matching series summed.
+
+        Only the shards owning a matching series are asked, and each answers
+        for every month of its series, stored ones included (it is their only
+        writer), so there is no store round trip here and no overlap to undo.
+        """
+        groups, _ = await self.index.groups(tenant, metric, where)
+        parts = await asyncio.gather(
+            *(self.shards.hourly_of(s, sids, h0, h1) for s, sids in groups.items())
+        )
+        if not parts:
+            return np.zeros(h1 - h0, np.int64)
+        if len(parts) == 1:
+            return parts[0]
         if any(p.dtype == object for p in parts):
-            return sum(parts, exact_sum(stored, axis=0).astype(object))
-        return exact_sum(np.vstack([*parts, stored]), axis=0)
+            return sum(parts[1:], parts[0].astype(object))
+        return exact_sum(np.vstack(parts), axis=0)
 
     async def totals(
         self, tenant: str, metric: str, where: dict[str, str], h0: int, h1: int
     ) -> dict[str, int]:
         """Per-series totals over [h0, h1)."""
-        answers = await self._gather("totals", tenant, metric, where, h0, h1)
-        out: dict[str, int] = defaultdict(int)
-        covered: set[MonthKey] = set()
-        for per_series, keys in answers:
-            for sid, v in per_series.items():
-                out[sid] += v
-            covered.update(keys)
-        for doc in await self._stored(tenant, metric, where, h0, h1, covered):
-            if (doc.sid, doc.month) in covered:
-                continue
-            out[doc.sid] += sum(v for h, v in doc.hours.items() if h0 <= h < h1)
+        groups, _ = await self.index.groups(tenant, metric, where)
+        return await self._totals(groups, h0, h1)
+
+    async def _totals(self, groups: dict[int, list[str]], h0: int, h1: int) -> dict[str, int]:
+        answers = await asyncio.gather(
+            *(self.shards.totals_of(s, sids, h0, h1) for s, sids in groups.items())
+        )
+        out: dict[str, int] = {}
+        for sids, totals in zip(groups.values(), answers, strict=True):
+            out.update(zip(sids, totals, strict=True))
         return out
 
     async def series(
@@ -285,11 +284,11 @@ class Service:
         self, tenant: str, metric: str, by: str, where: dict[str, str], plan: Plan, limit: int
     ) -> dict[str, Any]:
         """Totals per value of tag ``by``; series without that tag group under null."""
-        per_series = await self.totals(tenant, metric, where, plan.h0, plan.h1)
+        owners, keys = await self.index.groups(tenant, metric, where)
+        per_series = await self._totals(owners, plan.h0, plan.h1)
         groups: dict[str | None, int] = defaultdict(int)
-        tags_of = self._tags_of
         for sid, v in per_series.items():
-            groups[tags_of(sid).get(by)] += v
+            groups[dict(keys[sid].tags).get(by)] += v
         ranked = sorted(
             ((value, t) for value, t in groups.items() if t),
             key=lambda vt: (-vt[1], vt[0] is None, vt[0] or ""),
@@ -306,15 +305,6 @@ class Service:
             "other": sum(t for _, t in ranked[limit:]),
             "total": sum(t for _, t in ranked),
         }
-
-    def _tags_of(self, sid: str) -> dict[str, str]:
-        """A series' tags; parsed once per series, not once per breakdown (bounded cache)."""
-        tags = self._tag_cache.get(sid)
-        if tags is None:
-            if len(self._tag_cache) >= TAG_CACHE:
-                self._tag_cache.clear()
-            tags = self._tag_cache[sid] = parse_series_id(sid).tag_dict()
-        return tags
 
     async def catalog(self, tenant: str, max_values: int = 100) -> dict[str, Any]:
         """Metrics of a tenant with their tag keys and (up to ``max_values``) values."""

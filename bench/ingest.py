@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import socket
 import threading
 import time
 import uuid
 from dataclasses import dataclass, field
+from typing import Any
 
 from bench.workload import Chunk, frame
 from wire.frames import FrameDecoder, encode_frame
@@ -23,7 +25,7 @@ class Stream:
     acked_increments: int = 0
     acked_total: int = 0
     errors: list[dict] = field(default_factory=list)
-    stop: threading.Event | None = None  # when set, stop early (background streams)
+    stop: Any = None  # an Event (threading or multiprocessing): when set, stop early
     rate: float | None = None  # increments per second to pace at (background streams)
     sent: int = 0
 
@@ -101,3 +103,47 @@ def run_streams(streams: list[Stream]) -> float:
     for t in threads:
         t.join()
     return time.perf_counter() - started
+
+
+def _background_main(stream: Stream, stop: Any, ready: Any, results: Any) -> None:
+    stream.stop = stop
+    ready.set()
+    try:
+        stream.run()
+    finally:
+        results.put((stream.acked_increments, stream.acked_total, stream.errors))
+
+
+class Background:
+    """A paced stream in a process of its own, beside a latency sampler.
+
+    Run as a thread it would share the sampler's GIL, and every query would
+    wait for the sender's Python work: the figure would be the bench's, not
+    tally's. A producer and a dashboard are different processes in real use.
+    """
+
+    def __init__(self, stream: Stream) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self.stream = stream
+        self._stop = ctx.Event()
+        self._ready = ctx.Event()
+        self._results = ctx.Queue()
+        self._process = ctx.Process(
+            target=_background_main, args=(stream, self._stop, self._ready, self._results),
+            daemon=True,
+        )
+
+    def start(self, warm_up: float = 1.0) -> None:
+        """Start, and return once the stream has been sending for ``warm_up`` seconds."""
+        self._process.start()
+        if not self._ready.wait(60):
+            raise RuntimeError("the background sender did not start")
+        time.sleep(warm_up)
+
+    def finish(self, timeout: float = 120) -> Stream:
+        """Stop sending, wait for the last ack; the stream's counts are then filled in."""
+        self._stop.set()
+        s = self.stream
+        s.acked_increments, s.acked_total, s.errors = self._results.get(timeout=timeout)
+        self._process.join(timeout)
+        return s

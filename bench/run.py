@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,7 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bench.ceiling import ceiling
-from bench.ingest import Stream, run_streams
+from bench.ingest import Background, Stream, run_streams
 from bench.latency import Latency, sample
 from bench.workload import METRIC, TENANT, Workload, frame
 from cluster.spawn import Spawned
@@ -141,10 +140,8 @@ def _measure(cfg: BenchConfig, service: Spawned, res: Results, say: Any) -> None
     sent_total += sum(s.acked_total for s in cols)
 
     say(f"queries while ingesting {cfg.background_rate:,} increments/s")
-    stop = threading.Event()
-    background = Stream(service.tcp_port, work.columnar_chunks(50_000), 10**9, stop=stop,
-                        rate=cfg.background_rate)
-    feeder = threading.Thread(target=background.run, daemon=True)
+    feeder = Background(Stream(service.tcp_port, work.columnar_chunks(50_000), 10**9,
+                               rate=cfg.background_rate))
     feeder.start()
     first_day, last_day = work.days
     end = time.strftime("%Y-%m-%d", time.gmtime(work.now))
@@ -160,8 +157,7 @@ def _measure(cfg: BenchConfig, service: Spawned, res: Results, say: Any) -> None
             "limit": 1000}, max(20, cfg.queries // 5))
         if len(answer["groups"]) != cfg.series:
             res.errors.append(f"breakdown has {len(answer['groups'])} groups, not {cfg.series}")
-        stop.set()
-        feeder.join()
+        background = feeder.finish()
         sent_total += background.acked_total
         for s in [*rows, *cols, background]:
             res.errors += [f"{e.get('code')}: {e.get('message')}" for e in s.errors[:3]]

@@ -147,8 +147,8 @@ class MemoryStore(MongoStore):
         return super().read_months(tenant, metric, where, months, exclude)
 
     @_locked
-    def catalog(self, tenant: str) -> list[SeriesKey]:
-        return super().catalog(tenant)
+    def catalog(self, tenant: str, metric: str | None = None) -> list[SeriesKey]:
+        return super().catalog(tenant, metric)
 
     @_locked
     def close(self) -> None:

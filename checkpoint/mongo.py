@@ -186,7 +186,7 @@ class MongoStore:
                 self._months.create_index(
                     [("tenant", 1), ("metric", 1), ("month", 1)], name="tenant_metric_month"
                 )
-                self._series.create_index([("tenant", 1)], name="tenant")
+                self._series.create_index([("tenant", 1), ("metric", 1)], name="tenant_metric")
             self._indexes_ready = True
 
     # -- writes ---------------------------------------------------------------
@@ -410,10 +410,12 @@ class MongoStore:
         docs.sort(key=lambda d: (d.sid, d.month))
         return docs
 
-    def catalog(self, tenant: str) -> list[SeriesKey]:
-        check_tenant(tenant)
+    def catalog(self, tenant: str, metric: str | None = None) -> list[SeriesKey]:
+        query = {"tenant": check_tenant(tenant)}
+        if metric is not None:
+            query["metric"] = check_metric(metric)
         with self._errors(f"reading the catalog of {tenant}"):
-            sids = [doc["_id"] for doc in self._series.find({"tenant": tenant}, {"_id": 1})]
+            sids = [doc["_id"] for doc in self._series.find(query, {"_id": 1})]
         return [parse_series_id(sid) for sid in sorted(sids)]
 
     def close(self) -> None:

@@ -56,8 +56,8 @@ class RemoteStore:
     ) -> list[MonthDoc]:
         return self._call("read_months", tenant, metric, where, months, exclude)
 
-    def catalog(self, tenant: str) -> list[SeriesKey]:
-        return self._call("catalog", tenant)
+    def catalog(self, tenant: str, metric: str | None = None) -> list[SeriesKey]:
+        return self._call("catalog", tenant, metric)
 
     def close(self) -> None:
         """The host owns the store; closing a proxy leaves it open for the others."""

@@ -317,15 +317,12 @@ class SqliteStore:
         out.sort(key=lambda d: (d.sid, d.month))
         return out
 
-    def catalog(self, tenant: str) -> list[SeriesKey]:
+    def catalog(self, tenant: str, metric: str | None = None) -> list[SeriesKey]:
+        sql, params = "SELECT sid FROM series WHERE tenant = ?", [check_tenant(tenant)]
+        if metric is not None:
+            sql, params = sql + " AND metric = ?", [*params, check_metric(metric)]
         with self._errors(f"reading the catalog of {tenant}"):
-            rows = (
-                self._conn()
-                .execute(
-                    "SELECT sid FROM series WHERE tenant = ? ORDER BY sid", (check_tenant(tenant),)
-                )
-                .fetchall()
-            )
+            rows = self._conn().execute(sql + " ORDER BY sid", params).fetchall()
         return [parse_series_id(sid) for (sid,) in rows]
 
     def close(self) -> None:

@@ -91,7 +91,7 @@ class Store(Protocol):
         but those in ``exclude`` (the caller has them: shards answer for what they hold,
         and their documents need not cross the wire or be read from disk)."""
 
-    def catalog(self, tenant: str) -> list[SeriesKey]:
-        """Every series of the tenant that a checkpoint has recorded."""
+    def catalog(self, tenant: str, metric: str | None = None) -> list[SeriesKey]:
+        """Every series of the tenant (of one metric if given) that a checkpoint has recorded."""
 
     def close(self) -> None: ...

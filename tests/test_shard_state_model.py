@@ -654,6 +654,28 @@ class ShardStateMachine(RuleBasedStateMachine):
         assert s.series_months == months_held, (s.series_months, months_held)
 
     @invariant()
+    def owned_series_answer_for_every_month(self) -> None:
+        """What the gateway asks: series' counts over live and stored months alike, exact
+        whatever the shard's copy of stored months holds (it is read as a side effect)."""
+        s = self.state
+        by_metric: dict[tuple[str, str], list[str]] = defaultdict(list)
+        for sid in sorted(self.ever):
+            key = key_of(sid)
+            by_metric[(key.tenant, key.metric)].append(sid)
+        for sids in by_metric.values():
+            for where, (h0, h1) in QUERIES:
+                chosen = [sid for sid in sids if matches(key_of(sid).tags, where)]
+                want_sid = dict.fromkeys(chosen, 0)
+                want = np.zeros(h1 - h0, dtype=object)
+                for (sid, h), v in self.truth.items():
+                    if sid in want_sid and h0 <= h < h1:
+                        want_sid[sid] += v
+                        want[h - h0] += v
+                assert s.totals_of(chosen, h0, h1, self.store.load) == list(want_sid.values())
+                got = s.hourly_of(chosen, h0, h1, self.store.load)
+                assert got.shape == (h1 - h0,) and [int(v) for v in got] == want.tolist()
+
+    @invariant()
     def catalog_has_every_series(self) -> None:
         live_total = 0
         for t in TENANTS:

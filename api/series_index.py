@@ -1,0 +1,140 @@
+"""Which series a metric has, so that a query calls only the shards owning the matches.
+
+A query for one series of a metric used to ask every shard; with four shards
+that fan-out alone cost more than the whole query budget. The gateway now keeps
+the series of each metric it has been asked about: loaded on the first query
+from the store's catalog and from the series the shards hold live, then kept
+current by this gateway's own ingest. ``saw`` runs after every shard applied a
+batch and before the ack is sent, and a load registers its entry before it
+asks the shards, so an acknowledged series is always found (read your writes):
+either the entry existed when the batch was seen, or the shards had the series
+when the entry was loaded.
+
+Series ingested through another gateway reach this index only through a load;
+with one gateway per node (issue 7) the gateways must also tell each other of
+new series before acknowledging them. Bounded: least recently queried metrics
+are forgotten first and loaded again when asked for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import OrderedDict, defaultdict
+from collections.abc import Awaitable, Callable, Iterable
+
+from actors.router import Router
+from wire.series import SeriesKey, matches, parse_series_id
+
+DEFAULT_MAX_SERIES = 2_000_000
+MATCH_CACHE = 1_000  # where filters remembered per metric
+PARSE_CACHE = 200_000  # series ids whose parsed keys ``saw`` keeps
+
+Loader = Callable[[str, str], Awaitable[Iterable[str]]]
+
+
+class _Metric:
+    __slots__ = ("keys", "loading", "groups")
+
+    def __init__(self) -> None:
+        self.keys: dict[str, SeriesKey] = {}
+        self.loading: asyncio.Task | None = None
+        # where (sorted pairs) -> shard -> matching sids; cleared when a series is added
+        self.groups: dict[tuple[tuple[str, str], ...], dict[int, list[str]]] = {}
+
+    def add(self, sid: str, key: SeriesKey) -> None:
+        if sid not in self.keys:
+            self.keys[sid] = key
+            self.groups.clear()
+
+
+class SeriesIndex:
+    def __init__(self, router: Router, load: Loader, max_series: int = DEFAULT_MAX_SERIES) -> None:
+        self.router = router
+        self._load = load  # (tenant, metric) -> every sid the store or a shard knows
+        self.max_series = max_series
+        self._metrics: OrderedDict[tuple[str, str], _Metric] = OrderedDict()
+        self._parsed: dict[str, SeriesKey] = {}  # batches bring the same series again and again
+        self.series = 0  # held over all metrics
+
+    def saw(self, sids: Iterable[str]) -> None:
+        """Series of a batch every shard has applied; call before acknowledging it.
+
+        Checked against the entries every time, not once per series: a series
+        whose counts netted to zero can leave both the shards and the catalog,
+        be missed by a load, and come back in a later batch.
+        """
+        metrics = self._metrics
+        if not metrics:
+            return
+        parsed = self._parsed
+        for sid in sids:
+            key = parsed.get(sid)
+            if key is None:
+                if len(parsed) >= PARSE_CACHE:
+                    parsed.clear()  # only costs re-parsing
+                key = parsed[sid] = parse_series_id(sid)
+            entry = metrics.get((key.tenant, key.metric))
+            if entry is not None and sid not in entry.keys:
+                entry.add(sid, key)
+                self.series += 1
+
+    async def groups(
+        self, tenant: str, metric: str, where: dict[str, str]
+    ) -> tuple[dict[int, list[str]], dict[str, SeriesKey]]:
+        """Shard -> the metric's series whose tags include ``where``, owned by that shard;
+        and every series of the metric by id (for their tags)."""
+        entry = await self._entry(tenant, metric)
+        wk = tuple(sorted(where.items()))
+        found = entry.groups.get(wk)
+        if found is None:
+            grouped: dict[int, list[str]] = defaultdict(list)
+            shard = self.router.shard
+            for sid, key in entry.keys.items():
+                if matches(key.tags, where):
+                    grouped[shard(sid)].append(sid)
+            found = dict(grouped)
+            if len(entry.groups) >= MATCH_CACHE:
+                entry.groups.clear()
+            entry.groups[wk] = found
+        return found, entry.keys
+
+    async def _entry(self, tenant: str, metric: str) -> _Metric:
+        name = (tenant, metric)
+        entry = self._metrics.get(name)
+        if entry is None:
+            # registered before the shards are asked: batches seen meanwhile land in it
+            entry = self._metrics[name] = _Metric()
+            entry.loading = asyncio.get_running_loop().create_task(self._fill(name, entry))
+        else:
+            self._metrics.move_to_end(name)
+        if entry.loading is not None:
+            # shielded: one caller giving up must not cancel the load the others wait for
+            await asyncio.shield(entry.loading)
+        return entry
+
+    async def _fill(self, name: tuple[str, str], entry: _Metric) -> None:
+        try:
+            sids = await self._load(*name)
+        except BaseException:
+            if self._metrics.get(name) is entry:
+                del self._metrics[name]  # the next query loads again
+                self.series -= len(entry.keys)
+            raise
+        before = len(entry.keys)
+        for sid in sids:
+            if sid not in entry.keys:
+                entry.add(sid, parse_series_id(sid))
+        self.series += len(entry.keys) - before
+        entry.loading = None
+        self._trim(keep=name)
+
+    def _trim(self, keep: tuple[str, str]) -> None:
+        while self.series > self.max_series and len(self._metrics) > 1:
+            name, entry = next(iter(self._metrics.items()))
+            if name == keep:
+                self._metrics.move_to_end(name)
+                continue
+            if entry.loading is not None:
+                break  # a load in flight holds its entry
+            del self._metrics[name]
+            self.series -= len(entry.keys)
