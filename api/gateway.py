@@ -22,6 +22,7 @@ from actors.clients import RayShards
 from actors.shard import SHARD_NAME
 from api.access import AccessList
 from api.http import create_app
+from api.rules import BUILTIN, Rules
 from api.service import Service
 from api.tcp import TcpLimits, TcpServer
 from checkpoint.remote import open_store_in_actor
@@ -46,11 +47,16 @@ def _probe_bind(host: str, port: int) -> None:
 
 @dataclass(frozen=True)
 class GatewayOptions:
-    """What a gateway enforces; the access list holds digests only, never secrets."""
+    """What a gateway enforces; the access list holds digests only, never secrets.
+
+    ``rules`` travel parsed: the file is read and checked once by ``tally serve``
+    (a bad one stops it with exit 2), and a gateway on another node need not see it.
+    """
 
     limits: TcpLimits = field(default_factory=TcpLimits)
     access: AccessList | None = None
     max_query_days: int = 3660
+    rules: Rules = BUILTIN
 
 
 @ray.remote(num_cpus=0, enable_task_events=False)
@@ -61,7 +67,7 @@ class Gateway:
         self.store = open_store_in_actor(store_url)
         self.options = options
         self.service = Service(RayShards(handles), self.store)
-        self.tcp = TcpServer(self.service, options.limits, options.access)
+        self.tcp = TcpServer(self.service, options.limits, options.access, options.rules)
         self.http: uvicorn.Server | None = None
         self._http_task: asyncio.Task | None = None
 
@@ -89,7 +95,7 @@ class Gateway:
         opts = self.options
         app = create_app(
             self.service, max_body=opts.limits.max_frame, access=opts.access,
-            max_query_days=opts.max_query_days,
+            max_query_days=opts.max_query_days, rules=opts.rules,
         )
         config = uvicorn.Config(
             app,

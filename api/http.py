@@ -20,14 +20,16 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.access import OPEN, AccessList, Denied, Grant
 from api.durability import ShardRestarted
-from api.ingest import batch_tenants, build_batch, check_ack, json_column
+from api.ingest import Incoming, build_batch, build_event_batch, check_ack, json_column
 from api.metrics import HttpMetricsMiddleware, body_increments
+from api.rules import BUILTIN, Rules
 from api.service import IngestError, Service
 from api.timerange import GRANULARITIES, QueryError, compare_plan, plan_range
 from wire.series import InvalidSeries, check_metric, check_tag_key, check_tag_value, check_tenant
 
 log = logging.getLogger("tally.http")
 DEFAULT_MAX_BODY = 16 * 1024 * 1024
+INGEST_ROUTES = ("/v1/increments", "/v1/events")
 STATUS = {"bad_request": 400, "bad_row": 400, "too_large": 413, "overloaded": 503}
 
 
@@ -119,6 +121,7 @@ def create_app(
     durable_timeout: float = 30.0,
     access: AccessList | None = None,
     max_query_days: int = 3660,
+    rules: Rules = BUILTIN,
 ) -> FastAPI:
     app = FastAPI(title="tally", version="1", docs_url="/docs", redoc_url=None)
     may_ingest = Depends(authorizer(access, "ingest"))
@@ -129,7 +132,7 @@ def create_app(
     def refused(request: Request, code: str) -> None:
         """Count a refused ingest batch once; the route stashed how many increments it held."""
         state = request.state
-        if request.scope["path"] == "/v1/increments" and not getattr(state, "counted", False):
+        if request.scope["path"] in INGEST_ROUTES and not getattr(state, "counted", False):
             state.counted = True
             service.metrics.batch_rejected("http", code, getattr(state, "increments", 0))
 
@@ -185,10 +188,8 @@ def create_app(
         text = await service.metrics.render(service.shards)
         return Response(text, media_type=CONTENT_TYPE_LATEST)
 
-    @app.post("/v1/increments")
-    async def increments(request: Request, grant: Grant = may_ingest) -> dict[str, int]:
-        body = await read_body(request, max_body)
-        request.state.increments = body_increments(body)  # for a refusal's count
+    def envelope(body: dict[str, Any]) -> tuple[str, str | None, int | None]:
+        """``ack``, ``producer`` and ``seq`` of an ingest body: the same for rows and events."""
         ack = check_ack(body.get("ack"))
         producer, seq = body.get("producer"), body.get("seq")
         if (producer is None) != (seq is None):
@@ -198,14 +199,17 @@ def create_app(
                 raise bad("producer must be a string of 1 to 200 characters")
             if type(seq) is not int or not 1 <= seq < 2**63:
                 raise bad(f"seq {seq!r} must be an integer from 1 to 2**63-1")
-        i, ts, v = body.get("i"), body.get("ts"), body.get("v")
-        if body.get("series") is not None:
-            i, ts, v = json_column("i", i, "<u4"), json_column("ts", ts, "<i8"), json_column(
-                "v", v, "<i8"
-            )
-        batch = build_batch(body.get("rows"), body.get("series"), i, ts, v, service.clock())
-        grant.require_tenants(batch_tenants(batch))
-        applied = await service.ingest(batch, producer, seq)
+        return ack, producer, seq
+
+    async def ingest(
+        request: Request, grant: Grant, incoming: Incoming, ack: str, producer: str | None,
+        seq: int | None,
+    ) -> dict[str, int]:
+        """Access check, apply, and the durable wait when asked: the answer ``{"rows": n}``."""
+        request.state.increments = incoming.batch.increments
+        with incoming.blamed():
+            grant.require_tenants(incoming.tenants())
+            applied = await service.ingest(incoming.batch, producer, seq)
         # Applied, so accepted even if the durable wait below fails (the resend is a duplicate).
         service.metrics.batch_accepted("http", applied.rows)
         request.state.counted = True
@@ -221,6 +225,31 @@ def create_app(
                     "or down); resend with the same producer and seq to wait again",
                 ) from None
         return {"rows": applied.rows}
+
+    @app.post("/v1/increments")
+    async def increments(request: Request, grant: Grant = may_ingest) -> dict[str, int]:
+        body = await read_body(request, max_body)
+        request.state.increments = body_increments(body)  # for a refusal's count
+        ack, producer, seq = envelope(body)
+        i, ts, v = body.get("i"), body.get("ts"), body.get("v")
+        if body.get("series") is not None:
+            i, ts, v = json_column("i", i, "<u4"), json_column("ts", ts, "<i8"), json_column(
+                "v", v, "<i8"
+            )
+        batch = build_batch(body.get("rows"), body.get("series"), i, ts, v, service.clock())
+        return await ingest(request, grant, Incoming(batch), ack, producer, seq)
+
+    @app.post("/v1/events")
+    async def events(request: Request, grant: Grant = may_ingest) -> dict[str, int]:
+        """Events fanned out by the rules, then applied exactly as ``/v1/increments`` rows;
+        ``rows`` counts the increments made. A refusal names the event (``row``)."""
+        body = await read_body(request, max_body)
+        events = body.get("events")
+        # a refusal before fan-out counts the events (each makes at least one increment)
+        request.state.increments = len(events) if isinstance(events, list) else 0
+        ack, producer, seq = envelope(body)
+        incoming = build_event_batch(events, rules, service.clock())
+        return await ingest(request, grant, incoming, ack, producer, seq)
 
     @app.get("/v1/series")
     async def series(

@@ -1,15 +1,21 @@
 """Turning a decoded ingest body (TCP frame or HTTP body) into a Batch.
 
-One place decides what an `inc` body may hold, so TCP and HTTP refuse the
-same things with the same codes.
+One place decides what an `inc` or `event` body may hold, so TCP and HTTP
+refuse the same things with the same codes.
 """
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from api.access import Denied
+from api.rules import Rules
 from api.service import IngestError
 from wire.batches import BadBatch, BadRow, Batch, KnownSeries, columnar_batch, rows_batch
 
@@ -70,3 +76,87 @@ def batch_tenants(batch: Batch) -> list[tuple[str, int]]:
         if row < rows.get(tenant, row + 1):
             rows[tenant] = row
     return list(rows.items())
+
+
+# -- events ------------------------------------------------------------------------
+
+_ROW_PREFIX = re.compile(r"row (\d+): ")
+
+
+@dataclass(slots=True, eq=False)
+class Incoming:
+    """A validated batch, and how to name its rows to the client that sent it.
+
+    Increments are the client's own rows: errors name them as they are. The
+    rows of events were made by fan-out and the client never saw them, so an
+    error about one (a bad tenant, a ts in the future, a slot pushed out of
+    int64 on a shard, a tenant outside the token) must name the event behind
+    it instead; ``origin`` maps one to the other.
+    """
+
+    batch: Batch
+    origin: list[int] | None = None  # events: the event index of each fan-out row
+    rule: list[str] | None = None  # events: the rule that made each fan-out row
+
+    def tenants(self) -> list[tuple[str, int]]:
+        """Each tenant with its first row, for the access check (inside ``blamed``)."""
+        return batch_tenants(self.batch)
+
+    def event_of(self, row: int | None, message: str, rule: bool = True) -> tuple[int | None, str]:
+        """The event behind fan-out row ``row``, and ``message`` reworded to name it.
+
+        ``rule`` adds which rule made the row: what a data-model problem (a tag
+        value too long, a slot out of int64) needs to be understood.
+        """
+        if self.origin is None or row is None or not 0 <= row < len(self.origin):
+            return row, message
+        event = self.origin[row]
+        match = _ROW_PREFIX.match(message)
+        problem = message[match.end():] if match and int(match.group(1)) == row else message
+        made_by = ""
+        # (a tenant or ts problem is the event's own, whichever rule made the row)
+        if rule and self.rule is not None and not problem.startswith(("tenant ", "ts ")):
+            made_by = f" (in the increment of rule {self.rule[row]!r})"
+        return event, f"event {event}: {problem}{made_by}"
+
+    @contextmanager
+    def blamed(self) -> Iterator[None]:
+        """Errors raised inside that name a row name its event instead (no-op for rows)."""
+        try:
+            yield
+        except IngestError as e:
+            if self.origin is None or e.row is None:
+                raise
+            event, message = self.event_of(e.row, e.message, rule=e.code == "bad_row")
+            raise IngestError(e.code, message, row=event, fatal=e.fatal) from None
+        except Denied as e:
+            if self.origin is None or e.row is None:
+                raise
+            event, message = self.event_of(e.row, e.message, rule=False)
+            raise Denied(e.code, message, row=event) from None
+
+
+def build_event_batch(
+    events: Any, rules: Rules, now: float, known: KnownSeries | None = None
+) -> Incoming:
+    """Fan ``events`` out into rows and validate them as the row path does, all or nothing.
+
+    The first bad event wins, whatever is wrong with it: a row problem of an
+    earlier event (found by ``rows_batch``) comes before a fan-out problem of
+    a later one. ``bad_row`` carries the event index as ``row``.
+    """
+    if type(events) is not list:
+        what = "missing" if events is None else f"a {type(events).__name__}, not a list"
+        raise IngestError("bad_request", f"events is {what}")
+    fanned = rules.fan_out(events)
+    incoming = Incoming(Batch.empty(), fanned.origin, fanned.rule)
+    try:
+        incoming.batch = rows_batch(fanned.rows, now, known)
+    except BadRow as e:
+        event, message = incoming.event_of(e.row, e.message)
+        raise IngestError("bad_row", message, row=event) from None
+    except BadBatch as e:  # pragma: no cover - fan-out makes a list of 5-field rows
+        raise IngestError("bad_request", str(e)) from None
+    if fanned.error is not None:
+        raise IngestError("bad_row", fanned.error.message, row=fanned.error.event)
+    return incoming

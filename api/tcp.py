@@ -13,12 +13,14 @@ import asyncio
 import contextlib
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from api.access import OPEN, AccessList, Denied, Grant
 from api.durability import ShardRestarted, Token
-from api.ingest import batch_tenants, build_batch, check_ack
+from api.ingest import Incoming, build_batch, build_event_batch, check_ack
+from api.rules import BUILTIN, Rules
 from api.service import IngestError, Service
 from wire.batches import KnownSeries
 from wire.frames import (
@@ -46,10 +48,12 @@ class Connection:
         service: Service,
         writer: asyncio.StreamWriter | None = None,
         access: AccessList | None = None,
+        rules: Rules = BUILTIN,
     ) -> None:
         self.service = service
         self.writer = writer
         self.access = access
+        self.rules = rules
         self.grant: Grant = OPEN
         self.series_cache = KnownSeries()  # a producer sends the same series frame after frame
         self.hello: Hello | None = None
@@ -72,11 +76,7 @@ class Connection:
             if isinstance(parsed, Hello):
                 raise ProtocolError("bad_request", "hello was already received on this connection")
             if isinstance(parsed, Events):
-                raise ProtocolError(
-                    "bad_request",
-                    "events are not available yet: no fan-out rules are loaded; send inc",
-                    seq=parsed.seq,
-                )
+                return await self.event(parsed)
             assert isinstance(parsed, Inc)
             return await self.inc(parsed)
         except ProtocolError as e:
@@ -101,33 +101,47 @@ class Connection:
         return {"op": "welcome", "v": 1, "durable_seq": durable_seq}
 
     async def inc(self, m: Inc) -> dict[str, Any]:
+        return await self._ingest(m.seq, m.ack, _increments_in(m), lambda now: Incoming(
+            build_batch(m.rows, m.series, m.i, m.ts, m.v, now, self.series_cache)))
+
+    async def event(self, m: Events) -> dict[str, Any]:
+        """Fan the events out, then exactly what ``inc`` does; ``rows`` counts increments."""
+        return await self._ingest(m.seq, m.ack, len(m.events), lambda now: build_event_batch(
+            m.events, self.rules, now, self.series_cache))
+
+    async def _ingest(
+        self, seq: int, ack: str, claimed: int, build: Callable[[float], Incoming]
+    ) -> dict[str, Any]:
+        """Validate, check access, apply; the answer frame. ``claimed`` counts a refusal."""
         assert self.hello is not None
         try:
-            if m.seq < 1:
-                raise IngestError("bad_request", f"seq {m.seq}: seqs start at 1")
-            check_ack(m.ack)
-            batch = build_batch(m.rows, m.series, m.i, m.ts, m.v, self.service.clock(),
-                                self.series_cache)
-            try:
-                self.grant.require_tenants(batch_tenants(batch))
-            except Denied as e:
-                # `unauthorized` is the protocol's only access code; the row says
-                # which tenant, and the connection stays usable for the others.
-                raise IngestError("unauthorized", e.message, row=e.row) from None
-            applied = await self.service.ingest(batch, self.hello.producer, m.seq, self.epoch)
+            if seq < 1:
+                raise IngestError("bad_request", f"seq {seq}: seqs start at 1")
+            check_ack(ack)
+            incoming = build(self.service.clock())
+            with incoming.blamed():
+                try:
+                    self.grant.require_tenants(incoming.tenants())
+                except Denied as e:
+                    # `unauthorized` is the protocol's only access code; the row says
+                    # which tenant, and the connection stays usable for the others.
+                    raise IngestError("unauthorized", e.message, row=e.row) from None
+                applied = await self.service.ingest(
+                    incoming.batch, self.hello.producer, seq, self.epoch
+                )
         except IngestError as e:
-            self.service.metrics.batch_rejected("tcp", e.code, _increments_in(m))
+            self.service.metrics.batch_rejected("tcp", e.code, claimed)
             if e.fatal:
                 self.close_after = True
             frame: dict[str, Any] = {
-                "op": "error", "seq": m.seq, "code": e.code, "message": e.message,
+                "op": "error", "seq": seq, "code": e.code, "message": e.message,
             }
             if e.row is not None:
                 frame["row"] = e.row
             return frame
         self.service.metrics.batch_accepted("tcp", applied.rows)
-        self.acked = (m.seq, applied.token, m.ack == "durable")
-        return {"op": "ack", "seq": m.seq, "rows": applied.rows}
+        self.acked = (seq, applied.token, ack == "durable")
+        return {"op": "ack", "seq": seq, "rows": applied.rows}
 
     def after_reply(self) -> None:
         """Once an ack is written, its durable frame may follow (never precede it)."""
@@ -190,11 +204,12 @@ class TcpLimits:
 class TcpServer:
     def __init__(
         self, service: Service, limits: TcpLimits | None = None,
-        access: AccessList | None = None,
+        access: AccessList | None = None, rules: Rules = BUILTIN,
     ) -> None:
         self.service = service
         self.limits = limits or TcpLimits()
         self.access = access
+        self.rules = rules
         self.server: asyncio.base_events.Server | None = None
         self.connections = 0
 
@@ -222,7 +237,7 @@ class TcpServer:
             return
         self.connections += 1
         metrics.connection_opened()
-        conn = Connection(self.service, writer, self.access)
+        conn = Connection(self.service, writer, self.access, self.rules)
         try:
             await self._converse(conn, reader, writer)
         except ConnectionError as e:

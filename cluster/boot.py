@@ -15,6 +15,7 @@ import ray
 from actors.shard import SHARD_NAME, ShardActor
 from api.access import load_access
 from api.gateway import GATEWAY_NAME, Gateway, GatewayOptions
+from api.rules import BUILTIN, load_rules
 from api.tcp import TcpLimits
 from checkpoint.remote import HOST_NAME, StoreHost
 from checkpoint.store import LayoutMismatch, StoreError
@@ -77,6 +78,7 @@ class Service:
             TcpLimits(cfg.max_frame, cfg.max_connections, cfg.frame_timeout),
             load_access(cfg.tokens) if cfg.tokens else None,
             cfg.max_query_days,
+            load_rules(cfg.rules) if cfg.rules else BUILTIN,
         )
         self.gateway = Gateway.options(name=GATEWAY_NAME).remote(
             self.store_url, cfg.shards, options
@@ -190,6 +192,7 @@ def serve(cfg: ServeConfig) -> int:
             f"store {redact_url(service.store_url)}; "
             f"checkpoints every {cfg.checkpoint_interval:g} s; "
             f"{'tokens from ' + cfg.tokens if cfg.tokens else 'open access (no tokens)'}; "
+            f"{'event rules from ' + cfg.rules if cfg.rules else 'built-in event rules'}; "
             f"Ray at {ray.get_runtime_context().gcs_address} (namespace {NAMESPACE})",
             flush=True,
         )

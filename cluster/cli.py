@@ -35,6 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--tokens", metavar="FILE",
                        help="TOML access list ([[token]] secret, tenants, scopes); required "
                        "to listen on a non-loopback --host")
+    serve.add_argument("--rules", metavar="FILE",
+                       help="TOML event fan-out rules ([[rule]] event, metric, tags, value, "
+                       "bucket); replaces the built-in customer-service rules unless it says "
+                       "builtin = true (default: the built-in rules)")
     serve.add_argument("--max-connections", type=int,
                        help="TCP connections at once, and HTTP connections (default 1000)")
     serve.add_argument("--frame-timeout", type=float,

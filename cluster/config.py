@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from api.access import AccessFileError, load_access
+from api.rules import RulesError, load_rules
 
 
 class ConfigError(ValueError):
@@ -38,6 +39,7 @@ class ServeConfig:
     # a client must take its answers within it: slow clients never hold memory
     frame_timeout: float = 30.0
     max_query_days: int = 3660  # longest from..to range a query may ask for
+    rules: str | None = None  # TOML fan-out rules (api/rules.py); None: the built-in ones
 
 
 def load_config(flags: dict[str, Any], config_file: str | None, env: dict[str, str]) -> ServeConfig:
@@ -115,7 +117,12 @@ def check(cfg: ServeConfig) -> None:
             load_access(cfg.tokens)
         except AccessFileError as e:
             raise ConfigError(str(e)) from None
-    elif not is_loopback(cfg.host):
+    if cfg.rules is not None:
+        try:
+            load_rules(cfg.rules)
+        except RulesError as e:
+            raise ConfigError(str(e)) from None
+    if cfg.tokens is None and not is_loopback(cfg.host):
         raise ConfigError(
             f"host {cfg.host} is not a loopback address: listening beyond this machine "
             "requires access tokens (--tokens FILE); without them anyone who can reach "

@@ -23,6 +23,7 @@ import uvicorn
 from actors.clients import LocalShards
 from api.access import AccessList
 from api.http import create_app
+from api.rules import BUILTIN, Rules
 from api.service import Service
 from api.tcp import TcpLimits, TcpServer
 from checkpoint.sqlite import SqliteStore
@@ -45,16 +46,17 @@ class InProcessTally:
     def __init__(
         self, workdir: Path, *, shards: int = 2, limits: TcpLimits | None = None,
         access: AccessList | None = None, max_query_days: int = 3660,
+        rules: Rules = BUILTIN,
     ) -> None:
         self.store = SqliteStore(str(workdir / "inproc.db"))
         self.store.ensure_layout(shards)
         self.shards = LocalShards(self.store, shards)
         self.service = Service(self.shards, self.store)
         self.limits = limits or TcpLimits()
-        self.tcp = TcpServer(self.service, self.limits, access)
+        self.tcp = TcpServer(self.service, self.limits, access, rules)
         self.app = create_app(
             self.service, max_body=self.limits.max_frame, access=access,
-            max_query_days=max_query_days,
+            max_query_days=max_query_days, rules=rules,
         )
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)

@@ -56,6 +56,7 @@ from wire.client import (
     _Broken,
     backoff_delay,
     initial_seq,
+    prepare_event,
     prepare_increment,
 )
 from wire.frames import (
@@ -225,6 +226,57 @@ def test_pending_counts_buffered_and_undurable_increments() -> None:
     assert core.pending == 5  # acked is not durable: still kept
     core.receive({"op": "durable", "seq": 1}, 0.0)
     assert core.pending == 3 and list(core.kept) == [2]
+
+
+def add_event(core: ProducerCore, n: int = 0, now: float = 0.0, **fields: Any) -> bool:
+    event, size = prepare_event("acme", "message.received", NOW, {"n": n, **fields}, NOW)
+    return core.add_event(event, size, now)
+
+
+def test_events_are_batched_beside_increments_in_event_frames() -> None:
+    core = core_with(batch_size=3, linger=0.5)
+    assert add_event(core, 0, now=10.0) is True  # an event batch began
+    assert add(core, "acme", "m", now=10.2) is True  # so did an increment batch
+    assert add_event(core, 1, now=10.3) is False
+    assert core.pending == 3 and not core.kept
+    assert core.linger_deadline() == 10.5  # the older of the two open batches
+    assert core.poll(10.5) is True  # linger seals both: increments first, then events
+    first, second = core.kept.values()
+    assert decode(first.frame)["op"] == "inc" and first.increments == 1
+    msg = decode(second.frame)
+    assert msg == {"op": "event", "seq": 2, "ack": "durable", "events": [
+        {"type": "message.received", "tenant": "acme", "ts": NOW, "n": 0},
+        {"type": "message.received", "tenant": "acme", "ts": NOW, "n": 1}]}
+    assert second.increments == 2 and core.last_seq == 2
+    for n in range(3):  # the size trigger seals an event batch on its own
+        add_event(core, n)
+    assert list(core.kept) == [1, 2, 3] and core.builder.n == 0
+
+
+def test_the_byte_cap_holds_for_event_batches() -> None:
+    cap = 64 * 1024
+    core = core_with(batch_size=1_000_000, max_batch_bytes=cap)
+    for n in range(100):
+        add_event(core, n, note="x" * 2000)
+    core.seal()
+    assert len(core.kept) > 2 and sum(b.increments for b in core.kept.values()) == 100
+    assert all(len(b.frame) <= cap for b in core.kept.values())
+    with pytest.raises(ValueError, match="does not fit in max_batch_bytes"):
+        add_event(core, 0, note="x" * cap)
+
+
+def test_a_refused_event_batch_names_the_event() -> None:
+    core = core_with(batch_size=2)
+    add_event(core, 0)
+    add_event(core, 1)
+    connected(core)
+    core.take_frames(0.0)
+    core.receive({"op": "error", "seq": 1, "code": "bad_row", "row": 1,
+                  "message": "event 1 (message.received): field 'channel' is missing"}, 0.0)
+    [err] = core.rejections
+    assert (err.row, err.increments, err.increment) == (1, 2, None)
+    assert err.event == {"type": "message.received", "tenant": "acme", "ts": NOW, "n": 1}
+    assert "the bad event:" in str(err)
 
 
 # ------------------------------------------------------------ the protocol, as a state machine

@@ -258,6 +258,23 @@ def test_tenants_never_see_each_other(server):
     assert r.json()["groups"] == [{"value": "b", "total": 7}]
 
 
+def test_events_are_fanned_out_by_the_gateway_actor(server):
+    # the built-in rules reach the gateway through Ray (GatewayOptions)
+    event = {"type": "message.replied", "tenant": "evco", "ts": int(time.time()) - 10,
+             "agent": "ann", "channel": "chat", "response_seconds": 4000}
+    r = httpx.post(server.url + "/v1/events", json={"events": [event]})
+    assert (r.status_code, r.json()) == (200, {"rows": 4}), r.text
+    with Connection("127.0.0.1", server.tcp_port) as conn:
+        assert conn.send_events([event, event])["rows"] == 8
+        with pytest.raises(ServerError) as e:
+            conn.send_events([event, {**event, "agent": None}])
+        assert e.value.code == "bad_row" and e.value.row == 1, e.value.frame
+    r = httpx.get(server.url + "/v1/breakdown", params={
+        "tenant": "evco", "metric": "response_time", "by": "bucket", "from": "2026-01-01",
+        "to": "2026-12-31"})
+    assert r.json()["groups"] == [{"value": "lt_4h", "total": 3}], r.text
+
+
 @pytest.mark.parametrize("params,needle", [
     ({"tz": "Asia/Kolkata"}, "+05:30"),
     ({"tz": "Mars/Olympus"}, "Mars/Olympus"),
@@ -294,6 +311,7 @@ def test_a_taken_port_is_an_error_naming_it(tmp_path):
 @pytest.mark.parametrize("args,needle", [
     (["--host", "0.0.0.0"], "not a loopback address"),
     (["--shards", "0"], "shards"),
+    (["--rules", "no-such-rules.toml"], "rules file no-such-rules.toml: No such file"),
     (["--store", "postgres://x"], "postgres://x"),
     (["--store", "mongodb://127.0.0.1:9/t?serverSelectionTimeoutMS=300"], "not reachable"),
 ])

@@ -698,7 +698,8 @@ class ConnectionMachine(RuleBasedStateMachine):
         assert ok, reply
 
     def draw_event(self, data: st.DataObject, peer: Peer) -> tuple[dict, Any]:
-        """Events for a tenant nobody queries; refused (no rules here) or acknowledged."""
+        """Events for a tenant nobody queries: refused by the built-in rules (a type no rule
+        covers, or no channel/sentiment) unless the list is empty, then acknowledged."""
         producer = peer.producer
         assert producer is not None
         seq = self.applied.get(producer, 0) + data.draw(st.integers(1, 2))
@@ -711,7 +712,7 @@ class ConnectionMachine(RuleBasedStateMachine):
         def check(peer: Peer, reply: dict) -> None:
             if type(events) is not list:
                 assert reply["op"] == "error" and reply["code"] == "bad_request", reply
-            elif reply["op"] == "ack":  # fan-out rules may exist one day: then it counts
+            elif reply["op"] == "ack":  # an empty list: applied (0 increments), seq used
                 assert not fenced
                 self.applied[producer] = max(self.applied.get(producer, 0), seq)
                 self.acked[producer].append(seq)

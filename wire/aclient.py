@@ -22,12 +22,14 @@ import logging
 import socket
 import time
 from collections.abc import Callable
+from typing import Any
 
 from wire.client import (
     ClientFailed,
     TallyTimeout,
     _Broken,
     _ClientBase,
+    prepare_event,
     prepare_increment,
 )
 from wire.frames import FrameDecoder
@@ -84,6 +86,16 @@ class AsyncTallyClient(_ClientBase):
         if not self._has_room():
             await self._wait(self._has_room, self.timeout, self._describe_full)
         if core.add(*prepared, time.monotonic()):
+            self._wakeup.set()
+
+    async def event(self, tenant: str, type: str, ts: int | None = None, **fields: Any) -> None:
+        """As ``TallyClient.event``; awaits (up to ``timeout``) while ``max_pending`` is reached."""
+        event, size = prepare_event(tenant, type, ts, fields, time.time())
+        self._check(rejections=True)
+        self.start()
+        if not self._has_room():
+            await self._wait(self._has_room, self.timeout, self._describe_full)
+        if self._core.add_event(event, size, time.monotonic()):
             self._wakeup.set()
 
     async def flush(self, durable: bool = True, timeout: float | None = None) -> None:

@@ -19,6 +19,10 @@ Usage::
     async with AsyncTallyClient("127.0.0.1", 8781) as tally:
         await tally.inc("acme", "logins")
 
+Events go through the same machinery: ``tally.event("acme", "message.replied",
+agent="ann", channel="email", response_seconds=95)`` buffers one raw event;
+the server's fan-out rules turn it into increments (``api/rules.py``).
+
 What it promises (design guarantee 3)
 -------------------------------------
 Every ``inc`` that returned without raising is applied exactly once by the
@@ -106,6 +110,19 @@ the batches stay kept and the client keeps trying, so calling ``flush`` again
 is safe. Its message says what is missing and the last problem seen (e.g. the
 connection refused while the server is down).
 
+Events
+------
+``event`` batches raw events the same way, in ``event`` frames (an open
+event batch beside the open increment batch; ``flush`` and the linger seal
+both), with the same seqs, durability and resend. The client checks the
+envelope (tenant, type, ts, fields that msgpack can carry) but not the
+rules, which live on the server: an event the server's rules refuse (a type
+no rule covers, a missing or mistyped field) takes its whole batch down, and
+``BatchRejected.event`` is the event the server named. Producers that cannot
+afford that validate their events first, or flush each one. ``pending`` and
+``BatchRejected.increments`` count an event as one (the increments it makes
+are known to the server only).
+
 Memory
 ------
 ``max_pending`` bounds the increments held: buffered plus sent but not yet
@@ -157,7 +174,7 @@ from wire.frames import (
     FrameError,
     encode_frame,
 )
-from wire.series import InvalidSeries, series_key
+from wire.series import InvalidSeries, check_tenant, series_key
 from wire.timeslots import FUTURE_TOLERANCE
 
 __all__ = [
@@ -219,7 +236,8 @@ class BatchRejected(ServerError):
 
     None of its ``increments`` were applied and the client will not resend
     them. ``row`` indexes the batch, which is meaningless to the caller, so
-    ``increment`` carries that row as ``(tenant, metric, tags, ts, value)``.
+    ``increment`` carries that row as ``(tenant, metric, tags, ts, value)``,
+    or, for a batch of events, ``event`` the event the server named.
     """
 
     def __init__(
@@ -229,12 +247,16 @@ class BatchRejected(ServerError):
         seq: int,
         increments: int,
         increment: tuple[str, str, Tags, int, int] | None = None,
+        event: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(frame)
         self.seq = seq
         self.increments = increments
         self.increment = increment
+        self.event = event
         what = f"; the bad increment: {increment!r}" if increment is not None else ""
+        if event is not None:
+            what = f"; the bad event: {_short(event)}"
         self.args = (
             f"batch seq {seq} ({increments} increments) refused for good, none applied: "
             f"{frame.get('code')}: {frame.get('message')}{what}",
@@ -340,25 +362,49 @@ def _as_int(x: Any, what: str) -> int:
     return int(x)
 
 
+def _check_ts(ts: Any, now: float) -> int:
+    if ts is None:
+        return int(now)
+    ts = _as_int(ts, "ts")
+    if ts < 0:
+        raise ValueError(f"ts {ts} is negative; timestamps are Unix seconds")
+    if ts > now + FUTURE_TOLERANCE:
+        raise ValueError(
+            f"ts {ts} is {ts - int(now)} s ahead of this machine's clock; the server "
+            f"refuses more than {FUTURE_TOLERANCE} s (and the whole batch with it)"
+        )
+    return ts
+
+
 def prepare_increment(
     cache: SeriesCache, tenant: Any, metric: Any, value: Any, ts: Any, tags: Any, now: float
 ) -> tuple[SeriesEntry, int, int]:
     """Validate one increment on the caller's thread; the error names what is wrong."""
-    if ts is None:
-        ts = int(now)
-    else:
-        ts = _as_int(ts, "ts")
-        if ts < 0:
-            raise ValueError(f"ts {ts} is negative; timestamps are Unix seconds")
-        if ts > now + FUTURE_TOLERANCE:
-            raise ValueError(
-                f"ts {ts} is {ts - int(now)} s ahead of this machine's clock; the server "
-                f"refuses more than {FUTURE_TOLERANCE} s (and the whole batch with it)"
-            )
+    ts = _check_ts(ts, now)
     value = _as_int(value, "value")
     if not INT64_MIN <= value <= INT64_MAX:
         raise ValueError(f"value {value} is outside int64")
     return cache.lookup(tenant, metric, tags), ts, value
+
+
+def prepare_event(
+    tenant: Any, type: Any, ts: Any, fields: dict[str, Any], now: float
+) -> tuple[dict[str, Any], int]:
+    """Validate one event's envelope on the caller's thread; the event and its packed size.
+
+    The rules are the server's, so only what any rule set would refuse is
+    checked here: the tenant, the type, the ts, and fields msgpack can carry.
+    """
+    check_tenant(tenant)
+    if not isinstance(type, str) or not type:
+        raise TypeError(f"event type must be a non-empty string, not {_short(type)}")
+    event = {"type": type, "tenant": tenant, "ts": _check_ts(ts, now), **fields}
+    try:
+        size = len(msgpack.packb(event, use_bin_type=True))
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise TypeError(f"event fields must be msgpack values (str, int, float, bool, None, "
+                        f"lists, maps): {exc}") from None
+    return event, size
 
 
 # ------------------------------------------------------------------------ batching
@@ -397,6 +443,21 @@ class BatchBuilder:
         }
 
 
+class EventBuilder:
+    """The open batch of raw events; ``bound`` as in ``BatchBuilder`` (packed sizes)."""
+
+    __slots__ = ("events", "n", "bound", "first_at")
+
+    def __init__(self) -> None:
+        self.events: list[dict[str, Any]] = []
+        self.n = 0
+        self.bound = FRAME_OVERHEAD
+        self.first_at: float | None = None
+
+    def message(self, seq: int) -> dict[str, Any]:
+        return {"op": "event", "seq": seq, "ack": "durable", "events": self.events}
+
+
 @dataclass(slots=True, eq=False)
 class SealedBatch:
     """A batch with its seq and frame, kept until durable; resent byte for byte."""
@@ -412,6 +473,8 @@ class SealedBatch:
 def decode_increment(frame: bytes, row: int) -> tuple[str, str, Tags, int, int] | None:
     """Row ``row`` of an encoded batch, to name the bad increment in an error (slow path)."""
     msg = msgpack.unpackb(frame[4:], raw=False)
+    if msg.get("op") != "inc":
+        return None
     i = np.frombuffer(msg["i"], "<u4")
     if not 0 <= row < len(i):
         return None
@@ -419,6 +482,13 @@ def decode_increment(frame: bytes, row: int) -> tuple[str, str, Tags, int, int] 
     ts = int(np.frombuffer(msg["ts"], "<i8")[row])
     value = int(np.frombuffer(msg["v"], "<i8")[row])
     return tenant, metric, tags, ts, value
+
+
+def decode_event(frame: bytes, index: int) -> dict[str, Any] | None:
+    """Event ``index`` of an encoded event batch (slow path, for an error)."""
+    msg = msgpack.unpackb(frame[4:], raw=False)
+    events = msg.get("events") if msg.get("op") == "event" else None
+    return events[index] if isinstance(events, list) and 0 <= index < len(events) else None
 
 
 def backoff_delay(attempt: int, base: float, cap: float, rng: random.Random) -> float:
@@ -513,6 +583,7 @@ class ProducerCore:
         self.max_sent = 0  # the highest seq ever written; never-sent batches are above it
 
         self.builder = BatchBuilder()
+        self.event_builder = EventBuilder()  # events are batched beside increments
         self.kept: OrderedDict[int, SealedBatch] = OrderedDict()  # seq order
         self.kept_increments = 0
         self._unsent: list[int] = []  # min-heap of seqs to (re)send; stale entries skipped
@@ -544,7 +615,7 @@ class ProducerCore:
     @property
     def pending(self) -> int:
         """Increments held: buffered, plus sealed and not yet durable."""
-        return self.builder.n + self.kept_increments
+        return self.builder.n + self.event_builder.n + self.kept_increments
 
     @property
     def last_seq(self) -> int:
@@ -591,7 +662,7 @@ class ProducerCore:
         idx = b.index.get(entry)
         need = BYTES_PER_INCREMENT if idx is not None else BYTES_PER_INCREMENT + entry.size
         if b.bound + need > self.max_batch_bytes:
-            sealed = self.seal() is not None
+            sealed = self._seal_increments() is not None
             b = self.builder
             idx = None
             if b.bound + BYTES_PER_INCREMENT + entry.size > self.max_batch_bytes:
@@ -612,34 +683,73 @@ class ProducerCore:
         b.n += 1
         b.bound += BYTES_PER_INCREMENT
         if b.n >= self.batch_size:
-            sealed = self.seal() is not None
+            sealed = self._seal_increments() is not None
+        return sealed or started
+
+    def add_event(self, event: dict[str, Any], size: int, now: float) -> bool:
+        """Buffer one checked event (``size``: its packed bytes); as ``add``, True to wake."""
+        if FRAME_OVERHEAD + size > self.max_batch_bytes:
+            raise ValueError(f"an event of {size} bytes packed does not fit in "
+                             f"max_batch_bytes={self.max_batch_bytes}")
+        b = self.event_builder
+        sealed = False
+        if b.bound + size > self.max_batch_bytes:
+            sealed = self._seal_events() is not None
+            b = self.event_builder
+        started = not b.n
+        if started:
+            b.first_at = now
+        b.events.append(event)
+        b.n += 1
+        b.bound += size
+        if b.n >= self.batch_size:
+            sealed = self._seal_events() is not None
         return sealed or started
 
     def seal(self) -> int | None:
-        """Close the open batch: give it the next seq, encode it once, keep it."""
+        """Close the open batches (increments, then events); the last seq given, if any."""
+        first = self._seal_increments()
+        second = self._seal_events()
+        return second if second is not None else first
+
+    def _seal_increments(self) -> int | None:
         builder = self.builder
         if not builder.n:
             return None
+        seq = self._keep(builder.message, builder.n, builder.bound)
+        self.builder = BatchBuilder()
+        return seq
+
+    def _seal_events(self) -> int | None:
+        builder = self.event_builder
+        if not builder.n:
+            return None
+        seq = self._keep(builder.message, builder.n, builder.bound)
+        self.event_builder = EventBuilder()
+        return seq
+
+    def _keep(self, message: Callable[[int], dict[str, Any]], n: int, bound: int) -> int:
+        """Give a batch the next seq, encode it once, keep it until durable."""
         seq = self.next_seq
         if seq > MAX_SEQ:
             raise OverflowError("seq would exceed 2^63-1")
-        frame = encode_frame(builder.message(seq))
+        frame = encode_frame(message(seq))
         if len(frame) > self.max_batch_bytes:  # the bound is wrong: a bug, not the caller's
             raise AssertionError(
                 f"batch frame of {len(frame)} bytes exceeds max_batch_bytes="
-                f"{self.max_batch_bytes} (estimated {builder.bound})"
+                f"{self.max_batch_bytes} (estimated {bound})"
             )
         self.next_seq = seq + 1
-        self.kept[seq] = SealedBatch(seq, frame, builder.n)
-        self.kept_increments += builder.n
+        self.kept[seq] = SealedBatch(seq, frame, n)
+        self.kept_increments += n
         heapq.heappush(self._unsent, seq)
-        self.builder = BatchBuilder()
         self.stats["batches"] += 1
         return seq
 
     def linger_deadline(self) -> float | None:
-        first = self.builder.first_at
-        return None if first is None else first + self.linger
+        firsts = [t for t in (self.builder.first_at, self.event_builder.first_at)
+                  if t is not None]
+        return min(firsts) + self.linger if firsts else None
 
     def poll(self, now: float) -> bool:
         """Seal the open batch if its linger ran out; True if a batch was sealed."""
@@ -845,9 +955,10 @@ class ProducerCore:
                 self.kept_increments -= batch.increments
                 row = msg.get("row")
                 bad = decode_increment(batch.frame, row) if type(row) is int else None
-                self.rejections.append(
-                    BatchRejected(msg, seq=seq, increments=batch.increments, increment=bad)
-                )
+                event = decode_event(batch.frame, row) if type(row) is int else None
+                self.rejections.append(BatchRejected(
+                    msg, seq=seq, increments=batch.increments, increment=bad, event=event
+                ))
                 self.stats["rejected"] += 1
             return
         # overloaded, internal, or a code this client does not know: not applied,
@@ -1094,6 +1205,22 @@ class TallyClient(_ClientBase):
             if not self._has_room():
                 self._wait(self._has_room, self.timeout, self._describe_full)
             wake = core.add(*prepared, time.monotonic())
+        if wake:
+            self._wake()
+
+    def event(self, tenant: str, type: str, ts: int | None = None, **fields: Any) -> None:
+        """Buffer one raw event (``ts`` Unix seconds, default now) for the server's rules.
+
+        Batched, kept and resent like ``inc``, and raises what ``inc`` raises;
+        the fields are the event's (``agent="ann", response_seconds=95``).
+        """
+        event, size = prepare_event(tenant, type, ts, fields, time.time())
+        core = self._core
+        with self._cond:
+            self._check(rejections=True)
+            if not self._has_room():
+                self._wait(self._has_room, self.timeout, self._describe_full)
+            wake = core.add_event(event, size, time.monotonic())
         if wake:
             self._wake()
 
@@ -1376,6 +1503,10 @@ class Connection:
                 "v": np.asarray(values, dtype="<i8").tobytes(),
             }
         )
+
+    def send_events(self, events: Iterable[dict[str, Any]]) -> dict[str, Any]:
+        """One ``event`` frame; the ack's ``rows`` counts the increments the rules made."""
+        return self.request({"op": "event", "seq": self._next_seq(), "events": list(events)})
 
     def ping(self) -> dict[str, Any]:
         return self.request({"op": "ping"})
