@@ -1,7 +1,10 @@
-"""The HTTP API v1 as a FastAPI app over a Service.
+"""The HTTP API v1 as a FastAPI app over a Service, and the dashboard page at ``/``.
 
 Errors follow the design's shape, ``{"error": {"code", "message"}}``, with
-400 (not FastAPI's 422) for a bad parameter or body.
+400 (not FastAPI's 422) for a bad parameter or body. `/openapi.json` (and
+`/docs`) describe the routes as they are, answers and errors included
+(api/openapi.py); tests/test_openapi.py holds the server to it with
+schemathesis.
 """
 
 from __future__ import annotations
@@ -13,12 +16,16 @@ from typing import Any
 import msgpack
 from fastapi import Depends, FastAPI, Query, Request, Security
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from api import openapi as doc
 from api.access import OPEN, AccessList, Denied, Grant
+from api.dashboard import dashboard_router
 from api.durability import ShardRestarted
 from api.ingest import Incoming, build_batch, build_event_batch, check_ack, json_column
 from api.metrics import HttpMetricsMiddleware, body_increments
@@ -95,6 +102,41 @@ async def read_body(request: Request, max_body: int) -> dict[str, Any]:
     return body
 
 
+# Query parameters shared by the query routes. Their patterns and allowed values are in the
+# schema for clients, and checked by the routes themselves, whose messages name the rule.
+TENANT = Query(description="the tenant", json_schema_extra={"pattern": doc.TENANT_PATTERN})
+METRIC = Query(description="the metric", json_schema_extra={"pattern": doc.METRIC_PATTERN})
+DAY_OR_TIME = {"anyOf": [{"format": "date"}, {"format": "date-time"}]}
+FROM = Query(
+    alias="from", json_schema_extra=DAY_OR_TIME,
+    description="first day YYYY-MM-DD (inclusive) or an ISO datetime, in `tz`",
+)
+TO = Query(
+    json_schema_extra=DAY_OR_TIME,
+    description="last day YYYY-MM-DD (inclusive) or an ISO datetime, in `tz`",
+)
+TZ = Query(
+    default="UTC",
+    description="an IANA time zone name; zones with a fractional offset are refused",
+)
+WHERE = Query(
+    default=[], description="repeatable key:value tag filter; every one must match",
+)
+
+
+async def only_declared_params(request: Request) -> None:
+    """Refuse a query parameter the route does not take: a misspelt ``granularty=hour``
+    would otherwise be ignored and answer days, which looks right and is not."""
+    route = request.scope.get("route")
+    if not isinstance(route, APIRoute):
+        return
+    declared = {p.alias for p in route.dependant.query_params}
+    for name in request.query_params:
+        if name not in declared:
+            raise bad(f"unknown parameter {name!r}: {route.path} takes "
+                      f"{', '.join(sorted(declared))}")
+
+
 def authorizer(access: AccessList | None, scope: str) -> Any:
     """A dependency giving the request's Grant for ``scope``: 401 without a known token,
     403 when the token lacks the scope; every grant is OPEN when no tokens are configured."""
@@ -123,10 +165,15 @@ def create_app(
     max_query_days: int = 3660,
     rules: Rules = BUILTIN,
 ) -> FastAPI:
-    app = FastAPI(title="tally", version="1", docs_url="/docs", redoc_url=None)
+    app = FastAPI(
+        title="tally", version="1", docs_url="/docs", redoc_url=None,
+        description="Analytics counters: ingest increments and events, query series and "
+        "breakdowns. Errors are `{\"error\": {\"code\", \"message\"}}`. The dashboard is at `/`.",
+    )
     may_ingest = Depends(authorizer(access, "ingest"))
     may_query = Depends(authorizer(access, "query"))
     may_administer = Depends(authorizer(access, "admin"))  # /metrics
+    only_declared = Depends(only_declared_params)
     app.add_middleware(HttpMetricsMiddleware, metrics=service.metrics)
 
     def refused(request: Request, code: str) -> None:
@@ -170,7 +217,10 @@ def create_app(
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, e: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code, "bad_request")
-        return error_response(e.status_code, code, str(e.detail))
+        response = error_response(e.status_code, code, str(e.detail))
+        # a 405 names the methods that would work (Allow), as HTTP asks
+        response.headers.update(e.headers or {})
+        return response
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, e: Exception) -> JSONResponse:
@@ -178,7 +228,39 @@ def create_app(
         log.error(json.dumps({"event": "error", "where": "http", "error": repr(e)}))
         return error_response(500, "internal", f"internal error: {e!r}")
 
-    @app.get("/healthz")
+    def openapi() -> dict[str, Any]:
+        """FastAPI's schema of the routes, plus the ingest bodies' models, which no route
+        parameter declares (the routes read the raw body: JSON or msgpack)."""
+        if app.openapi_schema is None:
+            schema = get_openapi(
+                title=app.title, version=app.version, description=app.description,
+                routes=app.routes,
+            )
+            components, _ = doc.body_schemas()
+            schemas = schema.setdefault("components", {}).setdefault("schemas", {})
+            schemas.update(components)
+            # FastAPI lists its 422 for every route with parameters; tally answers a bad
+            # parameter 400 (the design's error shape), already listed.
+            # The routes keep their `dict` return type as the response model (pydantic-core
+            # serializes it faster than jsonable_encoder: ~1 ms on a 744-point series), so
+            # FastAPI writes that beside the documented model; the model alone is the truth.
+            for operations in schema["paths"].values():
+                for operation in operations.values():
+                    responses = operation.get("responses", {})
+                    responses.pop("422", None)
+                    for answer in responses.get("200", {}).get("content", {}).values():
+                        if "$ref" in answer.get("schema", {}):
+                            answer["schema"] = {"$ref": answer["schema"]["$ref"]}
+            for unused in ("HTTPValidationError", "ValidationError"):
+                schemas.pop(unused, None)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    _, request_bodies = doc.body_schemas()
+    app.include_router(dashboard_router())
+
+    @app.get("/healthz", responses={200: {"model": doc.Health}})
     async def healthz() -> dict[str, Any]:
         return {"status": "ok", "shards": service.shards.shards}
 
@@ -226,8 +308,13 @@ def create_app(
                 ) from None
         return {"rows": applied.rows}
 
-    @app.post("/v1/increments")
+    @app.post(
+        "/v1/increments",
+        responses={200: {"model": doc.IngestAnswer}, **doc.INGEST_ERRORS},
+        openapi_extra={"requestBody": request_bodies["/v1/increments"]},
+    )
     async def increments(request: Request, grant: Grant = may_ingest) -> dict[str, int]:
+        """Apply a row or columnar batch, all or nothing; ``rows`` counts the increments."""
         body = await read_body(request, max_body)
         request.state.increments = body_increments(body)  # for a refusal's count
         ack, producer, seq = envelope(body)
@@ -239,7 +326,11 @@ def create_app(
         batch = build_batch(body.get("rows"), body.get("series"), i, ts, v, service.clock())
         return await ingest(request, grant, Incoming(batch), ack, producer, seq)
 
-    @app.post("/v1/events")
+    @app.post(
+        "/v1/events",
+        responses={200: {"model": doc.IngestAnswer}, **doc.INGEST_ERRORS},
+        openapi_extra={"requestBody": request_bodies["/v1/events"]},
+    )
     async def events(request: Request, grant: Grant = may_ingest) -> dict[str, int]:
         """Events fanned out by the rules, then applied exactly as ``/v1/increments`` rows;
         ``rows`` counts the increments made. A refusal names the event (``row``)."""
@@ -251,18 +342,31 @@ def create_app(
         incoming = build_event_batch(events, rules, service.clock())
         return await ingest(request, grant, incoming, ack, producer, seq)
 
-    @app.get("/v1/series")
+    @app.get(
+        "/v1/series", dependencies=[only_declared],
+        responses={200: {"model": doc.SeriesAnswer}, **doc.QUERY_ERRORS},
+    )
     async def series(
-        tenant: str,
-        metric: str,
-        from_: str = Query(alias="from"),
-        to: str = Query(),
-        granularity: str = "day",
-        tz: str = "UTC",
-        where: list[str] = Query(default=[]),
-        compare: str | None = None,
+        tenant: str = TENANT,
+        metric: str = METRIC,
+        from_: str = FROM,
+        to: str = TO,
+        granularity: str = Query(
+            default="day", description="hour, day, week (ISO weeks) or month",
+            json_schema_extra=doc.GRANULARITY_ENUM,
+        ),
+        tz: str = TZ,
+        where: list[str] = WHERE,
+        compare: str | None = Query(
+            default=None,
+            description="previous_period (the same number of days just before `from`) or "
+            "previous_year (the same dates a year earlier)",
+            json_schema_extra=doc.COMPARE_ENUM,
+        ),
         grant: Grant = may_query,
     ) -> dict[str, Any]:
+        """One metric's totals per bucket over a range, summing every series that matches
+        `where`, optionally beside the period before."""
         parse_series_params(tenant, metric)
         grant.require_tenant(tenant)
         if granularity not in GRANULARITIES:
@@ -271,18 +375,25 @@ def create_app(
         prev = compare_plan(plan, compare) if compare else None
         return await service.series(tenant, metric, parse_where(where), plan, prev)
 
-    @app.get("/v1/breakdown")
+    @app.get(
+        "/v1/breakdown", dependencies=[only_declared],
+        responses={200: {"model": doc.BreakdownAnswer}, **doc.QUERY_ERRORS},
+    )
     async def breakdown(
-        tenant: str,
-        metric: str,
-        by: str,
-        from_: str = Query(alias="from"),
-        to: str = Query(),
-        tz: str = "UTC",
-        where: list[str] = Query(default=[]),
-        limit: int = Query(default=10, ge=1, le=1000),
+        tenant: str = TENANT,
+        metric: str = METRIC,
+        by: str = Query(
+            description="the tag to group by",
+            json_schema_extra={"pattern": doc.TAG_KEY_PATTERN},
+        ),
+        from_: str = FROM,
+        to: str = TO,
+        tz: str = TZ,
+        where: list[str] = WHERE,
+        limit: int = Query(default=10, ge=1, le=1000, description="groups answered one by one"),
         grant: Grant = may_query,
     ) -> dict[str, Any]:
+        """Totals per value of tag `by` over a range, largest first; the rest in `other`."""
         parse_series_params(tenant, metric)
         grant.require_tenant(tenant)
         try:
@@ -292,8 +403,12 @@ def create_app(
         plan = plan_range(from_, to, "day", tz, max_days=max_query_days)
         return await service.breakdown(tenant, metric, by, parse_where(where), plan, limit)
 
-    @app.get("/v1/catalog")
-    async def catalog(tenant: str, grant: Grant = may_query) -> dict[str, Any]:
+    @app.get(
+        "/v1/catalog", dependencies=[only_declared],
+        responses={200: {"model": doc.CatalogAnswer}, **doc.QUERY_ERRORS},
+    )
+    async def catalog(tenant: str = TENANT, grant: Grant = may_query) -> dict[str, Any]:
+        """The tenant's metrics, each with its number of series and its tag keys' values."""
         try:
             check_tenant(tenant)
         except InvalidSeries as e:

@@ -62,7 +62,103 @@ def build_parser() -> argparse.ArgumentParser:
                            default=getattr(defaults, name),
                            help=f"(default {getattr(defaults, name):,})")
     bench.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    add_client_commands(sub)
     return parser
+
+
+def _connection_flags(p: argparse.ArgumentParser, *, tcp: bool, http: bool) -> None:
+    """Where a client command finds the service; the token also comes from TALLY_TOKEN."""
+    if tcp or http:
+        p.add_argument("--host", default="127.0.0.1", help="the service's address "
+                       "(default 127.0.0.1)")
+    if tcp:
+        p.add_argument("--tcp-port", type=int, default=8781,
+                       help="its wire protocol port (default 8781)")
+    if http:
+        p.add_argument("--http-port", type=int, default=8780,
+                       help="its HTTP port (default 8780)")
+    p.add_argument("--token", default=os.environ.get("TALLY_TOKEN"),
+                   help="access token, when the service has --tokens (default: $TALLY_TOKEN)")
+
+
+def add_client_commands(sub: argparse._SubParsersAction) -> None:
+    """``demo``, ``import`` and ``query``: clients of a running service."""
+    demo = sub.add_parser(
+        "demo",
+        help="fill a demo tenant with a year of realistic customer-service events",
+        description="Send about a year of customer-service events (message.received, "
+        "message.replied: weekday and office-hour peaks, growth, channels, sentiments, "
+        "agents of different speeds, response times in every bucket) to a running tally "
+        "through the wire protocol, wait until they are durable, and print what was sent "
+        "and the dashboard URL. The same --seed gives the same events. Adds to what the "
+        "tenant holds: run it once per tenant.",
+    )
+    _connection_flags(demo, tcp=True, http=True)
+    demo.add_argument("--tenant", default="demo", help="tenant to fill (default demo)")
+    demo.add_argument("--days", type=int, default=365, help="days of history up to now "
+                      "(default 365; about 670 events a day)")
+    demo.add_argument("--seed", type=int, default=1, help="random seed (default 1)")
+
+    imp = sub.add_parser(
+        "import",
+        help="import a JSON lines or CSV file of events or increments, resumably",
+        description="Stream a file of events or increments to a running tally with durable "
+        "acks, showing progress. Bad lines are reported with their line number and "
+        "skipped. An interrupted import resumes where the server says the file is durable "
+        "when the same command is run again, and nothing is counted twice: each chunk of "
+        "the file is one batch whose seq is its end offset, under a producer name derived "
+        "from the file. JSON lines: increments {tenant, metric, ts, value (default 1), "
+        "tags} or events {type, tenant, ts, ...fields}. CSV with a header: increments "
+        "tenant,metric,ts[,value][,tags (a JSON object)][,tag.KEY...] or events "
+        "type,tenant,ts,FIELD.... ts is Unix seconds or an ISO 8601 datetime (UTC unless "
+        "it has an offset). Exits 1 when any row was not imported.",
+    )
+    imp.add_argument("file", help="the file to import")
+    imp.add_argument("--format", choices=("jsonl", "csv"),
+                     help="file format (default: by extension, .jsonl/.ndjson/.json or .csv)")
+    imp.add_argument("--kind", choices=("auto", "events", "increments"), default="auto",
+                     help="what the rows are (default auto: events have a type, increments "
+                     "a metric)")
+    imp.add_argument("--producer", help="producer name the server deduplicates under "
+                     "(default: derived from the file's path, size and mtime, so that "
+                     "running the same command again resumes)")
+    imp.add_argument("--rules", metavar="FILE|none",
+                     help="event rules to check each event against before sending, so that "
+                     "a bad event is skipped rather than refusing its whole batch: the file "
+                     "the service runs with (tally serve --rules), or none to leave every "
+                     "check to the service (default: the built-in rules)")
+    imp.add_argument("--timeout", type=float, default=60.0,
+                     help="seconds to wait for the service, and for the final durable flush "
+                     "(default 60)")
+    _connection_flags(imp, tcp=True, http=False)
+
+    query = sub.add_parser(
+        "query",
+        help="print a series (or a breakdown with --by) as a table",
+        description="Ask GET /v1/series (or /v1/breakdown with --by) and print a table: one "
+        "row per bucket with a sparkline, or one row per tag value with a bar, the total "
+        "and, with --compare, the previous period and the change. Parameters are the API's "
+        "and are passed through as given; an error of the API is printed with its code and "
+        "message, and the exit status is 1.",
+    )
+    query.add_argument("--tenant", required=True, help="the tenant to read")
+    query.add_argument("--metric", required=True, help="the metric (messages.received)")
+    query.add_argument("--from", dest="from_", metavar="FROM",
+                       help="first day YYYY-MM-DD or ISO datetime, in --tz (default: 29 days "
+                       "before --to)")
+    query.add_argument("--to", help="last day (inclusive) or ISO datetime (default: today)")
+    query.add_argument("--granularity", help="hour, day (default), week or month")
+    query.add_argument("--tz", help="IANA time zone (default UTC)")
+    query.add_argument("--where", action="append", default=[], metavar="KEY:VALUE",
+                       help="tag filter, repeatable: series whose tags include all of them")
+    query.add_argument("--compare", help="previous_period or previous_year")
+    query.add_argument("--by", metavar="TAG", help="a breakdown: totals per value of this tag")
+    query.add_argument("--limit", type=int, help="groups in a breakdown (default 10)")
+    query.add_argument("--json", action="store_true", help="print the API's JSON answer")
+    query.add_argument("--url", default=os.environ.get("TALLY_URL", "http://127.0.0.1:8780"),
+                       help="the HTTP API (default: $TALLY_URL or http://127.0.0.1:8780)")
+    query.add_argument("--token", default=os.environ.get("TALLY_TOKEN"),
+                       help="access token with the query scope (default: $TALLY_TOKEN)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,7 +178,78 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     if args.command == "bench":
         return bench(args)
+    if args.command == "demo":
+        return demo(args)
+    if args.command == "import":
+        return import_file(args)
+    if args.command == "query":
+        return query(args)
     return 2
+
+
+def demo(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from cluster.demo import report, run_demo, sent_line
+    from wire.client import TallyError
+
+    try:
+        result = run_demo(host=args.host, tcp_port=args.tcp_port, http_port=args.http_port,
+                          token=args.token, tenant=args.tenant, days=args.days, seed=args.seed)
+    except (TallyError, ValueError, OSError) as e:
+        print(f"tally demo: error: {e}", file=sys.stderr)
+        return 1
+    console = Console()
+    if result.warning:
+        console.print(f"[yellow]warning:[/] {result.warning}", highlight=False)
+    console.print(report(result))
+    console.print(sent_line(result), highlight=False)
+    console.print(f"dashboard: {result.url}", highlight=False)
+    return 0
+
+
+def import_file(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from cluster.importer import ImportFailed, ImportOptions, load_rules_option, run_import, summary
+
+    try:
+        opts = ImportOptions(
+            path=args.file, format=args.format, kind=args.kind, producer=args.producer,
+            host=args.host, tcp_port=args.tcp_port, token=args.token,
+            rules=load_rules_option(args.rules), timeout=args.timeout,
+        )
+        result = run_import(opts)
+    except ImportFailed as e:
+        print(f"tally import: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("tally import: interrupted; run the same command again to resume",
+              file=sys.stderr)
+        return 130
+    Console().print(summary(result))
+    if result.interrupted:
+        return 130
+    return 0 if result.complete and not result.rejected else 1
+
+
+def query(args: argparse.Namespace) -> int:
+    from cluster.query import QueryArgs, run_query
+
+    # The two routes take different parameters: refuse one that would be ignored.
+    misplaced = (["--granularity", "--compare"] if args.by is not None else ["--limit"])
+    given = [flag for flag in misplaced if getattr(args, flag[2:]) is not None]
+    if given:
+        route = "a breakdown (--by)" if args.by is not None else "a series (no --by)"
+        print(f"tally query: error: {', '.join(given)} does not apply to {route}",
+              file=sys.stderr)
+        return 2
+    qargs = QueryArgs(
+        tenant=args.tenant, metric=args.metric, from_=args.from_, to=args.to,
+        granularity=args.granularity, tz=args.tz, where=args.where, compare=args.compare,
+        by=args.by, limit=args.limit, url=args.url, token=args.token,
+    )
+    return run_query(qargs, as_json=args.json)
 
 
 def bench(args: argparse.Namespace) -> int:

@@ -1,0 +1,939 @@
+"""``tally import FILE``: JSON lines or CSV of events or increments, exactly once, resumable.
+
+The file is streamed through the client library (``wire.client``) with durable
+acks, like any producer. What this module adds is what makes an import safe to
+interrupt and run again:
+
+**Resume is (producer, seq) dedup, not bookkeeping.** The file is cut into
+chunks at record boundaries, deterministically (a chunk ends after
+``chunk_rows`` records, or once a bound on its frame's bytes reaches
+``chunk_bytes``; both depend on the file's bytes only), and each chunk is sent as
+exactly one batch whose seq is *the byte offset where the chunk ends*. The
+producer name is derived from the file (absolute path, size, mtime, format,
+kind and the chunking), so a given (producer, seq) always carries the same
+increments. On start the server's ``welcome.durable_seq`` for that producer is
+therefore the offset up to which the file is durable: the import seeks there
+and sends the rest. Batches after it that a killed run had sent are sent again
+with the same seqs; the server applies each (producer, seq) once, so those
+that were applied (but not yet durable) are only acknowledged, and those that
+were lost are applied. No side file is needed, and none could be trusted more
+than the server's own mark.
+
+The client normally numbers batches from the wall clock and seals them on a
+timer; neither is deterministic, so ``FileClient`` (a ``TallyClient``) takes
+the first seq and lets the importer seal each chunk itself with the chunk's
+seq. Everything else -- pipelining, reconnects, resends, backpressure, the
+durable flush -- is the client library's.
+
+**Bad rows are reported, never fatal, never silent.** A line that is not JSON,
+lacks a field, names an invalid series, carries a timestamp an hour ahead, or
+(for events) that the fan-out rules would refuse is reported with its line
+number and skipped; the rest of its chunk goes on. Events are checked against
+the same rules the server applies (the built-in ones unless ``--rules``), so a
+bad event cannot take its whole batch down with it (the server refuses a batch
+all or nothing). If the server still refuses a batch, the summary names the
+line the server named, the chunk's lines and how many rows were not applied.
+
+File formats (see README, "tally import"):
+
+- JSON lines: one object per line. Increments ``{"tenant", "metric", "ts",
+  "value"?, "tags"?}`` (value defaults to 1; tags an object or null); events
+  ``{"type", "tenant", "ts", ...fields}``.
+- CSV with a header row. Increments: columns ``tenant, metric, ts`` and
+  optionally ``value``, ``tags`` (a JSON object) and ``tag.KEY`` columns (one
+  per tag key; an empty cell means the series has no such tag). Events:
+  ``type, tenant, ts`` and one column per field; an empty cell is an absent
+  field, a cell that reads as a number is a number unless the rules use that
+  field as a tag.
+- ``ts``: integer Unix seconds, or an ISO 8601 datetime (UTC when it has no
+  offset).
+
+A file must not change between an interrupted run and its resume (a changed
+size or mtime is a new producer, i.e. a new import). Two imports of the same
+file at once are wasteful but still exact: both send the same seqs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import hashlib
+import json
+import os
+import re
+import time
+from abc import ABC, abstractmethod
+from array import array
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+from rich.table import Table
+
+from api.rules import BUILTIN, BadEvent, Rules, RulesError, load_rules
+from wire.client import (
+    BatchRejected,
+    ClientFailed,
+    Connection,
+    ProducerConflict,
+    TallyClient,
+    TallyError,
+    TallyTimeout,
+)
+from wire.frames import MAX_PRODUCER
+from wire.series import InvalidSeries, series_key
+
+__all__ = [
+    "FileClient",
+    "ImportFailed",
+    "ImportOptions",
+    "ImportResult",
+    "Rejection",
+    "run_import",
+]
+
+CHUNK_ROWS = 20_000
+# A bound on a chunk's frame: it may overshoot by one record (refused above this size
+# too), so a chunk stays within 2 x 3 MiB, under the client's 8 MiB byte cap, and the
+# client never seals a batch on its own (its seq would not be the chunk's).
+CHUNK_BYTES = 3 << 20
+# What one record can take in a frame, at most: msgpack never spends more than 3 bytes
+# per byte of JSON or CSV text (a float such as 1e1 becomes 9 bytes), plus an
+# increment's 20 bytes of columns and the frame's headers, plus (CSV) the keys that come
+# from the header rather than the line.
+GROWTH = 3
+RECORD_OVERHEAD = 96
+# Part of the producer name: bump it whenever parsing or chunking changes what a seq
+# carries, so an import resumed by a newer tally never mixes the two.
+SCHEME = "import-v1"
+# The client seals an open batch after ``linger`` seconds; the importer seals its
+# chunks itself, so this only has to outlast one chunk (and stay a valid select timeout).
+NEVER = 86_400.0
+INCREMENT_KEYS = frozenset(("tenant", "metric", "ts", "value", "tags"))
+FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".csv": "csv"}
+SNIFF_RECORDS = 1000
+_INT_RE = re.compile(r"[+-]?[0-9]+")
+_FLOAT_RE = re.compile(r"[+-]?([0-9]+\.[0-9]*|\.[0-9]+|[0-9]+)([eE][+-]?[0-9]+)?")
+
+
+class ImportFailed(Exception):
+    """The import cannot start or go on (file, format, server); the message says why."""
+
+
+class RowError(ValueError):
+    """One record the import refuses; reported with its line number and skipped."""
+
+
+@dataclass
+class ImportOptions:
+    """What ``tally import`` was asked; the defaults are the command line's."""
+
+    path: str
+    format: str | None = None  # "jsonl" | "csv"; None: by the file's extension
+    kind: str = "auto"  # "auto" | "events" | "increments"
+    producer: str | None = None  # None: derived from the file (stable across runs)
+    host: str = "127.0.0.1"
+    tcp_port: int = 8781
+    token: str | None = None
+    rules: Rules | None = BUILTIN  # None: events are judged by the server only
+    timeout: float = 60.0  # for connecting, backpressure and the final durable flush
+    chunk_rows: int = CHUNK_ROWS
+    chunk_bytes: int = CHUNK_BYTES
+    progress: bool = True
+    # Tests only: once this many batches are applied, drop the client as a crash would
+    # (whatever is not durable yet is left to the next run), which must resume exactly.
+    stop_after_batches: int | None = None
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """A record that was not imported: refused here (one row) or by the server (a batch)."""
+
+    line: int
+    reason: str
+    rows: int = 1  # rows not applied because of it (a server refusal takes its batch)
+    by_server: bool = False
+
+
+@dataclass
+class ImportResult:
+    """What one run did; ``complete`` means every row of the file is durable or reported."""
+
+    path: str
+    format: str
+    kind: str
+    producer: str
+    size: int
+    start_offset: int = 0  # the file was durable up to here when this run started
+    resumed: bool = False  # an earlier run had made part of the file durable
+    start_line: int = 1
+    rows: int = 0  # records read by this run
+    sent: int = 0  # rows handed to the client (increments, or events)
+    increments: int | None = 0  # increments those rows make (None: events not checked here)
+    rejected: list[Rejection] = field(default_factory=list)
+    seconds: float = 0.0
+    complete: bool = False
+    interrupted: bool = False
+    problem: str | None = None  # why the run is not complete
+
+    @property
+    def rejected_rows(self) -> int:
+        return sum(r.rows for r in self.rejected)
+
+    @property
+    def server_rejected_rows(self) -> int:
+        return sum(r.rows for r in self.rejected if r.by_server)
+
+    @property
+    def already_done(self) -> bool:
+        return self.start_offset >= self.size
+
+
+# --------------------------------------------------------------------- the client
+
+
+class FileClient(TallyClient):
+    """A ``TallyClient`` whose batches are the importer's chunks, each with a chosen seq.
+
+    ``TallyClient`` seals batches by size, bytes and a linger timer and numbers
+    them from the wall clock, which is right for live producers and wrong for a
+    resumable import, where a seq must name the same rows in every run. Here
+    size and linger never trigger (the importer's chunks are far below the byte
+    cap, and ``seal_as`` checks that no batch was sealed behind its back) and
+    ``seal_as(seq)`` closes the open batch with the seq the importer gives it.
+    """
+
+    def __init__(
+        self, host: str, port: int, *, producer: str, token: str | None, first_seq: int,
+        timeout: float,
+    ) -> None:
+        self._first_seq = first_seq
+        self._batches_seen = 0
+        super().__init__(
+            host, port, producer=producer, token=token, batch_size=2**31, linger=NEVER,
+            timeout=timeout,
+        )
+
+    def _init_shell(self) -> None:
+        # Before the I/O thread exists: the hello's ProducerConflict check and the
+        # first batch both use first_seq.
+        core = self._core
+        core.first_seq = core.next_seq = self._first_seq
+        super()._init_shell()
+
+    def seal_as(self, seq: int) -> None:
+        """Seal the open batch (if any) as ``seq``; seqs must increase."""
+        with self._cond:
+            self._check(rejections=False)
+            core = self._core
+            if seq < core.next_seq:
+                raise ValueError(f"seq {seq} is not above the last one ({core.next_seq - 1})")
+            if core.stats["batches"] != self._batches_seen:
+                raise ClientFailed(
+                    "the client sealed a batch on its own (a chunk outgrew its byte cap): "
+                    "the seqs would no longer match the file; lower the chunk size"
+                )
+            core.next_seq = seq
+            sealed = core.seal()
+            self._batches_seen = core.stats["batches"]
+        if sealed is not None:
+            self._wake()
+
+    def abandon(self) -> None:
+        """Stop at once, as a crash would, without sealing or sending the open batch.
+
+        ``close`` would flush, and flushing seals the half-read chunk under the
+        next seq: rows sent under a seq that is not their chunk's, which a later
+        run could not recognise. Failing the client first makes ``close`` skip
+        the flush and the I/O thread stop sending; what is not durable is left
+        to the next run, which resends it under the right seqs.
+        """
+        self._fail(ClientFailed("the import stopped; the next run resends what is not durable"))
+        with contextlib.suppress(TallyError):
+            self.close(timeout=0)
+
+    def take_rejections(self) -> tuple[int, list[BatchRejected]]:
+        """The server's durable seq and every refusal queued so far, read together.
+
+        Together matters: a refusal of seq s is queued before the durable seq
+        can move past s, so once both are read, no refusal at or below the
+        returned seq can still arrive and what the importer keeps for those
+        seqs can go.
+        """
+        with self._cond:
+            core = self._core
+            rejections = list(core.rejections)
+            core.rejections.clear()
+            return core.durable_seq, rejections
+
+
+# ------------------------------------------------------------------------ parsing
+
+
+def parse_ts(x: Any) -> int:
+    """Integer Unix seconds, from an int, a string of digits or an ISO 8601 datetime."""
+    if type(x) is int:
+        return x
+    if isinstance(x, str):
+        s = x.strip()
+        if _INT_RE.fullmatch(s):
+            return int(s)
+        try:
+            dt = datetime.fromisoformat(s)
+        except ValueError:
+            raise RowError(f"ts {x!r} is neither integer Unix seconds nor an ISO 8601 "
+                           "datetime") from None
+        if dt.tzinfo is None:
+            dt = dt.replace(tzinfo=UTC)
+        return int(dt.timestamp() // 1)
+    if x is None:
+        raise RowError("ts is missing (integer Unix seconds or an ISO 8601 datetime)")
+    raise RowError(f"ts {x!r} is a {type(x).__name__}; expected integer Unix seconds or an "
+                   "ISO 8601 datetime")
+
+
+def _number_or_text(cell: str) -> Any:
+    if _INT_RE.fullmatch(cell):
+        return int(cell)
+    if _FLOAT_RE.fullmatch(cell):
+        return float(cell)
+    return cell
+
+
+def _check_text(cells: list[str]) -> None:
+    """Lone surrogates are the bytes that were not UTF-8 (decoded with surrogateescape)."""
+    for cell in cells:
+        if not cell.isascii():
+            try:
+                cell.encode("utf-8")
+            except UnicodeEncodeError:
+                raise RowError(f"cell {cell!r} is not valid UTF-8") from None
+
+
+Increment = tuple[str, str, int, int, dict[str, str] | None]  # tenant, metric, value, ts, tags
+Event = tuple[str, str, int, dict[str, Any]]  # tenant, type, ts, fields
+
+
+def increment_from(obj: dict[str, Any]) -> Increment:
+    """An increment from a JSON object; the client library checks the series and ranges."""
+    if not obj.keys() <= INCREMENT_KEYS:
+        extra = ", ".join(sorted(map(repr, obj.keys() - INCREMENT_KEYS)))
+        raise RowError(f"unknown key {extra}: an increment has tenant, metric, ts, value, tags")
+    tenant = obj.get("tenant")
+    metric = obj.get("metric")
+    if tenant is None:
+        raise RowError("tenant is missing")
+    if metric is None:
+        raise RowError("metric is missing")
+    value = obj.get("value", 1)
+    return tenant, metric, value, parse_ts(obj.get("ts")), obj.get("tags")
+
+
+def event_from(obj: dict[str, Any]) -> Event:
+    """An event from a JSON object: the envelope apart, every other key is a field."""
+    fields = dict(obj)
+    etype = fields.pop("type", None)
+    tenant = fields.pop("tenant", None)
+    ts = fields.pop("ts", None)
+    if etype is None:
+        raise RowError("type is missing (an event is {type, tenant, ts, ...fields})")
+    if tenant is None:
+        raise RowError("tenant is missing")
+    return tenant, etype, parse_ts(ts), fields
+
+
+class Source(ABC):
+    """A file's records from a byte offset: ``(first line, end offset, payload)``.
+
+    Subclasses know the format; ``parse`` turns a payload into an increment or
+    an event, or raises ``RowError``. Reading and parsing are apart so that the
+    chunk boundaries (which decide the seqs) depend on the bytes only.
+    """
+
+    def __init__(self, path: str, kind: str, rules: Rules | None) -> None:
+        self.path = path
+        self.kind = kind
+        self.rules = rules
+
+    def data_start(self) -> int:
+        """Where records begin (after a header)."""
+        return 0
+
+    def overhead(self) -> int:
+        """Frame bytes a record may take beyond ``GROWTH`` times its own (see there)."""
+        return RECORD_OVERHEAD
+
+    @abstractmethod
+    def records(self, f: BinaryIO, offset: int, line: int) -> Iterator[tuple[int, int, Any]]:
+        """Every record from ``offset`` (which starts line ``line``), in file order."""
+
+    @abstractmethod
+    def parse(self, payload: Any) -> Increment | Event:
+        """The increment or event of one record; ``RowError`` says what is wrong with it."""
+
+    @abstractmethod
+    def sniff(self) -> str | None:
+        """``events`` or ``increments`` from the start of the file, or None if unclear."""
+
+
+_JSON = json.JSONDecoder()  # json.loads without its per-call encoding sniffing
+
+
+class JsonLines(Source):
+    def records(self, f: BinaryIO, offset: int, line: int) -> Iterator[tuple[int, int, Any]]:
+        f.seek(offset)
+        for raw in f:
+            offset += len(raw)
+            if raw.strip():
+                yield line, offset, raw
+            line += 1
+
+    def parse(self, payload: bytes) -> Increment | Event:
+        try:
+            obj = _JSON.decode(payload.decode("utf-8"))
+        except json.JSONDecodeError as e:
+            raise RowError(f"not JSON: {e.msg} (column {e.colno})") from None
+        except UnicodeDecodeError:
+            raise RowError("not valid UTF-8") from None
+        if type(obj) is not dict:
+            raise RowError(f"expected a JSON object, not {type(obj).__name__}")
+        return increment_from(obj) if self.kind == "increments" else event_from(obj)
+
+    def sniff(self) -> str | None:
+        with open(self.path, "rb") as f:
+            for n, (_, _, raw) in enumerate(self.records(f, 0, 1)):
+                if n >= SNIFF_RECORDS:
+                    break
+                try:
+                    obj = json.loads(raw)
+                except ValueError:
+                    continue
+                if type(obj) is dict and "type" in obj:
+                    return "events"
+                if type(obj) is dict and "metric" in obj:
+                    return "increments"
+        return None
+
+
+class _Lines:
+    """Feeds ``csv.reader`` one line at a time, so the offset after each record is known."""
+
+    def __init__(self, f: BinaryIO, offset: int, line: int) -> None:
+        f.seek(offset)
+        self.f = f
+        self.offset = offset
+        self.line = line  # the number of the next line to be read
+
+    def __iter__(self) -> _Lines:
+        return self
+
+    def __next__(self) -> str:
+        raw = self.f.readline()
+        if not raw:
+            raise StopIteration
+        self.offset += len(raw)
+        self.line += 1
+        return raw.decode("utf-8", "surrogateescape")
+
+
+class CsvFile(Source):
+    def __init__(self, path: str, kind: str, rules: Rules | None) -> None:
+        super().__init__(path, kind, rules)
+        with open(path, "rb") as f:
+            lines = _Lines(f, 0, 1)
+            try:
+                self.header = [h.strip() for h in next(csv.reader(lines))]
+            except StopIteration:
+                raise ImportFailed(f"{path}: empty file (a CSV file needs a header row)") from None
+            self._start = lines.offset
+        self._check_header()
+        self.text_fields: dict[str, frozenset[str]] = {}
+        if rules is not None:
+            for etype, type_rules in rules.by_event.items():
+                self.text_fields[etype] = frozenset(f for r in type_rules for _, f in r.tags)
+
+    def sniff(self) -> str | None:
+        if "type" in self.header:
+            return "events"
+        if "metric" in self.header:
+            return "increments"
+        return None
+
+    def _check_header(self) -> None:
+        h = self.header
+        if any(not c for c in h):
+            raise ImportFailed(f"{self.path}: line 1: the header has an empty column name")
+        dup = sorted({c for c in h if h.count(c) > 1})
+        if dup:
+            raise ImportFailed(f"{self.path}: line 1: column {', '.join(dup)} appears twice")
+
+    def check_columns(self) -> None:
+        """The header fits the kind (known after sniffing); refused whole, before sending."""
+        h = set(self.header)
+        need = ("tenant", "metric", "ts") if self.kind == "increments" else ("type", "tenant",
+                                                                              "ts")
+        missing = [c for c in need if c not in h]
+        if missing:
+            raise ImportFailed(f"{self.path}: line 1: {self.kind} need column "
+                               f"{', '.join(missing)} (header: {', '.join(self.header)})")
+        if self.kind == "increments":
+            unknown = [c for c in self.header if c not in INCREMENT_KEYS
+                       and not (c.startswith("tag.") and len(c) > 4)]
+            if unknown:
+                raise ImportFailed(
+                    f"{self.path}: line 1: unknown column {', '.join(unknown)}: increments take "
+                    "tenant, metric, ts, value, tags (a JSON object) and tag.KEY columns"
+                )
+
+    def data_start(self) -> int:
+        return self._start
+
+    def overhead(self) -> int:
+        # Each column's name may become a key (an event field, a tag key) in every record.
+        return RECORD_OVERHEAD + sum(len(c.encode()) + 3 for c in self.header)
+
+    def records(self, f: BinaryIO, offset: int, line: int) -> Iterator[tuple[int, int, Any]]:
+        lines = _Lines(f, offset, line)
+        reader = csv.reader(lines)
+        while True:
+            first = lines.line
+            try:
+                cells = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as e:
+                yield first, lines.offset, RowError(f"not CSV: {e}")
+                continue
+            if cells:
+                yield first, lines.offset, cells
+
+    def parse(self, payload: list[str] | RowError) -> Increment | Event:
+        if isinstance(payload, RowError):
+            raise payload
+        if len(payload) != len(self.header):
+            raise RowError(f"{len(payload)} cells, the header has {len(self.header)}")
+        _check_text(payload)
+        row = dict(zip(self.header, payload, strict=True))
+        return self._increment(row) if self.kind == "increments" else self._event(row)
+
+    def _increment(self, row: dict[str, str]) -> Increment:
+        tags: dict[str, str] = {}
+        raw_tags = row.pop("tags", "").strip()
+        if raw_tags:
+            try:
+                parsed = json.loads(raw_tags)
+            except json.JSONDecodeError as e:
+                raise RowError(f"tags: not JSON: {e.msg}") from None
+            if parsed is not None:
+                if type(parsed) is not dict:
+                    raise RowError(f"tags: expected a JSON object, not {type(parsed).__name__}")
+                tags.update(parsed)
+        for column, cell in row.items():
+            if column.startswith("tag.") and cell != "":
+                key = column[4:]
+                if key in tags:
+                    raise RowError(f"tag {key!r} is both in tags and in column {column}")
+                tags[key] = cell
+        value_cell = row.get("value", "").strip()
+        if value_cell == "":
+            value = 1
+        elif _INT_RE.fullmatch(value_cell):
+            value = int(value_cell)
+        else:
+            raise RowError(f"value {value_cell!r} is not an integer")
+        if not row["tenant"]:
+            raise RowError("tenant is empty")
+        if not row["metric"]:
+            raise RowError("metric is empty")
+        return row["tenant"], row["metric"], value, parse_ts(row["ts"]), tags or None
+
+    def _event(self, row: dict[str, str]) -> Event:
+        etype = row.pop("type")
+        tenant = row.pop("tenant")
+        ts = parse_ts(row.pop("ts"))
+        if not etype:
+            raise RowError("type is empty")
+        if not tenant:
+            raise RowError("tenant is empty")
+        text = self.text_fields.get(etype, frozenset())
+        fields = {k: (v if k in text else _number_or_text(v)) for k, v in row.items() if v != ""}
+        return tenant, etype, ts, fields
+
+
+def detect_format(path: str, given: str | None) -> str:
+    if given is not None:
+        if given not in ("jsonl", "csv"):
+            raise ImportFailed(f"--format {given}: expected jsonl or csv")
+        return given
+    fmt = FORMATS.get(Path(path).suffix.lower())
+    if fmt is None:
+        raise ImportFailed(f"{path}: cannot tell the format from the extension "
+                           f"({', '.join(FORMATS)}); pass --format jsonl or --format csv")
+    return fmt
+
+
+def open_source(path: str, fmt: str, kind: str, rules: Rules | None) -> Source:
+    """The file's reader, with the kind settled (sniffed from the file's start if auto).
+
+    The kind comes from the start of the file, never from where a resumed run
+    begins, so every run of one file reads it the same way.
+    """
+    if kind not in ("auto", "events", "increments"):
+        raise ImportFailed(f"--kind {kind}: expected auto, events or increments")
+    src: Source = CsvFile(path, kind, rules) if fmt == "csv" else JsonLines(path, kind, rules)
+    if kind == "auto":
+        src.kind = src.sniff() or ""
+    if not src.kind:
+        raise ImportFailed(f"{path}: cannot tell events (with a type) from increments (with a "
+                           "metric) from the start of the file; pass --kind")
+    if isinstance(src, CsvFile):
+        src.check_columns()
+    return src
+
+
+def producer_for(path: str, fmt: str, kind: str, chunk_rows: int, chunk_bytes: int) -> str:
+    """A name that is the same in every run over the same, unchanged file.
+
+    Size and mtime are in it so that an edited or regrown file is a new import
+    rather than a resume into rows that moved; the format, kind and chunking
+    are in it because they decide what each seq carries.
+    """
+    p = Path(path).resolve()
+    st = p.stat()
+    ident = f"{SCHEME}|{p}|{st.st_size}|{st.st_mtime_ns}|{fmt}|{kind}|{chunk_rows}|{chunk_bytes}"
+    digest = hashlib.sha256(ident.encode("utf-8", "surrogateescape")).hexdigest()[:20]
+    return f"import:{p.name[:100]}:{digest}"
+
+
+def lines_before(f: BinaryIO, offset: int) -> int:
+    """How many lines end before ``offset`` (a fast scan; resuming needs the line numbers)."""
+    f.seek(0)
+    count = 0
+    left = offset
+    while left > 0:
+        block = f.read(min(left, 1 << 20))
+        if not block:
+            break
+        count += block.count(b"\n")
+        left -= len(block)
+    return count
+
+
+def durable_offset(opts: ImportOptions, producer: str) -> int:
+    """The server's durable seq for the producer: the byte offset the file is durable up to."""
+    try:
+        with Connection(opts.host, opts.tcp_port, producer=producer, token=opts.token,
+                        timeout=opts.timeout) as conn:
+            return int(conn.welcome["durable_seq"])
+    except TallyError as e:
+        raise ImportFailed(f"{opts.host}:{opts.tcp_port} refused the import: {e}") from None
+    except OSError as e:
+        raise ImportFailed(f"cannot reach {opts.host}:{opts.tcp_port}: {e}") from None
+
+
+# ----------------------------------------------------------------------- the import
+
+
+class _Run:
+    """One pass over the file, from the server's durable offset to the end."""
+
+    def __init__(self, opts: ImportOptions, src: Source, fmt: str, producer: str,
+                 size: int, progress: Progress | None) -> None:
+        self.opts = opts
+        self.src = src
+        self.producer = producer
+        self.result = ImportResult(opts.path, fmt, src.kind, producer, size)
+        if src.kind == "events" and src.rules is None:
+            self.result.increments = None
+        self.progress = progress
+        self.batch_lines: dict[int, array] = {}  # seq -> line of each row, until durable
+        self.valid_series: set[tuple[str, str, tuple[tuple[str, str], ...]]] = set()
+
+    # -- rows ---------------------------------------------------------------------------
+
+    def reject(self, line: int, reason: str) -> None:
+        self.result.rejected.append(Rejection(line, reason))
+
+    def server_rejected(self, e: BatchRejected) -> None:
+        lines = self.batch_lines.pop(e.seq, None)
+        code = e.frame.get("code")
+        message = e.frame.get("message")
+        if lines is None or not len(lines):
+            self.result.rejected.append(Rejection(
+                0, f"the server refused batch seq {e.seq} ({e.increments} rows, none applied): "
+                   f"{code}: {message}", e.increments, True))
+            return
+        line = lines[e.row] if e.row is not None and 0 <= e.row < len(lines) else lines[0]
+        self.result.rejected.append(Rejection(
+            line, f"the server refused the batch of lines {lines[0]}-{lines[-1]} ({len(lines)} "
+                  f"rows, none applied), naming line {line}: {code}: {message}",
+            len(lines), True))
+
+    def check_event(self, tenant: str, etype: str, ts: int, fields: dict[str, Any]) -> int:
+        """The increments the rules make of this event; ``RowError`` if they would refuse it.
+
+        One refused event makes the server refuse its whole batch, so whatever
+        the rules would refuse is caught here, row by row.
+        """
+        rules = self.src.rules
+        if rules is None:
+            return 0
+        event = {"type": etype, "tenant": tenant, "ts": ts, **fields}
+        try:
+            made = rules.event_rows(0, event)
+        except BadEvent as e:
+            raise RowError(e.message.replace("event 0", "event", 1)) from None
+        for rule, (t, metric, tags, _, value) in made:
+            key = (t, metric, tuple(sorted(tags.items())) if tags else ())
+            if key not in self.valid_series:
+                try:
+                    series_key(t, metric, tags)
+                except InvalidSeries as e:
+                    raise RowError(f"rule {rule.name!r} makes an invalid series: {e}") from None
+                self.valid_series.add(key)
+            if not -(2**63) <= value < 2**63:
+                raise RowError(f"rule {rule.name!r} makes value {value}, outside int64")
+        return len(made)
+
+    def send(self, client: FileClient, item: Increment | Event) -> int:
+        """Hand one row to the client; the increments it makes (events: per the rules)."""
+        increments = self.src.kind == "increments"
+        made = 1 if increments else self.check_event(*item)  # type: ignore[arg-type]
+        while True:
+            try:
+                if increments:
+                    client.inc(*item)  # type: ignore[arg-type]
+                else:
+                    tenant, etype, ts, fields = item  # type: ignore[misc]
+                    client.event(tenant, etype, ts, **fields)
+                return made
+            except BatchRejected as e:  # an earlier batch's refusal; this row was not buffered
+                self.server_rejected(e)
+
+    # -- the pass -----------------------------------------------------------------------
+
+    def run(self) -> ImportResult:
+        opts, res = self.opts, self.result
+        start = max(durable_offset(opts, self.producer), self.src.data_start())
+        with open(opts.path, "rb") as f:
+            if start > res.size or (start < res.size and start > 0
+                                    and _byte_at(f, start - 1) != b"\n"):
+                raise ImportFailed(
+                    f"producer {self.producer!r} is durable up to byte {start}, which is not "
+                    f"a line boundary of {opts.path} ({res.size} bytes): is that producer "
+                    "name used for another file?"
+                )
+            res.start_offset = start
+            res.resumed = start > self.src.data_start()
+            res.start_line = lines_before(f, start) + 1
+            if res.already_done:
+                res.complete = True
+                return res
+            client = FileClient(opts.host, opts.tcp_port, producer=self.producer,
+                                token=opts.token, first_seq=start + 1, timeout=opts.timeout)
+            began = time.monotonic()
+            try:
+                self._stream(f, client, start, res.start_line)
+                if not res.interrupted:
+                    self._finish(client)
+            except KeyboardInterrupt:
+                res.interrupted = True
+                res.problem = "interrupted"
+            except TallyTimeout as e:
+                res.problem = f"not everything is durable yet: {e}"
+            finally:
+                res.seconds = time.monotonic() - began
+                if res.complete:
+                    client.close()  # everything is durable: nothing is left to flush
+                else:
+                    client.abandon()
+        return res
+
+    def _stream(self, f: BinaryIO, client: FileClient, start: int, line: int) -> None:
+        opts, res, src = self.opts, self.result, self.src
+        prev = start  # where the previous record ended
+        in_chunk = 0
+        lines = array("I")
+        batches = 0
+        progress = self.progress
+        task = None
+        if progress is not None:
+            task = progress.add_task("rows 0", total=res.size, completed=start)
+        end = start
+        bound = 0  # an upper bound on the open chunk's frame bytes
+        overhead = src.overhead()
+        for line_no, end, payload in src.records(f, start, line):
+            res.rows += 1
+            in_chunk += 1
+            size = GROWTH * (end - prev) + overhead  # (blank lines before it included)
+            prev = end
+            try:
+                if size > opts.chunk_bytes:
+                    raise RowError(f"a record of {(size - overhead) // GROWTH:,} bytes is too "
+                                   "large for one batch (at most about "
+                                   f"{(opts.chunk_bytes - overhead) // GROWTH:,})")
+                bound += size
+                made = self.send(client, src.parse(payload))
+            except (RowError, ValueError, TypeError) as e:  # the client checks series, ranges
+                self.reject(line_no, str(e))
+            else:
+                lines.append(line_no)
+                res.sent += 1
+                if res.increments is not None:
+                    res.increments += made
+            if in_chunk >= opts.chunk_rows or bound >= opts.chunk_bytes:
+                batches += self._seal(client, end, lines)
+                in_chunk, bound, lines = 0, 0, array("I")
+                if progress is not None and task is not None:
+                    progress.update(task, completed=end, description=f"rows {res.rows:,}")
+                if opts.stop_after_batches is not None and batches >= opts.stop_after_batches:
+                    # A crash once the batches are applied, durable or not: the case where
+                    # a resend must be recognised rather than applied again.
+                    client.flush(durable=False, timeout=opts.timeout)
+                    res.interrupted = True
+                    res.problem = f"stopped after {batches} batches (test hook)"
+                    return
+        # The last chunk ends where reading did (trailing blank lines included), so a
+        # finished import is durable up to the file's size.
+        batches += self._seal(client, max(end, f.tell()), lines)
+        if progress is not None and task is not None:
+            progress.update(task, completed=res.size, description=f"rows {res.rows:,}")
+
+    def _seal(self, client: FileClient, end: int, lines: array) -> int:
+        """Close the chunk ending at ``end`` as batch seq ``end``; 1 if it held rows."""
+        self._drain(client)
+        if not len(lines):
+            return 0
+        self.batch_lines[end] = lines
+        client.seal_as(end)
+        return 1
+
+    def _drain(self, client: FileClient) -> None:
+        durable, rejections = client.take_rejections()
+        for e in rejections:
+            self.server_rejected(e)
+        for seq in [s for s in self.batch_lines if s <= durable]:
+            del self.batch_lines[seq]
+
+    def _finish(self, client: FileClient) -> None:
+        while True:
+            try:
+                client.flush(durable=True, timeout=self.opts.timeout)
+                break
+            except BatchRejected as e:
+                self.server_rejected(e)
+        self._drain(client)
+        self.result.complete = True
+
+
+def _byte_at(f: BinaryIO, offset: int) -> bytes:
+    f.seek(offset)
+    return f.read(1)
+
+
+def run_import(opts: ImportOptions, console: Console | None = None) -> ImportResult:
+    """Import ``opts.path``, resuming where the server says it is durable; the summary.
+
+    Raises ``ImportFailed`` when the import cannot start (no such file, format
+    or kind unknown, server unreachable, refused token) or the client fails for
+    good; rows that cannot be imported are in the result, never raised.
+    """
+    path = opts.path
+    if not os.path.isfile(path):
+        raise ImportFailed(f"{path}: no such file")
+    fmt = detect_format(path, opts.format)
+    src = open_source(path, fmt, opts.kind, opts.rules)
+    producer = opts.producer or producer_for(path, fmt, src.kind, opts.chunk_rows,
+                                             opts.chunk_bytes)
+    if not 1 <= len(producer) <= MAX_PRODUCER:
+        raise ImportFailed(f"--producer must be 1 to {MAX_PRODUCER} characters")
+    size = os.path.getsize(path)
+    console = console or Console(stderr=True)
+    for attempt in range(3):
+        progress = _progress(console) if opts.progress else None
+        try:
+            if progress is not None:
+                progress.start()
+            return _Run(opts, src, fmt, producer, size, progress).run()
+        except ProducerConflict as e:
+            # The durable seq moved between our look and our hello (a killed run's last
+            # checkpoint landing): look again. Twice more means another live client.
+            if attempt == 2:
+                raise ImportFailed(f"producer {producer!r}: {e}") from None
+        except TallyError as e:  # a refused token, a client that failed for good
+            raise ImportFailed(str(e)) from None
+        finally:
+            if progress is not None:
+                progress.stop()
+    raise ImportFailed(f"producer {producer!r}: could not start")
+
+
+def _progress(console: Console) -> Progress:
+    return Progress(
+        TextColumn("[bold]import[/] {task.description}"), BarColumn(), DownloadColumn(),
+        TransferSpeedColumn(), TimeRemainingColumn(), console=console, transient=False,
+    )
+
+
+def load_rules_option(value: str | None) -> Rules | None:
+    """``--rules``: a file, ``none`` (no local check of events), or the built-ins."""
+    if value is None or value == "builtin":
+        return BUILTIN
+    if value == "none":
+        return None
+    try:
+        return load_rules(value)
+    except RulesError as e:
+        raise ImportFailed(str(e)) from None
+
+
+MAX_SHOWN = 20
+
+
+def summary(res: ImportResult) -> Table:
+    """The summary table printed after an import."""
+    table = Table(title=escape(f"tally import {res.path}"), show_header=False,
+                  title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("file", f"{res.format}, {res.kind}, {res.size:,} bytes")
+    table.add_row("producer", escape(res.producer))
+    if res.resumed:
+        table.add_row("resumed", f"durable up to byte {res.start_offset:,}; from line "
+                      f"{res.start_line:,}")
+    if res.already_done:
+        table.add_row("status", "already imported: every line is durable, nothing sent")
+        return table
+    table.add_row("rows read", f"{res.rows:,}")
+    applied = res.sent - res.server_rejected_rows
+    if res.kind == "events":
+        made = "" if res.increments is None else f" ({res.increments:,} increments by the rules)"
+        table.add_row("events sent", f"{applied:,}{made}")
+    else:
+        table.add_row("increments sent", f"{applied:,}")
+    table.add_row("rejected", f"{len(res.rejected):,} ({res.rejected_rows:,} rows not imported)")
+    for r in res.rejected[:MAX_SHOWN]:
+        where = f"line {r.line}" if r.line else "batch"
+        table.add_row("", escape(f"{where}: {r.reason}"))
+    if len(res.rejected) > MAX_SHOWN:
+        table.add_row("", f"... and {len(res.rejected) - MAX_SHOWN:,} more")
+    rate = res.rows / res.seconds if res.seconds > 0 else 0.0
+    table.add_row("time", f"{res.seconds:.1f} s, {rate:,.0f} rows/s")
+    if res.complete:
+        table.add_row("durable", "yes: every row sent is checkpointed")
+    else:
+        table.add_row("durable", escape(f"not all: {res.problem}; run the same command again "
+                                        "to resume (nothing is counted twice)"))
+    return table

@@ -1,0 +1,316 @@
+"""The dashboard at ``GET /`` in a real browser: headless Debian Chromium driven by Playwright.
+
+The real servers run in-process (tests/inproc.py) with a tokens file; known
+customer-service events go in through ``POST /v1/events`` over two periods,
+and the page must show exactly the totals those events make, per panel, for
+two date ranges and two time zones, beside the previous period. It must
+also show the API's own error messages (no token, from after to), keep the
+token across a reload, and load nothing from outside the server (no CDN).
+
+The browser is the system's Chromium (``apt-get install chromium``; CI
+installs it in .ci/run), never one Playwright downloads. Screenshots go to
+the test's tmp_path and their paths are printed (``pytest -s``).
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter, defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import httpx
+import pytest
+from playwright.sync_api import Browser, Page, sync_playwright
+
+from api.access import parse_access
+from tests.inproc import InProcessTally, tokens_file
+
+CHROMIUM = "/usr/bin/chromium"
+pytestmark = pytest.mark.skipif(
+    not Path(CHROMIUM).exists(),
+    reason=f"{CHROMIUM} is absent: apt-get install -y chromium (.ci/run does)",
+)
+
+TENANT = "acme-support"
+QUERY_SECRET = "dashboard-query-0123456789"
+INGEST_SECRET = "dashboard-ingest-0123456789"
+TOKENS = tokens_file(
+    ("dashboard", QUERY_SECRET, [TENANT], ["query"]),
+    ("loader", INGEST_SECRET, [TENANT], ["ingest"]),
+)
+BROWSER_ZONE = "America/New_York"
+TODAY = datetime.now(UTC).date()
+AGENTS = ("ann", "bob", "cy", "dee")
+CHANNELS = ("email", "chat", "twitter")
+SENTIMENTS = ("positive", "neutral", "negative")
+RESPONSE_SECONDS = (300, 1200, 1800, 2700, 5400, 10800, 20000, 50000, 90000, 200000)
+BUCKET_ORDER = ("lt_30m", "lt_1h", "lt_4h", "lt_24h", "gt_24h")
+WAIT_MS = 20_000
+
+
+def bucket(seconds: int) -> str:
+    """The built-in rule's buckets, as the README states them (an edge goes above)."""
+    for edge, name in ((1800, "lt_30m"), (3600, "lt_1h"), (14400, "lt_4h"), (86400, "lt_24h")):
+        if seconds < edge:
+            return name
+    return "gt_24h"
+
+
+@dataclass(frozen=True)
+class Events:
+    """What the test sends: one (day, channel, sentiment) per message received and one
+    (day, agent, seconds) per reply, every one at or after noon UTC on a past day (so the
+    same local day in every zone the test uses)."""
+
+    received: list[tuple[date, str, str]]
+    replied: list[tuple[date, str, int]]
+
+    @classmethod
+    def make(cls, days: int = 32) -> Events:
+        rng = random.Random(6)
+        received, replied = [], []
+        for back in range(1, days + 1):
+            day = TODAY - timedelta(days=back)
+            for _ in range(rng.randint(2, 14)):
+                sentiment = rng.choices(SENTIMENTS, weights=(5, 3, 2))[0]
+                received.append((day, rng.choice(CHANNELS), sentiment))
+            for _ in range(rng.randint(1, 7)):
+                replied.append((day, rng.choice(AGENTS), rng.choice(RESPONSE_SECONDS)))
+        return cls(received, replied)
+
+    def as_json(self) -> list[dict[str, Any]]:
+        def ts(day: date, n: int) -> int:
+            noon = datetime(day.year, day.month, day.day, 12, tzinfo=UTC)
+            return int(noon.timestamp()) + 60 * (n % 60)
+
+        out: list[dict[str, Any]] = []
+        for n, (day, channel, sentiment) in enumerate(self.received):
+            out.append({"type": "message.received", "tenant": TENANT, "ts": ts(day, n),
+                        "channel": channel, "sentiment": sentiment})
+        for n, (day, agent, seconds) in enumerate(self.replied):
+            out.append({"type": "message.replied", "tenant": TENANT, "ts": ts(day, n),
+                        "agent": agent, "channel": "email", "response_seconds": seconds})
+        return out
+
+    def expected(self, first: date, last: date) -> dict[str, Any]:
+        """Every figure the dashboard shows for first..last, computed from the events."""
+        n = (last - first).days + 1
+        previous_first = first - timedelta(days=n)
+        per_day = Counter(day for day, _, _ in self.received)
+        points = [per_day[first + timedelta(days=i)] for i in range(n)]
+        previous = [per_day[previous_first + timedelta(days=i)] for i in range(n)]
+        replies = [(agent, s) for day, agent, s in self.replied if first <= day <= last]
+        seconds_by_agent: dict[str, list[int]] = defaultdict(list)
+        for agent, s in replies:
+            seconds_by_agent[agent].append(s)
+        total, previous_total = sum(points), sum(previous)
+        return {
+            "points": points,
+            "previous": previous,
+            "total": total,
+            "previous_total": previous_total,
+            "change": (total - previous_total) / previous_total,
+            "handled": Counter(agent for agent, _ in replies),
+            "buckets": [(b, Counter(bucket(s) for _, s in replies)[b]) for b in BUCKET_ORDER],
+            "sentiment": Counter(s for day, _, s in self.received if first <= day <= last),
+            "replies": len(replies),
+            "average": sum(s for _, s in replies) / len(replies),
+            "average_by_agent": {a: sum(v) / len(v) for a, v in seconds_by_agent.items()},
+        }
+
+
+@pytest.fixture(scope="module")
+def events() -> Events:
+    return Events.make()
+
+
+@pytest.fixture(scope="module")
+def tally(tmp_path_factory: pytest.TempPathFactory, events: Events) -> Iterator[InProcessTally]:
+    server = InProcessTally(
+        tmp_path_factory.mktemp("dashboard"), access=parse_access(TOKENS)
+    ).start()
+    sent = events.as_json()
+    r = httpx.post(server.url + "/v1/events", json={"events": sent},
+                   headers={"Authorization": f"Bearer {INGEST_SECRET}"}, timeout=30)
+    assert r.status_code == 200, r.text
+    assert r.json()["rows"] == len(events.received) + 4 * len(events.replied)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    with sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"],
+                                     headless=True)
+        yield chromium
+        chromium.close()
+
+
+def wait_for_query(page: Page, state: str, **query: str) -> None:
+    """Until the page has drawn the answers to exactly this query (earlier loads it
+    superseded are dropped by the page) and is in ``state`` (ready or error)."""
+    page.wait_for_function(
+        """([state, query]) => document.body.dataset.state === state &&
+            Object.entries(query).every(([k, v]) => document.body.dataset[k] === v)""",
+        arg=[state, query], timeout=WAIT_MS,
+    )
+
+
+def rows(page: Page, table: str) -> list[tuple[str, int]]:
+    found = page.eval_on_selector_all(
+        f"#{table} tbody tr", "trs => trs.map(tr => [tr.dataset.value, Number(tr.dataset.total)])"
+    )
+    return [(value, total) for value, total in found]
+
+
+def attr(page: Page, selector: str, name: str) -> str | None:
+    return page.get_attribute(selector, name)
+
+
+def check_figures(page: Page, want: dict[str, Any]) -> None:
+    """Every panel against the figures computed from the events sent."""
+    # messages received per day, beside the previous period, and the change
+    assert int(attr(page, "#panel-received", "data-total")) == want["total"]
+    assert int(attr(page, "#received-total", "data-total")) == want["total"]
+    assert int(attr(page, "#panel-received", "data-previous-total")) == want["previous_total"]
+    assert float(attr(page, "#panel-received", "data-change")) == pytest.approx(want["change"])
+    change = page.inner_text("#received-change")
+    assert change == f"{want['change'] * 100:+.1f}% vs previous period", change
+    drawn = page.evaluate("document.getElementById('chart-received').data.map(t => t.y)")
+    assert drawn == [want["points"], want["previous"]]
+    # messages handled per agent: largest first, each with its average response time
+    agents = rows(page, "table-agents")
+    assert dict(agents) == dict(want["handled"])
+    assert [t for _, t in agents] == sorted((t for _, t in agents), reverse=True)
+    assert int(attr(page, "#panel-agents", "data-total")) == sum(want["handled"].values())
+    assert int(attr(page, "#handled-total", "data-total")) == sum(want["handled"].values())
+    averages = page.eval_on_selector_all(
+        "#table-agents tbody tr", "trs => trs.map(tr => [tr.dataset.value, tr.dataset.seconds])"
+    )
+    assert {a: float(s) for a, s in averages} == pytest.approx(want["average_by_agent"])
+    # response-time buckets, in bucket order, zeros included
+    assert rows(page, "table-response") == want["buckets"]
+    assert int(attr(page, "#panel-response", "data-total")) == want["replies"]
+    fast = dict(want["buckets"])["lt_30m"] + dict(want["buckets"])["lt_1h"]
+    assert int(attr(page, "#fast-share", "data-fast")) == fast
+    # sentiment
+    assert dict(rows(page, "table-sentiment")) == dict(want["sentiment"])
+    assert int(attr(page, "#panel-sentiment", "data-total")) == want["total"]
+    # average response time: sum of response_seconds.sum / sum of response_seconds.count
+    assert float(attr(page, "#avg-response", "data-seconds")) == pytest.approx(want["average"])
+    assert int(attr(page, "#avg-response", "data-count")) == want["replies"]
+    # every chart drawn by plotly.js, and no panel showing an error
+    for chart in ("chart-received", "chart-agents", "chart-response", "chart-sentiment"):
+        assert page.locator(f"#{chart} .main-svg").count() >= 1, chart
+    assert page.locator(".status.error:visible").count() == 0
+    assert page.is_hidden("#error")
+
+
+def show(page: Page, path: Path) -> None:
+    page.screenshot(path=str(path), full_page=True)
+    print(f"\ndashboard screenshot: {path}")
+
+
+def test_dashboard_shows_exact_totals_and_the_previous_period(
+    tally: InProcessTally, browser: Browser, events: Events, tmp_path: Path
+) -> None:
+    context = browser.new_context(timezone_id=BROWSER_ZONE,
+                                  viewport={"width": 1440, "height": 1000})
+    outside: list[str] = []
+
+    def local_only(route: Any) -> None:
+        """Offline: anything not from the tally server (a CDN, a font) is refused, noted."""
+        if route.request.url.startswith(tally.url):
+            route.continue_()
+        else:
+            outside.append(route.request.url)
+            route.abort()
+
+    context.route("**/*", local_only)
+    page = context.new_page()
+    page_errors: list[str] = []
+    page.on("pageerror", lambda e: page_errors.append(str(e)))
+    try:
+        page.goto(tally.url + "/")
+
+        # defaults: tenant demo, the browser's zone, the last 30 days there; no token yet,
+        # and the server has tokens: the API's 401 message is shown, not swallowed
+        today = datetime.now(ZoneInfo(BROWSER_ZONE)).date()
+        wait_for_query(page, "error", tenant="demo", tz=BROWSER_ZONE, to=today.isoformat(),
+                       **{"from": (today - timedelta(days=29)).isoformat()})
+        assert page.input_value("#tenant") == "demo"
+        assert page.input_value("#tz-select") == BROWSER_ZONE
+        error = page.inner_text("#error")
+        assert "401 unauthorized: a token is required" in error, error
+        assert attr(page, "#error", "data-code") == "unauthorized"
+        assert page.locator("#panel-received .status.error").is_visible()
+        show(page, tmp_path / "dashboard-no-token.png")
+
+        # tenant, token, a 14-day range, and a zone from the list
+        first, last = TODAY - timedelta(days=14), TODAY - timedelta(days=1)
+        page.fill("#tenant", TENANT)
+        page.fill("#token", QUERY_SECRET)
+        page.select_option("#tz-select", "Europe/London")
+        page.fill("#from", first.isoformat())
+        page.fill("#to", last.isoformat())
+        page.click("#apply")
+        wait_for_query(page, "ready", tenant=TENANT, tz="Europe/London", to=last.isoformat(),
+                       **{"from": first.isoformat()})
+        check_figures(page, events.expected(first, last))
+        show(page, tmp_path / "dashboard-14-days.png")
+
+        # another range, and a zone typed in: the numbers and the comparison follow
+        first, last = TODAY - timedelta(days=7), TODAY - timedelta(days=1)
+        page.select_option("#tz-select", "__other")
+        page.fill("#tz-other", "Asia/Tokyo")
+        page.fill("#from", first.isoformat())
+        page.fill("#to", last.isoformat())
+        page.click("#apply")
+        query = {"tenant": TENANT, "tz": "Asia/Tokyo", "from": first.isoformat(),
+                 "to": last.isoformat()}
+        wait_for_query(page, "ready", **query)
+        check_figures(page, events.expected(first, last))
+        show(page, tmp_path / "dashboard.png")
+
+        # the token is kept (localStorage) and the query is in the address: a reload
+        # shows the same figures
+        page.reload()
+        wait_for_query(page, "ready", **query)
+        assert page.input_value("#token") == QUERY_SECRET
+        check_figures(page, events.expected(first, last))
+
+        # a range the API refuses: its message, as the API words it
+        page.fill("#from", last.isoformat())
+        page.fill("#to", first.isoformat())
+        page.click("#apply")
+        wait_for_query(page, "error", tenant=TENANT, to=first.isoformat(),
+                       **{"from": last.isoformat()})
+        error = page.inner_text("#error")
+        assert f"400 bad_request: from {last} is after to {first}" in error, error
+    finally:
+        context.close()
+    assert outside == [], f"the page fetched from outside the server: {outside}"
+    assert page_errors == [], page_errors
+
+
+def test_page_and_assets_need_no_token_and_come_from_the_server(tally: InProcessTally) -> None:
+    """/ and its assets hold no data: served without a token, while the API still asks."""
+    page = httpx.get(tally.url + "/")
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+    assert "http://" not in page.text and "https://" not in page.text  # no CDN
+    for asset in ("dashboard.js", "dashboard.css", "plotly.min.js"):
+        r = httpx.get(f"{tally.url}/assets/{asset}")
+        assert r.status_code == 200, asset
+    plotly = httpx.get(tally.url + "/assets/plotly.min.js", headers={"Accept-Encoding": "gzip"})
+    assert plotly.headers["content-encoding"] == "gzip"
+    assert plotly.text.lstrip().startswith("/**\n* plotly.js v")
+    r = httpx.get(tally.url + "/assets/secrets.txt")
+    assert (r.status_code, r.json()["error"]["code"]) == (404, "not_found")
+    r = httpx.get(tally.url + "/v1/catalog", params={"tenant": TENANT})
+    assert r.status_code == 401
