@@ -112,6 +112,19 @@ def resident_bytes() -> float:
         return float("nan")
 
 
+def private_bytes() -> float:
+    """This process's private resident memory (RssAnon in /proc/self/status): its own heap,
+    without the shared object-store and library pages every Ray worker maps; NaN elsewhere."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass  # not Linux: the gauge says NaN
+    return float("nan")
+
+
 def render(registry: CollectorRegistry) -> str:
     return generate_latest(registry).decode()
 
@@ -164,6 +177,13 @@ class ShardMetrics:
             ["shard"],
             registry=reg,
         ).labels(shard=label).set_function(resident_bytes)
+        Gauge(
+            "tally_shard_private_bytes",
+            "Private resident memory of the shard's process (heap; no shared object-store or "
+            "library pages)",
+            ["shard"],
+            registry=reg,
+        ).labels(shard=label).set_function(private_bytes)
         state_gauges(reg, shard, state)
 
     def applied(self, increments: int) -> None:

@@ -19,6 +19,7 @@ from typing import Any
 
 import ray
 
+from actors import memory
 from actors.metrics import ShardMetrics
 from actors.shard_state import NO_SEQ, ShardState
 from checkpoint.remote import open_store_in_actor
@@ -36,6 +37,7 @@ class ShardActor:
         self, shard: int, store_url: str, checkpoint_interval: float, max_dirty: int = 0
     ) -> None:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
+        memory.tune()  # before the state's large allocations: malloc gives memory back
         self.shard = shard
         self.interval = checkpoint_interval
         # A new id per start: the gateway tells a restart (and the loss of
@@ -165,22 +167,30 @@ class ShardActor:
             self.checkpoints += 1
             self.last_checkpoint_seconds = time.monotonic() - started
             lag = self.meters.checkpoint_written(cp.ck, self.last_checkpoint_seconds)
+            ck, documents, new_series = cp.ck, len(cp.deltas), len(cp.new_series)
+            slots = sum(len(h) for h in cp.deltas.values())
+            del cp  # its deltas are garbage now: a trim below gives their pages back
+            trim_ms = None
+            if memory.available() and memory.PROCESS.due(slots):
+                # On the writer thread: the event loop serves queries meanwhile.
+                trim_ms = 1000 * await loop.run_in_executor(self._writer, memory.trim)
             log.info(
                 json.dumps(
                     {
                         "event": "checkpoint",
                         "shard": self.shard,
-                        "ck": cp.ck,
-                        "documents": len(cp.deltas),
-                        "slots": sum(len(h) for h in cp.deltas.values()),
-                        "new_series": len(cp.new_series),
+                        "ck": ck,
+                        "documents": documents,
+                        "slots": slots,
+                        "new_series": new_series,
                         "evicted": evicted,
                         "seconds": round(self.last_checkpoint_seconds, 4),
                         "lag_seconds": round(lag, 4),
+                        "trim_ms": None if trim_ms is None else round(trim_ms, 2),
                     }
                 )
             )
-            return cp.ck
+            return ck
 
     async def _checkpoint_loop(self) -> None:
         while True:

@@ -185,19 +185,44 @@ class ShardState:
             else:
                 row = self._used_blocks
                 if row == len(self._blocks):
-                    grow = max(1024, len(self._blocks) // 4)  # little slack: memory counts
-                    self._blocks = np.concatenate([self._blocks, np.zeros((grow, 24), np.int64)])
-                    self._block_key = np.concatenate([self._block_key, np.zeros(grow, np.int64)])
+                    self._reserve(1)
                 self._used_blocks += 1
             self._block_of[key] = row
             self._block_key[row] = key
         return row
 
+    def _reserve(self, more: int) -> None:
+        """Room in the slab for ``more`` new blocks (free rows are taken first).
+
+        It grows by a quarter (at least 1024 rows), or at once to what a batch
+        needs when that is more: a batch of many new series then costs one copy,
+        not one per quarter, and leaves no quarter of slack behind it (two day
+        blocks are ~400 of the ~1,700 bytes a series-month holds). A large slab
+        is calloc'd from fresh pages: rows not used yet take no resident memory.
+        """
+        need = self._used_blocks + max(0, more - len(self._free_blocks))
+        size = len(self._blocks)
+        if need <= size:
+            return
+        size = max(need, size + max(1024, size // 4))
+        blocks = np.zeros((size, 24), np.int64)
+        blocks[: len(self._blocks)] = self._blocks
+        block_key = np.zeros(size, np.int64)
+        block_key[: len(self._block_key)] = self._block_key
+        self._blocks, self._block_key = blocks, block_key
+
     def _rows(self, keys: np.ndarray) -> np.ndarray:
         """Block rows for block keys, creating missing blocks (one lookup per distinct key)."""
         uniq, inverse = np.unique(keys, return_inverse=True)
-        block = self._block
-        rows = np.fromiter((block(k) for k in uniq.tolist()), dtype=np.int64, count=len(uniq))
+        get = self._block_of.get
+        rows = np.fromiter((get(k, -1) for k in uniq.tolist()), dtype=np.int64, count=len(uniq))
+        new = np.flatnonzero(rows < 0)
+        if len(new):
+            self._reserve(len(new))
+            block = self._block
+            rows[new] = np.fromiter(
+                (block(k) for k in uniq[new].tolist()), dtype=np.int64, count=len(new)
+            )
         return rows[inverse.reshape(-1)]
 
     # ---- applying ------------------------------------------------------
@@ -432,24 +457,7 @@ class ShardState:
         if self.inflight is not None:
             return self.inflight
         rows, hod, summed = self._fold()
-        deltas: dict[MonthKey, dict[int, int]] = {}
-        if len(rows):
-            keys = self._block_key[rows]
-            g = keys >> DAY_BITS
-            hours = (keys & ((1 << DAY_BITS) - 1)) * 24 + hod
-            mnos = months_of_hours(hours)
-            names: dict[int, str] = {}
-            sids = self._sids
-            for gi, m, h, v in zip(g.tolist(), mnos.tolist(), hours.tolist(), summed.tolist(),
-                                   strict=True):
-                name = names.get(m)
-                if name is None:
-                    name = names[m] = month_name(m)
-                key = (sids[gi], name)
-                d = deltas.get(key)
-                if d is None:
-                    d = deltas[key] = {}  # type: ignore[index]
-                d[h] = v
+        deltas = self._deltas(rows, hod, summed)
         producers = {p: s for p, s in self.applied.items() if self.durable.get(p) != s}
         # A waiter may hold the promise of this checkpoint: it happens even if
         # the deltas summed to nothing meanwhile (a batch and its undo).
@@ -466,8 +474,48 @@ class ShardState:
             producers=producers,
         )
         self.unrecorded = set()
-        self.inflight_count = sum(len(h) for h in deltas.values())
+        self.inflight_count = len(rows)
         return self.inflight
+
+    def _deltas(
+        self, rows: np.ndarray, hod: np.ndarray, summed: np.ndarray
+    ) -> dict[MonthKey, dict[int, int]]:
+        """Folded slots as ``(sid, month) -> {absolute hour: delta}``, built per document.
+
+        A checkpoint can hold hundreds of thousands of slots. Grouping them by
+        document with numpy and sharing one int object per distinct hour keeps
+        the per-slot Python work to a dict entry: a loop per slot would make
+        several int objects per slot (series, month, hour), and that churn of
+        small objects is what leaves the allocator's arenas pinned (resident)
+        after the checkpoint is gone.
+        """
+        deltas: dict[MonthKey, dict[int, int]] = {}
+        if not len(rows):
+            return deltas
+        keys = self._block_key[rows]
+        hours = (keys & ((1 << DAY_BITS) - 1)) * 24 + hod
+        docs = (keys >> DAY_BITS) << MONTH_BITS | months_of_hours(hours)
+        order = np.lexsort((hours, docs))
+        docs, hours, summed = docs[order], hours[order], summed[order]
+        starts = np.flatnonzero(np.r_[True, docs[1:] != docs[:-1]])
+        ends = np.r_[starts[1:], len(docs)]
+        distinct, which = np.unique(hours, return_inverse=True)
+        shared = np.empty(len(distinct), dtype=object)
+        shared[:] = distinct.tolist()
+        hour_objs = shared[which.reshape(-1)].tolist()  # references to the shared ints
+        values = summed.tolist()
+        low = (1 << MONTH_BITS) - 1
+        names: dict[int, str] = {}
+        sids = self._sids
+        for doc, a, b in zip(docs[starts].tolist(), starts.tolist(), ends.tolist(), strict=True):
+            m = doc & low
+            name = names.get(m)
+            if name is None:
+                name = names[m] = month_name(m)
+            deltas[(sids[doc >> MONTH_BITS], name)] = dict(  # type: ignore[index]
+                zip(hour_objs[a:b], values[a:b], strict=True)
+            )
+        return deltas
 
     def finish_checkpoint(self, ck: int) -> None:
         if self.inflight is None or self.inflight.ck != ck:

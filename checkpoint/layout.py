@@ -9,11 +9,10 @@ one) and so the SQLite store refuses exactly what the others refuse.
 
 from __future__ import annotations
 
-import functools
 import operator
 import re
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,13 +36,36 @@ def check_month(month: Any) -> str:
     return month
 
 
-@functools.lru_cache(maxsize=65536)  # the same series come back every checkpoint
-def check_sid(sid: str) -> SeriesKey:
-    """The series a canonical series id names; ValueError for anything else.
+# Ids already found canonical (keys only: a dict's table is a third of a set's).
+# The same series come back every checkpoint. Holding the id strings, which the
+# shard holds anyway while the series is live, costs ~30 bytes an id, where
+# caching the parsed keys cost ~400 bytes of small objects per series, made in the
+# middle of a checkpoint's short-lived objects: those pinned the allocator's
+# arenas, so a shard's resident memory kept much of what each large checkpoint used.
+_CANONICAL: dict[str, None] = {}
+_CANONICAL_LIMIT = 65536  # then forgotten at once: a re-check is only a few microseconds
+
+
+def check_canonical(sid: str) -> str:
+    """``sid`` if it is a canonical series id; ValueError for anything else.
 
     A malformed or non-canonical id (tags out of order, say) would be stored
     under a key that no query computes, so it is refused before any write.
     """
+    if type(sid) is not str or sid not in _CANONICAL:
+        _check_sid(sid)
+        if len(_CANONICAL) >= _CANONICAL_LIMIT:
+            _CANONICAL.clear()
+        _CANONICAL[sid] = None
+    return sid
+
+
+def check_sid(sid: str) -> SeriesKey:
+    """The series a canonical series id names; ValueError for anything else."""
+    return parse_series_id(check_canonical(sid))
+
+
+def _check_sid(sid: str) -> SeriesKey:
     try:
         parsed = parse_series_id(sid)
         key = series_key(parsed.tenant, parsed.metric, dict(parsed.tags))
@@ -66,10 +88,16 @@ def month_deltas(key: MonthKey, hours: dict[int, int]) -> list[tuple[int, int]]:
     refuse the same checkpoints. ``operator.index`` accepts numpy integers
     (what shard state may hand over) and refuses floats and strings.
     """
+    return sorted(_checked_pairs(key, hours))
+
+
+def _checked_pairs(key: MonthKey, hours: dict[int, int]) -> Iterator[tuple[int, int]]:
+    """The non-zero pairs of ``month_deltas``, unsorted, one at a time; the same checks
+    (those of the day totals once the last pair is out)."""
     sid, month = key
-    check_sid(sid)
+    check_canonical(sid)
     first, end = month_hours(check_month(month))
-    out: list[tuple[int, int]] = []
+    day_totals: dict[int, int] = defaultdict(int)
     for raw_hour, raw_delta in hours.items():
         hour = operator.index(raw_hour)
         if not first <= hour < end:
@@ -89,18 +117,24 @@ def month_deltas(key: MonthKey, hours: dict[int, int]) -> list[tuple[int, int]]:
                 f"checkpoint delta for {sid!r} in {month}, hour {hour}: {delta} is outside int64"
             )
         if delta:
-            out.append((hour, delta))
-    out.sort()
-    day_totals: dict[int, int] = defaultdict(int)
-    for hour, delta in out:
-        day_totals[(hour - first) // 24 + 1] += delta
+            day_totals[(hour - first) // 24 + 1] += delta
+            yield hour, delta
     for day, total in sorted(day_totals.items()):
         if not INT64_MIN <= total <= INT64_MAX:
             raise ValueError(
                 f"checkpoint deltas for {sid!r} in {month}: day {day} adds up to {total}, "
                 "outside int64"
             )
-    return out
+
+
+def month_pairs(hours: dict[int, int]) -> Iterator[tuple[int, int]]:
+    """A checked document's non-zero pairs as plain ints, in its order, one at a time.
+
+    For a store that writes from the checkpoint itself after ``check_streamed``.
+    """
+    for hour, delta in hours.items():
+        if delta:
+            yield operator.index(hour), operator.index(delta)
 
 
 def check_where(where: dict[str, str]) -> dict[str, str]:
@@ -230,20 +264,45 @@ class CheckedCheckpoint:
 
 def check_checkpoint(cp: Checkpoint) -> CheckedCheckpoint:
     """Validate all of a checkpoint before any write: ValueError leaves a store as it was."""
+    shard, ck = _checked_ids(cp)
+    months = [
+        (key, pairs) for key, hours in cp.deltas.items() if (pairs := month_deltas(key, hours))
+    ]
+    return CheckedCheckpoint(shard, ck, months, *_checked_series_and_marks(cp))
+
+
+def check_streamed(cp: Checkpoint) -> tuple[CheckedCheckpoint, list[MonthKey]]:
+    """What ``check_checkpoint`` checks, for a store that then writes each document's
+    deltas straight from ``cp.deltas`` (with ``month_pairs``): the checked checkpoint
+    without ``months``, and the keys of the documents with a non-zero delta.
+
+    A tuple per slot, kept for the whole write, is the largest short-lived part of
+    a large checkpoint (~60 bytes a slot); objects the shard made beside them then
+    pinned Python's allocator arenas, resident long after the write was done.
+    """
+    shard, ck = _checked_ids(cp)
+    keys = [key for key, hours in cp.deltas.items() if _count(_checked_pairs(key, hours))]
+    return CheckedCheckpoint(shard, ck, [], *_checked_series_and_marks(cp)), keys
+
+
+def _count(pairs: Iterator[tuple[int, int]]) -> int:
+    return sum(1 for _ in pairs)
+
+
+def _checked_ids(cp: Checkpoint) -> tuple[int, int]:
     shard = _int64(cp.shard, "checkpoint shard")
     ck = _int64(cp.ck, f"checkpoint id of shard {shard}")
     if shard < 0:
         raise ValueError(f"checkpoint shard {shard} is negative")
     if ck < 1:
         raise ValueError(f"checkpoint id {ck} of shard {shard} is not positive")
-    months = [
-        (key, pairs) for key, hours in cp.deltas.items() if (pairs := month_deltas(key, hours))
-    ]
+    return shard, ck
+
+
+def _checked_series_and_marks(cp: Checkpoint) -> tuple[list[str], dict[str, int]]:
     for sid in cp.new_series:
-        check_sid(sid)
-    return CheckedCheckpoint(
-        shard, ck, months, list(dict.fromkeys(cp.new_series)), check_producers(cp.producers)
-    )
+        check_canonical(sid)
+    return list(dict.fromkeys(cp.new_series)), check_producers(cp.producers)
 
 
 def prefix_range(prefix: str) -> dict[str, str]:

@@ -30,7 +30,13 @@ from collections.abc import Container, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from checkpoint.layout import check_checkpoint, check_month, check_sid, check_where
+from checkpoint.layout import (
+    check_month,
+    check_sid,
+    check_streamed,
+    check_where,
+    month_pairs,
+)
 from checkpoint.store import (
     Checkpoint,
     LayoutMismatch,
@@ -206,8 +212,11 @@ class SqliteStore:
         checkpoint never overrides a newer one.
         """
         # Validate everything before the transaction: a bad checkpoint raises
-        # ValueError and leaves the store as it was.
-        checked = check_checkpoint(cp)
+        # ValueError and leaves the store as it was. The deltas are then read
+        # from the checkpoint itself, a row at a time as SQLite takes them: rows
+        # (or checked pairs) built for a large checkpoint all at once would leave
+        # the shard's memory resident long after the write (see check_streamed).
+        checked, keys = check_streamed(cp)
         series_rows = []
         for sid in checked.series:
             key = check_sid(sid)
@@ -221,18 +230,20 @@ class SqliteStore:
         ):
             conn.execute(_CLAIM, (checked.shard, checked.ck))
             conn.executemany(_UPSERT_SERIES, series_rows)
-            slot_rows: list[tuple[str, int, int]] = []
-            month_rows: list[tuple[str, str, int]] = []
-            for (sid, month), pairs in checked.months:
+            todo: list[MonthKey] = []
+            for key in keys:
                 row = conn.execute(
-                    "SELECT ck FROM months WHERE sid = ? AND month = ?", (sid, month)
+                    "SELECT ck FROM months WHERE sid = ? AND month = ?", key
                 ).fetchone()
                 if row is not None and row[0] >= checked.ck:
                     continue  # this document already took this checkpoint or a newer one
-                slot_rows.extend((sid, hour, delta) for hour, delta in pairs)
-                month_rows.append((sid, month, checked.ck))
-            conn.executemany(_UPSERT_SLOT, slot_rows)
-            conn.executemany(_UPSERT_MONTH, month_rows)
+                todo.append(key)
+            deltas = cp.deltas
+            conn.executemany(
+                _UPSERT_SLOT,
+                ((key[0], hour, delta) for key in todo for hour, delta in month_pairs(deltas[key])),
+            )
+            conn.executemany(_UPSERT_MONTH, ((sid, month, checked.ck) for sid, month in todo))
             conn.executemany(_UPSERT_MARK, mark_rows)
 
     def ensure_layout(self, shards: int) -> None:
