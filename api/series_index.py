@@ -59,9 +59,10 @@ class SeriesIndex:
     def saw(self, sids: Iterable[str]) -> None:
         """Series of a batch every shard has applied; call before acknowledging it.
 
-        Checked against the entries every time, not once per series: a series
-        whose counts netted to zero can leave both the shards and the catalog,
-        be missed by a load, and come back in a later batch.
+        Checked against the entries every time, not once per series id: a
+        series known here may still be missing from an entry loaded later (the
+        connection fuzzer found one: a series first named by a resend, whose
+        rows are never applied, so no shard or catalog had it at the load).
         """
         metrics = self._metrics
         if not metrics:
