@@ -314,3 +314,52 @@ def test_page_and_assets_need_no_token_and_come_from_the_server(tally: InProcess
     assert (r.status_code, r.json()["error"]["code"]) == (404, "not_found")
     r = httpx.get(tally.url + "/v1/catalog", params={"tenant": TENANT})
     assert r.status_code == 401
+
+
+def test_the_dashboard_over_tally_demo_data_shows_what_demo_sent(
+    browser: Browser, tmp_path_factory: pytest.TempPathFactory, tmp_path: Path
+) -> None:
+    """`tally demo` into a running tally, then the page over the whole demo range in UTC:
+    each panel's total is what demo reports it sent, and the last 30 days (the page's
+    default) agree with the API's own answers."""
+    from cluster.demo import run_demo
+
+    server = InProcessTally(tmp_path_factory.mktemp("demo")).start()
+    context = browser.new_context(timezone_id="UTC", viewport={"width": 1440, "height": 1000})
+    try:
+        sent = run_demo(tcp_port=server.tcp_port, http_port=server.http_port, days=90,
+                        seed=3, progress=False)
+        totals = sent.totals
+        page = context.new_page()
+        page.goto(f"{server.url}/?tenant=demo&tz=UTC&from={sent.first_day}&to={sent.last_day}")
+        wait_for_query(page, "ready", tenant="demo", tz="UTC", to=sent.last_day,
+                       **{"from": sent.first_day})
+        assert int(attr(page, "#received-total", "data-total")) == totals["messages.received"]
+        assert int(attr(page, "#panel-sentiment", "data-total")) == totals["messages.received"]
+        assert int(attr(page, "#handled-total", "data-total")) == totals["messages.handled"]
+        assert sum(t for _, t in rows(page, "table-agents")) == totals["messages.handled"]
+        assert int(attr(page, "#panel-response", "data-total")) == totals["response_time"]
+        assert sum(t for _, t in rows(page, "table-response")) == totals["response_time"]
+        assert float(attr(page, "#avg-response", "data-seconds")) == pytest.approx(
+            totals["response_seconds.sum"] / totals["response_seconds.count"])
+        assert [v for v, _ in rows(page, "table-response")] == list(BUCKET_ORDER)
+        assert all(t > 0 for _, t in rows(page, "table-response"))  # demo fills every bucket
+
+        # the default view (last 30 days, the browser's zone) against the API directly
+        page.goto(f"{server.url}/?tenant=demo")
+        today = datetime.now(UTC).date()
+        first = (today - timedelta(days=29)).isoformat()
+        wait_for_query(page, "ready", tenant="demo", tz="UTC", to=today.isoformat(),
+                       **{"from": first})
+        api = httpx.get(server.url + "/v1/series", params={
+            "tenant": "demo", "metric": "messages.received", "from": first,
+            "to": today.isoformat(), "compare": "previous_period"}).json()
+        assert int(attr(page, "#received-total", "data-total")) == api["total"] > 0
+        assert int(attr(page, "#panel-received", "data-previous-total")) == (
+            api["compare"]["total"]) > 0
+        drawn = page.evaluate("document.getElementById('chart-received').data.map(t => t.y)")
+        assert drawn == [[v for _, v in api["points"]], [v for _, v in api["compare"]["points"]]]
+        show(page, tmp_path / "dashboard-demo.png")
+    finally:
+        context.close()
+        server.stop()
