@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import multiprocessing
+import select
 import socket
 import threading
 import time
@@ -49,8 +50,17 @@ class Stream:
             return chunks[(seq - 1) % len(chunks)]
 
         window = threading.Semaphore(16)  # frames in flight: a bounded pipeline
+        failed: list[BaseException] = []
 
         def send() -> None:
+            try:
+                sending()
+            except BaseException as e:  # kept: run() raises it, the bench never hangs on it
+                failed.append(e)
+            finally:
+                self.sending_done = True
+
+        def sending() -> None:
             started, increments = time.perf_counter(), 0
             for seq in range(1, self.frames + 1):
                 window.acquire()
@@ -64,19 +74,19 @@ class Stream:
                 sock.sendall(frame(chunk, seq))
                 increments += chunk.increments
                 self.sent += 1
-            self.sending_done = True
 
         self.sending_done = False
         sender = threading.Thread(target=send, daemon=True)
         sender.start()
         decoder = FrameDecoder()
         answered = 0
-        while not (self.sending_done and answered == self.sent):
-            sock.settimeout(1.0)
-            try:
-                data = sock.recv(1 << 16)
-            except TimeoutError:
+        # The socket stays blocking: a timeout set here would apply to the sender's
+        # sendall too, which may wait longer than that while the server works.
+        while not (self.sending_done and (failed or answered == self.sent)):
+            readable, _, _ = select.select([sock], [], [], 1.0)
+            if not readable:
                 continue
+            data = sock.recv(1 << 16)
             if not data:
                 raise ConnectionError("the server closed a bench connection")
             for msg in decoder.feed(data):
@@ -92,6 +102,8 @@ class Stream:
                     self.errors.append(msg)
         sender.join()
         sock.close()
+        if failed:
+            raise failed[0]
 
 
 def run_streams(streams: list[Stream]) -> float:

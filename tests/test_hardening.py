@@ -8,6 +8,7 @@ against `tally serve`.
 
 from __future__ import annotations
 
+import asyncio
 import struct
 import time
 from collections.abc import Iterator
@@ -165,6 +166,31 @@ def test_a_slow_trickle_does_not_extend_the_frame_deadline(strict) -> None:
             conn.receive()  # (the error frame arrives first, then EOF)
             conn.receive()
         assert time.monotonic() - started < 3
+
+
+def test_the_servers_own_work_on_earlier_frames_does_not_count_against_the_next(
+    strict, monkeypatch
+) -> None:
+    """A producer pipelines: its next frame begins in the socket while the server is still
+    applying the one before. Found by `tally bench` with 10 MB frames: the deadline once
+    ran from that first byte, so a slow apply cut a well-behaved producer off."""
+    service = strict.service
+    ingest = service.ingest
+
+    async def slow_ingest(*args, **kwargs):  # type: ignore[no-untyped-def]
+        await asyncio.sleep(0.8)  # longer than frame_timeout (0.5 s)
+        return await ingest(*args, **kwargs)
+
+    monkeypatch.setattr(service, "ingest", slow_ingest)
+    with hello(strict.tcp_port, "pipeline") as conn:
+        first = msgpack.packb({"op": "inc", "seq": 1, "rows": [row()]})
+        second = msgpack.packb({"op": "inc", "seq": 2, "rows": [row()]})
+        conn.send(struct.pack(">I", len(first)) + first + struct.pack(">I", len(second))
+                  + second[:3])  # the next frame's first bytes arrive with the first
+        assert conn.receive()["op"] == "ack"  # after 0.8 s of the server's own work
+        conn.send(second[3:])  # at once, from the client's side
+        assert conn.receive() == {"op": "ack", "seq": 2, "rows": 1}
+    assert strict.total("acme", "m", DAY) == 2
 
 
 def test_an_idle_connection_between_frames_is_not_timed_out(strict) -> None:
