@@ -24,6 +24,7 @@ from api.access import AccessList
 from api.http import create_app
 from api.rules import BUILTIN, Rules
 from api.service import Service
+from api.statsd import StatsdIngress
 from api.tcp import TcpLimits, TcpServer
 from checkpoint.remote import open_store_in_actor
 
@@ -57,6 +58,8 @@ class GatewayOptions:
     access: AccessList | None = None
     max_query_days: int = 3660
     rules: Rules = BUILTIN
+    statsd_port: int | None = None  # None: no StatsD listeners (api/statsd.py)
+    statsd_tenant: str | None = None  # the tenant of StatsD lines without a tenant tag
 
 
 @ray.remote(num_cpus=0, enable_task_events=False)
@@ -70,6 +73,7 @@ class Gateway:
         self.tcp = TcpServer(self.service, options.limits, options.access, options.rules)
         self.http: uvicorn.Server | None = None
         self._http_task: asyncio.Task | None = None
+        self.statsd: StatsdIngress | None = None
 
     async def start(self, host: str, http_port: int, tcp_port: int) -> dict[str, Any]:
         """Listen on both ports; raises PortInUse naming the port that is taken."""
@@ -93,6 +97,14 @@ class Gateway:
                 raise PortInUse(f"{which} port {port} on {host}: {err.strerror}")
             await asyncio.sleep(0.25)
         opts = self.options
+        ports: dict[str, Any] = {"http_port": http_port, "tcp_port": tcp}
+        if opts.statsd_port is not None:
+            self.statsd = StatsdIngress(self.service, opts.statsd_tenant)
+            try:
+                ports["statsd_port"] = await self.statsd.start(host, opts.statsd_port)
+            except OSError as e:
+                await self.tcp.stop()
+                raise PortInUse(f"StatsD port {opts.statsd_port} on {host}: {e}") from None
         app = create_app(
             self.service, max_body=opts.limits.max_frame, access=opts.access,
             max_query_days=opts.max_query_days, rules=opts.rules,
@@ -112,11 +124,13 @@ class Gateway:
         while not self.http.started:
             if self._http_task.done():
                 await self.tcp.stop()
+                if self.statsd is not None:
+                    await self.statsd.stop()
                 exc = self._http_task.exception()
                 raise PortInUse(f"HTTP port {http_port} on {host}: {exc}")
             await asyncio.sleep(0.02)
         gc.freeze()
-        return {"http_port": http_port, "tcp_port": tcp}
+        return ports
 
     async def _run_http(self) -> None:
         assert self.http is not None
@@ -130,6 +144,8 @@ class Gateway:
     async def stop(self) -> None:
         """Stop accepting on both ports; requests in progress finish first."""
         await self.tcp.stop()
+        if self.statsd is not None:
+            await self.statsd.stop()  # its buffered lines are applied before the final checkpoint
         self.service.tracker.stop()
         if self.http is not None:
             self.http.should_exit = True
@@ -141,5 +157,6 @@ class Gateway:
             "connections": self.tcp.connections,
             "increments": self.service.increments,
             "batches": self.service.batches,
+            "statsd": self.statsd.stats.as_dict() if self.statsd is not None else None,
             "shards": await self.service.shards.stats(),
         }

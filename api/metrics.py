@@ -77,6 +77,14 @@ class GatewayMetrics:
             "tally_http_requests_total", "HTTP requests by route template and status",
             ["route", "status"], registry=reg,
         )
+        self._statsd_lines = Counter(
+            "tally_statsd_lines_total", "StatsD lines received, by outcome (accepted, rejected)",
+            ["outcome"], registry=reg,
+        )
+        self._statsd_rejected = Counter(
+            "tally_statsd_rejected_lines_total", "StatsD lines refused, by reason",
+            ["reason"], registry=reg,
+        )
         self._scrape_errors = Counter(
             "tally_shard_scrape_errors_total",
             "Shards that did not answer a /metrics scrape (their samples are missing from it)",
@@ -92,6 +100,14 @@ class GatewayMetrics:
     def batch_rejected(self, ingress: str, reason: str, increments: int) -> None:
         self._batches.labels(ingress=ingress, outcome="rejected").inc()
         self._rejected.labels(ingress=ingress, reason=reason).inc(increments)
+
+    def statsd_lines(self, accepted: int, rejected: dict[str, int]) -> None:
+        """StatsD lines: a rejected line is never applied, whatever its reason."""
+        if accepted:
+            self._statsd_lines.labels(outcome="accepted").inc(accepted)
+        for reason, n in rejected.items():
+            self._statsd_lines.labels(outcome="rejected").inc(n)
+            self._statsd_rejected.labels(reason=reason).inc(n)
 
     def connection_opened(self) -> None:
         self._open.inc()

@@ -79,6 +79,8 @@ class Service:
             load_access(cfg.tokens) if cfg.tokens else None,
             cfg.max_query_days,
             load_rules(cfg.rules) if cfg.rules else BUILTIN,
+            statsd_port=cfg.statsd_port,
+            statsd_tenant=cfg.statsd_tenant,
         )
         self.gateway = Gateway.options(name=GATEWAY_NAME).remote(
             self.store_url, cfg.shards, options
@@ -188,7 +190,11 @@ def serve(cfg: ServeConfig) -> int:
             return 0 if e.by_signal else 1
         print(
             f"tally: serving HTTP on http://{cfg.host}:{service.ports['http_port']} and "
-            f"TCP on {cfg.host}:{service.ports['tcp_port']}; {cfg.shards} shards; "
+            f"TCP on {cfg.host}:{service.ports['tcp_port']}; "
+            + (f"StatsD (UDP and TCP) on {cfg.host}:{service.ports['statsd_port']}"
+               f" (tenant {cfg.statsd_tenant or 'from tags only'}); "
+               if "statsd_port" in service.ports else "")
+            + f"{cfg.shards} shards; "
             f"store {redact_url(service.store_url)}; "
             f"checkpoints every {cfg.checkpoint_interval:g} s; "
             f"{'tokens from ' + cfg.tokens if cfg.tokens else 'open access (no tokens)'}; "

@@ -46,6 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
                        "answers before it is disconnected (default 30)")
     serve.add_argument("--max-query-days", type=int,
                        help="longest from..to range of a query, in days (default 3660)")
+    serve.add_argument("--statsd-port", type=int,
+                       help="accept the StatsD/DogStatsD line protocol over UDP and TCP on "
+                       "this port (default: off); at most once, like StatsD")
+    serve.add_argument("--statsd-tenant",
+                       help="tenant of StatsD lines without a tenant tag (default: none, such "
+                       "lines are refused)")
     bench = sub.add_parser(
         "bench",
         help="measure ingest, queries and memory against a service of its own",
@@ -62,6 +68,23 @@ def build_parser() -> argparse.ArgumentParser:
                            default=getattr(defaults, name),
                            help=f"(default {getattr(defaults, name):,})")
     bench.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    bstatsd = sub.add_parser(
+        "bench-statsd",
+        help="StatsD lines/s accepted over UDP with zero loss, beside Etsy's statsd",
+        description="Ramp a paced UDP send of StatsD counter lines at tally's StatsD listener "
+        "(its own process, in-process shards over SQLite, no Ray) until lines go missing, "
+        "and report the highest rate with zero loss; the same ramp against Etsy's statsd "
+        "(npm install statsd into a temporary folder) when npm is available, with the ratio.",
+    )
+    bstatsd.add_argument("--duration", type=float, default=2.0,
+                         help="seconds per step of the ramp (default 2)")
+    bstatsd.add_argument("--lines-per-datagram", type=int, default=10,
+                         help="StatsD lines packed in one datagram (default 10)")
+    bstatsd.add_argument("--max-rate", type=int, default=1_600_000,
+                         help="highest lines/s to try (default 1,600,000)")
+    bstatsd.add_argument("--no-etsy", dest="etsy", action="store_false",
+                         help="do not measure Etsy's statsd")
+    bstatsd.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     add_client_commands(sub)
     return parser
 
@@ -178,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     if args.command == "bench":
         return bench(args)
+    if args.command == "bench-statsd":
+        return bench_statsd(args)
     if args.command == "demo":
         return demo(args)
     if args.command == "import":
@@ -263,6 +288,19 @@ def bench(args: argparse.Namespace) -> int:
         with open(args.json, "w") as f:
             f.write(to_json(results))
     return 0 if results.exact and not results.errors else 1
+
+
+def bench_statsd(args: argparse.Namespace) -> int:
+    from bench.statsd import StatsdBenchConfig, report, run_statsd, to_json
+
+    cfg = StatsdBenchConfig(duration=args.duration, lines_per_datagram=args.lines_per_datagram,
+                            max_rate=args.max_rate, etsy=args.etsy)
+    results = run_statsd(cfg, say=lambda m: print(f"tally bench-statsd: {m}", flush=True))
+    report(results)
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(to_json(results))
+    return 0 if results.tally.best > 0 else 1
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from typing import Any
 
 from api.access import AccessFileError, load_access
 from api.rules import RulesError, load_rules
+from wire.series import InvalidSeries, check_tenant
 
 
 class ConfigError(ValueError):
@@ -40,6 +41,9 @@ class ServeConfig:
     frame_timeout: float = 30.0
     max_query_days: int = 3660  # longest from..to range a query may ask for
     rules: str | None = None  # TOML fan-out rules (api/rules.py); None: the built-in ones
+    # StatsD line protocol over UDP and TCP on this one port (api/statsd.py); None: off
+    statsd_port: int | None = None
+    statsd_tenant: str | None = None  # tenant of StatsD lines without a `tenant` tag
 
 
 def load_config(flags: dict[str, Any], config_file: str | None, env: dict[str, str]) -> ServeConfig:
@@ -94,6 +98,29 @@ def is_loopback(host: str) -> bool:
     return all(ipaddress.ip_address(info[4][0]).is_loopback for info in infos)
 
 
+def _check_statsd(cfg: ServeConfig) -> None:
+    """StatsD carries no token: a listener beyond loopback would let anyone write any tenant."""
+    if cfg.statsd_tenant is not None:
+        try:
+            check_tenant(cfg.statsd_tenant)
+        except InvalidSeries as e:
+            raise ConfigError(f"statsd-tenant: {e}") from None
+        if cfg.statsd_port is None:
+            raise ConfigError("statsd-tenant is set but statsd-port is not: StatsD is off")
+    if cfg.statsd_port is None:
+        return
+    if not 0 < cfg.statsd_port < 65536:
+        raise ConfigError(f"statsd-port: {cfg.statsd_port} is not a port")
+    if cfg.statsd_port in (cfg.http_port, cfg.tcp_port):
+        raise ConfigError(f"statsd-port {cfg.statsd_port} is also the HTTP or wire TCP port")
+    if not is_loopback(cfg.host):
+        raise ConfigError(
+            f"statsd-port with host {cfg.host}: the StatsD protocol carries no token, so a "
+            "StatsD listener beyond loopback would let anyone write any tenant; run tally "
+            "on loopback with a StatsD relay beside it, or firewall the port"
+        )
+
+
 def check(cfg: ServeConfig) -> None:
     if cfg.shards < 1:
         raise ConfigError(f"shards: {cfg.shards}; at least 1")
@@ -107,6 +134,7 @@ def check(cfg: ServeConfig) -> None:
             raise ConfigError(f"{name.replace('_', '-')}: {port} is not a TCP port")
     if cfg.http_port == cfg.tcp_port:
         raise ConfigError(f"http-port and tcp-port are both {cfg.http_port}")
+    _check_statsd(cfg)
     for name in ("max_connections", "max_query_days"):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"{name.replace('_', '-')}: {getattr(cfg, name)}; at least 1")

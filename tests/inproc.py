@@ -25,6 +25,7 @@ from api.access import AccessList
 from api.http import create_app
 from api.rules import BUILTIN, Rules
 from api.service import Service
+from api.statsd import StatsdIngress
 from api.tcp import TcpLimits, TcpServer
 from checkpoint.sqlite import SqliteStore
 from wire.frames import FrameDecoder, encode_frame
@@ -46,7 +47,8 @@ class InProcessTally:
     def __init__(
         self, workdir: Path, *, shards: int = 2, limits: TcpLimits | None = None,
         access: AccessList | None = None, max_query_days: int = 3660,
-        rules: Rules = BUILTIN,
+        rules: Rules = BUILTIN, statsd_port: int | None = None,
+        statsd_tenant: str | None = None, statsd_flush_interval: float = 0.1,
     ) -> None:
         self.store = SqliteStore(str(workdir / "inproc.db"))
         self.store.ensure_layout(shards)
@@ -58,6 +60,12 @@ class InProcessTally:
             self.service, max_body=self.limits.max_frame, access=access,
             max_query_days=max_query_days, rules=rules,
         )
+        # StatsD listeners when ``statsd_port`` is given (0: a free port for UDP and TCP)
+        self.statsd_port = statsd_port
+        self.statsd: StatsdIngress | None = None
+        if statsd_port is not None:
+            self.statsd = StatsdIngress(self.service, statsd_tenant,
+                                        flush_interval=statsd_flush_interval)
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.http: uvicorn.Server | None = None
@@ -72,6 +80,8 @@ class InProcessTally:
     async def _start(self) -> None:
         self.service.start()
         self.tcp_port = await self.tcp.start("127.0.0.1", 0)
+        if self.statsd is not None:
+            self.statsd_port = await self.statsd.start("127.0.0.1", self.statsd_port or 0)
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
         self.http_port = sock.getsockname()[1]
@@ -96,6 +106,8 @@ class InProcessTally:
     def stop(self) -> None:
         async def _stop() -> None:
             await self.tcp.stop()
+            if self.statsd is not None:
+                await self.statsd.stop()
             self.service.tracker.stop()
             assert self.http is not None
             self.http.should_exit = True

@@ -1,0 +1,430 @@
+"""StatsD ingress: the sans-I/O parser line by line, then real StatsD clients from PyPI
+(``statsd``, ``datadog``'s DogStatsd) sending to the in-process listeners, with totals
+read back through the HTTP query API."""
+
+from __future__ import annotations
+
+import random
+import socket
+import time
+from collections.abc import Iterator
+from fractions import Fraction
+
+import httpx
+import pytest
+import statsd
+from datadog.dogstatsd import DogStatsd
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from api.statsd import RateLimitedLog
+from cluster.config import ConfigError, load_config
+from tests.inproc import InProcessTally
+from wire.statsd import MAX_DATAGRAM, MAX_LINE, REASONS, Parsed, StatsdParser, round_half_even
+
+NOW = 1_800_000_000
+
+
+def parse(data: bytes | str, tenant: str | None = "acme") -> Parsed:
+    raw = data.encode() if isinstance(data, str) else data
+    return StatsdParser(tenant).parse(raw, NOW)
+
+
+def reasons(p: Parsed) -> list[tuple[int, str]]:
+    return [(r.line, r.reason) for r in p.rejections]
+
+
+# ---- counters, sample rates --------------------------------------------------------
+
+
+def test_counter_line() -> None:
+    p = parse("messages.received:3|c")
+    assert p.rows == [["acme", "messages.received", None, NOW, 3]]
+    assert p.rejections == [] and p.lines == 1 and p.row_lines == [0]
+
+
+@pytest.mark.parametrize(("line", "value"), [
+    ("m:1|c|@0.1", 10),
+    ("m:1|c|@0.3", 3),      # 3.333... -> 3
+    ("m:1|c|@0.4", 2),      # 2.5 -> 2 (ties to even)
+    ("m:3|c|@0.4", 8),      # 7.5 -> 8 (ties to even)
+    ("m:1|c|@0.6", 2),      # 1.666... -> 2
+    ("m:5|c|@0.5", 10),
+    ("m:1|c|@1", 1),
+    ("m:1.5|c", 2),         # a decimal counter: 1.5 -> 2
+    ("m:2.5|c", 2),         # 2.5 -> 2
+    ("m:-1|c|@0.4", -2),    # -2.5 -> -2
+    ("m:1|c|@1e-1", 10),
+    ("m:7|c|@0.07", 100),   # exact: a float would give 99.99999999999999
+])
+def test_sample_rate_rounding_is_half_even_of_the_exact_rational(line: str, value: int) -> None:
+    p = parse(line)
+    assert p.rows[0][4] == value, p.rejections
+
+
+def test_round_half_even_is_exact() -> None:
+    assert round_half_even(Fraction(5, 2)) == 2
+    assert round_half_even(Fraction(7, 2)) == 4
+    assert round_half_even(Fraction(-5, 2)) == -2
+    # 0.1 as a float is not 1/10: the parser never goes through floats
+    assert round_half_even(Fraction("0.35") / Fraction("0.1")) == 4  # 3.5 -> 4
+
+
+@pytest.mark.parametrize("rate", ["0", "1.5", "-0.1", "abc", "", "nan", "1/3"])
+def test_bad_sample_rate(rate: str) -> None:
+    assert reasons(parse(f"m:1|c|@{rate}")) == [(0, "bad_rate")]
+
+
+def test_several_lines_and_packed_values() -> None:
+    p = parse("a:1|c\nb:2|c\r\n\n  \nc:1:2:3|c\n")
+    assert [(r[1], r[4]) for r in p.rows] == [("a", 1), ("b", 2), ("c", 1), ("c", 2), ("c", 3)]
+    assert p.row_lines == [0, 1, 2, 2, 2] and p.lines == 3
+
+
+def test_metric_names_follow_the_data_model() -> None:
+    p = parse("ok.name-1_x:1|c\nbad name:1|c\n" + "x" * 201 + ":1|c\nbad/name:1|c")
+    assert p.rows == [["acme", "ok.name-1_x", None, NOW, 1]]
+    assert reasons(p) == [(1, "bad_name"), (2, "bad_name"), (3, "bad_name")]
+
+
+def test_value_out_of_int64_is_refused() -> None:
+    p = parse(f"m:{2**63}|c\nm:1|c|@{Fraction(1, 2**62)}\nm:{2**62}|c|@0.25")
+    assert [r.reason for r in p.rejections][0] == "overflow"
+    assert reasons(p)[-1] == (2, "overflow")
+
+
+# ---- tags and tenants --------------------------------------------------------------
+
+
+def test_dogstatsd_tags() -> None:
+    p = parse("m:1|c|#channel:twitter,agent:ann,url:http://x")
+    assert p.rows[0][2] == {"channel": "twitter", "agent": "ann", "url": "http://x"}
+
+
+def test_tag_without_value_gets_the_empty_value() -> None:
+    assert parse("m:1|c|#canary,env:prod").rows[0][2] == {"canary": "", "env": "prod"}
+
+
+@pytest.mark.parametrize("tags", [
+    "Channel:x", "service.name:x", "k:" + "v" * 201, "a:1,a:2", "9k:v", ":v",
+    ",".join(f"k{i}:v" for i in range(17)),
+])
+def test_bad_tags_refuse_the_line(tags: str) -> None:
+    assert reasons(parse(f"m:1|c|#{tags}\nm:1|c")) == [(0, "bad_tag")]
+
+
+def test_tenant_tag_wins_over_the_listener_default() -> None:
+    p = parse("m:1|c|#tenant:globex,k:v\nm:1|c|#k:v")
+    assert [(r[0], r[2]) for r in p.rows] == [("globex", {"k": "v"}), ("acme", {"k": "v"})]
+
+
+def test_no_tenant_anywhere_is_refused() -> None:
+    p = parse("m:1|c\nm:1|c|#tenant:globex", tenant=None)
+    assert reasons(p) == [(0, "no_tenant")]
+    assert p.rows == [["globex", "m", None, NOW, 1]]
+
+
+@pytest.mark.parametrize("tags", ["tenant:Acme", "tenant:", "tenant:a,tenant:b"])
+def test_bad_tenant_tag(tags: str) -> None:
+    assert reasons(parse(f"m:1|c|#{tags}")) == [(0, "bad_tenant")]
+
+
+def test_default_tenant_is_checked() -> None:
+    with pytest.raises(ValueError):
+        StatsdParser("Not A Tenant")
+
+
+# ---- timers, histograms, distributions; refused types ----------------------------------
+
+
+@pytest.mark.parametrize("kind", ["ms", "h", "d"])
+def test_timers_become_bucketed_counters(kind: str) -> None:
+    p = parse(f"rt:12.5|{kind}|#k:v")
+    assert p.rows == [
+        ["acme", "rt.count", {"k": "v"}, NOW, 1],
+        ["acme", "rt.sum", {"k": "v"}, NOW, 12],  # 12.5 -> 12
+        ["acme", "rt", {"k": "v", "le": "25"}, NOW, 1],
+    ]
+
+
+def test_timer_buckets_sample_rate_and_edges() -> None:
+    p = parse("rt:10|ms|@0.25\nrt:10001|ms\nrt:0|ms\nrt:1:3|ms")
+    by_line = [(r[1], r[2], r[4]) for r in p.rows]
+    assert by_line[:3] == [("rt.count", None, 4), ("rt.sum", None, 40), ("rt", {"le": "10"}, 4)]
+    assert by_line[5] == ("rt", {"le": "inf"}, 1)
+    assert by_line[8] == ("rt", {"le": "1"}, 1)
+    assert by_line[11] == ("rt", {"le": "1"}, 1) and by_line[14] == ("rt", {"le": "5"}, 1)
+
+
+def test_timer_refusals() -> None:
+    p = parse("rt:-1|ms\nrt:1|ms|#le:5\n" + "r" * 196 + ":1|ms")
+    assert reasons(p) == [(0, "bad_value"), (1, "bad_tag"), (2, "bad_name")]
+
+
+@pytest.mark.parametrize(("line", "reason"), [
+    ("g:1|g", "unsupported_type"),
+    ("u:alice|s", "unsupported_type"),
+    ("_e{5,4}:title|text", "unsupported_type"),
+    ("_sc|check|0", "unsupported_type"),
+    ("m:1|x", "malformed"),
+    ("m:1", "malformed"),
+    ("m|c", "malformed"),
+    (":1|c", "malformed"),
+    ("m:1|c|@0.5|@0.5", "malformed"),
+    ("m:1|c|c:container", "malformed"),
+    ("m:abc|c", "bad_value"),
+    ("m:|c", "bad_value"),
+    ("m:inf|c", "bad_value"),
+    ("m:1|c|Tsoon", "bad_timestamp"),
+    (f"m:1|c|T{NOW + 3601}", "bad_timestamp"),
+])
+def test_refused_lines_name_their_reason(line: str, reason: str) -> None:
+    p = parse(f"ok:1|c\n{line}\nok:1|c")
+    assert reasons(p) == [(1, reason)]
+    assert len(p.rows) == 2 and p.rejections[0].message
+
+
+def test_dogstatsd_timestamp_is_honoured() -> None:
+    assert parse(f"m:1|c|T{NOW - 86400}").rows[0][3] == NOW - 86400
+    assert parse(f"m:1|c|T{NOW + 3600}").rows[0][3] == NOW + 3600
+
+
+def test_oversize_input() -> None:
+    assert reasons(parse(b"m:1|c\n" * (MAX_DATAGRAM // 6 + 1))) == [(0, "too_long")]
+    assert reasons(parse(b"m:1|c|#k:" + b"v" * MAX_LINE)) == [(0, "too_long")]
+    assert reasons(parse(b"m:\xff|c")) == [(0, "not_utf8")]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=400))
+def test_never_raises_on_random_bytes(data: bytes) -> None:
+    p = StatsdParser("acme").parse(data, NOW)
+    assert p.lines == len({*p.row_lines}) + len(p.rejections)
+    assert all(r.reason in REASONS for r in p.rejections)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.text(alphabet="ab:|@#T.,0123456789-cmsgh\n", max_size=30), max_size=5))
+def test_never_raises_on_near_statsd_text(lines: list[str]) -> None:
+    data = "\n".join(lines).encode()
+    parser = StatsdParser("acme")
+    p = parser.parse(data, NOW)
+    assert p.lines == len({*p.row_lines}) + len(p.rejections)
+    again = parser.parse(data, NOW)  # from the cache of checked names, tags and rates
+    assert (again.rows, again.rejections) == (p.rows, p.rejections)
+
+
+def test_rate_limited_log() -> None:
+    clock = [0.0]
+    logged: list[str] = []
+
+    class Sink:
+        def warning(self, msg: str) -> None:
+            logged.append(msg)
+
+    limited = RateLimitedLog(1.0, clock=lambda: clock[0], logger=Sink())  # type: ignore[arg-type]
+    assert limited.rejected("bad_tag", "x", "udp:1", 0)
+    assert not any(limited.rejected("bad_tag", "x", "udp:1", 0) for _ in range(99))
+    assert limited.rejected("malformed", "y", "udp:1", 0)
+    clock[0] = 1.5
+    assert limited.rejected("bad_tag", "x", "udp:1", 0)
+    assert '"count": 100' in logged[-1]
+
+
+def test_config_flags() -> None:
+    cfg = load_config({"statsd_port": 8125}, None, {"TALLY_STATSD_TENANT": "acme"})
+    assert (cfg.statsd_port, cfg.statsd_tenant) == (8125, "acme")
+    assert load_config({}, None, {}).statsd_port is None
+    with pytest.raises(ConfigError, match="statsd-tenant"):
+        load_config({"statsd_port": 8125, "statsd_tenant": "Bad Tenant"}, None, {})
+    with pytest.raises(ConfigError, match="statsd-port is not"):
+        load_config({"statsd_tenant": "acme"}, None, {})
+    with pytest.raises(ConfigError, match="also the HTTP"):
+        load_config({"statsd_port": 8780}, None, {})
+
+
+# ---- real clients against the in-process listeners ------------------------------------
+
+
+@pytest.fixture
+def tally(tmp_path) -> Iterator[InProcessTally]:
+    server = InProcessTally(tmp_path, statsd_port=0, statsd_tenant="acme").start()
+    yield server
+    server.stop()
+
+
+def total(tally: InProcessTally, metric: str, tenant: str = "acme", **params: str) -> int:
+    now = time.time()
+    r = httpx.get(tally.url + "/v1/series", params={
+        "tenant": tenant, "metric": metric, "from": time.strftime("%Y-%m-%d",
+                                                                  time.gmtime(now - 86400)),
+        "to": time.strftime("%Y-%m-%d", time.gmtime(now + 60)), **params})
+    assert r.status_code == 200, r.text
+    return r.json()["total"]
+
+
+def settle(tally: InProcessTally, lines: int, timeout: float = 10) -> None:
+    """Wait until the listener has seen ``lines`` lines, then flush its buffer."""
+    assert tally.statsd is not None
+    deadline = time.monotonic() + timeout
+    while tally.statsd.stats.lines < lines and time.monotonic() < deadline:
+        time.sleep(0.02)
+    tally.call(tally.statsd.flush())
+
+
+def test_statsd_client_over_tcp_exact(tally: InProcessTally, monkeypatch) -> None:
+    # The client drops a sampled stat when random() > rate; never here, so totals are exact.
+    monkeypatch.setattr(random, "random", lambda: 0.0)
+    client = statsd.TCPStatsClient("127.0.0.1", tally.statsd_port)
+    n = 3000
+    with client.pipeline() as pipe:
+        for k in range(n):
+            pipe.incr("app.requests")
+            pipe.incr("app.sampled", 1, rate=0.1)
+            pipe.incr("app.bytes", k % 7)
+            pipe.timing("app.latency", k % 300)
+    client.gauge("app.queue", 5)  # refused, counted
+    client.set("app.users", "ann")  # refused, counted
+    client.close()
+    settle(tally, 4 * n + 2)
+    assert total(tally, "app.requests") == n
+    assert total(tally, "app.sampled") == 10 * n
+    assert total(tally, "app.bytes") == sum(k % 7 for k in range(n))
+    assert total(tally, "app.latency.count") == n
+    assert total(tally, "app.latency") == n
+    assert total(tally, "app.latency.sum") == sum(k % 300 for k in range(n))
+    assert total(tally, "app.latency", where="le:100") == sum(
+        1 for k in range(n) if 50 < k % 300 <= 100)
+    stats = tally.statsd.stats
+    assert stats.rejected == {"unsupported_type": 2}
+    assert stats.accepted_lines == 4 * n
+    metrics = httpx.get(tally.url + "/metrics").text
+    assert 'tally_statsd_rejected_lines_total{reason="unsupported_type"} 2.0' in metrics
+    assert f'tally_statsd_lines_total{{outcome="accepted"}} {4 * n}.0' in metrics
+
+
+def test_tcp_bad_lines_do_not_drop_good_ones(tally: InProcessTally) -> None:
+    with socket.create_connection(("127.0.0.1", tally.statsd_port)) as s:
+        s.sendall(b"good:1|c\nbad line\ngood:1|c|#tenant:globex\nx:1|c|#K:v\n")
+        s.sendall(b"long:1|c|#k:" + b"v" * (MAX_LINE + 10))
+        s.sendall(b"\ngood:2|c\ngood:3|c")  # the last line has no newline: taken at close
+    settle(tally, 7)
+    assert total(tally, "good") == 6
+    assert total(tally, "good", tenant="globex") == 1
+    assert tally.statsd.stats.rejected == {"malformed": 1, "bad_tag": 1, "too_long": 1}
+
+
+def test_overflowing_hour_refuses_only_that_line(tally: InProcessTally) -> None:
+    """Each line fits int64, but two in one hour do not: the batch names the second, which
+    is refused alone, and the batch is applied without it (and then the third likewise)."""
+    big = 2**62
+    with socket.create_connection(("127.0.0.1", tally.statsd_port)) as s:
+        s.sendall(f"o:{big}|c\nfine:1|c\no:{big}|c\no:{big}|c\nfine:1|c\n".encode())
+    settle(tally, 5)
+    assert total(tally, "fine") == 2
+    assert total(tally, "o") == big  # 2**62 + 2**62 is 2**63: one past int64
+    assert tally.statsd.stats.rejected == {"overflow": 2}
+
+
+def test_dogstatsd_over_udp_with_tags(tally: InProcessTally) -> None:
+    """A small paced send on loopback: exact in practice, so asserted."""
+    client = DogStatsd("127.0.0.1", tally.statsd_port, disable_telemetry=True,
+                       disable_buffering=True, disable_aggregation=True)
+    n = 200
+    for k in range(n):
+        client.increment("dd.hits", tags=[f"channel:{'ab'[k % 2]}", "tenant:globex"])
+        client.histogram("dd.size", k, tags=["tenant:globex"])
+        if k % 50 == 0:
+            time.sleep(0.005)
+    client.gauge("dd.temp", 3.5, tags=["tenant:globex"])
+    client.close_socket()
+    settle(tally, 2 * n + 1)
+    assert total(tally, "dd.hits", tenant="globex") == n
+    assert total(tally, "dd.hits", tenant="globex", where="channel:a") == n // 2
+    assert total(tally, "dd.size.count", tenant="globex") == n
+    assert total(tally, "dd.size.sum", tenant="globex") == sum(range(n))
+    assert tally.statsd.stats.rejected == {"unsupported_type": 1}
+
+
+def test_udp_loss_rate_is_reported(tally: InProcessTally, capsys) -> None:
+    """An unpaced burst: UDP may drop, and nothing can tell the sender. Totals never exceed
+    what was sent; the loss is printed, not hidden."""
+    client = statsd.StatsClient("127.0.0.1", tally.statsd_port)
+    n = 50_000
+    with client.pipeline() as pipe:  # packs lines into datagrams of up to 512 bytes
+        for _ in range(n):
+            pipe.incr("burst")
+    client.close()
+    settle(tally, n, timeout=5)
+    got = total(tally, "burst")
+    assert 0 < got <= n
+    with capsys.disabled():
+        print(f"\nstatsd UDP burst: {n} lines sent, {got} counted, loss {1 - got / n:.2%}")
+
+
+def test_bench_statsd_ramp_counts_every_line_at_a_low_rate() -> None:
+    """`tally bench-statsd`'s machinery, briefly: its own listener process, one slow step."""
+    from bench.statsd import StatsdBenchConfig, run_statsd, to_json
+
+    cfg = StatsdBenchConfig(duration=0.2, max_rate=25_000, etsy=False)
+    res = run_statsd(cfg, say=lambda _m: None)
+    assert [(s.sent, s.counted) for s in res.tally.steps] == [(5000, 5000)]
+    assert res.tally.best > 0 and res.etsy is None and '"ratio": null' in to_json(res)
+
+
+def test_gateway_starts_and_stops_the_statsd_listeners(tmp_path) -> None:
+    """The gateway actor's own start/stop with ``statsd_port``, run as a plain object (the
+    class Ray wraps) over in-process shards: no Ray session is started."""
+    import asyncio
+    import gc
+
+    from actors.clients import LocalShards
+    from api.gateway import Gateway, GatewayOptions
+    from api.service import Service
+    from api.tcp import TcpServer
+    from checkpoint.sqlite import SqliteStore
+    from cluster.spawn import free_port
+
+    cls = Gateway.__ray_metadata__.modified_class
+    store = SqliteStore(str(tmp_path / "gw.db"))
+    store.ensure_layout(2)
+
+    async def scenario() -> tuple[dict, dict, int]:
+        gw = cls.__new__(cls)
+        gw.options = GatewayOptions(statsd_port=0, statsd_tenant="acme")
+        gw.store = store
+        gw.service = Service(LocalShards(store, 2), store)
+        gw.tcp = TcpServer(gw.service, gw.options.limits, None, gw.options.rules)
+        gw.http, gw._http_task, gw.statsd = None, None, None
+        ports = await gw.start("127.0.0.1", free_port(), free_port())
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+            u.sendto(b"x:5|c\ny:1|g\n", ("127.0.0.1", ports["statsd_port"]))
+        deadline = time.monotonic() + 5
+        while gw.statsd.stats.lines < 2 and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        await gw.stop()  # applies what is buffered
+        return ports, (await gw.stats())["statsd"], gw.service.increments
+
+    try:
+        ports, stats, increments = asyncio.run(scenario())
+    finally:
+        gc.unfreeze()
+        store.close()
+    assert ports["statsd_port"] > 0
+    assert stats["accepted_lines"] == 1 and stats["rejected"] == {"unsupported_type": 1}
+    assert increments == 1
+
+
+def test_a_full_buffer_refuses_lines_as_overloaded(tally: InProcessTally) -> None:
+    """Bounded memory: past max_pending buffered rows, new lines are refused and counted."""
+    assert tally.statsd is not None
+    tally.statsd.max_pending = 4
+    tally.statsd.flush_interval = 60  # no timed flush from the next wait on
+    time.sleep(0.3)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+        u.sendto(b"p:1|c\n" * 3, ("127.0.0.1", tally.statsd_port))
+        time.sleep(0.05)
+        u.sendto(b"p:1|c\n" * 3, ("127.0.0.1", tally.statsd_port))  # 3 + 3 > 4: refused
+    settle(tally, 6)
+    assert total(tally, "p") == 3
+    assert tally.statsd.stats.rejected == {"overloaded": 3}
