@@ -60,6 +60,7 @@ class GatewayOptions:
     rules: Rules = BUILTIN
     statsd_port: int | None = None  # None: no StatsD listeners (api/statsd.py)
     statsd_tenant: str | None = None  # the tenant of StatsD lines without a tenant tag
+    statsd_host: str | None = None  # where StatsD binds; None: the gateway's host
 
 
 @ray.remote(num_cpus=0, enable_task_events=False)
@@ -100,11 +101,12 @@ class Gateway:
         ports: dict[str, Any] = {"http_port": http_port, "tcp_port": tcp}
         if opts.statsd_port is not None:
             self.statsd = StatsdIngress(self.service, opts.statsd_tenant)
+            statsd_host = opts.statsd_host or host
             try:
-                ports["statsd_port"] = await self.statsd.start(host, opts.statsd_port)
+                ports["statsd_port"] = await self.statsd.start(statsd_host, opts.statsd_port)
             except OSError as e:
                 await self.tcp.stop()
-                raise PortInUse(f"StatsD port {opts.statsd_port} on {host}: {e}") from None
+                raise PortInUse(f"StatsD port {opts.statsd_port} on {statsd_host}: {e}") from None
         app = create_app(
             self.service, max_body=opts.limits.max_frame, access=opts.access,
             max_query_days=opts.max_query_days, rules=opts.rules,

@@ -81,6 +81,7 @@ class Service:
             load_rules(cfg.rules) if cfg.rules else BUILTIN,
             statsd_port=cfg.statsd_port,
             statsd_tenant=cfg.statsd_tenant,
+            statsd_host=cfg.statsd_host,
         )
         self.gateway = Gateway.options(name=GATEWAY_NAME).remote(
             self.store_url, cfg.shards, options
@@ -191,7 +192,8 @@ def serve(cfg: ServeConfig) -> int:
         print(
             f"tally: serving HTTP on http://{cfg.host}:{service.ports['http_port']} and "
             f"TCP on {cfg.host}:{service.ports['tcp_port']}; "
-            + (f"StatsD (UDP and TCP) on {cfg.host}:{service.ports['statsd_port']}"
+            + (f"StatsD (UDP and TCP) on {cfg.statsd_host or cfg.host}:"
+               f"{service.ports['statsd_port']}"
                f" (tenant {cfg.statsd_tenant or 'from tags only'}); "
                if "statsd_port" in service.ports else "")
             + f"{cfg.shards} shards; "

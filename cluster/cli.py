@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--statsd-port", type=int,
                        help="accept the StatsD/DogStatsD line protocol over UDP and TCP on "
                        "this port (default: off); at most once, like StatsD")
+    serve.add_argument("--statsd-host",
+                       help="address the StatsD listeners bind to (default: --host); StatsD "
+                       "carries no token, so beyond loopback it must be named here")
     serve.add_argument("--statsd-tenant",
                        help="tenant of StatsD lines without a tenant tag (default: none, such "
                        "lines are refused)")

@@ -44,6 +44,8 @@ class ServeConfig:
     # StatsD line protocol over UDP and TCP on this one port (api/statsd.py); None: off
     statsd_port: int | None = None
     statsd_tenant: str | None = None  # tenant of StatsD lines without a `tenant` tag
+    # where the StatsD listeners bind (None: --host); beyond loopback only when named here
+    statsd_host: str | None = None
 
 
 def load_config(flags: dict[str, Any], config_file: str | None, env: dict[str, str]) -> ServeConfig:
@@ -107,17 +109,23 @@ def _check_statsd(cfg: ServeConfig) -> None:
             raise ConfigError(f"statsd-tenant: {e}") from None
         if cfg.statsd_port is None:
             raise ConfigError("statsd-tenant is set but statsd-port is not: StatsD is off")
+    if cfg.statsd_host is not None and cfg.statsd_port is None:
+        raise ConfigError("statsd-host is set but statsd-port is not: StatsD is off")
     if cfg.statsd_port is None:
         return
     if not 0 < cfg.statsd_port < 65536:
         raise ConfigError(f"statsd-port: {cfg.statsd_port} is not a port")
     if cfg.statsd_port in (cfg.http_port, cfg.tcp_port):
         raise ConfigError(f"statsd-port {cfg.statsd_port} is also the HTTP or wire TCP port")
+    if cfg.statsd_host is not None:
+        is_loopback(cfg.statsd_host)  # resolves, or says it does not
+        return  # named on purpose: a trusted network's address, or a firewalled port
     if not is_loopback(cfg.host):
         raise ConfigError(
             f"statsd-port with host {cfg.host}: the StatsD protocol carries no token, so a "
-            "StatsD listener beyond loopback would let anyone write any tenant; run tally "
-            "on loopback with a StatsD relay beside it, or firewall the port"
+            "StatsD listener there would let anyone who reaches it write any tenant; name "
+            "the address StatsD may listen on with --statsd-host (a private network's, or "
+            "a firewalled port), or run a StatsD relay beside a loopback tally"
         )
 
 

@@ -241,6 +241,23 @@ def test_config_flags() -> None:
         load_config({"statsd_tenant": "acme"}, None, {})
     with pytest.raises(ConfigError, match="also the HTTP"):
         load_config({"statsd_port": 8780}, None, {})
+    with pytest.raises(ConfigError, match="statsd-host is set but statsd-port is not"):
+        load_config({"statsd_host": "127.0.0.1"}, None, {})
+
+
+def test_statsd_beyond_loopback_only_where_named(tmp_path) -> None:
+    """StatsD has no token: with a public --host it binds only to an address named for it."""
+    tokens = tmp_path / "tokens.toml"
+    tokens.write_text('[[token]]\nsecret = "0123456789abcdef0123"\ntenants = ["*"]\n'
+                      'scopes = ["ingest"]\n')
+    public = {"host": "0.0.0.0", "tokens": str(tokens), "statsd_port": 8125}
+    with pytest.raises(ConfigError, match="--statsd-host"):
+        load_config(public, None, {})
+    cfg = load_config(public, None, {"TALLY_STATSD_HOST": "127.0.0.1"})
+    assert (cfg.host, cfg.statsd_host) == ("0.0.0.0", "127.0.0.1")
+    assert load_config({**public, "statsd_host": "0.0.0.0"}, None, {}).statsd_host == "0.0.0.0"
+    with pytest.raises(ConfigError, match="does not resolve"):
+        load_config({**public, "statsd_host": "no-such-host.invalid"}, None, {})
 
 
 # ---- real clients against the in-process listeners ------------------------------------
