@@ -42,7 +42,7 @@ def build_batch(
             return rows_batch(rows, now, known)
         if series is None:
             raise IngestError("bad_request", "missing rows (or the columnar series/i/ts/v)")
-        return columnar_batch(series, i, ts, v, now)
+        return columnar_batch(series, i, ts, v, now, known)
     except BadRow as e:
         raise IngestError("bad_row", str(e), row=e.row) from None
     except BadBatch as e:

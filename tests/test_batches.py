@@ -540,3 +540,40 @@ def test_a_connection_series_cache_changes_nothing_but_the_cost() -> None:
     assert str(cached.value) == str(plain.value)
     assert all(all(type(p) is str for p in key[:2]) for key in cache.sids)
     assert len(cache.sids) <= 3  # bounded: it starts over when full
+
+
+def test_columnar_series_tables_are_validated_once_per_connection(monkeypatch):
+    """A producer sends the same series table frame after frame; with the connection's
+    KnownSeries the second frame validates none of it, and answers the same."""
+    import numpy as np
+
+    import wire.batches as batches
+    from wire.batches import KnownSeries, columnar_batch
+
+    now = 1_795_000_000
+    series = [["acme", "m", {"b": "2", "a": "1"}], ["acme", "m", None], ["acme", "n", {}]]
+    i = np.array([0, 1, 2, 0], "<u4").tobytes()
+    ts = np.array([now - 60] * 4, "<i8").tobytes()
+    v = np.array([1, 2, 3, 4], "<i8").tobytes()
+    plain = columnar_batch(series, i, ts, v, now)
+    known = KnownSeries()
+    first = columnar_batch(series, i, ts, v, now, known)
+    assert len(known.sids) == 3
+
+    def no_validation(*args):  # type: ignore[no-untyped-def]
+        raise AssertionError("validated again")
+
+    monkeypatch.setattr(batches, "series_key", no_validation)
+    second = columnar_batch(series, i, ts, v, now, known)
+    for b in (first, second):
+        assert b.sids == plain.sids and b.values.tolist() == plain.values.tolist()
+        assert b.series.tolist() == plain.series.tolist()
+    monkeypatch.undo()
+    # an invalid entry is still refused (and never remembered), valid ones around it or not
+    bad = [*series, ["acme", "m", {"Bad Key": "x"}]]
+    with pytest.raises(BadRow, match=r"row 0: series\[3\] is invalid"):
+        columnar_batch(bad, np.array([3], "<u4").tobytes(), ts[:8], v[:8], now, known)
+    with pytest.raises(BadRow, match=r"series\[0\] is invalid"):
+        columnar_batch([["acme", "m", {"a": ["x"]}]], np.array([0], "<u4").tobytes(),
+                       ts[:8], v[:8], now, known)
+    assert len(known.sids) == 3
