@@ -600,7 +600,10 @@ class ShardState:
     def _gather(
         self, tenant: str, metric: str, where: dict[str, str], h0: int, h1: int
     ) -> tuple[list[int], np.ndarray, list[MonthKey]]:
-        """Matching series, their counts per hour of [h0, h1) (series x hours), months held."""
+        """Matching series, their counts per hour of [h0, h1) (series x hours), months held.
+
+        Live months only: what this shard holds in memory (the model test and tools read
+        it; queries use ``per_hour``, which answers stored months too)."""
         series = self._matching(tenant, metric, where)
         d0, d1 = h0 // 24, (h1 - 1) // 24 + 1
         first_m = int(months_of_hours(np.array([h0]))[0])
@@ -619,14 +622,7 @@ class ShardState:
         if not held:
             return [], np.zeros((0, h1 - h0), np.int64), covered
         uniq = sorted(set(held))
-        get = self._block_of.get
-        days = range(d0, d1)
-        rows = np.fromiter(
-            (get(g << DAY_BITS | d, -1) for g in uniq for d in days),
-            dtype=np.int64, count=len(uniq) * len(days),
-        )
-        counts = np.where((rows >= 0)[:, None], self._blocks[np.maximum(rows, 0)], 0)
-        per_hour = counts.reshape(len(uniq), len(days) * 24)
+        per_hour = self._day_counts(uniq, d0, d1)
         start = h0 - d0 * 24
         return uniq, per_hour[:, start:start + (h1 - h0)], covered
 
