@@ -72,7 +72,8 @@ class ShardActor:
 
     async def ready(self) -> dict[str, Any]:
         self._start_loop()
-        return {"shard": self.shard, "ck": self.state.last_ck, "incarnation": self.incarnation}
+        return {"shard": self.shard, "ck": self.state.last_ck, "incarnation": self.incarnation,
+                "node": ray.get_runtime_context().get_node_id()}
 
     # ---- ingest --------------------------------------------------------
 

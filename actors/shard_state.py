@@ -238,7 +238,9 @@ class ShardState:
         """Apply a batch once per (producer, seq); the answer says what happened.
 
         ``{"status": "applied" | "duplicate", "ck": n}``, where ``n`` is the
-        checkpoint that makes it durable, or a refusal ``{"code", "message"}``.
+        checkpoint that makes it durable (an applied batch that brought series
+        this shard did not hold also lists them under ``"new"``), or a refusal
+        ``{"code", "message"}``.
         A producer's batches reach every shard in seq order (the gateway sends
         each one to all shards, empty where it has no rows there), so a seq at
         or below this shard's mark is a resend. ``expect`` is the seq the
@@ -271,11 +273,14 @@ class ShardState:
                 f"checkpointed (bound {self.max_dirty}); retry later",
             }
         missing = self.missing(batch)
+        new: list[str] = []
         if missing:
             try:
                 docs = load(missing)
             except Exception as e:  # the store is down: refuse, the client backs off and resends
                 return {"code": "overloaded", "message": f"store unavailable: {e}"}
+            known = self.series
+            new = list(dict.fromkeys(sid for sid, _ in missing if sid not in known))
             self.install(missing, docs)
         try:
             self.apply(batch)
@@ -284,7 +289,11 @@ class ShardState:
         if producer is not None:
             self._undo[producer] = self.applied.get(producer)
             self.applied[producer] = seq  # type: ignore[assignment]
-        return {"status": "applied", "ck": self._holding_ck(producer)}
+        answer: dict[str, Any] = {"status": "applied", "ck": self._holding_ck(producer)}
+        if new:
+            # series this shard did not hold: other gateways' series indexes must hear of them
+            answer["new"] = new
+        return answer
 
     def _over_bound(self, size: int) -> bool:
         used = self.dirty_slots

@@ -39,11 +39,21 @@ class PortInUse(RuntimeError):
     pass
 
 
-def _probe_bind(host: str, port: int) -> None:
-    """Raise OSError when uvicorn could not bind ``port`` (it would exit instead)."""
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        s.bind((host, port))
+def _bind(host: str, port: int) -> socket.socket:
+    """The HTTP socket, bound here rather than by uvicorn: a taken port is an OSError
+    to report (uvicorn would exit the process), and port 0 tells which port it got."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+async def _tell(peer: Any, sids: list[str]) -> None:
+    await peer.saw_series.remote(sids)
 
 
 @dataclass(frozen=True)
@@ -70,21 +80,46 @@ class Gateway:
         handles = [ray.get_actor(SHARD_NAME.format(i)) for i in range(shards)]
         self.store = open_store_in_actor(store_url)
         self.options = options
-        self.service = Service(RayShards(handles), self.store)
+        self.service = Service(RayShards(handles), self.store, tell_peer=_tell)
         self.tcp = TcpServer(self.service, options.limits, options.access, options.rules)
         self.http: uvicorn.Server | None = None
         self._http_task: asyncio.Task | None = None
         self.statsd: StatsdIngress | None = None
+        self.ports: dict[str, Any] | None = None  # set once listening
+
+    # ---- the supervisor's calls (cluster/supervisor.py) ----------------
+
+    async def status(self) -> dict[str, Any]:
+        """Where this gateway listens (None until started: a restarted actor starts again)."""
+        return {
+            "node": ray.get_runtime_context().get_node_id(),
+            "ports": self.ports,
+        }
+
+    async def set_peers(self, peers: dict[str, Any]) -> None:
+        """The other gateways, by name; set before this one listens and on every change."""
+        self.service.peers.replace(peers)
+
+    async def saw_series(self, sids: list[str]) -> None:
+        """A peer's new series (api/peers.py); answered once this index holds them."""
+        self.service.index.saw(sids)
+
+    # ---- lifecycle -----------------------------------------------------
 
     async def start(self, host: str, http_port: int, tcp_port: int) -> dict[str, Any]:
-        """Listen on both ports; raises PortInUse naming the port that is taken."""
+        """Listen on both ports (0: any free port); raises PortInUse naming a taken port.
+
+        Answers with the ports it listens on; a second call returns them again.
+        """
+        if self.ports is not None:
+            return self.ports
         self.service.start()
         # A gateway of a service killed a moment ago can hold the ports for a
         # few seconds more (its worker outlives the driver briefly): wait.
         deadline = time.monotonic() + BIND_WAIT
         while True:
             try:
-                _probe_bind(host, http_port)
+                http_sock = _bind(host, http_port)
             except OSError as e:
                 failing = ("HTTP", http_port, e)
             else:
@@ -92,13 +127,17 @@ class Gateway:
                     tcp = await self.tcp.start(host, tcp_port)
                     break
                 except OSError as e:
+                    http_sock.close()
                     failing = ("TCP", tcp_port, e)
             if time.monotonic() > deadline:
                 which, port, err = failing
                 raise PortInUse(f"{which} port {port} on {host}: {err.strerror}")
             await asyncio.sleep(0.25)
         opts = self.options
-        ports: dict[str, Any] = {"http_port": http_port, "tcp_port": tcp}
+        ports: dict[str, Any] = {
+            "http_port": http_sock.getsockname()[1], "tcp_port": tcp, "host": host,
+            "ip": ray.util.get_node_ip_address(),
+        }
         if opts.statsd_port is not None:
             self.statsd = StatsdIngress(self.service, opts.statsd_tenant)
             statsd_host = opts.statsd_host or host
@@ -106,6 +145,7 @@ class Gateway:
                 ports["statsd_port"] = await self.statsd.start(statsd_host, opts.statsd_port)
             except OSError as e:
                 await self.tcp.stop()
+                http_sock.close()
                 raise PortInUse(f"StatsD port {opts.statsd_port} on {statsd_host}: {e}") from None
         app = create_app(
             self.service, max_body=opts.limits.max_frame, access=opts.access,
@@ -122,7 +162,7 @@ class Gateway:
             limit_concurrency=opts.limits.max_connections,
         )
         self.http = uvicorn.Server(config)
-        self._http_task = asyncio.get_running_loop().create_task(self._run_http())
+        self._http_task = asyncio.get_running_loop().create_task(self._run_http(http_sock))
         while not self.http.started:
             if self._http_task.done():
                 await self.tcp.stop()
@@ -132,12 +172,13 @@ class Gateway:
                 raise PortInUse(f"HTTP port {http_port} on {host}: {exc}")
             await asyncio.sleep(0.02)
         gc.freeze()
+        self.ports = ports
         return ports
 
-    async def _run_http(self) -> None:
+    async def _run_http(self, sock: socket.socket) -> None:
         assert self.http is not None
         try:
-            await self.http.serve()
+            await self.http.serve(sockets=[sock])
         except SystemExit as e:
             # uvicorn exits the process when it cannot bind; inside an actor
             # that would hang it, so it becomes an error start() reports.

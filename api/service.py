@@ -14,7 +14,7 @@ import asyncio
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -24,6 +24,7 @@ from actors.router import Router
 from actors.shard_state import exact_sum
 from api.durability import DurableTracker, Token
 from api.metrics import GatewayMetrics
+from api.peers import Peers, Tell
 from api.producers import Producers
 from api.series_index import SeriesIndex
 from api.timerange import Plan, bucket_points
@@ -50,14 +51,20 @@ class Applied:
     rows: int  # increments in the batch
     token: Token  # what to wait for until it is durable (api.durability)
     fresh: bool = True  # applied on some shard (False: a resend every shard had already)
+    new: list[str] = field(default_factory=list)  # series some shard did not hold before
 
 
 EMPTY = Batch.empty()
 
 
+async def _no_peer(peer: Any, sids: list[str]) -> None:
+    raise AssertionError("a service without a way to reach peers was given some")
+
+
 class Service:
     def __init__(
-        self, shards: ShardClient, store: Store, clock: Callable[[], float] = time.time
+        self, shards: ShardClient, store: Store, clock: Callable[[], float] = time.time,
+        tell_peer: Tell | None = None,
     ) -> None:
         self.shards = shards
         self.store = store
@@ -68,6 +75,8 @@ class Service:
         self.increments = 0
         self.batches = 0
         self.index = SeriesIndex(self.router, self._series_of)
+        # the other gateways (none in-process); their indexes hear of new series before an ack
+        self.peers = Peers(tell_peer or _no_peer)
         # counted by the ingress shells, which also see refusals that never get here
         self.metrics = GatewayMetrics()
 
@@ -136,6 +145,7 @@ class Service:
                     st.last_seq = seq
         if applied.fresh:  # (a resend's rows are not applied: its series may not exist)
             self.index.saw(batch.sids)  # before the ack: a query must find these series
+            await self.peers.saw(applied.new)  # ... whichever gateway it asks
         self.increments += batch.increments
         self.batches += 1
         return applied
@@ -167,7 +177,8 @@ class Service:
         token = {s: (r["incarnation"], r["ck"]) for s, r in answers.items()}
         rows = sum(b.increments for b in sent)
         fresh = any(r["status"] == "applied" for r in answers.values())
-        return Applied(rows=rows, token=token, fresh=fresh)
+        new = [sid for r in answers.values() for sid in r.get("new", ())]
+        return Applied(rows=rows, token=token, fresh=fresh, new=new)
 
     @staticmethod
     def _refusal(parts: dict[int, Batch], refused: dict[int, Any]) -> IngestError:

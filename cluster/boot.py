@@ -1,4 +1,5 @@
-"""Starting and stopping the service on Ray: store check, shards, gateway."""
+"""Starting and stopping the service on Ray: store check, then the supervisor actor
+(cluster/supervisor.py), which creates the shards and one gateway per node."""
 
 from __future__ import annotations
 
@@ -11,16 +12,16 @@ from pathlib import Path
 from typing import Any
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from actors.shard import SHARD_NAME, ShardActor
 from api.access import load_access
-from api.gateway import GATEWAY_NAME, Gateway, GatewayOptions
+from api.gateway import GatewayOptions
 from api.rules import BUILTIN, load_rules
 from api.tcp import TcpLimits
-from checkpoint.remote import HOST_NAME, StoreHost
 from checkpoint.store import LayoutMismatch, StoreError
 from checkpoint.urls import open_store, redact_url
 from cluster.config import ConfigError, ServeConfig
+from cluster.supervisor import SUPERVISOR_NAME, ServicePlan, Supervisor
 
 NAMESPACE = "tally"
 
@@ -34,15 +35,14 @@ def absolute_store_url(url: str) -> str:
 
 
 class Service:
-    """The running actors of one ``tally serve``."""
+    """The running service of one ``tally serve``: its supervisor actor and what it reports."""
 
     def __init__(self, cfg: ServeConfig) -> None:
         self.cfg = cfg
         self.store_url = absolute_store_url(cfg.store)
-        self.shards: list[Any] = []
-        self.gateway: Any = None
-        self.ports: dict[str, int] = {}
-        self.store_host: Any = None  # memory:// only; the handle keeps the actor alive
+        self.supervisor: Any = None
+        self.gateways: list[dict[str, Any]] = []  # endpoints, as the supervisor reports them
+        self.adopted = False
 
     def check_store(self) -> None:
         """Open the store once here so a bad URL or shard count fails before Ray starts."""
@@ -61,19 +61,8 @@ class Service:
         finally:
             store.close()
 
-    def start(self, stop: threading.Event) -> None:
-        """Create the actors; raises StartAborted on a signal or when Ray never answers."""
+    def plan(self) -> ServicePlan:
         cfg = self.cfg
-        if self.store_url.startswith("memory://"):
-            self.store_host = StoreHost.options(name=HOST_NAME).remote(self.store_url)
-            _wait(self.store_host.call.remote("ensure_layout", cfg.shards), stop, "the store")
-        self.shards = [
-            ShardActor.options(name=SHARD_NAME.format(i)).remote(
-                i, self.store_url, cfg.checkpoint_interval, cfg.max_dirty_slots
-            )
-            for i in range(cfg.shards)
-        ]
-        _wait([s.ready.remote() for s in self.shards], stop, "the shard actors")
         options = GatewayOptions(
             TcpLimits(cfg.max_frame, cfg.max_connections, cfg.frame_timeout),
             load_access(cfg.tokens) if cfg.tokens else None,
@@ -83,31 +72,95 @@ class Service:
             statsd_tenant=cfg.statsd_tenant,
             statsd_host=cfg.statsd_host,
         )
-        self.gateway = Gateway.options(name=GATEWAY_NAME).remote(
-            self.store_url, cfg.shards, options
+        return ServicePlan(
+            self.store_url, cfg.shards, cfg.checkpoint_interval, cfg.max_dirty_slots, options,
+            cfg.host, cfg.http_port, cfg.tcp_port, detached=bool(cfg.address),
         )
-        self.ports = _wait(
-            self.gateway.start.remote(cfg.host, cfg.http_port, cfg.tcp_port), stop, "the gateway"
-        )
+
+    def start(self, stop: threading.Event) -> None:
+        """Create (or, on a cluster, adopt) the service; raises StartAborted on a signal,
+        when Ray never answers, or when a running service differs from this one."""
+        plan = self.plan()
+        if plan.detached:
+            try:
+                ray.get_actor(SUPERVISOR_NAME)
+                self.adopted = True
+            except ValueError:
+                pass
+        self.supervisor = Supervisor.options(
+            name=SUPERVISOR_NAME, get_if_exists=True,
+            lifetime="detached" if plan.detached else None,
+            # beside this driver: the head node on a cluster
+            scheduling_strategy=NodeAffinitySchedulingStrategy(
+                ray.get_runtime_context().get_node_id(), soft=True
+            ),
+        ).remote(plan)
+        running = _wait(self.supervisor.identity.remote(), stop, "the supervisor")
+        if running != plan.identity():
+            raise StartAborted(
+                f"a tally service with {running} already runs in this Ray cluster's namespace "
+                f"{NAMESPACE!r}; this one would use {plan.identity()}: stop it first "
+                "(SIGTERM to its tally serve, or ray.kill its actors)", by_signal=False,
+            )
+        self.gateways = _wait(self.supervisor.start.remote(), stop, "the service's actors")
+
+    def refresh(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """Gateways (started, lost) since the last call, as the supervisor reports them."""
+        now = ray.get(self.supervisor.endpoints.remote(), timeout=30)
+        key = lambda g: (g["node"], g["http_port"], g["tcp_port"])  # noqa: E731
+        before = {key(g) for g in self.gateways}
+        after = {key(g) for g in now}
+        started = [g for g in now if key(g) not in before]
+        lost = [g for g in self.gateways if key(g) not in after]
+        self.gateways = now
+        return started, lost
+
+    def abandon(self) -> None:
+        """After a failed start on a cluster: kill the detached actors this command made."""
+        if self.supervisor is None or not self.cfg.address or self.adopted:
+            return
+        try:
+            names = ray.get(self.supervisor.actor_names.remote(), timeout=30)
+        except (ray.exceptions.RayError, TimeoutError):
+            names = [SUPERVISOR_NAME]
+        _kill(names)
 
     def stop(self) -> list[int]:
         """Stop accepting, then a final checkpoint on every shard; their ck ids.
 
-        A shard that is restarting at that moment (it crashed just before) is
-        asked again until it answers: its final checkpoint is what makes the
-        acknowledged increments it recovers durable.
+        On a cluster the actors are detached: they are killed here once the
+        final checkpoint is written, or they would serve on without a driver.
         """
-        if self.gateway is not None:
-            try:
-                ray.get(self.gateway.stop.remote())
-            except ray.exceptions.RayActorError as e:
-                # gone already: nothing to stop accepting; the shards still checkpoint
-                print(f"tally: the gateway was already gone ({type(e).__name__})",
-                      file=sys.stderr, flush=True)
-        return [
-            _call_until_answered(lambda s=s: s.shutdown.remote(), f"shard {i}")
-            for i, s in enumerate(self.shards)
-        ]
+        cks = ray.get(self.supervisor.stop.remote())
+        if self.cfg.address:
+            _kill(ray.get(self.supervisor.actor_names.remote()))
+        return cks
+
+
+def _kill(names: list[str]) -> None:
+    for name in names:
+        try:
+            ray.kill(ray.get_actor(name), no_restart=True)
+        except ValueError:
+            continue  # not running: a lost node's gateway, or a store host never made
+
+
+def _report_gateways(service: Service) -> None:
+    try:
+        started, lost = service.refresh()
+    except (ray.exceptions.RayError, TimeoutError) as e:
+        print(f"tally: the supervisor did not answer ({type(e).__name__}); asking again",
+              file=sys.stderr, flush=True)
+        return
+    for g in lost:
+        print(f"tally: gateway lost with its node: {describe(g)}", flush=True)
+    for g in started:
+        print(f"tally: gateway on {describe(g)}", flush=True)
+
+
+def describe(gateway: dict[str, Any]) -> str:
+    return (f"node {gateway['ip']} ({gateway['node'][:12]}): HTTP http://{gateway['host']}:"
+            f"{gateway['http_port']}, TCP {gateway['host']}:{gateway['tcp_port']}")
 
 
 START_TIMEOUT = 120.0
@@ -133,19 +186,6 @@ def _wait(refs: Any, stop: threading.Event, what: str, timeout: float = START_TI
             raise StartAborted(f"stopped by a signal while waiting for {what}", by_signal=True)
         if time.monotonic() > deadline:
             raise StartAborted(f"{what} did not start within {timeout:g} s", by_signal=False)
-
-
-def _call_until_answered(call: Any, what: str, attempts: int = 20) -> Any:
-    for attempt in range(attempts):
-        try:
-            return ray.get(call())
-        except (ray.exceptions.ActorUnavailableError, ray.exceptions.ActorDiedError) as e:
-            if attempt == attempts - 1:
-                raise
-            print(f"tally: {what} is unavailable ({type(e).__name__}); asking again",
-                  file=sys.stderr, flush=True)
-            time.sleep(0.5)
-    raise AssertionError("unreachable")
 
 
 def init_ray(address: str | None) -> None:
@@ -182,20 +222,25 @@ def serve(cfg: ServeConfig) -> int:
     try:
         try:
             service.start(stop)
-        except ray.exceptions.RayTaskError as e:
+        except (ray.exceptions.RayTaskError, StartAborted) as e:
+            service.abandon()
+            if isinstance(e, StartAborted):
+                print(f"tally: {'' if e.by_signal else 'error: '}{e}", file=sys.stderr, flush=True)
+                return 0 if e.by_signal else 1
             cause = e.cause if e.cause is not None else e
             print(f"tally: error: cannot start: {cause}", file=sys.stderr, flush=True)
             return 1
-        except StartAborted as e:
-            print(f"tally: {'' if e.by_signal else 'error: '}{e}", file=sys.stderr, flush=True)
-            return 0 if e.by_signal else 1
+        here = ray.get_runtime_context().get_node_id()
+        first = next((g for g in service.gateways if g["node"] == here), service.gateways[0])
+        if service.adopted:
+            print("tally: adopted the service already running in this Ray cluster", flush=True)
         print(
-            f"tally: serving HTTP on http://{cfg.host}:{service.ports['http_port']} and "
-            f"TCP on {cfg.host}:{service.ports['tcp_port']}; "
+            f"tally: serving HTTP on http://{cfg.host}:{first['http_port']} and "
+            f"TCP on {cfg.host}:{first['tcp_port']}; "
             + (f"StatsD (UDP and TCP) on {cfg.statsd_host or cfg.host}:"
-               f"{service.ports['statsd_port']}"
+               f"{first['statsd_port']}"
                f" (tenant {cfg.statsd_tenant or 'from tags only'}); "
-               if "statsd_port" in service.ports else "")
+               if "statsd_port" in first else "")
             + f"{cfg.shards} shards; "
             f"store {redact_url(service.store_url)}; "
             f"checkpoints every {cfg.checkpoint_interval:g} s; "
@@ -204,8 +249,12 @@ def serve(cfg: ServeConfig) -> int:
             f"Ray at {ray.get_runtime_context().gcs_address} (namespace {NAMESPACE})",
             flush=True,
         )
+        if cfg.address:  # one gateway per node: say where each listens, now and as nodes come
+            for g in service.gateways:
+                print(f"tally: gateway on {describe(g)}", flush=True)
         while not stop.wait(1.0):
-            pass
+            if cfg.address:
+                _report_gateways(service)
         name = signal.Signals(received[0]).name
         print(f"tally: {name}: stopping ingress and writing a final checkpoint", flush=True)
         cks = service.stop()

@@ -138,9 +138,9 @@ def check(cfg: ServeConfig) -> None:
         raise ConfigError(f"checkpoint-interval: {cfg.checkpoint_interval}; must be positive")
     for name in ("http_port", "tcp_port"):
         port = getattr(cfg, name)
-        if not 0 < port < 65536:
+        if not 0 <= port < 65536:  # 0: any free port, as the gateways report it
             raise ConfigError(f"{name.replace('_', '-')}: {port} is not a TCP port")
-    if cfg.http_port == cfg.tcp_port:
+    if cfg.http_port == cfg.tcp_port and cfg.http_port:
         raise ConfigError(f"http-port and tcp-port are both {cfg.http_port}")
     _check_statsd(cfg)
     for name in ("max_connections", "max_query_days"):

@@ -254,7 +254,9 @@ def shard_stats(address: str) -> list[dict]:
         "import json, ray, sys\n"
         "ray.init(address='auto', namespace='tally', log_to_driver=False)\n"
         "assert ray.get_runtime_context().gcs_address == sys.argv[1]\n"
-        "print(json.dumps(ray.get(ray.get_actor('tally-gateway').stats.remote())['shards']))\n"
+        "gw = [a['name'] for a in ray.util.list_named_actors(all_namespaces=True)\n"
+        "      if a['name'].startswith('tally-gateway')][0]\n"
+        "print(json.dumps(ray.get(ray.get_actor(gw).stats.remote())['shards']))\n"
     )
     done = subprocess.run([sys.executable, "-c", script, address], timeout=120,
                           capture_output=True, text=True)

@@ -190,6 +190,7 @@ class AsyncTallyClient(_ClientBase):
             except (OSError, TimeoutError) as exc:
                 delay = core.disconnected(f"connect to {self.host}:{self.port}: {exc!r}")
                 self._notify()
+                self._next_address()
                 continue
             try:
                 await self._serve(reader, writer)
@@ -198,6 +199,7 @@ class AsyncTallyClient(_ClientBase):
                 delay = core.disconnected(f"connection to {self.host}:{self.port}: {exc!r}")
                 self._notify()
                 log.info("tally connection lost (%r); reconnecting in %.3f s", exc, delay)
+                self._next_address()
             finally:
                 # abort, not close: close would first try to write what is still
                 # buffered, and wait for a server that may have stopped reading.

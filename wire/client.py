@@ -1009,6 +1009,7 @@ class _ClientBase(ABC):
         max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
         backoff: tuple[float, float] = DEFAULT_BACKOFF,
         on_error: Callable[[BatchRejected], None] | None = None,
+        fallbacks: Sequence[tuple[str, int]] = (),
     ) -> None:
         self._core = ProducerCore(
             producer if producer is not None else f"python-{uuid.uuid4()}",
@@ -1023,6 +1024,9 @@ class _ClientBase(ABC):
         )
         self.host = host
         self.port = port
+        # Other gateways of the service (one per node): tried in turn when a
+        # connection fails, so a lost node costs a reconnect, not the producer.
+        self.addresses = [(host, port), *((str(h), int(p)) for h, p in fallbacks)]
         self.timeout = float(timeout)
         self._on_error = on_error
         self._series = SeriesCache()
@@ -1030,6 +1034,11 @@ class _ClientBase(ABC):
         self._stop = False  # the I/O thread or task must exit
         self._fatal_seen = False  # the fatal error was raised to a caller at least once
         self._init_shell()
+
+    def _next_address(self) -> None:
+        """After a failed connection: the next gateway of ``addresses``, round robin."""
+        at = self.addresses.index((self.host, self.port))
+        self.host, self.port = self.addresses[(at + 1) % len(self.addresses)]
 
     @abstractmethod
     def _init_shell(self) -> None:
@@ -1152,6 +1161,8 @@ class TallyClient(_ClientBase):
     - ``on_error``: receives ``BatchRejected`` errors on the I/O thread
       instead of having them raised from ``inc`` / ``flush``; it must not
       block, nor call ``flush`` or ``close``.
+    - ``fallbacks``: ``(host, port)`` of the service's other gateways (one runs
+      per node of a cluster); after a failed connection the next is tried.
 
     One background thread owns the socket (non-blocking, driven by a selector,
     so it reads answers while it writes large frames and neither side can
@@ -1314,6 +1325,7 @@ class TallyClient(_ClientBase):
                 with self._cond:
                     delay = core.disconnected(f"connect to {self.host}:{self.port}: {exc}")
                     self._cond.notify_all()
+                self._next_address()
                 continue
             try:
                 self._serve(sock)
@@ -1323,6 +1335,7 @@ class TallyClient(_ClientBase):
                     delay = core.disconnected(f"connection to {self.host}:{self.port}: {exc}")
                     self._cond.notify_all()
                 log.info("tally connection lost (%s); reconnecting in %.3f s", exc, delay)
+                self._next_address()
             finally:
                 sock.close()
 
