@@ -25,7 +25,9 @@ class ShardClient(Protocol):
         self, shard: int, batch: Batch, producer: str | None, seq: int | None,
         expect: int | None,
     ) -> dict[str, Any]: ...
-    async def revert(self, shard: int, batch: Batch, producer: str | None) -> None: ...
+    async def revert(
+        self, shard: int, batch: Batch, producer: str | None, seq: int | None
+    ) -> bool: ...
     async def wait_checkpoint(self, shard: int, after_ck: int, timeout: float) -> dict: ...
     async def durable_mark(self, shard: int, producer: str) -> int: ...
     async def hourly_of(self, shard: int, sids: list[str], h0: int, h1: int) -> np.ndarray:
@@ -53,8 +55,10 @@ class RayShards:
     async def apply(self, shard, batch, producer, seq, expect):  # type: ignore[no-untyped-def]
         return await self.handles[shard].apply.remote(batch, producer, seq, expect)
 
-    async def revert(self, shard: int, batch: Batch, producer: str | None) -> None:
-        await self.handles[shard].revert.remote(batch, producer)
+    async def revert(
+        self, shard: int, batch: Batch, producer: str | None, seq: int | None
+    ) -> bool:
+        return await self.handles[shard].revert.remote(batch, producer, seq)
 
     async def wait_checkpoint(self, shard: int, after_ck: int, timeout: float) -> dict:
         return await self.handles[shard].wait_checkpoint.remote(after_ck, timeout)
@@ -102,8 +106,10 @@ class LocalShards:
         answer["incarnation"] = self.incarnation
         return answer
 
-    async def revert(self, shard: int, batch: Batch, producer: str | None) -> None:
-        self.states[shard].revert(batch, self.store.load_months, producer)
+    async def revert(
+        self, shard: int, batch: Batch, producer: str | None, seq: int | None
+    ) -> bool:
+        return self.states[shard].revert(batch, self.store.load_months, producer, seq)
 
     async def wait_checkpoint(self, shard: int, after_ck: int, timeout: float) -> dict:
         state = self.states[shard]

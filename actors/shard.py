@@ -97,9 +97,13 @@ class ShardActor:
         answer["incarnation"] = self.incarnation
         return answer
 
-    async def revert(self, batch: Batch, producer: str | None = None) -> None:
-        self.state.revert(batch, self.store.load_months, producer)
-        self.meters.lag.applied()  # the undo is a delta to checkpoint like any other
+    async def revert(
+        self, batch: Batch, producer: str | None = None, seq: int | None = None
+    ) -> bool:
+        undone = self.state.revert(batch, self.store.load_months, producer, seq)
+        if undone:
+            self.meters.lag.applied()  # the undo is a delta to checkpoint like any other
+        return undone
 
     async def wait_checkpoint(self, after_ck: int, timeout: float) -> dict[str, Any]:
         """Answer once a checkpoint newer than ``after_ck`` is durable, or at ``timeout``.

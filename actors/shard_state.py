@@ -22,11 +22,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from itertools import repeat
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
-from actors.history import DEFAULT_BYTES, MISSING, History
+from actors.history import DEFAULT_BYTES, MISSING, History, Month
 from checkpoint.store import Checkpoint, MonthDoc, MonthKey, ShardRecord
 from wire.batches import INT64_MAX, INT64_MIN, Batch
 from wire.series import SeriesKey, matches, parse_series_id
@@ -37,7 +37,29 @@ NO_SEQ = -1  # the mark of a producer none of whose batches is applied here
 # Below this no 24 hours can add up to more than int64 (24 * 2**58 < 2**63).
 BIG = 2**58
 DAY_BITS = 20  # a block key is series << DAY_BITS | UTC day (days up to year 4840)
+FREE = -1  # the block key of a free row (its series, FREE >> DAY_BITS, is no series)
+# A query looks up each (series, day) in the dict, or, when there are more than
+# 1/SCAN_RATIO as many of them as used rows, finds them in one numpy pass over every
+# row's key: a dict lookup costs ~100 ns, that pass a few ns per row.
+SCAN_RATIO = 10
 MONTH_BITS = 16  # a loaded-month key is series << MONTH_BITS | months since 1970-01
+
+
+class _Span(NamedTuple):
+    """One UTC month of a query's range: where each queried series' counts for it are.
+
+    Found once per query, then summed with numpy a month at a time (live
+    series from their day blocks, stored months from their kept totals)
+    rather than copied series by series into a (series x hours) matrix.
+    """
+
+    h0: int  # absolute hours [h0, h1) of the month inside the range
+    h1: int
+    base: int  # the month's first hour
+    month_hours: int
+    live_rows: list[int]  # positions (in the query's series) of those holding it live
+    live_series: list[int]  # their series numbers
+    stored: list[tuple[int, Month]]  # (position, stored month) of the others with a document
 
 
 class SlotOverflow(ValueError):
@@ -80,7 +102,8 @@ class ShardState:
         # store holds. A restarted shard starts with applied == durable.
         self.applied: dict[str, int] = dict(record.producers)
         self.durable: dict[str, int] = dict(record.producers)
-        self._undo: dict[str, int | None] = {}  # producer -> mark before its last batch
+        # producer -> (its last applied seq, the mark before it): what revert may undo
+        self._undo: dict[str, tuple[int, int | None]] = {}
         self.max_dirty = max_dirty  # 0: unbounded
         self.inflight: Checkpoint | None = None
         self.inflight_count = 0
@@ -255,6 +278,10 @@ class ShardState:
             assert seq is not None
             mark = self.applied.get(producer)
             if mark is not None and seq <= mark:
+                # Another connection of the producer (a resend after a failover)
+                # is told its batch is here: from now on it must stay, whatever
+                # the connection that applied it meets on the other shards.
+                self._undo.pop(producer, None)
                 return {"status": "duplicate", "ck": self._holding_ck(producer)}
             if expect is not None and mark != expect:
                 return {
@@ -287,7 +314,7 @@ class ShardState:
         except SlotOverflow as e:
             return {"code": "bad_row", "aggregate": e.aggregate, "message": str(e)}
         if producer is not None:
-            self._undo[producer] = self.applied.get(producer)
+            self._undo[producer] = (seq, self.applied.get(producer))  # type: ignore[assignment]
             self.applied[producer] = seq  # type: ignore[assignment]
         answer: dict[str, Any] = {"status": "applied", "ck": self._holding_ck(producer)}
         if new:
@@ -396,8 +423,16 @@ class ShardState:
         batch: Batch,
         load: Callable[[list[MonthKey]], dict[MonthKey, MonthDoc]],
         producer: str | None = None,
-    ) -> None:
+        seq: int | None = None,
+    ) -> bool:
         """Undo an applied batch (another shard refused its part of the same batch).
+
+        A producer's batch is undone only while it is the producer's last one
+        here and no resend of it was answered ``duplicate`` meanwhile: after a
+        failover the producer's new connection can resend the batch (a
+        duplicate here, applied on the shard that restarted) before the old
+        connection's refusal comes back, and undoing it then would lose it.
+        Answers whether it undid the batch.
 
         A checkpoint may have written the batch and dropped its months from
         memory meanwhile, so they are loaded again (with the batch in their
@@ -405,17 +440,21 @@ class ShardState:
         changes, mark included: the batch then stays applied here, and the
         producer's resend of it is a duplicate here while other shards apply it.
         """
+        if producer is not None:
+            undo = self._undo.get(producer)
+            if undo is None or undo[0] != seq:
+                return False
         missing = self.missing(batch)
         if missing:
             self.install(missing, load(missing))
-        if producer is not None and producer in self._undo:
+        if producer is not None:
             # The mark goes back too, and the next checkpoint records the lower
             # mark (marks are set, not maxed): the client resends this seq and
             # it must apply here again, also after a restart.
-            previous = self._undo.pop(producer)
+            _, previous = self._undo.pop(producer)
             self.applied[producer] = NO_SEQ if previous is None else previous
         if not len(batch):
-            return
+            return True
         rows, hod = self._locate(batch)
         old = self._blocks[rows, hod]
         values = -batch.values
@@ -429,6 +468,7 @@ class ShardState:
         self._big.update(rows[_beyond_big(new)].tolist())
         self._log_delta(rows, hod, values)
         self.increments -= batch.increments
+        return True
 
     # ---- checkpoints ---------------------------------------------------
 
@@ -561,6 +601,7 @@ class ShardState:
                     row = self._block_of.pop(base | day, None)
                     if row is not None:
                         self._blocks[row] = 0
+                        self._block_key[row] = FREE  # a scan of the keys must not find it
                         self._big.discard(row)
                         self._free_blocks.append(row)
                 self._months_held[g] -= 1
@@ -668,69 +709,222 @@ class ShardState:
         ``load`` runs synchronously: nothing may touch the state between finding
         a month not held and using what was read.
         """
-        d0, d1 = h0 // 24, (h1 - 1) // 24 + 1
-        out = np.zeros((len(sids), (d1 - d0) * 24), np.int64)
-        first_m, last_m = months_of_hours(np.array([h0, h1 - 1])).tolist()
+        return self._dense(self._spans(sids, h0, h1, load), len(sids), h0, h1)
+
+    def _spans(
+        self, sids: list[str], h0: int, h1: int,
+        load: Callable[[list[MonthKey]], dict[MonthKey, MonthDoc]],
+    ) -> list[_Span]:
+        """Per UTC month of [h0, h1): which of ``sids`` it holds live, the stored months of
+        the others (read from the store the first time, see ``per_hour``)."""
+        if h1 <= h0:
+            return []
         get_series, history = self.series.get, self.history
-        need: list[tuple[int, str, int, int, int]] = []  # (row, sid, month, first, end)
+        numbers = [get_series(sid) for sid in sids]  # once per call, not once per month
+        first_m, last_m = months_of_hours(np.array([h0, h1 - 1])).tolist()
+        spans: list[_Span] = []
+        # per month some of sids do not hold live: (span, month, positions or None: all)
+        wanted: list[tuple[int, int, set[int] | None]] = []
         for m in range(first_m, last_m + 1):
             m_first, m_end = month_days(m)
-            lo, hi = max(m_first, d0), min(m_end, d1)
-            cols = slice((lo - d0) * 24, (hi - d0) * 24)
-            holders = self._loaded.get(m, ())
-            live_rows: list[int] = []
-            live_series: list[int] = []
+            span = _Span(max(h0, m_first * 24), min(h1, m_end * 24), m_first * 24,
+                         (m_end - m_first) * 24, [], [], [])
+            spans.append(span)
+            holders = self._loaded.get(m)
+            if not holders or holders.isdisjoint(numbers):  # none live: a stored month
+                wanted.append((len(spans) - 1, m, None))
+            elif holders.issuperset(numbers):  # all live: the current month, usually
+                span.live_rows.extend(range(len(sids)))
+                span.live_series.extend(numbers)  # type: ignore[arg-type]
+            else:
+                rest: set[int] = set()
+                for i, g in enumerate(numbers):
+                    if g in holders:
+                        span.live_rows.append(i)
+                        span.live_series.append(g)  # type: ignore[arg-type]
+                    else:
+                        rest.add(i)
+                wanted.append((len(spans) - 1, m, rest))
+        need: list[tuple[int, int, str, int]] = []  # (span, position, sid, month)
+        if wanted:
+            # one lookup per series for all its months, not one per series and month
+            asked = 0
             for i, sid in enumerate(sids):
-                g = get_series(sid)
-                if g is not None and g in holders:
-                    live_rows.append(i)
-                    live_series.append(g)
-                    continue
-                hours = history.get((sid, m))
-                if hours is MISSING:
-                    need.append((i, sid, m, lo, hi))
-                elif hours is not None:
-                    out[i, cols] = hours[(lo - m_first) * 24:(hi - m_first) * 24]  # type: ignore
-            if live_rows:
-                out[live_rows, cols] = self._day_counts(live_series, lo, hi)
+                kept = history.months(sid)
+                for k, m, only in wanted:
+                    if only is not None and i not in only:
+                        continue
+                    asked += 1
+                    month = kept.get(m, MISSING)
+                    if month is MISSING:
+                        need.append((k, i, sid, m))
+                    elif month is not None:
+                        spans[k].stored.append((i, month))  # type: ignore[arg-type]
+            history.count(hits=asked - len(need), misses=len(need))
+            need.sort()  # the store is asked month by month, as the months are found
         if need:
-            keys = list(dict.fromkeys((sid, month_name(m)) for _, sid, m, _, _ in need))
+            keys = list(dict.fromkeys((sid, month_name(m)) for _, _, sid, m in need))
             docs = load(keys)
-            for i, sid, m, lo, hi in need:
-                m_first, m_end = month_days(m)
+            for k, i, sid, m in need:
+                span = spans[k]
                 doc = docs.get((sid, month_name(m)))
                 hours = None
                 if doc is not None and doc.hours:
-                    hours = np.zeros((m_end - m_first) * 24, np.int64)
+                    hours = np.zeros(span.month_hours, np.int64)
                     for h, v in doc.hours.items():
-                        hours[h - m_first * 24] = v
-                    out[i, (lo - d0) * 24:(hi - d0) * 24] = hours[
-                        (lo - m_first) * 24:(hi - m_first) * 24]
-                history.put((sid, m), hours)
-        start = h0 - d0 * 24
-        return out[:, start:start + (h1 - h0)]
+                        hours[h - span.base] = v
+                month = history.put((sid, m), hours)
+                if month is not None:
+                    span.stored.append((i, month))
+        return spans
+
+    def _dense(self, spans: list[_Span], n: int, h0: int, h1: int) -> np.ndarray:
+        """The (series x hours of [h0, h1)) matrix of what ``_spans`` found."""
+        out = np.zeros((n, h1 - h0), np.int64)
+        for sp in spans:
+            cols = slice(sp.h0 - h0, sp.h1 - h0)
+            if sp.live_rows:
+                out[sp.live_rows, cols] = self._live_hours(sp.live_series, sp.h0, sp.h1)
+            a, b = sp.h0 - sp.base, sp.h1 - sp.base
+            for i, month in sp.stored:
+                out[i, cols] = month.hours[a:b]
+        return out
+
+    def _block_rows(self, series: list[int], lo: int, hi: int) -> np.ndarray:
+        """Block rows of days [lo, hi) of each series (series x days), -1 where none."""
+        n, days = len(series), hi - lo
+        used = self._used_blocks
+        if n * days * SCAN_RATIO > used:
+            # Many (a breakdown over most of the shard): scan every row's key instead.
+            numbers = np.array(series, np.int64)
+            # series number -> its position in ``series``; the extra last slot (-1) is
+            # what a free row's key (FREE) finds
+            position = np.full(len(self._keys) + 1, -1, np.int64)
+            position[numbers] = np.arange(n)
+            if (position[numbers] == np.arange(n)).all():  # (a series asked twice: lookups)
+                keys = self._block_key[:used]
+                at = position[keys >> DAY_BITS]
+                day = (keys & ((1 << DAY_BITS) - 1)) - lo
+                found = np.flatnonzero((at >= 0) & (day >= 0) & (day < days))
+                rows = np.full(n * days, -1, np.int64)
+                rows[at[found] * days + day[found]] = found
+                return rows.reshape(n, days)
+        span = np.arange(lo, hi, dtype=np.int64)
+        keys = (np.array(series, np.int64)[:, None] << DAY_BITS | span[None, :]).ravel().tolist()
+        rows = np.fromiter(map(self._block_of.get, keys, repeat(-1)), np.int64, len(keys))
+        return rows.reshape(n, days)
 
     def _day_counts(self, series: list[int], lo: int, hi: int) -> np.ndarray:
         """Counts of days [lo, hi) of each series, one row of (hi - lo) * 24 hours per series."""
-        days = np.arange(lo, hi, dtype=np.int64)
-        keys = (np.array(series, np.int64)[:, None] << DAY_BITS | days[None, :]).ravel().tolist()
-        rows = np.fromiter(map(self._block_of.get, keys, repeat(-1)), np.int64, len(keys))
-        counts = np.where((rows >= 0)[:, None], self._blocks[np.maximum(rows, 0)], 0)
-        return counts.reshape(len(series), len(days) * 24)
+        rows = self._block_rows(series, lo, hi).ravel()
+        present = rows >= 0
+        counts = np.zeros((len(rows), 24), np.int64)
+        counts[present] = self._blocks[rows[present]]
+        return counts.reshape(len(series), (hi - lo) * 24)
+
+    def _live_hours(self, series: list[int], a: int, b: int) -> np.ndarray:
+        """Counts per hour of [a, b) (one month at most) of series holding it live."""
+        lo, hi = a // 24, (b - 1) // 24 + 1
+        return self._day_counts(series, lo, hi)[:, a - lo * 24:b - lo * 24]
+
+    def _live_totals(self, series: list[int], a: int, b: int, limit: int) -> np.ndarray | None:
+        """Each series' total over hours [a, b) (one month at most) from its day blocks,
+        without the (series x hours) matrix; None if a count beyond ``limit`` could make
+        an int64 sum inexact (the caller then sums exactly)."""
+        lo, hi = a // 24, (b - 1) // 24 + 1
+        rows = self._block_rows(series, lo, hi)
+        present = rows >= 0
+        found = rows[present]
+        per_day = np.zeros(rows.shape, np.int64)
+        if not len(found):
+            return per_day.sum(axis=1)
+        blocks = self._blocks[found]
+        if max(-int(blocks.min()), int(blocks.max())) > limit:
+            return None
+        sums = np.einsum("ij->i", blocks)  # int64 like .sum(axis=1), twice as fast on rows of 24
+        # the range may start or end inside a day: take those hours back out
+        skip, stop = a - lo * 24, b - (hi - 1) * 24
+        if skip or stop < 24:
+            day = np.nonzero(present)[1]
+            if skip:
+                first = day == 0
+                sums[first] -= blocks[first, :skip].sum(axis=1)
+            if stop < 24:
+                last = day == hi - lo - 1
+                sums[last] -= blocks[last, stop:].sum(axis=1)
+        per_day[present] = sums
+        return per_day.sum(axis=1)
 
     def hourly_of(
         self, sids: list[str], h0: int, h1: int,
         load: Callable[[list[MonthKey]], dict[MonthKey, MonthDoc]],
     ) -> np.ndarray:
-        """Counts per hour of [h0, h1), summed over ``sids`` (exact: Python ints past int64)."""
-        return exact_sum(self.per_hour(sids, h0, h1, load), axis=0)
+        """Counts per hour of [h0, h1), summed over ``sids`` (exact: Python ints past int64).
+
+        The same answer, dtype included, as ``exact_sum(per_hour(...), axis=0)``, summed
+        month by month without the (series x hours) matrix: int64 exactly when every
+        count is within ``limit``, else (rare: counts beyond 2**63 / series) that way.
+        """
+        spans = self._spans(sids, h0, h1, load)
+        n = len(sids)
+        if not n or h1 <= h0:
+            return exact_sum(self._dense(spans, n, h0, h1), axis=0)
+        limit = (2**63 - 1) // n  # peak * n < 2**63: no column sum can leave int64
+        out = np.zeros(h1 - h0, np.int64)
+        for sp in spans:
+            cols = slice(sp.h0 - h0, sp.h1 - h0)
+            if sp.live_rows:
+                counts = self._live_hours(sp.live_series, sp.h0, sp.h1)
+                if max(-int(counts.min()), int(counts.max())) > limit:
+                    return exact_sum(self._dense(spans, n, h0, h1), axis=0)
+                out[cols] += counts.sum(axis=0)
+            if sp.stored:
+                a, b = sp.h0 - sp.base, sp.h1 - sp.base
+                counts = np.vstack([month.hours[a:b] for _, month in sp.stored])
+                if b - a == sp.month_hours:
+                    peak = max(month.peak for _, month in sp.stored)
+                else:
+                    peak = max(-int(counts.min()), int(counts.max()))
+                if peak > limit:
+                    return exact_sum(self._dense(spans, n, h0, h1), axis=0)
+                out[cols] += counts.sum(axis=0)
+        return out
 
     def totals_of(
         self, sids: list[str], h0: int, h1: int,
         load: Callable[[list[MonthKey]], dict[MonthKey, MonthDoc]],
     ) -> list[int]:
-        """Each series' total over [h0, h1), in ``sids`` order."""
-        return exact_sum(self.per_hour(sids, h0, h1, load), axis=1).tolist()
+        """Each series' total over [h0, h1), in ``sids`` order.
+
+        Summed month by month (a stored month the range covers whole is its kept
+        total), in int64 when every count read is within ``limit``: then no partial
+        sum (of at most the days the range touches, 24 hours each) can leave int64.
+        Else (rare: counts near 2**63 / hours) exactly from the (series x hours) matrix.
+        """
+        spans = self._spans(sids, h0, h1, load)
+        n = len(sids)
+        if not n or h1 <= h0:
+            return exact_sum(self._dense(spans, n, h0, h1), axis=1).tolist()
+        limit = (2**63 - 1) // (24 * ((h1 - 1) // 24 + 1 - h0 // 24))
+        totals = np.zeros(n, np.int64)
+        for sp in spans:
+            if sp.live_rows:
+                live = self._live_totals(sp.live_series, sp.h0, sp.h1, limit)
+                if live is None:
+                    return exact_sum(self._dense(spans, n, h0, h1), axis=1).tolist()
+                totals[sp.live_rows] += live
+            if sp.stored:
+                if max(month.peak for _, month in sp.stored) > limit:
+                    return exact_sum(self._dense(spans, n, h0, h1), axis=1).tolist()
+                rows = [i for i, _ in sp.stored]
+                a, b = sp.h0 - sp.base, sp.h1 - sp.base
+                if b - a == sp.month_hours:
+                    totals[rows] += np.fromiter(
+                        (month.total for _, month in sp.stored), np.int64, len(rows))
+                else:
+                    totals[rows] += np.vstack(
+                        [month.hours[a:b] for _, month in sp.stored]).sum(axis=1)
+        return totals.tolist()
 
     def catalog(self, tenant: str) -> list[str]:
         sids = self._sids

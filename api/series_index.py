@@ -21,30 +21,49 @@ from __future__ import annotations
 import asyncio
 from collections import OrderedDict, defaultdict
 from collections.abc import Awaitable, Callable, Iterable
+from typing import NamedTuple
 
 from actors.router import Router
 from wire.series import SeriesKey, matches, parse_series_id
 
 DEFAULT_MAX_SERIES = 2_000_000
 MATCH_CACHE = 1_000  # where filters remembered per metric
+BY_TAG_CACHE = 100  # (where, tag) breakdown groupings remembered per metric
 PARSE_CACHE = 200_000  # series ids whose parsed keys ``saw`` keeps
 
 Loader = Callable[[str, str], Awaitable[Iterable[str]]]
 
 
+class Grouping(NamedTuple):
+    """A breakdown's series: by owning shard, each with the index of its group in ``values``.
+
+    Worked out once per (filter, tag) while the metric gains no series, so a
+    breakdown over 1,000 series adds each shard's totals into a list by index
+    instead of rebuilding every series' tag dict and sorting by value each time.
+    """
+
+    owners: dict[int, list[str]]  # shard -> matching sids it owns (as ``groups`` answers)
+    group_of: dict[int, list[int]]  # shard -> group index of each of owners[shard]
+    # the tag's values, None (no such tag) last: how a breakdown orders equal totals
+    values: list[str | None]
+
+
 class _Metric:
-    __slots__ = ("keys", "loading", "groups")
+    __slots__ = ("keys", "loading", "groups", "by_tag")
 
     def __init__(self) -> None:
         self.keys: dict[str, SeriesKey] = {}
         self.loading: asyncio.Task | None = None
         # where (sorted pairs) -> shard -> matching sids; cleared when a series is added
         self.groups: dict[tuple[tuple[str, str], ...], dict[int, list[str]]] = {}
+        # (where, tag) -> its grouping; cleared with ``groups``
+        self.by_tag: dict[tuple[tuple[tuple[str, str], ...], str], Grouping] = {}
 
     def add(self, sid: str, key: SeriesKey) -> None:
         if sid not in self.keys:
             self.keys[sid] = key
             self.groups.clear()
+            self.by_tag.clear()
 
 
 class SeriesIndex:
@@ -85,6 +104,29 @@ class SeriesIndex:
         """Shard -> the metric's series whose tags include ``where``, owned by that shard;
         and every series of the metric by id (for their tags)."""
         entry = await self._entry(tenant, metric)
+        return self._groups(entry, where), entry.keys
+
+    async def grouping(self, tenant: str, metric: str, where: dict[str, str], by: str) -> Grouping:
+        """The metric's series whose tags include ``where``, by shard and by value of ``by``."""
+        entry = await self._entry(tenant, metric)
+        # no await from here on: what is cached matches entry.keys as it is now
+        ck = (tuple(sorted(where.items())), by)
+        found = entry.by_tag.get(ck)
+        if found is None:
+            owners = self._groups(entry, where)
+            keys = entry.keys
+            value_of = {sid: dict(keys[sid].tags).get(by)
+                        for sids in owners.values() for sid in sids}
+            values = sorted(set(value_of.values()), key=lambda v: (v is None, v or ""))
+            index = {v: k for k, v in enumerate(values)}
+            group_of = {s: [index[value_of[sid]] for sid in sids] for s, sids in owners.items()}
+            found = Grouping(owners, group_of, values)
+            if len(entry.by_tag) >= BY_TAG_CACHE:
+                entry.by_tag.clear()
+            entry.by_tag[ck] = found
+        return found
+
+    def _groups(self, entry: _Metric, where: dict[str, str]) -> dict[int, list[str]]:
         wk = tuple(sorted(where.items()))
         found = entry.groups.get(wk)
         if found is None:
@@ -97,7 +139,7 @@ class SeriesIndex:
             if len(entry.groups) >= MATCH_CACHE:
                 entry.groups.clear()
             entry.groups[wk] = found
-        return found, entry.keys
+        return found
 
     async def _entry(self, tenant: str, metric: str) -> _Metric:
         name = (tenant, metric)

@@ -11,8 +11,9 @@ in flight.
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 import time
-from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,6 +32,8 @@ from api.timerange import Plan, bucket_points
 from checkpoint.store import Store
 from wire.batches import Batch
 from wire.series import SeriesKey, parse_series_id
+
+log = logging.getLogger("tally.service")
 
 
 class IngestError(Exception):
@@ -86,7 +89,16 @@ class Service:
 
     async def durable_seq(self, producer: str) -> int:
         """Every batch of the producer up to this seq is durable on every shard (0: none)."""
-        marks = await self._gather("durable_mark", producer)
+        marks = await asyncio.gather(
+            *(self.shards.durable_mark(s, producer) for s in range(self.shards.shards)),
+            return_exceptions=True,
+        )
+        for s, mark in enumerate(marks):
+            if isinstance(mark, BaseException):  # a shard restarting (its node went)
+                raise IngestError(
+                    "overloaded", f"shard {s} is restarting ({type(mark).__name__}): "
+                    "say hello again shortly", fatal=True,
+                ) from mark
         return max(0, min(marks))
 
     # ---- ingest --------------------------------------------------------
@@ -171,8 +183,16 @@ class Service:
         }
         if refused:
             undo = [s for s, r in answers.items() if s not in refused and r["status"] == "applied"]
-            await asyncio.gather(*(self.shards.revert(s, parts.get(s) or EMPTY, producer)
-                                   for s in undo))
+            undone = await asyncio.gather(
+                *(self.shards.revert(s, parts.get(s) or EMPTY, producer, seq) for s in undo),
+                return_exceptions=True,
+            )
+            kept = {s: u for s, u in zip(undo, undone, strict=True) if u is not True}
+            if kept:
+                # Kept where a resend was answered `duplicate` meanwhile (it must
+                # stay), or where the shard went too (it recovers without it).
+                log.info(json.dumps({"event": "batch_kept", "producer": producer, "seq": seq,
+                                     "shards": {s: repr(u) for s, u in kept.items()}}))
             raise self._refusal(parts, refused)
         token = {s: (r["incarnation"], r["ck"]) for s, r in answers.items()}
         rows = sum(b.increments for b in sent)
@@ -294,16 +314,25 @@ class Service:
     async def breakdown(
         self, tenant: str, metric: str, by: str, where: dict[str, str], plan: Plan, limit: int
     ) -> dict[str, Any]:
-        """Totals per value of tag ``by``; series without that tag group under null."""
-        owners, keys = await self.index.groups(tenant, metric, where)
-        per_series = await self._totals(owners, plan.h0, plan.h1)
-        groups: dict[str | None, int] = defaultdict(int)
-        for sid, v in per_series.items():
-            groups[dict(keys[sid].tags).get(by)] += v
-        ranked = sorted(
-            ((value, t) for value, t in groups.items() if t),
-            key=lambda vt: (-vt[1], vt[0] is None, vt[0] or ""),
+        """Totals per value of tag ``by``; series without that tag group under null.
+
+        Largest total first, equal totals by value (null last); groups totalling
+        zero are left out. The index's grouping gives each series its group's
+        index, already in that tie order, so ranking is one stable sort.
+        """
+        grouping = await self.index.grouping(tenant, metric, where, by)
+        owners = grouping.owners
+        answers = await asyncio.gather(
+            *(self.shards.totals_of(s, sids, plan.h0, plan.h1) for s, sids in owners.items())
         )
+        sums = [0] * len(grouping.values)  # Python ints: exact however large
+        for s, totals in zip(owners, answers, strict=True):
+            for g, v in zip(grouping.group_of[s], totals, strict=True):
+                sums[g] += v
+        ranked = _ranked(sums)
+        values = grouping.values
+        top = [{"value": values[g], "total": sums[g]} for g in ranked[:limit]]
+        total = sum(sums)
         return {
             "tenant": tenant,
             "metric": metric,
@@ -312,9 +341,9 @@ class Service:
             "tz": plan.tz,
             "from": plan.from_label,
             "to": plan.to_label,
-            "groups": [{"value": v, "total": t} for v, t in ranked[:limit]],
-            "other": sum(t for _, t in ranked[limit:]),
-            "total": sum(t for _, t in ranked),
+            "groups": top,
+            "other": total - sum(group["total"] for group in top),  # (zero groups add 0)
+            "total": total,
         }
 
     async def catalog(self, tenant: str, max_values: int = 100) -> dict[str, Any]:
@@ -338,3 +367,14 @@ class Service:
             m["tags"] = {k: sorted(vs)[:max_values] for k, vs in sorted(m["tags"].items())}
             out.append(m)
         return {"tenant": tenant, "metrics": out}
+
+
+def _ranked(sums: list[int]) -> list[int]:
+    """Indexes of the nonzero ``sums``, largest first, equal ones in index order."""
+    try:
+        t = np.array(sums, dtype=np.int64)
+    except OverflowError:  # a total beyond int64
+        return sorted((g for g, v in enumerate(sums) if v), key=lambda g: (-sums[g], g))
+    nonzero = np.flatnonzero(t)
+    # ~t (= -t - 1) orders largest first and, unlike -t, cannot wrap at INT64_MIN
+    return nonzero[np.argsort(~t[nonzero], kind="stable")].tolist()

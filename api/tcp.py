@@ -97,7 +97,11 @@ class Connection:
             self.grant = grant
         self.hello = hello
         self.epoch = self.service.producers.connect(hello.producer)
-        durable_seq = await self.service.durable_seq(hello.producer)
+        try:
+            durable_seq = await self.service.durable_seq(hello.producer)
+        except IngestError as e:  # the client backs off and connects again
+            self.close_after = True
+            raise ProtocolError(e.code, e.message) from None
         return {"op": "welcome", "v": 1, "durable_seq": durable_seq}
 
     async def inc(self, m: Inc) -> dict[str, Any]:

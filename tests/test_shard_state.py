@@ -41,13 +41,37 @@ def test_a_revert_that_was_checkpointed_lets_the_resend_apply_after_a_restart(st
     assert state.ingest(batch(5), store.load_months, "p", 1, None)["status"] == "applied"
     assert state.ingest(batch(7), store.load_months, "p", 2, 1)["status"] == "applied"
     checkpoint(state, store)  # holds seq 2 and its 7
-    state.revert(batch(7), store.load_months, "p")  # another shard refused seq 2
+    assert state.revert(batch(7), store.load_months, "p", 2)  # another shard refused seq 2
     checkpoint(state, store)  # holds the undo: net 5, mark back at 1
     restarted = ShardState(0, store.open_shard(0))
     assert restarted.applied == {"p": 1}
     answer = restarted.ingest(batch(7), store.load_months, "p", 2, None)
     assert answer["status"] == "applied"
     assert total(restarted) == 12
+
+
+def test_a_batch_a_resend_found_here_is_not_undone(store):
+    """A failover: the old connection's batch 2 applied here while another shard
+    restarted; the producer's new connection resent it (a duplicate here, applied
+    on the restarted shard) before the old connection's refusal came back."""
+    state = ShardState(0, store.open_shard(0))
+    state.ingest(batch(5), store.load_months, "p", 1, None)
+    assert state.ingest(batch(7), store.load_months, "p", 2, 1)["status"] == "applied"
+    assert state.ingest(batch(7), store.load_months, "p", 2, 1)["status"] == "duplicate"
+    assert state.revert(batch(7), store.load_months, "p", 2) is False
+    assert total(state) == 12 and state.applied == {"p": 2}
+
+
+def test_only_the_producers_last_batch_can_be_undone(store):
+    state = ShardState(0, store.open_shard(0))
+    state.ingest(batch(5), store.load_months, "p", 1, None)
+    state.ingest(batch(7), store.load_months, "p", 2, 1)
+    assert state.revert(batch(5), store.load_months, "p", 1) is False
+    assert state.revert(batch(7), store.load_months, "q", 2) is False
+    assert total(state) == 12 and state.applied == {"p": 2}
+    assert state.revert(batch(7), store.load_months, "p", 2) is True
+    assert state.revert(batch(7), store.load_months, "p", 2) is False  # once
+    assert total(state) == 5 and state.applied == {"p": 1}
 
 
 def test_marks_survive_a_restart_and_resends_are_skipped(store):
@@ -101,7 +125,7 @@ def test_an_undo_after_a_checkpoint_took_the_batch_stays_within_the_bound(store)
     more = [["acme", "m", {"k": str(i)}, HOUR + 3600, 1] for i in range(3)]
     state.ingest(rows_batch(more, NOW), store.load_months, "p", 2, 1)
     state.begin_checkpoint()  # the write hangs: the store is down
-    state.revert(rows_batch(more, NOW), store.load_months, "p")
+    assert state.revert(rows_batch(more, NOW), store.load_months, "p", 2)
     assert state.dirty_slots == 9 <= state.max_dirty
 
 
@@ -111,7 +135,7 @@ def test_a_revert_after_the_month_was_evicted_reloads_it(store):
     state.ingest(batch(7), store.load_months, "p", 2, 1)
     checkpoint(state, store)
     assert state.evict("2027-01") == 1  # November is clean and past: dropped
-    state.revert(batch(7), store.load_months, "p")
+    assert state.revert(batch(7), store.load_months, "p", 2)
     assert total(state) == 5 and state.applied == {"p": 1}
     checkpoint(state, store)
     restarted = ShardState(0, store.open_shard(0))

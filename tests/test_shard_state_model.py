@@ -398,6 +398,8 @@ class ShardStateMachine(RuleBasedStateMachine):
 
         if producer is not None and mark is not None and seq <= mark:
             assert answer.get("status") == "duplicate", answer
+            if producer in self.revertible:  # found here by a resend: it must stay
+                self.revertible[producer] = (*self.revertible[producer][:5], True)
             assert not loads, "a duplicate loaded months"
             assert self.observed() == before
             self.check_answer_ck(answer, producer, seq)
@@ -438,19 +440,27 @@ class ShardStateMachine(RuleBasedStateMachine):
         if producer is not None:
             prev = self.undo[producer] = self.applied.get(producer)
             self.applied[producer] = seq
-        self.revertible[producer] = (batch, aggs, len(rows), prev)
+        self.revertible[producer] = (batch, aggs, len(rows), prev, seq, False)
         self.changed()
         self.check_answer_ck(answer, producer, seq)
 
     def revert(self, producer: str | None, down: bool) -> None:
         """Another shard refused its part of the batch: the gateway undoes this one."""
-        batch, aggs, nrows, prev = self.revertible.pop(producer)
+        batch, aggs, nrows, prev, seq, stale = self.revertible.pop(producer)
         keys = {(sid, month_of_hour(h)) for sid, h in aggs}
         before = self.observed()
         self.store.down = down
         self.store.loads = []
+        if stale:
+            try:
+                assert self.state.revert(batch, self.store.load, producer, seq) is False
+            finally:
+                self.store.down = False
+            event("revert: refused, a resend found the batch")
+            assert not self.store.loads and self.observed() == before
+            return
         try:
-            self.state.revert(batch, self.store.load, producer)
+            assert self.state.revert(batch, self.store.load, producer, seq) is True
         except StoreError:
             event("revert: the store failed")
             # nothing changed, the mark included: the batch stays applied here
@@ -859,7 +869,7 @@ def test_a_resend_while_an_older_mark_is_in_flight_waits_for_the_next_checkpoint
     assert state.ingest(empty, store.load, "p", 1)["status"] == "applied"
     cp = state.begin_checkpoint()
     state.finish_checkpoint(cp.ck)
-    state.revert(empty, store.load, "p")  # another shard refused seq 1
+    assert state.revert(empty, store.load, "p", 1)  # another shard refused seq 1
     lowered = state.begin_checkpoint()
     assert lowered.producers == {"p": -1}
     answer = state.ingest(empty, store.load, "p", 1)
