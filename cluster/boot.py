@@ -21,7 +21,13 @@ from api.tcp import TcpLimits
 from checkpoint.store import LayoutMismatch, StoreError
 from checkpoint.urls import open_store, redact_url
 from cluster.config import ConfigError, ServeConfig
-from cluster.supervisor import SUPERVISOR_NAME, ServicePlan, Supervisor
+from cluster.supervisor import (
+    PLACEMENT_MEMORY,
+    SUPERVISOR_NAME,
+    ServicePlan,
+    Supervisor,
+    head_node,
+)
 
 NAMESPACE = "tally"
 
@@ -89,10 +95,10 @@ class Service:
                 pass
         self.supervisor = Supervisor.options(
             name=SUPERVISOR_NAME, get_if_exists=True,
-            lifetime="detached" if plan.detached else None,
-            # beside this driver: the head node on a cluster
+            lifetime="detached" if plan.detached else None, memory=PLACEMENT_MEMORY,
+            # on the head: losing it loses the cluster anyway
             scheduling_strategy=NodeAffinitySchedulingStrategy(
-                ray.get_runtime_context().get_node_id(), soft=True
+                head_node() or ray.get_runtime_context().get_node_id(), soft=True
             ),
         ).remote(plan)
         running = _wait(self.supervisor.identity.remote(), stop, "the supervisor")
@@ -107,6 +113,8 @@ class Service:
     def refresh(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         """Gateways (started, lost) since the last call, as the supervisor reports them."""
         now = ray.get(self.supervisor.endpoints.remote(), timeout=30)
+        if now is None:  # the supervisor restarted and is taking the service over again
+            return [], []
         key = lambda g: (g["node"], g["http_port"], g["tcp_port"])  # noqa: E731
         before = {key(g) for g in self.gateways}
         after = {key(g) for g in now}

@@ -13,7 +13,7 @@ compares the alive nodes with its gateways:
   comes back without listeners: the supervisor starts it again;
 - a lost node's gateway is dropped from the others' peers.
 
-Shards are spread over the nodes (``SPREAD``) and restart elsewhere when their
+Shards are spread over the nodes (round robin) and restart elsewhere when their
 node goes (Ray's ``max_restarts``); a restarted shard recovers from the store
 and the producers resend what was not yet durable (wire/client.py), so totals
 stay exact. The supervisor holds no counts; when it restarts it adopts the
@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,6 +43,10 @@ WATCH_INTERVAL = 1.0
 CALL_TIMEOUT = 5.0  # a gateway's status or peers call; a node going away can hang it
 START_TIMEOUT = 60.0
 RETRY_AFTER = 10.0  # a gateway that failed to start is tried again after this
+# Ray places an actor that asks for no resource at all on a random node, its
+# node affinity ignored (measured with Ray 2.60): the shards and the supervisor
+# ask for this much of the logical ``memory`` resource so that theirs holds.
+PLACEMENT_MEMORY = 1 << 20
 
 # what a call to an actor on a node that is going (or gone) raises
 UNREACHABLE = (
@@ -69,6 +74,32 @@ class ServicePlan:
         return {"store": self.store_url, "shards": self.shards}
 
 
+HEAD = "node:__internal_head__"  # the resource Ray gives the head node only
+
+
+def shard_placement(nodes: list[dict[str, Any]], shards: int) -> list[str]:
+    """The node each shard starts on: round robin over the alive nodes, workers first.
+
+    Ray's ``SPREAD`` is best effort (four shards on three nodes left one
+    without any here); explicit soft affinity spreads them evenly, and a
+    shard whose node is gone when it restarts is placed wherever Ray can.
+    The head comes last: it carries the GCS, and with fewer shards than
+    nodes it gets none.
+    """
+    alive = sorted((HEAD in n["Resources"], n["NodeID"]) for n in nodes if n["Alive"])
+    if not alive:
+        raise RuntimeError("Ray reports no alive node")
+    return [alive[i % len(alive)][1] for i in range(shards)]
+
+
+def head_node() -> str | None:
+    """The head's node id: the supervisor runs there (losing the head loses the cluster)."""
+    for node in ray.nodes():
+        if node["Alive"] and HEAD in node["Resources"]:
+            return node["NodeID"]
+    return None
+
+
 def gateway_name(node_id: str) -> str:
     return f"{GATEWAY_NAME}-{node_id[:16]}"
 
@@ -83,6 +114,7 @@ class _Gateway:
     node: str
     handle: Any
     endpoint: dict[str, Any] | None = None  # ports once listening
+    knows: set[str] | None = None  # the peers' nodes it took last (None: none yet)
     retry_at: float = 0.0  # loop time before which a failed start is not tried again
 
 
@@ -98,18 +130,45 @@ class Supervisor:
         self.errors: list[str] = []  # the watch loop's, newest last (kept, never swallowed)
         self._watch: asyncio.Task | None = None
         self._stopping = False
+        self._starting: asyncio.Lock | None = None
+        self._resuming: asyncio.Task | None = None
+        with warnings.catch_warnings():  # Ray's own use of a deprecated call inside
+            warnings.simplefilter("ignore", DeprecationWarning)
+            restarted = ray.get_runtime_context().was_current_actor_reconstructed
+        if restarted:
+            # Restarted (its process or its node died): nobody will call start
+            # again, and the watch loop went with the old process. Take the
+            # service over at once; the actors it finds are adopted by name.
+            # Ray runs an async actor's __init__ on its event loop (a call to
+            # its own handle from here was not always delivered).
+            self._resuming = asyncio.get_running_loop().create_task(self.resume())
 
     # ---- what tally serve calls ----------------------------------------
 
     async def identity(self) -> dict[str, Any]:
         return self.plan.identity()
 
-    async def start(self) -> list[dict[str, Any]]:
+    async def start(self, strict: bool = True) -> list[dict[str, Any]] | None:
         """Create or adopt every actor, one gateway per alive node listening; their endpoints.
 
         A gateway that cannot listen (a taken port) fails the start, naming
         the node and the port: the operator must hear of it now, not in a log.
         """
+        if self._starting is None:
+            self._starting = asyncio.Lock()
+        async with self._starting:  # the driver's call and a resume may overlap
+            await self._start(strict)
+        return await self.endpoints()
+
+    async def resume(self) -> None:
+        """start() after a restart of this actor; a failure is logged and kept."""
+        log.info(json.dumps({"event": "supervisor_restarted"}))
+        try:
+            await self.start(strict=False)  # a gateway that cannot start is retried later
+        except Exception as e:
+            self._error(f"resuming after a restart: {e!r}")
+
+    async def _start(self, strict: bool) -> None:
         plan = self.plan
         if plan.store_url.startswith("memory://"):
             self.store_host = StoreHost.options(
@@ -119,19 +178,21 @@ class Supervisor:
         self.shards = [
             ShardActor.options(
                 name=SHARD_NAME.format(i), get_if_exists=True, lifetime=self.lifetime,
-                scheduling_strategy="SPREAD",
+                memory=PLACEMENT_MEMORY,
+                scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=True),
             ).remote(i, plan.store_url, plan.checkpoint_interval, plan.max_dirty_slots)
-            for i in range(plan.shards)
+            for i, node in enumerate(shard_placement(ray.nodes(), plan.shards))
         ]
         await asyncio.gather(*(s.ready.remote() for s in self.shards))
-        await self._reconcile(strict=True)
+        await self._reconcile(strict)
         if self._watch is None:
             self._watch = asyncio.get_running_loop().create_task(self._watch_loop())
             self._watch.add_done_callback(self._watch_ended)
-        return await self.endpoints()
 
-    async def endpoints(self) -> list[dict[str, Any]]:
-        """Every listening gateway: node, ip, ports; and the watch loop's recent errors."""
+    async def endpoints(self) -> list[dict[str, Any]] | None:
+        """Every listening gateway: node, ip, ports (None while starting or resuming)."""
+        if self._watch is None:
+            return None
         return [
             {"node": g.node, **g.endpoint} for g in self.gateways.values() if g.endpoint
         ]
@@ -180,6 +241,12 @@ class Supervisor:
         log.error(json.dumps({"event": "error", "where": "supervisor", "error": message}))
 
     async def _reconcile(self, strict: bool) -> None:
+        """One round: gateways for new nodes, lost ones dropped, peers told, starts.
+
+        A gateway listens only once it has taken its peers and every listening
+        gateway has taken it as a peer: from its first query on, it must hear
+        of every series another gateway acknowledges.
+        """
         alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
         create, lost = gateway_changes(alive, set(self.gateways))
         for node in lost:
@@ -188,16 +255,27 @@ class Supervisor:
             ray.kill(g.handle, no_restart=True)
         for node in create:
             self.gateways[node] = _Gateway(node, self._gateway(node))
-        if create or lost:
-            await self._tell_peers()
+        gateways = list(self.gateways.values())
+        listening = [g for g in gateways if g.endpoint is not None]
+        for g, still in zip(listening, await asyncio.gather(
+                *(self._still_listening(g) for g in listening)), strict=True):
+            if not still:  # restarted: without listeners, and without peers
+                g.endpoint, g.knows = None, None
+        nodes = set(self.gateways)
+        await asyncio.gather(
+            *(self._tell_peers(g) for g in gateways if g.knows != nodes - {g.node})
+        )
         now = asyncio.get_running_loop().time()
-        for g in list(self.gateways.values()):
-            if g.endpoint is not None:
-                g.endpoint = await self._still_listening(g)
-                if g.endpoint is None:  # restarted without listeners, and without peers
-                    await self._tell_peers(only=g)
-            if g.endpoint is None and now >= g.retry_at:
+        for g in gateways:
+            if g.endpoint is not None or g.knows is None or now < g.retry_at:
+                continue
+            if all(o.knows is not None and g.node in o.knows
+                   for o in gateways if o.endpoint is not None):
                 await self._start_gateway(g, strict)
+        waiting = [g.node[:12] for g in gateways if g.endpoint is None]
+        if strict and waiting:
+            raise RuntimeError(f"the gateways on nodes {waiting} did not start: "
+                               f"{self.errors[-1] if self.errors else 'no answer'}")
 
     def _gateway(self, node: str) -> Any:
         plan = self.plan
@@ -207,24 +285,26 @@ class Supervisor:
             scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
         ).remote(plan.store_url, plan.shards, plan.options)
 
-    async def _tell_peers(self, only: _Gateway | None = None) -> None:
-        targets = [only] if only is not None else list(self.gateways.values())
-        for g in targets:
-            peers = {gateway_name(n): o.handle for n, o in self.gateways.items() if n != g.node}
-            try:
-                await asyncio.wait_for(g.handle.set_peers.remote(peers), CALL_TIMEOUT)
-            except UNREACHABLE as e:
-                g.endpoint = None  # told again before it listens
-                self._error(f"gateway on node {g.node[:12]} did not take its peers: {e!r}")
+    async def _tell_peers(self, g: _Gateway) -> None:
+        peers = {gateway_name(n): o.handle for n, o in self.gateways.items() if n != g.node}
+        # a gateway not listening yet may still be starting its process
+        timeout = CALL_TIMEOUT if g.endpoint is not None else START_TIMEOUT
+        try:
+            await asyncio.wait_for(g.handle.set_peers.remote(peers), timeout)
+        except UNREACHABLE as e:
+            self._error(f"gateway on node {g.node[:12]} did not take its peers: {e!r}")
+            return
+        g.knows = {o.node for o in self.gateways.values() if o.handle in peers.values()}
 
-    async def _still_listening(self, g: _Gateway) -> dict[str, Any] | None:
+    async def _still_listening(self, g: _Gateway) -> bool:
         try:
             status = await asyncio.wait_for(g.handle.status.remote(), CALL_TIMEOUT)
         except UNREACHABLE:
-            return g.endpoint  # restarting or its node is going: the next round sees which
+            return True  # restarting or its node is going: the next round sees which
         if status["ports"] is None:
             log.info(json.dumps({"event": "gateway_restarted", "node": g.node}))
-        return status["ports"]
+            return False
+        return True
 
     async def _start_gateway(self, g: _Gateway, strict: bool) -> None:
         plan = self.plan

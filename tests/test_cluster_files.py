@@ -250,3 +250,18 @@ def test_env_example_is_a_working_tally_configuration(tmp_path: Path) -> None:
     assert cfg.store.startswith("mongodb://") and "w=majority" in cfg.store
     assert cfg.shards == 64
     assert cfg.checkpoint_interval == 60
+
+
+def test_shards_are_placed_round_robin_over_alive_nodes_workers_first():
+    from cluster.supervisor import HEAD, shard_placement
+
+    nodes = [
+        {"NodeID": "h", "Alive": True, "Resources": {HEAD: 1.0, "CPU": 2.0}},
+        {"NodeID": "b", "Alive": True, "Resources": {"CPU": 2.0}},
+        {"NodeID": "x", "Alive": False, "Resources": {"CPU": 2.0}},
+        {"NodeID": "a", "Alive": True, "Resources": {"CPU": 2.0}},
+    ]
+    assert shard_placement(nodes, 4) == ["a", "b", "h", "a"]
+    assert shard_placement(nodes, 2) == ["a", "b"]  # the head carries none while it can
+    with pytest.raises(RuntimeError, match="no alive node"):
+        shard_placement(nodes[2:3], 1)

@@ -52,21 +52,27 @@ class ClusterService:
             head_node_args={**NODE, "include_dashboard": False, "_system_config": HEALTH},
         )
         self.workers = [self.cluster.add_node(**NODE) for _ in range(2)]
+        self.tmp = tmp
         self.lines: list[str] = []
         self.changed = threading.Condition()
-        self.proc = subprocess.Popen(
-            [TALLY, "serve", "--address", self.cluster.address,
-             "--store", f"sqlite:///{tmp / 'tally.db'}", "--shards", "4",
-             "--checkpoint-interval", "0.5", "--http-port", "0", "--tcp-port", "0"],
-            cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            start_new_session=True, env={**os.environ, "RAY_AUTH_MODE": "disabled"},
-        )
-        threading.Thread(target=self._read, daemon=True).start()
+        self.proc = self.launch()
         ray.init(address=self.cluster.address, namespace="tally", log_to_driver=False)
 
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
+    def launch(self) -> subprocess.Popen:
+        """``tally serve`` on the cluster, its output read into ``lines`` as it comes."""
+        proc = subprocess.Popen(
+            [TALLY, "serve", "--address", self.cluster.address,
+             "--store", f"sqlite:///{self.tmp / 'tally.db'}", "--shards", "4",
+             "--checkpoint-interval", "0.5", "--http-port", "0", "--tcp-port", "0"],
+            cwd=self.tmp, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            start_new_session=True, env={**os.environ, "RAY_AUTH_MODE": "disabled"},
+        )
+        threading.Thread(target=self._read, args=(proc,), daemon=True).start()
+        return proc
+
+    def _read(self, proc: subprocess.Popen) -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
             with self.changed:
                 self.lines.append(line.rstrip())
                 self.changed.notify_all()
@@ -80,7 +86,10 @@ class ClusterService:
                 if len(found) >= count:
                     return found[:count]
                 left = deadline - time.monotonic()
-                assert left > 0 and self.proc.poll() is None, "\n".join(self.lines[-60:])
+                if left <= 0 or self.proc.poll() is not None:
+                    log = self.tmp / "serve.log"
+                    log.write_text("\n".join(self.lines))
+                    raise AssertionError(f"no {what.pattern!r} line; the output is in {log}")
                 self.changed.wait(min(left, 1.0))
 
     def gateways(self) -> dict[str, tuple[int, int]]:
@@ -107,6 +116,7 @@ class ClusterService:
         finally:
             ray.shutdown()
             self.cluster.shutdown()
+            (self.tmp / "serve.log").write_text("\n".join(self.lines))  # to read after a failure
 
 
 @pytest.fixture(scope="module")
@@ -149,11 +159,14 @@ def test_a_series_acknowledged_by_one_gateway_is_found_at_once_by_another(served
 def stream_through_a_lost_node(served: ClusterService, graceful: bool, metric: str) -> None:
     """Producers on a worker node's gateway and on the head's; that node goes mid-stream.
 
-    The shards were spread over the nodes when the service started, so the
-    node takes shards with it: they restart on the nodes left and recover
-    from the store, and the producers resend what was not yet durable.
+    The shards were spread over the nodes when the service started (round
+    robin over three nodes), so the node takes shards with it: they restart
+    on the nodes left and recover from the store, and the producers resend
+    what was not yet durable.
     """
-    node = served.workers.pop(0)
+    holding = set(served.shard_nodes().values())
+    node = next(w for w in served.workers if w.node_id in holding)
+    served.workers.remove(node)
     node_id = node.node_id
     ports = served.gateways()
     tcp_there = next(tcp for prefix, (_, tcp) in ports.items() if node_id.startswith(prefix))
@@ -211,7 +224,8 @@ def stream_through_a_lost_node(served: ClusterService, graceful: bool, metric: s
     per_series = {s: total(http_here, metric, {"s": s}) for s in SERIES[:3]}
     assert sum(per_series.values()) > 0
     assert sent["there"] > 0 and sent["here"] > 0
-    assert not any(node_id.startswith(prefix) for prefix in served.gateways()), served.lines
+    served.wait_for(re.compile(rf"tally: gateway lost with its node: node \S+ \({node_id[:12]}\)"),
+                    1, timeout=30)
 
 
 def test_graceful_node_removal_mid_stream_keeps_totals_exact(served):
@@ -219,6 +233,10 @@ def test_graceful_node_removal_mid_stream_keeps_totals_exact(served):
 
 
 def test_a_new_node_gets_a_gateway_that_takes_increments(served):
+    """Even after the supervisor itself was killed: it restarts and takes over."""
+    supervisor = ray.get_actor("tally-supervisor")
+    assert ray.get(supervisor.endpoints.remote()), "the supervisor reports no gateway"
+    ray.kill(supervisor, no_restart=False)
     node = served.cluster.add_node(**NODE)
     served.workers.append(node)
     served.wait_for(re.compile(rf"tally: gateway on node \S+ \({node.node_id[:12]}\)"), 1)
@@ -232,3 +250,24 @@ def test_a_new_node_gets_a_gateway_that_takes_increments(served):
 
 def test_killed_node_mid_stream_keeps_totals_exact(served):
     stream_through_a_lost_node(served, graceful=False, metric="killed")
+
+
+def test_the_service_outlives_its_driver_and_a_new_one_adopts_it(served):
+    """On a cluster the actors are detached: a driver killed outright (a lost ssh
+    session) leaves tally serving, and ``tally serve`` again takes it over."""
+    head = served.cluster.head_node.node_id
+    http, tcp = next(p for prefix, p in served.gateways().items() if head.startswith(prefix))
+    with TallyClient("127.0.0.1", tcp) as client:
+        client.inc("acme", "orphan", 5, ts=T0)
+    os.kill(served.proc.pid, signal.SIGKILL)
+    served.proc.wait(30)
+    time.sleep(2)  # what Ray would clean up after a dead driver, it has by now
+    with TallyClient("127.0.0.1", tcp) as client:
+        client.inc("acme", "orphan", 7, ts=T0)  # durable on close: the shards still checkpoint
+    assert total(http, "orphan") == 12
+    before = len(served.lines)
+    served.proc = served.launch()
+    served.wait_for(re.compile("tally: adopted the service already running"), 1)
+    served.wait_for(re.compile(r"tally: serving HTTP"), 2)
+    assert len(served.lines) > before
+    assert total(http, "orphan") == 12  # the same gateway, still listening

@@ -412,7 +412,7 @@ def test_gateway_starts_and_stops_the_statsd_listeners(tmp_path) -> None:
         gw.store = store
         gw.service = Service(LocalShards(store, 2), store)
         gw.tcp = TcpServer(gw.service, gw.options.limits, None, gw.options.rules)
-        gw.http, gw._http_task, gw.statsd = None, None, None
+        gw.http, gw._http_task, gw.statsd, gw.ports = None, None, None, None
         ports = await gw.start("127.0.0.1", free_port(), free_port())
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
             u.sendto(b"x:5|c\ny:1|g\n", ("127.0.0.1", ports["statsd_port"]))
