@@ -39,12 +39,15 @@ class PortInUse(RuntimeError):
     pass
 
 
-def _bind(host: str, port: int) -> socket.socket:
+def _bind(host: str, port: int, reuse_port: bool = False) -> socket.socket:
     """The HTTP socket, bound here rather than by uvicorn: a taken port is an OSError
-    to report (uvicorn would exit the process), and port 0 tells which port it got."""
+    to report (uvicorn would exit the process), and port 0 tells which port it got.
+    ``reuse_port``: several gateways of a node share the port (SO_REUSEPORT)."""
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((host, port))
     except OSError:
         sock.close()
@@ -106,10 +109,14 @@ class Gateway:
 
     # ---- lifecycle -----------------------------------------------------
 
-    async def start(self, host: str, http_port: int, tcp_port: int) -> dict[str, Any]:
+    async def start(
+        self, host: str, http_port: int, tcp_port: int, reuse_port: bool = False
+    ) -> dict[str, Any]:
         """Listen on both ports (0: any free port); raises PortInUse naming a taken port.
 
         Answers with the ports it listens on; a second call returns them again.
+        With ``reuse_port`` the sockets take SO_REUSEPORT, so that the node's
+        other gateways bind the same ports (``--gateways-per-node``).
         """
         if self.ports is not None:
             return self.ports
@@ -119,12 +126,12 @@ class Gateway:
         deadline = time.monotonic() + BIND_WAIT
         while True:
             try:
-                http_sock = _bind(host, http_port)
+                http_sock = _bind(host, http_port, reuse_port)
             except OSError as e:
                 failing = ("HTTP", http_port, e)
             else:
                 try:
-                    tcp = await self.tcp.start(host, tcp_port)
+                    tcp = await self.tcp.start(host, tcp_port, reuse_port)
                     break
                 except OSError as e:
                     http_sock.close()

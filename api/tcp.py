@@ -217,8 +217,10 @@ class TcpServer:
         self.server: asyncio.base_events.Server | None = None
         self.connections = 0
 
-    async def start(self, host: str, port: int) -> int:
-        self.server = await asyncio.start_server(self._serve, host, port, limit=READ_SIZE)
+    async def start(self, host: str, port: int, reuse_port: bool = False) -> int:
+        self.server = await asyncio.start_server(
+            self._serve, host, port, limit=READ_SIZE, reuse_port=reuse_port or None
+        )
         return self.server.sockets[0].getsockname()[1]
 
     async def stop(self) -> None:

@@ -47,6 +47,9 @@ class BenchConfig:
     background_rate: int = 1_000_000  # increments/s ingested (columnar) while queries run
     memory_series: int = 100_000  # enough that fixed costs (SQLite page cache) do not count
     checkpoint_interval: float = 2.0
+    # tally serve --gateways-per-node: the row and columnar phases' connections are
+    # spread over them by the kernel (use several connections per gateway)
+    gateways_per_node: int = 1
 
 
 @dataclass
@@ -107,8 +110,9 @@ def run(cfg: BenchConfig, say: Any = print) -> Results:
         workdir = Path(tmp)
         store = cfg.store or f"sqlite:///{workdir / 'bench.db'}"
         service = Spawned(workdir, store, "--checkpoint-interval", str(cfg.checkpoint_interval),
-                          shards=cfg.shards)
-        say(f"starting tally serve ({cfg.shards} shards, store {store.split('?')[0]})")
+                          "--gateways-per-node", str(cfg.gateways_per_node), shards=cfg.shards)
+        say(f"starting tally serve ({cfg.shards} shards, {cfg.gateways_per_node} gateway "
+            f"process(es), store {store.split('?')[0]})")
         service.start()
         try:
             _measure(cfg, service, res, say)
@@ -199,7 +203,9 @@ def _memory(cfg: BenchConfig, service: Spawned, res: Results) -> None:
 def report(res: Results, console: Console | None = None) -> None:
     console = console or Console(width=max(Console().width, 130))
     t = TARGETS
-    table = Table(title=f"tally bench — {res.machine['cpus']} CPUs, {res.machine['cpu']}")
+    gateways = res.config.get("gateways_per_node", 1)
+    table = Table(title=f"tally bench — {res.machine['cpus']} CPUs, {res.machine['cpu']}"
+                  + (f"; {gateways} gateway processes" if gateways > 1 else ""))
     for col in ("measure", "tally", "baseline (same run)", "ratio", "target", "met"):
         table.add_column(col)
 

@@ -81,6 +81,7 @@ class Service:
         return ServicePlan(
             self.store_url, cfg.shards, cfg.checkpoint_interval, cfg.max_dirty_slots, options,
             cfg.host, cfg.http_port, cfg.tcp_port, detached=bool(cfg.address),
+            gateways_per_node=cfg.gateways_per_node,
         )
 
     def start(self, stop: threading.Event) -> None:
@@ -249,6 +250,8 @@ def serve(cfg: ServeConfig) -> int:
                f"{first['statsd_port']}"
                f" (tenant {cfg.statsd_tenant or 'from tags only'}); "
                if "statsd_port" in first else "")
+            + (f"{cfg.gateways_per_node} gateway processes per node sharing the ports; "
+               if cfg.gateways_per_node > 1 else "")
             + f"{cfg.shards} shards; "
             f"store {redact_url(service.store_url)}; "
             f"checkpoints every {cfg.checkpoint_interval:g} s; "

@@ -46,6 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "answers before it is disconnected (default 30)")
     serve.add_argument("--max-query-days", type=int,
                        help="longest from..to range of a query, in days (default 3660)")
+    serve.add_argument("--gateways-per-node", type=int,
+                       help="gateway processes on every node, sharing its HTTP and TCP ports "
+                       "(SO_REUSEPORT: the kernel spreads connections over them); one core "
+                       "each (default 1)")
     serve.add_argument("--statsd-port", type=int,
                        help="accept the StatsD/DogStatsD line protocol over UDP and TCP on "
                        "this port (default: off); at most once, like StatsD")
@@ -66,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     defaults = BenchConfig()
     bench.add_argument("--store", help="store URL (default: SQLite in a temporary folder)")
     for name in ("shards", "series", "rows", "columnar", "connections", "queries",
-                 "background_rate", "memory_series"):
+                 "background_rate", "memory_series", "gateways_per_node"):
         bench.add_argument(f"--{name.replace('_', '-')}", type=int,
                            default=getattr(defaults, name),
                            help=f"(default {getattr(defaults, name):,})")

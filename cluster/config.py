@@ -14,6 +14,8 @@ from api.access import AccessFileError, load_access
 from api.rules import RulesError, load_rules
 from wire.series import InvalidSeries, check_tenant
 
+MAX_GATEWAYS_PER_NODE = 64
+
 
 class ConfigError(ValueError):
     """A setting that cannot work; the message names it."""
@@ -46,6 +48,9 @@ class ServeConfig:
     statsd_tenant: str | None = None  # tenant of StatsD lines without a `tenant` tag
     # where the StatsD listeners bind (None: --host); beyond loopback only when named here
     statsd_host: str | None = None
+    # gateway processes on every node, sharing its ports (SO_REUSEPORT: the kernel
+    # spreads new connections over them); a gateway is one process, one core
+    gateways_per_node: int = 1
 
 
 def load_config(flags: dict[str, Any], config_file: str | None, env: dict[str, str]) -> ServeConfig:
@@ -143,6 +148,9 @@ def check(cfg: ServeConfig) -> None:
     if cfg.http_port == cfg.tcp_port and cfg.http_port:
         raise ConfigError(f"http-port and tcp-port are both {cfg.http_port}")
     _check_statsd(cfg)
+    if not 1 <= cfg.gateways_per_node <= MAX_GATEWAYS_PER_NODE:
+        raise ConfigError(f"gateways-per-node: {cfg.gateways_per_node}; "
+                          f"from 1 to {MAX_GATEWAYS_PER_NODE}")
     for name in ("max_connections", "max_query_days"):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"{name.replace('_', '-')}: {getattr(cfg, name)}; at least 1")

@@ -26,7 +26,7 @@ import asyncio
 import json
 import logging
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import ray
@@ -68,10 +68,12 @@ class ServicePlan:
     http_port: int
     tcp_port: int
     detached: bool  # on a cluster: the actors outlive the driver
+    gateways_per_node: int = 1  # sharing the node's ports (SO_REUSEPORT) when more than 1
 
     def identity(self) -> dict[str, Any]:
         """What another ``tally serve`` must agree on to adopt a running service."""
-        return {"store": self.store_url, "shards": self.shards}
+        return {"store": self.store_url, "shards": self.shards,
+                "gateways_per_node": self.gateways_per_node}
 
 
 HEAD = "node:__internal_head__"  # the resource Ray gives the head node only
@@ -100,8 +102,9 @@ def head_node() -> str | None:
     return None
 
 
-def gateway_name(node_id: str) -> str:
-    return f"{GATEWAY_NAME}-{node_id[:16]}"
+def gateway_name(node_id: str, k: int = 0) -> str:
+    """The node's first gateway ``tally-gateway-<node>``, its others ``...-<k>``."""
+    return f"{GATEWAY_NAME}-{node_id[:16]}" + (f"-{k}" if k else "")
 
 
 def gateway_changes(alive: set[str], have: set[str]) -> tuple[set[str], set[str]]:
@@ -112,9 +115,11 @@ def gateway_changes(alive: set[str], have: set[str]) -> tuple[set[str], set[str]
 @dataclass
 class _Gateway:
     node: str
+    k: int  # which of the node's gateways: the first (0) picks the ports, the others share them
+    name: str
     handle: Any
     endpoint: dict[str, Any] | None = None  # ports once listening
-    knows: set[str] | None = None  # the peers' nodes it took last (None: none yet)
+    knows: set[str] | None = None  # the peers' names it took last (None: none yet)
     retry_at: float = 0.0  # loop time before which a failed start is not tried again
 
 
@@ -193,9 +198,12 @@ class Supervisor:
         """Every listening gateway: node, ip, ports (None while starting or resuming)."""
         if self._watch is None:
             return None
-        return [
-            {"node": g.node, **g.endpoint} for g in self.gateways.values() if g.endpoint
-        ]
+        seen: dict[tuple, dict[str, Any]] = {}  # a node's gateways share their ports
+        for g in self.gateways.values():
+            if g.endpoint:
+                seen.setdefault((g.node, g.endpoint["http_port"], g.endpoint["tcp_port"]),
+                                {"node": g.node, **g.endpoint})
+        return list(seen.values())
 
     async def recent_errors(self) -> list[str]:
         return list(self.errors)
@@ -210,13 +218,13 @@ class Supervisor:
                 await asyncio.wait_for(g.handle.stop.remote(), START_TIMEOUT)
             except UNREACHABLE as e:
                 # gone: nothing to stop accepting there; the shards still checkpoint
-                log.warning(json.dumps({"event": "gateway_gone_at_stop", "node": g.node,
+                log.warning(json.dumps({"event": "gateway_gone_at_stop", "gateway": g.name,
                                         "error": type(e).__name__}))
         return [await _until_answered(s, i) for i, s in enumerate(self.shards)]
 
     async def actor_names(self) -> list[str]:
         """Every named actor of the service, this one last (for ``ray.kill`` after stop)."""
-        names = [gateway_name(n) for n in self.gateways]
+        names = list(self.gateways)
         names += [SHARD_NAME.format(i) for i in range(self.plan.shards)]
         if self.store_host is not None:
             names.append(HOST_NAME)
@@ -248,53 +256,64 @@ class Supervisor:
         of every series another gateway acknowledges.
         """
         alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
-        create, lost = gateway_changes(alive, set(self.gateways))
-        for node in lost:
-            g = self.gateways.pop(node)
-            log.info(json.dumps({"event": "node_lost", "node": node, "gateway": g.endpoint}))
-            ray.kill(g.handle, no_restart=True)
-        for node in create:
-            self.gateways[node] = _Gateway(node, self._gateway(node))
+        create, lost = gateway_changes(alive, {g.node for g in self.gateways.values()})
+        for name, g in list(self.gateways.items()):
+            if g.node in lost:
+                del self.gateways[name]
+                log.info(json.dumps({"event": "node_lost", "node": g.node, "gateway": name,
+                                     "endpoint": g.endpoint}))
+                ray.kill(g.handle, no_restart=True)
+        for node in sorted(create):
+            for k in range(self.plan.gateways_per_node):  # the first one first: it picks ports
+                name = gateway_name(node, k)
+                self.gateways[name] = _Gateway(node, k, name, self._gateway(node, k, name))
         gateways = list(self.gateways.values())
         listening = [g for g in gateways if g.endpoint is not None]
         for g, still in zip(listening, await asyncio.gather(
                 *(self._still_listening(g) for g in listening)), strict=True):
             if not still:  # restarted: without listeners, and without peers
                 g.endpoint, g.knows = None, None
-        nodes = set(self.gateways)
+        names = set(self.gateways)
         await asyncio.gather(
-            *(self._tell_peers(g) for g in gateways if g.knows != nodes - {g.node})
+            *(self._tell_peers(g) for g in gateways if g.knows != names - {g.name})
         )
         now = asyncio.get_running_loop().time()
         for g in gateways:
             if g.endpoint is not None or g.knows is None or now < g.retry_at:
                 continue
-            if all(o.knows is not None and g.node in o.knows
-                   for o in gateways if o.endpoint is not None):
-                await self._start_gateway(g, strict)
-        waiting = [g.node[:12] for g in gateways if g.endpoint is None]
+            if not all(o.knows is not None and g.name in o.knows
+                       for o in gateways if o.endpoint is not None):
+                continue
+            first = self.gateways.get(gateway_name(g.node, 0))
+            if g.k == 0:
+                await self._start_gateway(g, strict, self.plan.http_port, self.plan.tcp_port)
+            elif first is not None and first.endpoint is not None:  # on the ports it got
+                await self._start_gateway(g, strict, first.endpoint["http_port"],
+                                          first.endpoint["tcp_port"])
+        waiting = [g.name for g in gateways if g.endpoint is None]
         if strict and waiting:
-            raise RuntimeError(f"the gateways on nodes {waiting} did not start: "
+            raise RuntimeError(f"the gateways {waiting} did not start: "
                                f"{self.errors[-1] if self.errors else 'no answer'}")
 
-    def _gateway(self, node: str) -> Any:
+    def _gateway(self, node: str, k: int, name: str) -> Any:
         plan = self.plan
+        # StatsD listens in the node's first gateway only: its UDP port is not shared
+        options = plan.options if k == 0 else replace(plan.options, statsd_port=None)
         return Gateway.options(
-            name=gateway_name(node), get_if_exists=True, lifetime=self.lifetime,
-            max_restarts=-1,
+            name=name, get_if_exists=True, lifetime=self.lifetime, max_restarts=-1,
             scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
-        ).remote(plan.store_url, plan.shards, plan.options)
+        ).remote(plan.store_url, plan.shards, options)
 
     async def _tell_peers(self, g: _Gateway) -> None:
-        peers = {gateway_name(n): o.handle for n, o in self.gateways.items() if n != g.node}
+        peers = {n: o.handle for n, o in self.gateways.items() if n != g.name}
         # a gateway not listening yet may still be starting its process
         timeout = CALL_TIMEOUT if g.endpoint is not None else START_TIMEOUT
         try:
             await asyncio.wait_for(g.handle.set_peers.remote(peers), timeout)
         except UNREACHABLE as e:
-            self._error(f"gateway on node {g.node[:12]} did not take its peers: {e!r}")
+            self._error(f"gateway {g.name} did not take its peers: {e!r}")
             return
-        g.knows = {o.node for o in self.gateways.values() if o.handle in peers.values()}
+        g.knows = set(peers)
 
     async def _still_listening(self, g: _Gateway) -> bool:
         try:
@@ -302,24 +321,25 @@ class Supervisor:
         except UNREACHABLE:
             return True  # restarting or its node is going: the next round sees which
         if status["ports"] is None:
-            log.info(json.dumps({"event": "gateway_restarted", "node": g.node}))
+            log.info(json.dumps({"event": "gateway_restarted", "gateway": g.name}))
             return False
         return True
 
-    async def _start_gateway(self, g: _Gateway, strict: bool) -> None:
-        plan = self.plan
+    async def _start_gateway(self, g: _Gateway, strict: bool, http: int, tcp: int) -> None:
+        shared = self.plan.gateways_per_node > 1
         try:
             g.endpoint = await asyncio.wait_for(
-                g.handle.start.remote(plan.host, plan.http_port, plan.tcp_port), START_TIMEOUT
+                g.handle.start.remote(self.plan.host, http, tcp, shared), START_TIMEOUT
             )
         except Exception as e:
             cause = e.cause if isinstance(e, ray.exceptions.RayTaskError) and e.cause else e
             if strict:
-                raise RuntimeError(f"the gateway on node {g.node[:12]}: {cause}") from None
+                raise RuntimeError(f"the gateway {g.name} on node {g.node[:12]}: {cause}") from None
             g.retry_at = asyncio.get_running_loop().time() + RETRY_AFTER
-            self._error(f"the gateway on node {g.node[:12]} cannot start: {cause}")
+            self._error(f"the gateway {g.name} on node {g.node[:12]} cannot start: {cause}")
             return
-        log.info(json.dumps({"event": "gateway_listening", "node": g.node, **g.endpoint}))
+        log.info(json.dumps({"event": "gateway_listening", "gateway": g.name, "node": g.node,
+                             **g.endpoint}))
 
 
 async def _until_answered(shard: Any, i: int, attempts: int = 40) -> int:

@@ -33,7 +33,7 @@ from ray._raylet import Config
 from ray.autoscaler._private.commands import _bootstrap_config
 from ray.autoscaler._private.util import prepare_config, validate_config, with_envs
 
-from cluster.config import ServeConfig, load_config
+from cluster.config import ConfigError, ServeConfig, load_config
 
 FILES = Path(__file__).resolve().parents[1] / "cluster" / "ray"
 AWS = FILES / "aws.yaml"
@@ -265,3 +265,18 @@ def test_shards_are_placed_round_robin_over_alive_nodes_workers_first():
     assert shard_placement(nodes, 2) == ["a", "b"]  # the head carries none while it can
     with pytest.raises(RuntimeError, match="no alive node"):
         shard_placement(nodes[2:3], 1)
+
+
+@pytest.mark.parametrize("bad", ["0", "65", "-1"])
+def test_gateways_per_node_out_of_range_is_refused_by_name(bad):
+    with pytest.raises(ConfigError, match=rf"gateways-per-node: {bad}; from 1 to 64"):
+        load_config({"gateways_per_node": bad}, None, {})
+    assert load_config({}, None, {"TALLY_GATEWAYS_PER_NODE": "3"}).gateways_per_node == 3
+
+
+def test_a_nodes_gateways_have_names_of_their_own():
+    from cluster.supervisor import gateway_name
+
+    node = "ab" * 28
+    assert gateway_name(node) == gateway_name(node, 0) == "tally-gateway-abababababababab"
+    assert gateway_name(node, 2) == "tally-gateway-abababababababab-2"

@@ -356,3 +356,45 @@ def test_exact_counts_on_mongodb_through_a_restart(tmp_path, secantus):
                 assert (r.json()["points"], r.json()["total"]) == (points, total)
     finally:
         assert again.stop() == 0, again.output()
+
+
+def listening(port: int) -> int:
+    """Sockets listening on ``port`` on this host (LISTEN is state 0A in /proc/net/tcp)."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for line in f.readlines()[1:]:
+                fields = line.split()
+                if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "0A":
+                    count += 1
+    return count
+
+
+def test_gateways_per_node_share_the_ports_and_find_each_others_series(tmp_path):
+    """Two gateway processes on one node's ports (SO_REUSEPORT). The kernel hands
+    each new connection to either, so a series acknowledged through one is queried,
+    often, through the other: the answer must hold it (their peers broadcast)."""
+    from wire.client import TallyClient
+
+    served = Served(tmp_path, "sqlite:///data/tally.db", "--gateways-per-node", "2",
+                    shards=2).start()
+    try:
+        deadline = time.monotonic() + 60  # the second gateway starts after the first
+        while listening(served.tcp_port) < 2 or listening(served.http_port) < 2:
+            assert time.monotonic() < deadline, served.output()
+            time.sleep(0.2)
+        assert "2 gateway processes per node sharing the ports" in served.output()
+        params = {"tenant": "acme", "metric": "shared", "from": "2026-09-01",
+                  "to": "2026-09-30", "granularity": "month"}
+        for n in range(16):
+            with TallyClient("127.0.0.1", served.tcp_port) as client:  # a new connection each
+                client.inc("acme", "shared", 10 + n, tags={"k": f"s{n}"}, ts=1_790_000_000)
+                client.flush(durable=False)
+            r = httpx.get(served.url + "/v1/series", params={**params, "where": f"k:s{n}"})
+            assert r.status_code == 200 and r.json()["total"] == 10 + n, (n, r.text)
+        r = httpx.get(served.url + "/v1/series", params=params)
+        assert r.json()["total"] == sum(10 + n for n in range(16))
+    finally:
+        code = served.stop()
+    assert code == 0, served.output()
+    assert "final checkpoint written" in served.output()
