@@ -284,12 +284,13 @@ class Supervisor:
             if not all(o.knows is not None and g.name in o.knows
                        for o in gateways if o.endpoint is not None):
                 continue
-            first = self.gateways.get(gateway_name(g.node, 0))
-            if g.k == 0:
+            # the ports a gateway of the node listens on (with port 0, the ones it got)
+            bound = next((o.endpoint for o in gateways
+                          if o.node == g.node and o.endpoint is not None), None)
+            if bound is not None:
+                await self._start_gateway(g, strict, bound["http_port"], bound["tcp_port"])
+            elif g.k == 0:  # the node's first gateway binds the ports; the others follow it
                 await self._start_gateway(g, strict, self.plan.http_port, self.plan.tcp_port)
-            elif first is not None and first.endpoint is not None:  # on the ports it got
-                await self._start_gateway(g, strict, first.endpoint["http_port"],
-                                          first.endpoint["tcp_port"])
         waiting = [g.name for g in gateways if g.endpoint is None]
         if strict and waiting:
             raise RuntimeError(f"the gateways {waiting} did not start: "
