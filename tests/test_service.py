@@ -250,3 +250,55 @@ def test_a_refused_batch_is_undone_everywhere_and_applies_when_resent(env):
     assert logins(service) == 60
     shards.checkpoint()
     assert run(service.durable_seq("p")) == 3
+
+
+class _RestartingShard0:
+    """LocalShards whose shard 0 hangs on its first apply, then fails it (its node
+    went: the call raises once the actor restarts); later applies go through."""
+
+    def __init__(self, shards: LocalShards) -> None:
+        self.inner = shards
+        self.release = asyncio.Event()
+        self.failed = False
+
+    def __getattr__(self, name):  # noqa: ANN001 - everything else as LocalShards does
+        return getattr(self.inner, name)
+
+    async def apply(self, shard, batch, producer, seq, expect):  # noqa: ANN001
+        if shard == 0 and not self.failed:
+            self.failed = True
+            await self.release.wait()
+            raise RuntimeError("ActorUnavailableError: the actor is restarting")
+        return await self.inner.apply(shard, batch, producer, seq, expect)
+
+
+def test_a_failover_resend_found_on_a_shard_is_not_undone_there(tmp_path):
+    """The producer's batch 2 hangs on gateway A (shard 0 is restarting) after shard 1
+    applied it; the producer fails over to gateway B and resends 2 (a duplicate on
+    shard 1, applied on shard 0); then A's call fails. Undoing 2 on shard 1 now
+    would lose it: it stays, and every increment is counted once."""
+    store = SqliteStore(str(tmp_path / "t.db"))
+    shards = LocalShards(store, 2)
+    flaky = _RestartingShard0(shards)
+    gateway_a = Service(flaky, store, clock=lambda: NOW)
+    gateway_b = Service(shards, store, clock=lambda: NOW)
+    first, second = login_rows(30, "a"), login_rows(30, "b")
+    assert len({shards.states[0].shard, shards.states[1].shard}) == 2
+
+    async def scenario() -> None:
+        await gateway_b.ingest(rows_batch(first, NOW), "p", 1)
+        on_a = asyncio.ensure_future(gateway_a.ingest(rows_batch(second, NOW), "p", 2))
+        while shards.states[1].applied.get("p") != 2:  # shard 1 took A's batch 2
+            await asyncio.sleep(0.001)
+        assert (await gateway_b.ingest(rows_batch(second, NOW), "p", 2)).rows == 30
+        flaky.release.set()
+        with pytest.raises(IngestError) as e:
+            await on_a
+        assert e.value.code == "overloaded" and e.value.fatal
+
+    try:
+        run(scenario())
+        assert logins(gateway_b) == 60
+        assert shards.states[0].applied == shards.states[1].applied == {"p": 2}
+    finally:
+        store.close()
