@@ -1,4 +1,4 @@
-"""The supervisor actor: it creates the service's actors and keeps one gateway per node.
+"""The supervisor actor: it creates the service's actors and keeps gateways on every node.
 
 ``tally serve`` creates this actor and nothing else. On a cluster (``--address``)
 every actor is named and detached, so the service outlives the command that
@@ -12,6 +12,10 @@ compares the alive nodes with its gateways:
 - a gateway whose worker died restarts on its node (Ray's ``max_restarts``) and
   comes back without listeners: the supervisor starts it again;
 - a lost node's gateway is dropped from the others' peers.
+
+With ``--gateways-per-node N`` every node has N gateways sharing its ports
+(SO_REUSEPORT): the first binds them, the others bind the same ones, and
+all of them are peers of each other like gateways on different nodes.
 
 Shards are spread over the nodes (round robin) and restart elsewhere when their
 node goes (Ray's ``max_restarts``); a restarted shard recovers from the store
