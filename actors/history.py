@@ -45,9 +45,14 @@ class Month(NamedTuple):
 NO_MONTHS: Mapping[int, Month | None] = MappingProxyType({})  # of a series not kept
 
 
+def peak_of(values: np.ndarray) -> int:
+    """The largest magnitude in a non-empty array: what decides whether an int64 sum of
+    ``n`` of them is exact (``peak * n < 2**63``)."""
+    return max(-int(values.min()), int(values.max()))
+
+
 def month_of(hours: np.ndarray) -> Month:
-    low, high = int(hours.min()), int(hours.max())
-    peak = max(-low, high)
+    peak = peak_of(hours)
     fits = peak * len(hours) < 2**63  # else an int64 sum could wrap: Python ints
     return Month(hours, int(hours.sum(dtype=np.int64)) if fits else sum(hours.tolist()), peak)
 

@@ -26,7 +26,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from actors.history import DEFAULT_BYTES, MISSING, History, Month
+from actors.history import DEFAULT_BYTES, MISSING, History, Month, peak_of
 from checkpoint.store import Checkpoint, MonthDoc, MonthKey, ShardRecord
 from wire.batches import INT64_MAX, INT64_MIN, Batch
 from wire.series import SeriesKey, matches, parse_series_id
@@ -484,7 +484,7 @@ class ShardState:
         order = np.argsort(slot, kind="stable")
         slot, vals = slot[order], vals[order]
         starts = np.flatnonzero(np.r_[True, slot[1:] != slot[:-1]])
-        if len(vals) and max(-int(vals.min()), int(vals.max())) > INT64_MAX // len(vals):
+        if len(vals) and peak_of(vals) > INT64_MAX // len(vals):
             # sums might leave int64 (a delta can span more than int64): Python ints
             ends = np.r_[starts[1:], len(vals)]
             sums = [sum(vals[a:b].tolist()) for a, b in zip(starts, ends, strict=True)]
@@ -839,7 +839,7 @@ class ShardState:
         if not len(found):
             return per_day.sum(axis=1)
         blocks = self._blocks[found]
-        if max(-int(blocks.min()), int(blocks.max())) > limit:
+        if peak_of(blocks) > limit:
             return None
         sums = np.einsum("ij->i", blocks)  # int64 like .sum(axis=1), twice as fast on rows of 24
         # the range may start or end inside a day: take those hours back out
@@ -867,16 +867,20 @@ class ShardState:
         """
         spans = self._spans(sids, h0, h1, load)
         n = len(sids)
-        if not n or h1 <= h0:
+
+        def exact() -> np.ndarray:
             return exact_sum(self._dense(spans, n, h0, h1), axis=0)
+
+        if not n or h1 <= h0:
+            return exact()
         limit = (2**63 - 1) // n  # peak * n < 2**63: no column sum can leave int64
         out = np.zeros(h1 - h0, np.int64)
         for sp in spans:
             cols = slice(sp.h0 - h0, sp.h1 - h0)
             if sp.live_rows:
                 counts = self._live_hours(sp.live_series, sp.h0, sp.h1)
-                if max(-int(counts.min()), int(counts.max())) > limit:
-                    return exact_sum(self._dense(spans, n, h0, h1), axis=0)
+                if peak_of(counts) > limit:
+                    return exact()
                 out[cols] += counts.sum(axis=0)
             if sp.stored:
                 a, b = sp.h0 - sp.base, sp.h1 - sp.base
@@ -884,9 +888,9 @@ class ShardState:
                 if b - a == sp.month_hours:
                     peak = max(month.peak for _, month in sp.stored)
                 else:
-                    peak = max(-int(counts.min()), int(counts.max()))
+                    peak = peak_of(counts)
                 if peak > limit:
-                    return exact_sum(self._dense(spans, n, h0, h1), axis=0)
+                    return exact()
                 out[cols] += counts.sum(axis=0)
         return out
 
@@ -903,19 +907,23 @@ class ShardState:
         """
         spans = self._spans(sids, h0, h1, load)
         n = len(sids)
-        if not n or h1 <= h0:
+
+        def exact() -> list[int]:
             return exact_sum(self._dense(spans, n, h0, h1), axis=1).tolist()
+
+        if not n or h1 <= h0:
+            return exact()
         limit = (2**63 - 1) // (24 * ((h1 - 1) // 24 + 1 - h0 // 24))
         totals = np.zeros(n, np.int64)
         for sp in spans:
             if sp.live_rows:
                 live = self._live_totals(sp.live_series, sp.h0, sp.h1, limit)
                 if live is None:
-                    return exact_sum(self._dense(spans, n, h0, h1), axis=1).tolist()
+                    return exact()
                 totals[sp.live_rows] += live
             if sp.stored:
                 if max(month.peak for _, month in sp.stored) > limit:
-                    return exact_sum(self._dense(spans, n, h0, h1), axis=1).tolist()
+                    return exact()
                 rows = [i for i, _ in sp.stored]
                 a, b = sp.h0 - sp.base, sp.h1 - sp.base
                 if b - a == sp.month_hours:

@@ -89,10 +89,7 @@ class Service:
 
     async def durable_seq(self, producer: str) -> int:
         """Every batch of the producer up to this seq is durable on every shard (0: none)."""
-        marks = await asyncio.gather(
-            *(self.shards.durable_mark(s, producer) for s in range(self.shards.shards)),
-            return_exceptions=True,
-        )
+        marks = await self._gather("durable_mark", producer, return_exceptions=True)
         for s, mark in enumerate(marks):
             if isinstance(mark, BaseException):  # a shard restarting (its node went)
                 raise IngestError(
@@ -223,9 +220,10 @@ class Service:
 
     # ---- queries -------------------------------------------------------
 
-    async def _gather(self, method: str, *args: Any) -> list[Any]:
+    async def _gather(self, method: str, *args: Any, return_exceptions: bool = False) -> list:
         return await asyncio.gather(
-            *(getattr(self.shards, method)(s, *args) for s in range(self.shards.shards))
+            *(getattr(self.shards, method)(s, *args) for s in range(self.shards.shards)),
+            return_exceptions=return_exceptions,
         )
 
     async def _series_of(self, tenant: str, metric: str) -> list[str]:

@@ -139,7 +139,7 @@ class Supervisor:
         self.errors: list[str] = []  # the watch loop's, newest last (kept, never swallowed)
         self._watch: asyncio.Task | None = None
         self._stopping = False
-        self._starting: asyncio.Lock | None = None
+        self._starting = asyncio.Lock()  # the driver's start and a resume may overlap
         self._resuming: asyncio.Task | None = None
         with warnings.catch_warnings():  # Ray's own use of a deprecated call inside
             warnings.simplefilter("ignore", DeprecationWarning)
@@ -163,9 +163,7 @@ class Supervisor:
         A gateway that cannot listen (a taken port) fails the start, naming
         the node and the port: the operator must hear of it now, not in a log.
         """
-        if self._starting is None:
-            self._starting = asyncio.Lock()
-        async with self._starting:  # the driver's call and a resume may overlap
+        async with self._starting:
             await self._start(strict)
         return await self.endpoints()
 
