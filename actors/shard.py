@@ -2,8 +2,9 @@
 
 It is an async actor so that queries interleave with ingest instead of
 queuing behind it, and so the checkpoint loop runs beside both. State is only
-touched on the event loop thread; the store write runs on one dedicated
-thread, from an immutable in-flight Checkpoint.
+touched on the event loop thread. One dedicated writer thread sums the
+in-flight checkpoint's share of the log (a sort that would keep queries
+waiting) and writes it; nothing else changes that checkpoint meanwhile.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from actors import memory
 from actors.metrics import ShardMetrics
 from actors.shard_state import NO_SEQ, ShardState
 from checkpoint.remote import open_store_in_actor
+from checkpoint.store import Checkpoint
 from wire.batches import Batch
 from wire.timeslots import month_of_hour
 
@@ -151,7 +153,7 @@ class ShardActor:
     async def _checkpoint_once(self) -> int | None:
         assert self._ck_lock is not None
         async with self._ck_lock:
-            cp = self.state.begin_checkpoint()
+            cp = self.state.begin_checkpoint(fold_later=True)
             if cp is None:
                 self.meters.lag.clean()
                 return None
@@ -159,7 +161,7 @@ class ShardActor:
             started = time.monotonic()
             loop = asyncio.get_running_loop()
             try:
-                await loop.run_in_executor(self._writer, self.store.write_checkpoint, cp)
+                await loop.run_in_executor(self._writer, self._write, cp)
             except Exception as e:
                 self._store_failed(e)
                 raise
@@ -196,6 +198,11 @@ class ShardActor:
                 )
             )
             return ck
+
+    def _write(self, cp: Checkpoint) -> None:
+        """On the writer thread: sum the checkpoint's deltas, then write them."""
+        self.state.fold_checkpoint()
+        self.store.write_checkpoint(cp)
 
     async def _checkpoint_loop(self) -> None:
         while True:

@@ -134,6 +134,7 @@ class ShardState:
         self._logged = 0  # entries in _log
         self._folded = 0  # entries after the last fold (exact distinct slots then)
         self._promised = False  # _holding_ck answered last_ck + 1 since the last begin
+        self._unfolded: _Taken | None = None  # the in-flight checkpoint's log, not yet summed
 
     # ---- series and months ---------------------------------------------
 
@@ -474,60 +475,79 @@ class ShardState:
 
     def _fold(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The pending log summed per slot, zero sums dropped; the log becomes that."""
+        rows, hod, summed = fold_slots(*self._take_log())
+        self._log = [(rows, hod, summed)] if len(rows) else []
+        self._logged = self._folded = len(rows)
+        return rows, hod, summed
+
+    def _take_log(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The pending log as three arrays: block rows, hours of day, deltas."""
         if not self._log:
             empty = np.zeros(0, np.int64)
             return empty, empty, empty
-        rows = np.concatenate([r for r, _, _ in self._log])
-        hod = np.concatenate([h for _, h, _ in self._log])
-        vals = np.concatenate([v for _, _, v in self._log])
-        slot = rows * 24 + hod
-        order = np.argsort(slot, kind="stable")
-        slot, vals = slot[order], vals[order]
-        starts = np.flatnonzero(np.r_[True, slot[1:] != slot[:-1]])
-        if len(vals) and peak_of(vals) > INT64_MAX // len(vals):
-            # sums might leave int64 (a delta can span more than int64): Python ints
-            ends = np.r_[starts[1:], len(vals)]
-            sums = [sum(vals[a:b].tolist()) for a, b in zip(starts, ends, strict=True)]
-            keep = [k for k, s in enumerate(sums) if s]
-            slots = slot[starts][keep]
-            summed = np.array([sums[k] for k in keep], dtype=object)
-        else:
-            summed = np.add.reduceat(vals, starts) if len(vals) else vals
-            slots = slot[starts]
-            keep_mask = summed != 0
-            slots, summed = slots[keep_mask], summed[keep_mask]
-        rows_out, hod_out = slots // 24, slots % 24
-        self._log = [(rows_out, hod_out, summed)] if len(slots) else []
-        self._logged = self._folded = len(slots)
-        return rows_out, hod_out, summed
+        if len(self._log) == 1:
+            return self._log[0]
+        return (
+            np.concatenate([r for r, _, _ in self._log]),
+            np.concatenate([h for _, h, _ in self._log]),
+            np.concatenate([v for _, _, v in self._log]),
+        )
 
-    def begin_checkpoint(self) -> Checkpoint | None:
-        """The checkpoint to write next: the unfinished one again, else the dirty deltas."""
+    def begin_checkpoint(self, fold_later: bool = False) -> Checkpoint | None:
+        """The checkpoint to write next: the unfinished one again, else the dirty deltas.
+
+        With ``fold_later`` the pending log is only taken: summing it per slot
+        (a sort of every entry since the last checkpoint, 10-20 ms at 1 M
+        increments/s) is left to ``fold_checkpoint`` on the writer thread, so
+        queries do not wait for it on the event loop. A log that sums to
+        nothing then still makes a checkpoint, one without deltas.
+        """
         if self.inflight is not None:
             return self.inflight
-        rows, hod, summed = self._fold()
-        deltas = self._deltas(rows, hod, summed)
+        rows, hod, vals = self._take_log()
+        taken = _Taken(rows, hod, vals, self._block_key[rows])
         producers = {p: s for p, s in self.applied.items() if self.durable.get(p) != s}
         # A waiter may hold the promise of this checkpoint: it happens even if
         # the deltas summed to nothing meanwhile (a batch and its undo).
         promised, self._promised = self._promised, False
         self._log, self._logged, self._folded = [], 0, 0
-        if not deltas and not self.unrecorded and not producers and not promised:
+        if not fold_later:
+            taken = taken.folded()
+        if not len(taken.rows) and not self.unrecorded and not producers and not promised:
             return None
         self.last_ck += 1
         self.inflight = Checkpoint(
             shard=self.shard,
             ck=self.last_ck,
-            deltas=deltas,
+            deltas={},
             new_series=sorted(self.unrecorded),
             producers=producers,
         )
         self.unrecorded = set()
-        self.inflight_count = len(rows)
+        self.inflight_count = len(taken.rows)  # an upper bound until folded
+        self._unfolded = taken
+        if not fold_later:
+            self.fold_checkpoint()
         return self.inflight
 
+    def fold_checkpoint(self) -> None:
+        """Sum what ``begin_checkpoint`` took into the in-flight checkpoint's deltas.
+
+        Safe on another thread while the event loop ingests and answers: it
+        reads only the arrays taken and the names of their series, and a
+        series number is reused only by ``evict``, which folds first (the
+        actor never evicts while a checkpoint is being written).
+        """
+        taken, cp = self._unfolded, self.inflight
+        if taken is None or cp is None:
+            return
+        taken = taken.folded()
+        cp.deltas = self._deltas(taken.keys, taken.hod, taken.vals)
+        self.inflight_count = len(taken.rows)
+        self._unfolded = None
+
     def _deltas(
-        self, rows: np.ndarray, hod: np.ndarray, summed: np.ndarray
+        self, keys: np.ndarray, hod: np.ndarray, summed: np.ndarray
     ) -> dict[MonthKey, dict[int, int]]:
         """Folded slots as ``(sid, month) -> {absolute hour: delta}``, built per document.
 
@@ -539,9 +559,8 @@ class ShardState:
         after the checkpoint is gone.
         """
         deltas: dict[MonthKey, dict[int, int]] = {}
-        if not len(rows):
+        if not len(keys):
             return deltas
-        keys = self._block_key[rows]
         hours = (keys & ((1 << DAY_BITS) - 1)) * 24 + hod
         docs = (keys >> DAY_BITS) << MONTH_BITS | months_of_hours(hours)
         order = np.lexsort((hours, docs))
@@ -580,6 +599,7 @@ class ShardState:
         others = [m for m in self._loaded if m != current]
         if not others:
             return 0
+        self.fold_checkpoint()  # its series must be named before a number is reused
         busy: set[tuple[int, int]] = set()
         if self._log:
             rows, hod, _ = self._fold()
@@ -938,6 +958,49 @@ class ShardState:
         sids = self._sids
         return [sids[g] for (t, _), members in self.by_metric.items() if t == tenant  # type: ignore
                 for g in members]
+
+
+def fold_slots(
+    rows: np.ndarray, hod: np.ndarray, vals: np.ndarray, *carried: np.ndarray
+) -> tuple[np.ndarray, ...]:
+    """Log entries summed per (block row, hour of day), zero sums dropped, in slot order.
+
+    Each ``carried`` array (a value per entry, the same for entries of one
+    row) comes along per slot. Sums that might leave int64 are Python ints.
+    """
+    if not len(rows):
+        return (rows, hod, vals, *carried)
+    slot = rows * 24 + hod
+    order = np.argsort(slot, kind="stable")
+    slot, vals = slot[order], vals[order]
+    starts = np.flatnonzero(np.r_[True, slot[1:] != slot[:-1]])
+    if peak_of(vals) > INT64_MAX // len(vals):
+        ends = np.r_[starts[1:], len(vals)]
+        sums = [sum(vals[a:b].tolist()) for a, b in zip(starts, ends, strict=True)]
+        keep = np.array([k for k, s in enumerate(sums) if s], dtype=np.intp)
+        summed = np.array([sums[k] for k in keep.tolist()], dtype=object)
+    else:
+        summed = np.add.reduceat(vals, starts)
+        keep = np.flatnonzero(summed != 0)
+        summed = summed[keep]
+    firsts = order[starts[keep]]
+    return (rows[firsts], hod[firsts], summed, *(c[firsts] for c in carried))
+
+
+class _Taken(NamedTuple):
+    """A checkpoint's share of the log: block rows, hours of day, deltas, block keys.
+
+    The keys are read when the log is taken: a block row may hold another
+    day by the time the writer thread sums them.
+    """
+
+    rows: np.ndarray
+    hod: np.ndarray
+    vals: np.ndarray
+    keys: np.ndarray
+
+    def folded(self) -> _Taken:
+        return _Taken(*fold_slots(self.rows, self.hod, self.vals, self.keys))
 
 
 def _beyond_big(values: np.ndarray) -> np.ndarray:

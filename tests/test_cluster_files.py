@@ -19,6 +19,7 @@ every variable the files use. No cluster is started.
 from __future__ import annotations
 
 import copy
+import json
 import re
 import subprocess
 from dataclasses import fields
@@ -33,6 +34,7 @@ from ray._raylet import Config
 from ray.autoscaler._private.commands import _bootstrap_config
 from ray.autoscaler._private.util import prepare_config, validate_config, with_envs
 
+from cluster.boot import RAY_SYSTEM_CONFIG
 from cluster.config import ConfigError, ServeConfig, load_config
 
 FILES = Path(__file__).resolve().parents[1] / "cluster" / "ray"
@@ -154,6 +156,16 @@ def test_exported_ray_settings_exist_and_detect_node_loss_fast(
     threshold = int(exported["health_check_failure_threshold"])
     assert period * threshold <= 10_000  # a crashed node: refused at once, each check
     assert (period + timeout) * threshold <= 20_000  # a vanished node: every check times out
+
+
+@pytest.mark.parametrize("path", [AWS, ONPREM], ids=["aws", "onprem"])
+def test_the_head_starts_ray_with_tallys_system_config(path: Path) -> None:
+    """What `tally serve` gives the Ray it starts itself, a cluster's head gives every node."""
+    config = load(path)
+    resolved = resolve_aws(config) if path == AWS else resolve_local(config)
+    (head_start,) = [c for c in resolved["head_start_ray_commands"] if "ray start" in c]
+    given = re.search(r"--system-config='([^']*)'", head_start)
+    assert given is not None and json.loads(given.group(1)) == RAY_SYSTEM_CONFIG
 
 
 def test_onprem_keeps_the_v1_autoscaler() -> None:

@@ -141,3 +141,46 @@ def test_a_revert_after_the_month_was_evicted_reloads_it(store):
     restarted = ShardState(0, store.open_shard(0))
     restarted.ingest(batch(7), store.load_months, "p", 2, None)
     assert total(restarted) == 12
+
+
+SID = "acme|m|"
+
+
+def stored(store) -> int:
+    """The month document's count for HOUR, as a restarted shard would load it."""
+    (doc,) = store.load_months([(SID, "2026-11")]).values()
+    return doc.hours[HOUR // 3600]
+
+
+def test_a_checkpoint_summed_later_holds_exactly_what_was_taken(store):
+    """The actor sums a checkpoint on its writer thread while batches keep arriving:
+    what arrives meanwhile belongs to the next checkpoint, and a restart counts each once."""
+    state = ShardState(0, store.open_shard(0))
+    state.ingest(batch(5), store.load_months, "p", 1, None)
+    state.ingest(batch(7), store.load_months, "p", 2, 1)
+    cp = state.begin_checkpoint(fold_later=True)
+    assert cp is not None and cp.deltas == {}  # taken, not summed yet
+    state.ingest(batch(11), store.load_months, "p", 3, 2)  # while the writer sums
+    state.fold_checkpoint()
+    assert cp.deltas == {(SID, "2026-11"): {HOUR // 3600: 12}}
+    assert state.dirty_slots == 2  # one summed slot in flight, one entry since
+    store.write_checkpoint(cp)
+    state.finish_checkpoint(cp.ck)
+    assert stored(store) == 12
+    checkpoint(state, store)
+    assert stored(store) == 23 and store.open_shard(0).producers == {"p": 3}
+
+
+def test_a_log_that_sums_to_nothing_is_still_written_when_summed_later(store):
+    state = ShardState(0, store.open_shard(0))
+    state.ingest(batch(5), store.load_months, "p", 1, None)
+    checkpoint(state, store)
+    state.ingest(batch(7), store.load_months, "p", 2, 1)
+    state.revert(batch(7), store.load_months, "p", 2)
+    cp = state.begin_checkpoint(fold_later=True)
+    assert cp is not None  # the undo's entries were taken before anyone summed them
+    state.fold_checkpoint()
+    assert cp.deltas == {}
+    store.write_checkpoint(cp)
+    state.finish_checkpoint(cp.ck)
+    assert stored(store) == 5 and store.open_shard(0).producers == {"p": 1}
