@@ -12,6 +12,7 @@ from typing import Any, Protocol
 import numpy as np
 from prometheus_client import CollectorRegistry
 
+from actors.channel import FALLBACK, ShardChannel
 from actors.metrics import render, state_gauges
 from actors.shard_state import NO_SEQ, ShardState
 from checkpoint.store import Store
@@ -51,6 +52,8 @@ class RayShards:
     def __init__(self, handles: list[Any]) -> None:
         self.handles = handles
         self.shards = len(handles)
+        # queries take a socket to the shard when they can (0.25 ms, not 2.5)
+        self.channels = [ShardChannel(h.query_channel.remote) for h in handles]
 
     async def apply(self, shard, batch, producer, seq, expect):  # type: ignore[no-untyped-def]
         return await self.handles[shard].apply.remote(batch, producer, seq, expect)
@@ -67,10 +70,16 @@ class RayShards:
         return await self.handles[shard].durable_mark.remote(producer)
 
     async def hourly_of(self, shard: int, sids: list[str], h0: int, h1: int) -> np.ndarray:
-        return await self.handles[shard].hourly_of.remote(sids, h0, h1)
+        got = await self.channels[shard].call("hourly_of", sids, h0, h1)
+        if got is FALLBACK:
+            return await self.handles[shard].hourly_of.remote(sids, h0, h1)
+        return got
 
     async def totals_of(self, shard: int, sids: list[str], h0: int, h1: int) -> list[int]:
-        return await self.handles[shard].totals_of.remote(sids, h0, h1)
+        got = await self.channels[shard].call("totals_of", sids, h0, h1)
+        if got is FALLBACK:
+            return await self.handles[shard].totals_of.remote(sids, h0, h1)
+        return got
 
     async def series_of(self, shard: int, tenant: str, metric: str) -> list[str]:
         return await self.handles[shard].series_of.remote(tenant, metric)

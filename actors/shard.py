@@ -21,6 +21,7 @@ from typing import Any
 import ray
 
 from actors import memory
+from actors.channel import ChannelServer
 from actors.metrics import ShardMetrics
 from actors.shard_state import NO_SEQ, ShardState
 from checkpoint.remote import open_store_in_actor
@@ -51,6 +52,7 @@ class ShardActor:
         self._writer = ThreadPoolExecutor(1, thread_name_prefix=f"checkpoint-{shard}")
         self._loop_task: asyncio.Task | None = None
         self._ck_lock: asyncio.Lock | None = None
+        self._channel: asyncio.Future | None = None  # the query socket's start
         self.checkpoints = 0
         self.store_errors = 0
         self.last_error: str | None = None
@@ -129,6 +131,21 @@ class ShardActor:
 
     async def hourly_of(self, sids: list[str], h0: int, h1: int) -> Any:
         return self.state.hourly_of(sids, h0, h1, self.store.load_months)
+
+    async def query_channel(self) -> dict[str, Any]:
+        """Where this shard answers hourly_of and totals_of by socket, and its secret.
+
+        Opened by the first gateway to ask (actors/channel.py); a restarted
+        shard opens a new one.
+        """
+        if self._channel is None:
+            server = ChannelServer(self._query)
+            self._channel = asyncio.ensure_future(server.start(ray.util.get_node_ip_address()))
+        return await asyncio.shield(self._channel)
+
+    def _query(self, method: str, sids: list[str], h0: int, h1: int) -> Any:
+        query = self.state.hourly_of if method == "hourly_of" else self.state.totals_of
+        return query(sids, h0, h1, self.store.load_months)
 
     async def totals_of(self, sids: list[str], h0: int, h1: int) -> list[int]:
         return self.state.totals_of(sids, h0, h1, self.store.load_months)

@@ -59,6 +59,10 @@ async def _tell(peer: Any, sids: list[str]) -> None:
     await peer.saw_series.remote(sids)
 
 
+async def _own_metrics(peer: Any) -> str:
+    return await peer.own_metrics.remote()
+
+
 @dataclass(frozen=True)
 class GatewayOptions:
     """What a gateway enforces; the access list holds digests only, never secrets.
@@ -83,7 +87,9 @@ class Gateway:
         handles = [ray.get_actor(SHARD_NAME.format(i)) for i in range(shards)]
         self.store = open_store_in_actor(store_url)
         self.options = options
-        self.service = Service(RayShards(handles), self.store, tell_peer=_tell)
+        self.service = Service(RayShards(handles), self.store, tell_peer=_tell,
+                               ask_peer_metrics=_own_metrics)
+        self.service.metrics.name = ray.get_runtime_context().get_actor_name() or "gateway"
         self.tcp = TcpServer(self.service, options.limits, options.access, options.rules)
         self.http: uvicorn.Server | None = None
         self._http_task: asyncio.Task | None = None
@@ -103,6 +109,10 @@ class Gateway:
         """The other gateways, by name; set before this one listens and on every change."""
         self.service.peers.replace(peers)
 
+    async def own_metrics(self) -> str:
+        """This gateway's own samples, for a peer's /metrics page (api/metrics.py)."""
+        return self.service.metrics.own_text()
+
     async def saw_series(self, sids: list[str]) -> None:
         """A peer's new series (api/peers.py); answered once this index holds them."""
         self.service.index.saw(sids)
@@ -110,13 +120,16 @@ class Gateway:
     # ---- lifecycle -----------------------------------------------------
 
     async def start(
-        self, host: str, http_port: int, tcp_port: int, reuse_port: bool = False
+        self, host: str, http_port: int | None, tcp_port: int | None, reuse_port: bool = False
     ) -> dict[str, Any]:
-        """Listen on both ports (0: any free port); raises PortInUse naming a taken port.
+        """Listen on the ports given (0: any free port, None: not that one); raises
+        PortInUse naming a taken port.
 
         Answers with the ports it listens on; a second call returns them again.
         With ``reuse_port`` the sockets take SO_REUSEPORT, so that the node's
-        other gateways bind the same ports (``--gateways-per-node``).
+        other gateways bind the same ports (``--gateways-per-node``). A gateway
+        without HTTP serves TCP and StatsD for gateways that answer queries
+        (``--http-gateways-per-node``), and one without TCP serves HTTP only.
         """
         if self.ports is not None:
             return self.ports
@@ -126,15 +139,17 @@ class Gateway:
         deadline = time.monotonic() + BIND_WAIT
         while True:
             try:
-                http_sock = _bind(host, http_port, reuse_port)
+                http_sock = None if http_port is None else _bind(host, http_port, reuse_port)
             except OSError as e:
                 failing = ("HTTP", http_port, e)
             else:
                 try:
-                    tcp = await self.tcp.start(host, tcp_port, reuse_port)
+                    tcp = None if tcp_port is None else await self.tcp.start(
+                        host, tcp_port, reuse_port)
                     break
                 except OSError as e:
-                    http_sock.close()
+                    if http_sock is not None:
+                        http_sock.close()
                     failing = ("TCP", tcp_port, e)
             if time.monotonic() > deadline:
                 which, port, err = failing
@@ -142,18 +157,23 @@ class Gateway:
             await asyncio.sleep(0.25)
         opts = self.options
         ports: dict[str, Any] = {
-            "http_port": http_sock.getsockname()[1], "tcp_port": tcp, "host": host,
-            "ip": ray.util.get_node_ip_address(),
+            "http_port": None if http_sock is None else http_sock.getsockname()[1],
+            "tcp_port": tcp, "host": host, "ip": ray.util.get_node_ip_address(),
         }
-        if opts.statsd_port is not None:
+        if opts.statsd_port is not None and tcp_port is not None:
             self.statsd = StatsdIngress(self.service, opts.statsd_tenant)
             statsd_host = opts.statsd_host or host
             try:
                 ports["statsd_port"] = await self.statsd.start(statsd_host, opts.statsd_port)
             except OSError as e:
                 await self.tcp.stop()
-                http_sock.close()
+                if http_sock is not None:
+                    http_sock.close()
                 raise PortInUse(f"StatsD port {opts.statsd_port} on {statsd_host}: {e}") from None
+        if http_sock is None:
+            gc.freeze()
+            self.ports = ports
+            return ports
         app = create_app(
             self.service, max_body=opts.limits.max_frame, access=opts.access,
             max_query_days=opts.max_query_days, rules=opts.rules,

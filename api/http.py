@@ -267,7 +267,7 @@ def create_app(
     @app.get("/metrics", include_in_schema=False)
     async def metrics(_: Grant = may_administer) -> Response:
         """Prometheus text: this gateway's counters and every shard's, merged."""
-        text = await service.metrics.render(service.shards)
+        text = await service.metrics.render(service.shards, await service.peer_metrics())
         return Response(text, media_type=CONTENT_TYPE_LATEST)
 
     def envelope(body: dict[str, Any]) -> tuple[str, str | None, int | None]:

@@ -4,7 +4,10 @@ Prometheus scrapes the gateway only: shards live in Ray actors it cannot
 reach. So the gateway asks every shard for its exposition text and merges the
 families of the same name (their samples differ by the ``shard`` label) with
 its own into one valid exposition. A shard that does not answer costs the
-scrape its samples, not the page.
+scrape its samples, not the page. With several gateways (per node, or on
+several nodes) it asks the other gateways for their counters too, and every
+gateway's samples carry a ``gateway`` label: any gateway's page shows the
+whole service, so HTTP-only gateways show what the TCP ones took.
 
 The ingress shells (api/http.py, api/tcp.py) do the counting, not Service:
 they know the ingress name and see the refusals (bad frames, bad tokens,
@@ -39,7 +42,8 @@ QUERY_ROUTES = frozenset({"/v1/series", "/v1/breakdown", "/v1/catalog"})
 class GatewayMetrics:
     """Counters of one gateway; the method names are what the ingress shells call."""
 
-    def __init__(self) -> None:
+    def __init__(self, name: str = "gateway") -> None:
+        self.name = name  # the ``gateway`` label of its samples beside other gateways'
         # Never the global default registry: tests build many gateways in one process.
         self.registry = reg = CollectorRegistry(auto_describe=False)
         self._batches = Counter(
@@ -132,8 +136,15 @@ class GatewayMetrics:
 
     # ---- exposition ----------------------------------------------------
 
-    async def render(self, shards: ShardClient) -> bytes:
-        """This gateway's metrics and every shard's, as one Prometheus text exposition."""
+    def own_text(self) -> str:
+        """This gateway's samples alone, for another gateway's page."""
+        return generate_latest(self.registry).decode()
+
+    async def render(
+        self, shards: ShardClient, peers: dict[str, str | BaseException] | None = None
+    ) -> bytes:
+        """This gateway's metrics, every shard's and ``peers``' (the other gateways'
+        ``own_text`` by name), as one Prometheus text exposition."""
         try:
             texts = await shards.metrics()
         except Exception as e:  # nothing came back: every shard's samples are missing
@@ -150,8 +161,21 @@ class GatewayMetrics:
             log.warning(json.dumps(
                 {"event": "error", "where": "metrics", "shard": shard, "error": repr(text)}
             ))
+        gateway_families: list[Metric] = []
+        for name, text in (peers or {}).items():
+            try:
+                if isinstance(text, BaseException):
+                    raise text
+                gateway_families.extend(_labelled(text_string_to_metric_families(text), name))
+            except Exception as e:  # that gateway's samples are missing from this page
+                log.warning(json.dumps(
+                    {"event": "error", "where": "metrics", "gateway": name, "error": repr(e)}
+                ))
         # Collected after the shards answered, so this scrape counts its own errors.
-        merged = _merge([*self.registry.collect(), *shard_families])
+        own = list(self.registry.collect())
+        if peers:
+            own = _labelled(own, self.name)
+        merged = _merge([*own, *gateway_families, *shard_families])
         out = CollectorRegistry(auto_describe=False)
         out.register(_Families(merged))
         return generate_latest(out)
@@ -189,6 +213,23 @@ def _merge(families: Iterable[Metric]) -> list[Metric]:
             continue
         into.samples.extend(family.samples)
     return list(merged.values())
+
+
+def _labelled(families: Iterable[Metric], gateway: str) -> list[Metric]:
+    """The families with ``gateway`` added to every sample's labels.
+
+    ``_created`` samples are left out: inside a counter family as collected,
+    a gauge family of their own once parsed, they would clash on one page.
+    """
+    out = []
+    for family in families:
+        if family.name.endswith("_created"):
+            continue
+        copy = Metric(family.name, family.documentation, family.type)
+        copy.samples = [s._replace(labels={**s.labels, "gateway": gateway})
+                        for s in family.samples if not s.name.endswith("_created")]
+        out.append(copy)
+    return out
 
 
 class _Families:

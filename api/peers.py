@@ -65,6 +65,16 @@ class Peers:
             }))
 
 
+    async def ask(self, call: Callable[[Any], Awaitable[Any]]) -> dict[str, Any]:
+        """``call`` on every peer at once: its answer or its exception, by peer name."""
+        names = list(self.handles)
+        results = await asyncio.gather(
+            *(asyncio.wait_for(call(self.handles[n]), self.timeout) for n in names),
+            return_exceptions=True,
+        )
+        return dict(zip(names, results, strict=True))
+
+
 def _is_actor_error(exc: BaseException) -> bool:
     import ray.exceptions
 

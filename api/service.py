@@ -14,7 +14,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,6 +68,7 @@ class Service:
     def __init__(
         self, shards: ShardClient, store: Store, clock: Callable[[], float] = time.time,
         tell_peer: Tell | None = None,
+        ask_peer_metrics: Callable[[Any], Awaitable[str]] | None = None,
     ) -> None:
         self.shards = shards
         self.store = store
@@ -80,12 +81,19 @@ class Service:
         self.index = SeriesIndex(self.router, self._series_of)
         # the other gateways (none in-process); their indexes hear of new series before an ack
         self.peers = Peers(tell_peer or _no_peer)
+        self._ask_peer_metrics = ask_peer_metrics
         # counted by the ingress shells, which also see refusals that never get here
         self.metrics = GatewayMetrics()
 
     def start(self) -> None:
         """Start the durability watchers; needs the running event loop."""
         self.tracker.start()
+
+    async def peer_metrics(self) -> dict[str, str | BaseException]:
+        """The other gateways' own samples (api/metrics.py), by gateway name."""
+        if self._ask_peer_metrics is None or not self.peers.handles:
+            return {}
+        return await self.peers.ask(self._ask_peer_metrics)
 
     async def durable_seq(self, producer: str) -> int:
         """Every batch of the producer up to this seq is durable on every shard (0: none)."""

@@ -50,6 +50,9 @@ class BenchConfig:
     # tally serve --gateways-per-node: the row and columnar phases' connections are
     # spread over them by the kernel (use several connections per gateway)
     gateways_per_node: int = 1
+    # tally serve --http-gateways-per-node: queries get a gateway process of their own,
+    # so that the query phase measures queries, not waiting behind frame decoding
+    http_gateways_per_node: int = 1
 
 
 @dataclass
@@ -110,8 +113,13 @@ def run(cfg: BenchConfig, say: Any = print) -> Results:
         workdir = Path(tmp)
         store = cfg.store or f"sqlite:///{workdir / 'bench.db'}"
         service = Spawned(workdir, store, "--checkpoint-interval", str(cfg.checkpoint_interval),
-                          "--gateways-per-node", str(cfg.gateways_per_node), shards=cfg.shards)
-        say(f"starting tally serve ({cfg.shards} shards, {cfg.gateways_per_node} gateway "
+                          "--gateways-per-node", str(cfg.gateways_per_node),
+                          "--http-gateways-per-node", str(cfg.http_gateways_per_node),
+                          shards=cfg.shards)
+        say(f"starting tally serve ({cfg.shards} shards, {cfg.gateways_per_node} TCP and "
+            f"{cfg.http_gateways_per_node} HTTP gateway process(es), store "
+            f"{store.split('?')[0]})" if cfg.http_gateways_per_node else
+            f"starting tally serve ({cfg.shards} shards, {cfg.gateways_per_node} gateway "
             f"process(es), store {store.split('?')[0]})")
         service.start()
         try:
@@ -204,8 +212,10 @@ def report(res: Results, console: Console | None = None) -> None:
     console = console or Console(width=max(Console().width, 130))
     t = TARGETS
     gateways = res.config.get("gateways_per_node", 1)
+    http = res.config.get("http_gateways_per_node", 0)
     table = Table(title=f"tally bench — {res.machine['cpus']} CPUs, {res.machine['cpu']}"
-                  + (f"; {gateways} gateway processes" if gateways > 1 else ""))
+                  + (f"; gateway processes: {gateways} TCP, {http} HTTP" if http else
+                     f"; {gateways} gateway processes" if gateways > 1 else ""))
     for col in ("measure", "tally", "baseline (same run)", "ratio", "target", "met"):
         table.add_column(col)
 

@@ -82,6 +82,7 @@ class Service:
             self.store_url, cfg.shards, cfg.checkpoint_interval, cfg.max_dirty_slots, options,
             cfg.host, cfg.http_port, cfg.tcp_port, detached=bool(cfg.address),
             gateways_per_node=cfg.gateways_per_node,
+            http_gateways_per_node=cfg.http_gateways_per_node,
         )
 
     def start(self, stop: threading.Event) -> None:
@@ -261,7 +262,9 @@ def serve(cfg: ServeConfig) -> int:
                f" (tenant {cfg.statsd_tenant or 'from tags only'}); "
                if "statsd_port" in first else "")
             + (f"{cfg.gateways_per_node} gateway processes per node sharing the ports; "
-               if cfg.gateways_per_node > 1 else "")
+               if cfg.gateways_per_node > 1 and not cfg.http_gateways_per_node else "")
+            + (f"gateway processes per node: {cfg.http_gateways_per_node} for HTTP, "
+               f"{cfg.gateways_per_node} for TCP; " if cfg.http_gateways_per_node else "")
             + f"{cfg.shards} shards; "
             f"store {redact_url(service.store_url)}; "
             f"checkpoints every {cfg.checkpoint_interval:g} s; "

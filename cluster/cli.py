@@ -50,6 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="gateway processes on every node, sharing its HTTP and TCP ports "
                        "(SO_REUSEPORT: the kernel spreads connections over them); one core "
                        "each (default 1)")
+    serve.add_argument("--http-gateways-per-node", type=int,
+                       help="more gateway processes on every node that take the HTTP port "
+                       "alone (queries, HTTP ingest, the dashboard, /metrics), so that no "
+                       "query waits while a gateway decodes TCP frames; the "
+                       "--gateways-per-node ones then take TCP and StatsD only (default 0: "
+                       "every gateway takes both)")
     serve.add_argument("--statsd-port", type=int,
                        help="accept the StatsD/DogStatsD line protocol over UDP and TCP on "
                        "this port (default: off); at most once, like StatsD")
@@ -70,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     defaults = BenchConfig()
     bench.add_argument("--store", help="store URL (default: SQLite in a temporary folder)")
     for name in ("shards", "series", "rows", "columnar", "connections", "queries",
-                 "background_rate", "memory_series", "gateways_per_node"):
+                 "background_rate", "memory_series", "gateways_per_node",
+                 "http_gateways_per_node"):
         bench.add_argument(f"--{name.replace('_', '-')}", type=int,
                            default=getattr(defaults, name),
                            help=f"(default {getattr(defaults, name):,})")

@@ -51,6 +51,9 @@ class ServeConfig:
     # gateway processes on every node, sharing its ports (SO_REUSEPORT: the kernel
     # spreads new connections over them); a gateway is one process, one core
     gateways_per_node: int = 1
+    # more gateway processes per node that take the HTTP port alone (queries, HTTP
+    # ingest, the dashboard), leaving TCP and StatsD to the others; 0: all take both
+    http_gateways_per_node: int = 0
 
 
 def load_config(flags: dict[str, Any], config_file: str | None, env: dict[str, str]) -> ServeConfig:
@@ -151,6 +154,9 @@ def check(cfg: ServeConfig) -> None:
     if not 1 <= cfg.gateways_per_node <= MAX_GATEWAYS_PER_NODE:
         raise ConfigError(f"gateways-per-node: {cfg.gateways_per_node}; "
                           f"from 1 to {MAX_GATEWAYS_PER_NODE}")
+    if not 0 <= cfg.http_gateways_per_node <= MAX_GATEWAYS_PER_NODE:
+        raise ConfigError(f"http-gateways-per-node: {cfg.http_gateways_per_node}; "
+                          f"from 0 to {MAX_GATEWAYS_PER_NODE}")
     for name in ("max_connections", "max_query_days"):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"{name.replace('_', '-')}: {getattr(cfg, name)}; at least 1")

@@ -16,6 +16,9 @@ compares the alive nodes with its gateways:
 With ``--gateways-per-node N`` every node has N gateways sharing its ports
 (SO_REUSEPORT): the first binds them, the others bind the same ones, and
 all of them are peers of each other like gateways on different nodes.
+With ``--http-gateways-per-node M`` the node has M more that take the HTTP
+port alone, and the N take only TCP (and StatsD): a query then never waits
+while a gateway decodes frames.
 
 Shards are spread over the nodes (round robin) and restart elsewhere when their
 node goes (Ray's ``max_restarts``); a restarted shard recovers from the store
@@ -73,11 +76,28 @@ class ServicePlan:
     tcp_port: int
     detached: bool  # on a cluster: the actors outlive the driver
     gateways_per_node: int = 1  # sharing the node's ports (SO_REUSEPORT) when more than 1
+    http_gateways_per_node: int = 0  # >0: these take HTTP, the others TCP and StatsD only
 
     def identity(self) -> dict[str, Any]:
         """What another ``tally serve`` must agree on to adopt a running service."""
         return {"store": self.store_url, "shards": self.shards,
-                "gateways_per_node": self.gateways_per_node}
+                "gateways_per_node": self.gateways_per_node,
+                "http_gateways_per_node": self.http_gateways_per_node}
+
+    @property
+    def per_node(self) -> int:
+        return self.gateways_per_node + self.http_gateways_per_node
+
+    def listens(self, k: int) -> tuple[bool, bool]:
+        """Whether a node's gateway ``k`` takes the (HTTP, TCP) port."""
+        if not self.http_gateways_per_node:
+            return True, True
+        return (True, False) if k >= self.gateways_per_node else (False, True)
+
+    def sharing(self, k: int) -> bool:
+        """Whether gateway ``k`` shares its ports with others of its node (SO_REUSEPORT)."""
+        same = [j for j in range(self.per_node) if self.listens(j) == self.listens(k)]
+        return len(same) > 1
 
 
 HEAD = "node:__internal_head__"  # the resource Ray gives the head node only
@@ -200,11 +220,13 @@ class Supervisor:
         """Every listening gateway: node, ip, ports (None while starting or resuming)."""
         if self._watch is None:
             return None
-        seen: dict[tuple, dict[str, Any]] = {}  # a node's gateways share their ports
-        for g in self.gateways.values():
+        seen: dict[str, dict[str, Any]] = {}  # a node's gateways share their ports
+        for g in sorted(self.gateways.values(), key=lambda g: g.k):
             if g.endpoint:
-                seen.setdefault((g.node, g.endpoint["http_port"], g.endpoint["tcp_port"]),
-                                {"node": g.node, **g.endpoint})
+                node = seen.setdefault(g.node, {"node": g.node, **g.endpoint})
+                for key, port in g.endpoint.items():  # HTTP and TCP from separate gateways
+                    if node.get(key) is None:
+                        node[key] = port
         return list(seen.values())
 
     async def recent_errors(self) -> list[str]:
@@ -266,7 +288,7 @@ class Supervisor:
                                      "endpoint": g.endpoint}))
                 ray.kill(g.handle, no_restart=True)
         for node in sorted(create):
-            for k in range(self.plan.gateways_per_node):  # the first one first: it picks ports
+            for k in range(self.plan.per_node):  # the first ones first: they pick ports
                 name = gateway_name(node, k)
                 self.gateways[name] = _Gateway(node, k, name, self._gateway(node, k, name))
         gateways = list(self.gateways.values())
@@ -286,17 +308,36 @@ class Supervisor:
             if not all(o.knows is not None and g.name in o.knows
                        for o in gateways if o.endpoint is not None):
                 continue
-            # the ports a gateway of the node listens on (with port 0, the ones it got)
-            bound = next((o.endpoint for o in gateways
-                          if o.node == g.node and o.endpoint is not None), None)
-            if bound is not None:
-                await self._start_gateway(g, strict, bound["http_port"], bound["tcp_port"])
-            elif g.k == 0:  # the node's first gateway binds the ports; the others follow it
-                await self._start_gateway(g, strict, self.plan.http_port, self.plan.tcp_port)
+            ports = self._ports_for(g, gateways)
+            if ports is not None:
+                await self._start_gateway(g, strict, *ports)
         waiting = [g.name for g in gateways if g.endpoint is None]
         if strict and waiting:
             raise RuntimeError(f"the gateways {waiting} did not start: "
                                f"{self.errors[-1] if self.errors else 'no answer'}")
+
+    def _ports_for(
+        self, g: _Gateway, gateways: list[_Gateway]
+    ) -> tuple[int | None, int | None] | None:
+        """The (HTTP, TCP) ports ``g`` is to bind (None: not that one), or None: not yet.
+
+        The node's first gateway to take a port binds the configured one; the
+        others bind whichever it got (with port 0, the one the kernel chose).
+        """
+        ports: list[int | None] = []
+        for which, (takes, configured) in enumerate(zip(
+                self.plan.listens(g.k), (self.plan.http_port, self.plan.tcp_port), strict=True)):
+            if not takes:
+                ports.append(None)
+                continue
+            key = ("http_port", "tcp_port")[which]
+            bound = next((o.endpoint[key] for o in gateways if o.node == g.node
+                          and o.endpoint is not None and o.endpoint[key] is not None), None)
+            first = min(k for k in range(self.plan.per_node) if self.plan.listens(k)[which])
+            if bound is None and g.k != first:
+                return None  # it follows the first, which is not listening yet
+            ports.append(configured if bound is None else bound)
+        return ports[0], ports[1]
 
     def _gateway(self, node: str, k: int, name: str) -> Any:
         plan = self.plan
@@ -328,8 +369,10 @@ class Supervisor:
             return False
         return True
 
-    async def _start_gateway(self, g: _Gateway, strict: bool, http: int, tcp: int) -> None:
-        shared = self.plan.gateways_per_node > 1
+    async def _start_gateway(
+        self, g: _Gateway, strict: bool, http: int | None, tcp: int | None
+    ) -> None:
+        shared = self.plan.sharing(g.k)
         try:
             g.endpoint = await asyncio.wait_for(
                 g.handle.start.remote(self.plan.host, http, tcp, shared), START_TIMEOUT

@@ -286,6 +286,33 @@ def test_gateways_per_node_out_of_range_is_refused_by_name(bad):
     assert load_config({}, None, {"TALLY_GATEWAYS_PER_NODE": "3"}).gateways_per_node == 3
 
 
+@pytest.mark.parametrize("bad", ["65", "-1"])
+def test_http_gateways_per_node_out_of_range_is_refused_by_name(bad):
+    with pytest.raises(ConfigError, match=rf"http-gateways-per-node: {bad}; from 0 to 64"):
+        load_config({"http_gateways_per_node": bad}, None, {})
+    cfg = load_config({}, None, {"TALLY_HTTP_GATEWAYS_PER_NODE": "2"})
+    assert (cfg.gateways_per_node, cfg.http_gateways_per_node) == (1, 2)
+
+
+def test_which_ports_a_nodes_gateways_take():
+    """Without HTTP gateways all take both; with them, the first N take TCP (the first of
+    them StatsD too), the M after take HTTP, and each group shares its port when it can."""
+    from cluster.supervisor import ServicePlan
+
+    def plan(n: int, m: int) -> ServicePlan:
+        return ServicePlan("sqlite:///x", 2, 2.0, 10, None, "127.0.0.1", 8780, 8781,  # type: ignore[arg-type]
+                           detached=False, gateways_per_node=n, http_gateways_per_node=m)
+
+    both = plan(2, 0)
+    assert [both.listens(k) for k in range(both.per_node)] == [(True, True)] * 2
+    assert [both.sharing(k) for k in range(2)] == [True, True]
+    split = plan(2, 1)
+    assert [split.listens(k) for k in range(split.per_node)] == [
+        (False, True), (False, True), (True, False)]
+    assert [split.sharing(k) for k in range(3)] == [True, True, False]
+    assert plan(1, 0).sharing(0) is False
+
+
 def test_a_nodes_gateways_have_names_of_their_own():
     from cluster.supervisor import gateway_name
 

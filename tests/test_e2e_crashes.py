@@ -31,8 +31,13 @@ pytestmark = pytest.mark.e2e
 class Feeder(threading.Thread):
     """Sends rows through one client, sampling its durable seq as it goes."""
 
-    def __init__(self, served: Served, rows: list[list], batch_size: int = 5_000) -> None:
+    def __init__(self, served: Served, rows: list[list], batch_size: int = 5_000,
+                 rate: float | None = None) -> None:
         super().__init__(daemon=True)
+        # rows/s at most: a killed service's workers outlive it by a second or two and
+        # go on acknowledging (and checkpointing), so an unpaced stream can end in that
+        # time, durable, before the kill has any effect
+        self.rate = rate
         self.client = TallyClient("127.0.0.1", served.tcp_port, producer="crash-test",
                                   batch_size=batch_size, timeout=10.0)
         self.rows = rows
@@ -49,6 +54,8 @@ class Feeder(threading.Thread):
                     # paced by the server, so the kills land mid-stream
                     self.client.flush(durable=False, timeout=180)
                     self.durable_seen.append(self.client.durable_seq)
+                    if self.rate:  # never a burst to catch up: the kill must find work
+                        time.sleep(10_000 / self.rate)
             self.client.flush(durable=True, timeout=180)
             self.durable_seen.append(self.client.durable_seq)
         except BaseException as e:  # surfaced by the test through self.error
@@ -105,7 +112,7 @@ def serve_sqlite(tmp_path, *extra: str) -> Served:
 def test_sigkill_of_the_whole_service_twice_mid_stream(tmp_path):
     rows, oracle, start, end = stream(300_000, 11)
     served = serve_sqlite(tmp_path)
-    feeder = Feeder(served, rows)
+    feeder = Feeder(served, rows, rate=40_000)
     feeder.start()
     try:
         for fraction in (0.25, 0.6):

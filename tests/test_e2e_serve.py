@@ -398,3 +398,59 @@ def test_gateways_per_node_share_the_ports_and_find_each_others_series(tmp_path)
         code = served.stop()
     assert code == 0, served.output()
     assert "final checkpoint written" in served.output()
+
+
+def test_http_gateways_take_the_http_port_alone_and_find_what_tcp_gateways_acknowledged(
+    tmp_path,
+):
+    """--http-gateways-per-node 1: one process listens on HTTP only, one on TCP only.
+    Every query reaches the HTTP one; it must count what the TCP one acknowledged a
+    moment before (its peers' new series), and the StatsD port stays with TCP."""
+    from wire.client import TallyClient
+
+    statsd = free_port()
+    served = Served(tmp_path, "sqlite:///data/tally.db", "--http-gateways-per-node", "1",
+                    "--statsd-port", str(statsd), "--statsd-tenant", "acme",
+                    shards=2).start()
+    try:
+        deadline = time.monotonic() + 60
+        while listening(served.tcp_port) < 1 or listening(served.http_port) < 1:
+            assert time.monotonic() < deadline, served.output()
+            time.sleep(0.2)
+        assert (listening(served.tcp_port), listening(served.http_port)) == (1, 1)
+        assert "gateway processes per node: 1 for HTTP, 1 for TCP" in served.output()
+        params = {"tenant": "acme", "metric": "split", "from": "2026-09-01",
+                  "to": "2026-09-30", "granularity": "month"}
+        with TallyClient("127.0.0.1", served.tcp_port) as client:
+            for n in range(8):
+                client.inc("acme", "split", 10 + n, tags={"k": f"s{n}"}, ts=1_790_000_000)
+                client.flush(durable=False)
+                r = httpx.get(served.url + "/v1/series", params={**params, "where": f"k:s{n}"})
+                assert r.status_code == 200 and r.json()["total"] == 10 + n, (n, r.text)
+        body = {"rows": [["acme", "split", {"k": "http"}, 1_790_000_000, 5]]}
+        r = httpx.post(served.url + "/v1/increments", json=body)  # through the HTTP gateway
+        assert r.status_code == 200, r.text
+        r = httpx.get(served.url + "/v1/series", params=params)
+        assert r.json()["total"] == sum(10 + n for n in range(8)) + 5
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:  # StatsD: the TCP one's
+            u.sendto(b"split:7|c|#k:statsd\n", ("127.0.0.1", statsd))
+        today = time.strftime("%Y-%m-%d", time.gmtime())
+        query = {**params, "from": today, "to": today, "where": "k:statsd"}
+        while httpx.get(served.url + "/v1/series", params=query).json()["total"] != 7:
+            assert time.monotonic() < deadline + 30, served.output()
+            time.sleep(0.1)
+        # /metrics is served by the HTTP gateway: it shows the TCP one's counters too
+        from prometheus_client.parser import text_string_to_metric_families
+
+        accepted = {
+            (s.labels["ingress"], s.labels["gateway"]): s.value
+            for f in text_string_to_metric_families(httpx.get(served.url + "/metrics").text)
+            for s in f.samples if s.name == "tally_increments_accepted_total"
+        }
+        by_ingress = {ingress: v for (ingress, _), v in accepted.items()}
+        assert by_ingress == {"tcp": 8, "http": 1, "statsd": 1}, accepted
+        gateways = {g for (_, g) in accepted}
+        assert len(gateways) == 2 and all(g.startswith("tally-gateway-") for g in gateways)
+    finally:
+        code = served.stop()
+    assert code == 0, served.output()

@@ -198,6 +198,32 @@ def test_gateway_counters_for_the_tcp_shell():
     assert m.value("tally_increments_rejected_total", ingress="tcp", reason="overloaded") == 500
 
 
+def test_other_gateways_counters_appear_labelled_by_gateway():
+    """With --http-gateways-per-node the TCP gateways take the increments and only the
+    HTTP ones are scraped: their page must show the TCP ones' counters."""
+    tcp, http, gone = GatewayMetrics("gw-tcp"), GatewayMetrics("gw-http"), GatewayMetrics("x")
+    tcp.batch_accepted("tcp", 1000)
+    tcp.connection_opened()
+    http.batch_accepted("http", 7)
+    http.observe_query("/v1/series", 0.003)
+    peers = {"gw-tcp": tcp.own_text(), "gw-gone": RuntimeError("its node went"),
+             "gw-bad": "garbage{"}
+    m = Scrape(run(http.render(FakeShards([]), peers)).decode())
+    assert m.value("tally_increments_accepted_total", ingress="tcp", gateway="gw-tcp") == 1000
+    assert m.value("tally_increments_accepted_total", ingress="http", gateway="gw-http") == 7
+    assert m.value("tally_connections_open", gateway="gw-tcp") == 1
+    assert m.value("tally_connections_open", gateway="gw-http") == 0
+    assert m.value("tally_query_duration_seconds_count", route="/v1/series",
+                   gateway="gw-http") == 1
+    assert m.value("tally_query_duration_seconds_count", route="/v1/series",
+                   gateway="gw-tcp") is None  # (never observed there: no sample)
+    assert 'gateway="gw-gone"' not in m.text and 'gateway="gw-bad"' not in m.text
+    assert m.text.count("# TYPE tally_increments_accepted_total counter\n") == 1
+    # one gateway alone: no gateway label, as before
+    alone = Scrape(run(gone.render(FakeShards([]))).decode())
+    assert "gateway=" not in alone.text
+
+
 class Clock:
     def __init__(self, t: float = 1000.0) -> None:
         self.t = t

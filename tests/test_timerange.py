@@ -727,3 +727,20 @@ def test_zone_is_sampled_per_day_not_per_hour(monkeypatch):
     calls = 0
     plan_range("2016-01-01", "2026-01-07", "month", "Europe/London")
     assert calls < 3660 + 20 * 40
+
+
+def test_plans_are_kept_within_a_bound_and_equal_fresh_ones():
+    """A dashboard repeats ranges (kept: the same answer, no work); anyone may send
+    thousands of distinct ones (the cache stays bounded, large plans are never kept)."""
+    timerange._plans.clear()
+    first = plan_range("2026-03-01", "2026-03-31", "day", "Europe/Paris")
+    assert plan_range("2026-03-01", "2026-03-31", "day", "Europe/Paris") is first
+    assert first == timerange._plan_range("2026-03-01", "2026-03-31", "day", "Europe/Paris",
+                                          max_days=3660, max_hour_buckets=24 * 366)
+    for day in range(1, 301):
+        plan_range("2020-01-01", (date(2020, 1, 1) + timedelta(days=day)).isoformat())
+    assert len(timerange._plans) == timerange.CACHED_PLANS
+    assert plan_range("2026-03-01", "2026-03-31", "day", "Europe/Paris") is not first
+    timerange._plans.clear()
+    plan_range("2016-01-01", "2025-12-31")  # 3,653 buckets: not kept
+    assert len(timerange._plans) == 0

@@ -1,0 +1,179 @@
+"""The query socket between a gateway and a shard (actors/channel.py), over real sockets.
+
+What a user notices: the same counts as the Ray call, and never a wrong or
+missing answer when the socket cannot give one: then FALLBACK sends the
+query to Ray, which answers as before.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import calendar
+from typing import Any
+
+import numpy as np
+import pytest
+
+from actors.channel import FALLBACK, RETRY_AFTER, ChannelServer, ShardChannel
+from actors.shard_state import ShardState
+from checkpoint.sqlite import SqliteStore
+from wire.batches import INT64_MAX, rows_batch
+
+NOW = calendar.timegm((2026, 11, 20, 12, 0, 0))
+DAY = calendar.timegm((2026, 11, 2, 0, 0, 0))
+H0, H1 = DAY // 3600, DAY // 3600 + 31 * 24
+
+
+@pytest.fixture
+def state(tmp_path):
+    store = SqliteStore(str(tmp_path / "s.db"))
+    s = ShardState(0, store.open_shard(0))
+    rows = [["acme", "m", {"agent": f"a{k}"}, DAY + 86400 * (k % 18) + 60 * k, k + 1]
+            for k in range(40)]
+    assert s.ingest(rows_batch(rows, NOW), store.load_months)["status"] == "applied"
+    s.load = store.load_months
+    yield s
+    store.close()
+
+
+def sids(state: ShardState) -> list[str]:
+    return sorted(state.series)
+
+
+def query_of(state: ShardState):
+    def query(method: str, sids: list[str], h0: int, h1: int) -> Any:
+        return getattr(state, method)(sids, h0, h1, state.load)
+    return query
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def serve(state: ShardState) -> tuple[ChannelServer, dict[str, Any]]:
+    server = ChannelServer(query_of(state))
+    return server, await server.start("127.0.0.1")
+
+
+def test_answers_equal_the_shards_own_and_queries_interleave(state):
+    async def main() -> None:
+        server, where = await serve(state)
+        located = []
+
+        async def locate() -> dict[str, Any]:
+            located.append(1)
+            return where
+
+        channel = ShardChannel(locate)
+        names = sids(state)
+        calls = [channel.call("hourly_of", names[k:k + 3], H0, H1) for k in range(0, 40, 3)]
+        calls.append(channel.call("totals_of", names, H0, H1))
+        got = await asyncio.gather(*calls)
+        for k, answer in zip(range(0, 40, 3), got, strict=False):
+            expected = state.hourly_of(names[k:k + 3], H0, H1, state.load)
+            assert answer.dtype == np.int64 and np.array_equal(answer, expected)
+        assert got[-1] == state.totals_of(names, H0, H1, state.load)
+        assert sum(got[-1]) == sum(range(1, 41))
+        assert located == [1]  # one connection, located once, carried all 15 calls
+        assert (channel.answered, channel.fell_back, server.answered) == (15, 0, 15)
+        channel.close()
+        await server.stop()
+
+    asyncio.run(main())
+
+
+def test_a_wrong_secret_is_refused_and_ray_answers_until_the_retry(state):
+    async def main() -> None:
+        server, where = await serve(state)
+        clock = Clock()
+        locations = [{**where, "secret": "0" * 64}, where]
+
+        async def locate() -> dict[str, Any]:
+            return locations.pop(0)
+
+        channel = ShardChannel(locate, clock)
+        names = sids(state)
+        assert await channel.call("totals_of", names, H0, H1) is FALLBACK
+        assert server.answered == 0
+        # backing off: not even located again until RETRY_AFTER has passed
+        assert await channel.call("totals_of", names, H0, H1) is FALLBACK
+        assert len(locations) == 1
+        clock.now += RETRY_AFTER
+        assert sum(await channel.call("totals_of", names, H0, H1)) == sum(range(1, 41))
+        channel.close()
+        await server.stop()
+
+    asyncio.run(main())
+
+
+def test_a_restarted_shard_is_found_on_its_new_port(state):
+    async def main() -> None:
+        first, where = await serve(state)
+        clock = Clock()
+        current = [where]
+
+        async def locate() -> dict[str, Any]:
+            return current[0]
+
+        channel = ShardChannel(locate, clock)
+        names = sids(state)
+        assert len(await channel.call("hourly_of", names, H0, H1)) == H1 - H0
+        await first.stop()  # the shard's process died: its connections went with it
+        assert channel.conn is not None
+        channel.conn.writer.transport.abort()
+        await asyncio.sleep(0.01)
+        assert await channel.call("hourly_of", names, H0, H1) is FALLBACK
+        second, current[0] = await serve(state)
+        clock.now += RETRY_AFTER
+        assert int((await channel.call("hourly_of", names, H0, H1)).sum()) == sum(range(1, 41))
+        assert second.answered == 1
+        channel.close()
+        await second.stop()
+
+    asyncio.run(main())
+
+
+def test_an_unreachable_shard_falls_back_to_ray():
+    async def main() -> None:
+        async def locate() -> dict[str, Any]:
+            return {"host": "127.0.0.1", "port": 1, "secret": "x"}  # nothing listens there
+
+        channel = ShardChannel(locate, Clock())
+        assert await channel.call("hourly_of", ["acme|m|"], H0, H1) is FALLBACK
+        assert channel.fell_back == 1
+
+    asyncio.run(main())
+
+
+def test_counts_beyond_int64_and_shard_errors_are_left_to_ray(tmp_path):
+    """Hourly sums over two series beyond int64, totals beyond 64 bits, a failing store."""
+    store = SqliteStore(str(tmp_path / "s.db"))
+    state = ShardState(0, store.open_shard(0))
+    rows = [["acme", "m", {"agent": a}, DAY + 86400 * d + 60, INT64_MAX]
+            for a in ("x", "y") for d in range(3)]
+    assert state.ingest(rows_batch(rows, NOW), store.load_months)["status"] == "applied"
+    state.load = store.load_months
+
+    async def main() -> None:
+        server, where = await serve(state)
+
+        async def locate() -> dict[str, Any]:
+            return where
+
+        channel = ShardChannel(locate)
+        names = sids(state)
+        assert await channel.call("hourly_of", names, H0, H1) is FALLBACK
+        assert await channel.call("totals_of", names, H0, H1) is FALLBACK
+        assert len(await channel.call("hourly_of", names[:1], H0, H1)) == H1 - H0
+        store.close()  # the next month's load fails: the Ray call will raise it
+        assert await channel.call("hourly_of", names, H0 - 24 * 62, H1) is FALLBACK
+        assert channel.conn is not None and channel.conn.open  # still usable
+        assert (channel.answered, channel.fell_back) == (1, 3)
+        channel.close()
+        await server.stop()
+
+    asyncio.run(main())
