@@ -27,6 +27,7 @@ from api import openapi as doc
 from api.access import OPEN, AccessList, Denied, Grant
 from api.dashboard import dashboard_router
 from api.durability import ShardRestarted
+from api.fast_series import FastSeries
 from api.ingest import Incoming, build_batch, build_event_batch, check_ack, json_column
 from api.metrics import HttpMetricsMiddleware, body_increments
 from api.rules import BUILTIN, Rules
@@ -73,6 +74,15 @@ def parse_series_params(tenant: str, metric: str) -> None:
         check_metric(metric)
     except InvalidSeries as e:
         raise bad(str(e)) from None
+
+
+def valid_where(tenant: str, metric: str, items: list[str]) -> dict[str, str] | None:
+    """The ``where`` of a query whose tenant, metric and filters are valid; else None."""
+    try:
+        parse_series_params(tenant, metric)
+        return parse_where(items)
+    except ApiError:
+        return None
 
 
 async def read_body(request: Request, max_body: int) -> dict[str, Any]:
@@ -174,7 +184,6 @@ def create_app(
     may_query = Depends(authorizer(access, "query"))
     may_administer = Depends(authorizer(access, "admin"))  # /metrics
     only_declared = Depends(only_declared_params)
-    app.add_middleware(HttpMetricsMiddleware, metrics=service.metrics)
 
     def refused(request: Request, code: str) -> None:
         """Count a refused ingest batch once; the route stashed how many increments it held."""
@@ -416,4 +425,9 @@ def create_app(
         grant.require_tenant(tenant)
         return await service.catalog(tenant)
 
+    # Inside the metrics middleware, which must count what the fast path answers too.
+    series_route = next(r for r in app.routes if getattr(r, "path", None) == "/v1/series")
+    app.add_middleware(FastSeries, service=service, access=access,
+                       max_query_days=max_query_days, check=valid_where, route=series_route)
+    app.add_middleware(HttpMetricsMiddleware, metrics=service.metrics)
     return app
