@@ -294,6 +294,24 @@ def test_the_one_at_a_time_connection_sends_events(tally) -> None:
     assert totals(tally, "t-conn")["received"] == 1
 
 
+def test_a_connection_run_again_under_its_producer_name_is_applied_again(tally) -> None:
+    """A script rerun with the same producer name: its batches must not be taken for
+    resends of the first run's (acknowledged and silently dropped)."""
+    seqs = []
+    for _ in range(2):
+        with Connection("127.0.0.1", tally.tcp_port, producer="rerun") as conn:
+            reply = conn.send_events([received("t-rerun")])
+            assert reply["op"] == "ack" and reply["rows"] == 1
+            seqs.append(reply["seq"])
+    assert totals(tally, "t-rerun")["received"] == 2
+    assert seqs[1] > seqs[0] > 1_700_000_000_000_000  # the clock in microseconds
+    with Connection("127.0.0.1", tally.tcp_port) as conn:  # a fresh name starts at 1
+        assert conn.send_events([received("t-rerun")])["seq"] == 1
+    with Connection("127.0.0.1", tally.tcp_port, producer="rerun", first_seq=5) as conn:
+        assert conn.send_events([received("t-rerun")])["seq"] == 5  # below the marks: a resend
+    assert totals(tally, "t-rerun")["received"] == 3
+
+
 # ---- the client library --------------------------------------------------------------
 
 

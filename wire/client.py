@@ -1442,10 +1442,12 @@ class Connection:
     nor resends; ``TallyClient`` does. Server errors are raised as
     ``ServerError`` carrying the wire code, so callers can branch on it.
 
-    Seqs start at 1 on every connection. The server skips a batch whose seq
-    its producer already used, so the default producer is a fresh
-    ``python-<uuid4>`` per connection; a name passed in must not be reused
-    by a later connection (its seq 1 would be taken for a resend).
+    The server skips a batch whose seq its producer already used (it answers
+    ``ack`` and applies nothing: a resend). So with a producer name passed
+    in, seqs start at the clock in microseconds, as ``TallyClient``'s do,
+    above anything an earlier run under that name sent; without one, the
+    producer is a fresh ``python-<uuid4>`` and seqs start at 1. ``first_seq``
+    sets the first seq explicitly.
     """
 
     def __init__(
@@ -1456,7 +1458,12 @@ class Connection:
         producer: str | None = None,
         token: str | None = None,
         timeout: float = 30.0,
+        first_seq: int | None = None,
     ) -> None:
+        if first_seq is None:
+            first_seq = 1 if producer is None else initial_seq()
+        if not 1 <= first_seq <= MAX_SEQ:
+            raise ValueError(f"first_seq must be in [1, {MAX_SEQ}]")
         if producer is None:
             producer = f"python-{uuid.uuid4()}"
         self.producer = producer
@@ -1464,7 +1471,7 @@ class Connection:
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.decoder = FrameDecoder()
         self.pending: list[dict[str, Any]] = []
-        self.seq = 0
+        self.seq = first_seq - 1  # the last seq sent
         self.welcome = self.request({"op": "hello", "v": 1, "token": token, "producer": producer})
 
     def __enter__(self) -> Connection:
