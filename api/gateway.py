@@ -87,9 +87,11 @@ class Gateway:
         handles = [ray.get_actor(SHARD_NAME.format(i)) for i in range(shards)]
         self.store = open_store_in_actor(store_url)
         self.options = options
-        self.service = Service(RayShards(handles), self.store, tell_peer=_tell,
+        shards = RayShards(handles)
+        self.service = Service(shards, self.store, tell_peer=_tell,
                                ask_peer_metrics=_own_metrics)
         self.service.metrics.name = ray.get_runtime_context().get_actor_name() or "gateway"
+        self.service.metrics.watch_channels(shards.channels)
         self.tcp = TcpServer(self.service, options.limits, options.access, options.rules)
         self.http: uvicorn.Server | None = None
         self._http_task: asyncio.Task | None = None

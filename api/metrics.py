@@ -23,7 +23,7 @@ from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.metrics_core import Metric
+from prometheus_client.metrics_core import CounterMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
 
 if TYPE_CHECKING:
@@ -136,6 +136,11 @@ class GatewayMetrics:
 
     # ---- exposition ----------------------------------------------------
 
+    def watch_channels(self, channels: Iterable[Any]) -> None:
+        """Count the shard queries each road answered (actors/channel.py): all of them
+        by ``ray`` means the gateways cannot reach the shards' sockets."""
+        self.registry.register(_ChannelUse(list(channels)))
+
     def own_text(self) -> str:
         """This gateway's samples alone, for another gateway's page."""
         return generate_latest(self.registry).decode()
@@ -230,6 +235,21 @@ def _labelled(families: Iterable[Metric], gateway: str) -> list[Metric]:
                         for s in family.samples if not s.name.endswith("_created")]
         out.append(copy)
     return out
+
+
+class _ChannelUse:
+    """``tally_shard_queries_total{path}``, read from the channels' own counts."""
+
+    def __init__(self, channels: list[Any]) -> None:
+        self.channels = channels
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(
+            "tally_shard_queries", "Shard queries of this gateway, by the road that answered "
+            "(socket: the shard's query socket; ray: an actor call, the fallback)", labels=["path"])
+        family.add_metric(["socket"], sum(c.answered for c in self.channels))
+        family.add_metric(["ray"], sum(c.fell_back for c in self.channels))
+        yield family
 
 
 class _Families:

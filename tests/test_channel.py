@@ -16,6 +16,7 @@ import pytest
 
 from actors.channel import FALLBACK, RETRY_AFTER, ChannelServer, ShardChannel
 from actors.shard_state import ShardState
+from api.metrics import GatewayMetrics
 from checkpoint.sqlite import SqliteStore
 from wire.batches import INT64_MAX, rows_batch
 
@@ -104,6 +105,12 @@ def test_a_wrong_secret_is_refused_and_ray_answers_until_the_retry(state):
         assert len(locations) == 1
         clock.now += RETRY_AFTER
         assert sum(await channel.call("totals_of", names, H0, H1)) == sum(range(1, 41))
+        # what an operator sees on /metrics: which road answered
+        metrics = GatewayMetrics()
+        metrics.watch_channels([channel])
+        text = metrics.own_text()
+        assert 'tally_shard_queries_total{path="socket"} 1.0' in text
+        assert 'tally_shard_queries_total{path="ray"} 2.0' in text
         channel.close()
         await server.stop()
 

@@ -442,15 +442,19 @@ def test_http_gateways_take_the_http_port_alone_and_find_what_tcp_gateways_ackno
         # /metrics is served by the HTTP gateway: it shows the TCP one's counters too
         from prometheus_client.parser import text_string_to_metric_families
 
-        accepted = {
-            (s.labels["ingress"], s.labels["gateway"]): s.value
-            for f in text_string_to_metric_families(httpx.get(served.url + "/metrics").text)
-            for s in f.samples if s.name == "tally_increments_accepted_total"
-        }
+        samples = [s for f in text_string_to_metric_families(
+            httpx.get(served.url + "/metrics").text) for s in f.samples]
+        accepted = {(s.labels["ingress"], s.labels["gateway"]): s.value
+                    for s in samples if s.name == "tally_increments_accepted_total"}
         by_ingress = {ingress: v for (ingress, _), v in accepted.items()}
         assert by_ingress == {"tcp": 8, "http": 1, "statsd": 1}, accepted
         gateways = {g for (_, g) in accepted}
         assert len(gateways) == 2 and all(g.startswith("tally-gateway-") for g in gateways)
+        # the queries reached the shards by their sockets, none by the Ray fallback
+        (http_gateway,) = {g for (ingress, g) in accepted if ingress == "http"}
+        roads = {s.labels["path"]: s.value for s in samples
+                 if s.name == "tally_shard_queries_total" and s.labels["gateway"] == http_gateway}
+        assert roads["socket"] >= 10 and roads["ray"] == 0, roads
     finally:
         code = served.stop()
     assert code == 0, served.output()
