@@ -70,15 +70,16 @@ class RayShards:
         return await self.handles[shard].durable_mark.remote(producer)
 
     async def hourly_of(self, shard: int, sids: list[str], h0: int, h1: int) -> np.ndarray:
-        got = await self.channels[shard].call("hourly_of", sids, h0, h1)
-        if got is FALLBACK:
-            return await self.handles[shard].hourly_of.remote(sids, h0, h1)
-        return got
+        return await self._query(shard, "hourly_of", sids, h0, h1)
 
     async def totals_of(self, shard: int, sids: list[str], h0: int, h1: int) -> list[int]:
-        got = await self.channels[shard].call("totals_of", sids, h0, h1)
+        return await self._query(shard, "totals_of", sids, h0, h1)
+
+    async def _query(self, shard: int, method: str, sids: list[str], h0: int, h1: int) -> Any:
+        """By the shard's socket, else by the actor method of the same name."""
+        got = await self.channels[shard].call(method, sids, h0, h1)
         if got is FALLBACK:
-            return await self.handles[shard].totals_of.remote(sids, h0, h1)
+            return await getattr(self.handles[shard], method).remote(sids, h0, h1)
         return got
 
     async def series_of(self, shard: int, tenant: str, metric: str) -> list[str]:

@@ -524,10 +524,11 @@ class ShardState:
             producers=producers,
         )
         self.unrecorded = set()
-        self.inflight_count = len(taken.rows)  # an upper bound until folded
-        self._unfolded = taken
-        if not fold_later:
-            self.fold_checkpoint()
+        if fold_later:
+            self.inflight_count = len(taken.rows)  # an upper bound until folded
+            self._unfolded = taken
+        else:
+            self._settle(taken)
         return self.inflight
 
     def fold_checkpoint(self) -> None:
@@ -538,13 +539,16 @@ class ShardState:
         series number is reused only by ``evict``, which folds first (the
         actor never evicts while a checkpoint is being written).
         """
-        taken, cp = self._unfolded, self.inflight
-        if taken is None or cp is None:
+        if self._unfolded is None or self.inflight is None:
             return
-        taken = taken.folded()
-        cp.deltas = self._deltas(taken.keys, taken.hod, taken.vals)
-        self.inflight_count = len(taken.rows)
+        self._settle(self._unfolded.folded())
         self._unfolded = None
+
+    def _settle(self, folded: _Taken) -> None:
+        """The in-flight checkpoint's deltas and exact slot count, from its folded log."""
+        assert self.inflight is not None
+        self.inflight.deltas = self._deltas(folded.keys, folded.hod, folded.vals)
+        self.inflight_count = len(folded.rows)
 
     def _deltas(
         self, keys: np.ndarray, hod: np.ndarray, summed: np.ndarray

@@ -172,10 +172,16 @@ class Gateway:
                 if http_sock is not None:
                     http_sock.close()
                 raise PortInUse(f"StatsD port {opts.statsd_port} on {statsd_host}: {e}") from None
-        if http_sock is None:
-            gc.freeze()
-            self.ports = ports
-            return ports
+        if http_sock is not None:
+            await self._serve_http(host, http_sock)
+        gc.freeze()
+        self.ports = ports
+        return ports
+
+    async def _serve_http(self, host: str, http_sock: socket.socket) -> None:
+        """uvicorn on the bound socket, once it has started; PortInUse if it cannot."""
+        opts = self.options
+        http_port = http_sock.getsockname()[1]
         app = create_app(
             self.service, max_body=opts.limits.max_frame, access=opts.access,
             max_query_days=opts.max_query_days, rules=opts.rules,
@@ -200,9 +206,6 @@ class Gateway:
                 exc = self._http_task.exception()
                 raise PortInUse(f"HTTP port {http_port} on {host}: {exc}")
             await asyncio.sleep(0.02)
-        gc.freeze()
-        self.ports = ports
-        return ports
 
     async def _run_http(self, sock: socket.socket) -> None:
         assert self.http is not None

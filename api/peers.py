@@ -45,13 +45,9 @@ class Peers:
         """Tell every peer of ``sids``; returns once each answered, is gone or timed out."""
         if not self.handles or not sids:
             return
-        names = list(self.handles)
-        calls = [
-            asyncio.wait_for(self._tell(self.handles[n], list(sids)), self.timeout)
-            for n in names
-        ]
-        results = await asyncio.gather(*calls, return_exceptions=True)
-        for name, result in zip(names, results, strict=True):
+        told = list(sids)
+        results = await self.ask(lambda peer: self._tell(peer, told))
+        for name, result in results.items():
             if not isinstance(result, BaseException):
                 self.told += 1
                 continue

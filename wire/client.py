@@ -506,6 +506,14 @@ def initial_seq() -> int:
     return max(1, time.time_ns() // 1000)
 
 
+def checked_first_seq(first_seq: int | None) -> int:
+    """``first_seq`` as given, or the clock's; a seq the protocol cannot carry raises."""
+    seq = initial_seq() if first_seq is None else first_seq
+    if not 1 <= seq <= MAX_SEQ:
+        raise ValueError(f"first_seq must be in [1, {MAX_SEQ}]")
+    return seq
+
+
 # ---------------------------------------------------------------------- the core
 
 _HELLO = -1  # the hello's place in the queue of answers expected
@@ -576,9 +584,7 @@ class ProducerCore:
         self.max_in_flight = max_in_flight
         self.backoff = (float(base), float(cap))
         self.rng = rng if rng is not None else random.Random()
-        self.first_seq = initial_seq() if first_seq is None else first_seq
-        if not 1 <= self.first_seq <= MAX_SEQ:
-            raise ValueError(f"first_seq must be in [1, {MAX_SEQ}]")
+        self.first_seq = checked_first_seq(first_seq)
         self.next_seq = self.first_seq
         self.max_sent = 0  # the highest seq ever written; never-sent batches are above it
 
@@ -1460,10 +1466,7 @@ class Connection:
         timeout: float = 30.0,
         first_seq: int | None = None,
     ) -> None:
-        if first_seq is None:
-            first_seq = 1 if producer is None else initial_seq()
-        if not 1 <= first_seq <= MAX_SEQ:
-            raise ValueError(f"first_seq must be in [1, {MAX_SEQ}]")
+        first_seq = checked_first_seq(1 if first_seq is None and producer is None else first_seq)
         if producer is None:
             producer = f"python-{uuid.uuid4()}"
         self.producer = producer
