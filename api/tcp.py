@@ -270,7 +270,7 @@ class TcpServer:
     async def _converse(
         self, conn: Connection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
-        decoder = FrameDecoder(self.limits.max_frame)
+        decoder = FrameDecoder(self.limits.max_frame, scan_rows=True)
         timeout = self.limits.frame_timeout
         frame_started: float | None = None  # when the partial frame's first byte arrived
         loop = asyncio.get_running_loop()

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from wire.row_blocks import RowBlock
 from wire.series import InvalidSeries, series_key
 from wire.timeslots import FUTURE_TOLERANCE, SECONDS_PER_HOUR, hour_start
 
@@ -342,8 +343,15 @@ def rows_batch(rows: Any, now: float, known: KnownSeries | None = None) -> Batch
     checks and appends: a series is validated once per batch (once per
     connection with ``known``) and afterwards costs one dict lookup keyed by
     its raw parts, and error messages are only built once the loop has
-    stopped at a bad row.
+    stopped at a bad row. A ``RowBlock`` (rows read by the frame decoder without a
+    Python object per row) is aggregated with numpy; one holding any bad row is
+    decoded and goes through the loop, which names it.
     """
+    if type(rows) is RowBlock:
+        batch = _block_batch(rows, now)
+        if batch is not None:
+            return batch
+        rows = rows.rows()
     if type(rows) is not list:
         raise BadBatch(f"rows must be a list, not a {_kind(rows)}")
     if len(rows) > MAX_INCREMENTS:
@@ -406,6 +414,15 @@ def rows_batch(rows: Any, now: float, known: KnownSeries | None = None) -> Batch
         _check_overflow(sids, sarr, tarr // SECONDS_PER_HOUR, varr)
         raise _diagnose_row(n, rows[n], limit)
     return _aggregate(sids, sarr, tarr, varr)
+
+
+def _block_batch(block: RowBlock, now: float) -> Batch | None:
+    """The batch of a block whose rows are all good, or None (the loop finds the bad one).
+    Its series were validated as it was read."""
+    ts = block.ts
+    if len(block) > MAX_INCREMENTS or int(ts.min()) < 0 or int(ts.max()) > _ts_limit(now):
+        return None
+    return _aggregate(block.sids, block.index, ts, block.v)
 
 
 # -- columnar batches -----------------------------------------------------------------

@@ -33,6 +33,8 @@ from typing import Any
 
 import msgpack
 
+from wire.row_blocks import RowBlock, SeriesBytes, scan_rows
+
 DEFAULT_MAX_FRAME = 16 * 1024 * 1024
 PROTOCOL_VERSION = 1
 MAX_PRODUCER = 200
@@ -72,16 +74,7 @@ def _unpack(payload: memoryview) -> dict:
     """
     size = len(payload)
     try:
-        msg = msgpack.unpackb(
-            payload,
-            raw=False,
-            strict_map_key=False,
-            max_str_len=size,
-            max_bin_len=size,
-            max_array_len=size,
-            max_map_len=size // 2,
-            max_ext_len=0,
-        )
+        msg = msgpack.unpackb(payload, raw=False, strict_map_key=False, **_limits(size))
     except MemoryError:
         raise
     except UnicodeDecodeError as exc:
@@ -102,6 +95,53 @@ def _unpack(payload: memoryview) -> dict:
     return msg
 
 
+def _limits(size: int) -> dict[str, int]:
+    return {"max_str_len": size, "max_bin_len": size, "max_array_len": size,
+            "max_map_len": size // 2, "max_ext_len": 0}
+
+
+_ROWS_KEY = msgpack.packb("rows")
+SCAN_ROWS_FROM = 4096  # payload bytes: smaller row frames decode faster as they are
+
+
+def _unpack_scanning_rows(payload: memoryview, series: SeriesBytes) -> dict | None:
+    """A frame whose ``rows`` are read as a ``RowBlock``; or the frame decoded as it is
+    when it holds no rows; or None: the general decoder is to read it (rows of another
+    shape, or anything it will refuse, which it then names)."""
+    size = len(payload)
+    unpacker = msgpack.Unpacker(None, raw=False, strict_map_key=False,
+                                max_buffer_size=size, **_limits(size))
+    unpacker.feed(payload)
+    msg: dict = {}
+    span = None
+    try:
+        for _ in range(unpacker.read_map_header()):
+            key = unpacker.unpack()
+            if key == "rows" and type(key) is str:
+                if span is not None:
+                    return None
+                start = unpacker.tell()
+                unpacker.skip()
+                span = (start, unpacker.tell())
+            else:
+                msg[key] = unpacker.unpack()
+    except MemoryError:
+        raise
+    except Exception:  # any refusal is the general decoder's to word
+        return None
+    if unpacker.tell() != size:
+        return None
+    if span is None:
+        return msg
+    if msg.get("op") != "inc":
+        return None
+    block = scan_rows(payload, span[0], span[1], series)
+    if block is None:
+        return None
+    msg["rows"] = block
+    return msg
+
+
 class FrameDecoder:
     """Turns a byte stream into messages, whatever the chunk boundaries.
 
@@ -110,14 +150,17 @@ class FrameDecoder:
     thousands of small frames costs one pass and no quadratic buffer shuffling.
     """
 
-    __slots__ = ("_max", "_buf", "_error")
+    __slots__ = ("_max", "_buf", "_error", "_series")
 
-    def __init__(self, max_frame: int = DEFAULT_MAX_FRAME) -> None:
+    def __init__(self, max_frame: int = DEFAULT_MAX_FRAME, scan_rows: bool = False) -> None:
+        """``scan_rows``: an ``inc`` frame's rows may come out as a ``RowBlock`` rather
+        than a list (a server's decoder: ``wire.batches.rows_batch`` takes either)."""
         if not 1 <= max_frame <= _MAX_PREFIX:
             raise ValueError(f"max_frame must be in [1, {_MAX_PREFIX}], not {max_frame}")
         self._max = max_frame
         self._buf = bytearray()
         self._error: FrameError | None = None
+        self._series = SeriesBytes() if scan_rows else None
 
     @property
     def max_frame(self) -> int:
@@ -127,6 +170,14 @@ class FrameDecoder:
     def pending(self) -> int:
         """Bytes held of an incomplete frame, so a server can time out a stalled client."""
         return len(self._buf)
+
+    def _decode(self, payload: memoryview) -> dict:
+        if (self._series is not None and len(payload) >= SCAN_ROWS_FROM
+                and _ROWS_KEY in bytes(payload[:64])):
+            msg = _unpack_scanning_rows(payload, self._series)
+            if msg is not None:
+                return msg
+        return _unpack(payload)
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[dict]:
         """Complete messages so far, in order.
@@ -160,7 +211,7 @@ class FrameDecoder:
                 stop = pos + 4 + size
                 if stop > end:
                     break
-                out.append(_unpack(view[pos + 4 : stop]))
+                out.append(self._decode(view[pos + 4 : stop]))
                 pos = stop
             tail = None if src is buf or pos == end else view[pos:]
             if tail is not None:
@@ -301,7 +352,7 @@ def _parse_inc(msg: dict) -> Inc:
     if rows is not None:
         if present:
             raise _bad(f"inc: has both rows and columnar {', '.join(present)}; send one form", seq)
-        if type(rows) is not list:
+        if type(rows) is not list and type(rows) is not RowBlock:
             raise _bad(f"inc: rows must be a list, not {type(rows).__name__}", seq)
         return Inc(seq, ack, rows, None, None, None, None)
     if not present:
