@@ -56,6 +56,15 @@ class RayShards:
         self.channels = [ShardChannel(h.query_channel.remote) for h in handles]
 
     async def apply(self, shard, batch, producer, seq, expect):  # type: ignore[no-untyped-def]
+        """By the shard's socket when the batch has a producer (a resend is recognised, so
+        an answer lost on the way fails the batch and the client sends it again), else by
+        the actor method; ``AnswerLost`` is raised like a Ray call's error."""
+        channel = self.channels[shard]
+        if producer is not None:
+            got = await channel.apply(batch, producer, seq, expect)
+            if got is not FALLBACK:
+                return got
+        channel.applies_by_ray += 1
         return await self.handles[shard].apply.remote(batch, producer, seq, expect)
 
     async def revert(

@@ -89,6 +89,11 @@ class ShardActor:
         expect: int | None = None,
     ) -> dict[str, Any]:
         """What ShardState.ingest answers, with this incarnation's id."""
+        return self._apply_now(batch, producer, seq, expect)
+
+    def _apply_now(self, batch: Batch, producer: str | None, seq: int | None,
+                   expect: int | None) -> dict[str, Any]:
+        """``apply``, on the event loop, whether it came by Ray or by the socket."""
         self._start_loop()
         # load_months runs synchronously on the event loop on purpose: nothing
         # else may touch the state between finding a month missing and
@@ -139,7 +144,7 @@ class ShardActor:
         shard opens a new one.
         """
         if self._channel is None:
-            server = ChannelServer(self._query)
+            server = ChannelServer(self._query, self._apply_now)
             self._channel = asyncio.ensure_future(server.start(ray.util.get_node_ip_address()))
         return await asyncio.shield(self._channel)
 

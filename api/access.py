@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -77,10 +78,16 @@ class Grant:
         if not self.allows(tenant):
             raise Denied("forbidden", f"token {self.name!r} has no access to tenant {tenant!r}")
 
-    def require_tenants(self, tenants_by_row: list[tuple[str, int]]) -> None:
-        """Refuse an ingest batch naming a tenant the token lacks, at its first such row."""
+    def require_tenants(
+        self, tenants_by_row: list[tuple[str, int]] | Callable[[], list[tuple[str, int]]]
+    ) -> None:
+        """Refuse an ingest batch naming a tenant the token lacks, at its first such row.
+        A callable is only called when the token is limited to some tenants (finding
+        each tenant's first row is a pass over the batch)."""
         if self.tenants is None:
             return
+        if callable(tenants_by_row):
+            tenants_by_row = tenants_by_row()
         bad = [(row, t) for t, row in tenants_by_row if t not in self.tenants]
         if bad:
             row, tenant = min(bad)

@@ -299,7 +299,7 @@ def create_app(
         """Access check, apply, and the durable wait when asked: the answer ``{"rows": n}``."""
         request.state.increments = incoming.batch.increments
         with incoming.blamed():
-            grant.require_tenants(incoming.tenants())
+            grant.require_tenants(incoming.tenants)
             applied = await service.ingest(incoming.batch, producer, seq)
         # Applied, so accepted even if the durable wait below fails (the resend is a duplicate).
         service.metrics.batch_accepted("http", applied.rows)

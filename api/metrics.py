@@ -137,8 +137,8 @@ class GatewayMetrics:
     # ---- exposition ----------------------------------------------------
 
     def watch_channels(self, channels: Iterable[Any]) -> None:
-        """Count the shard queries each road answered (actors/channel.py): all of them
-        by ``ray`` means the gateways cannot reach the shards' sockets."""
+        """Count the shard queries and batches each road answered (actors/channel.py):
+        all of them by ``ray`` means the gateways cannot reach the shards' sockets."""
         self.registry.register(_ChannelUse(list(channels)))
 
     def own_text(self) -> str:
@@ -238,7 +238,8 @@ def _labelled(families: Iterable[Metric], gateway: str) -> list[Metric]:
 
 
 class _ChannelUse:
-    """``tally_shard_queries_total{path}``, read from the channels' own counts."""
+    """``tally_shard_queries_total{path}`` and ``tally_shard_applies_total{path}``, read
+    from the channels' own counts."""
 
     def __init__(self, channels: list[Any]) -> None:
         self.channels = channels
@@ -250,6 +251,15 @@ class _ChannelUse:
         family.add_metric(["socket"], sum(c.answered for c in self.channels))
         family.add_metric(["ray"], sum(c.fell_back for c in self.channels))
         yield family
+        applies = CounterMetricFamily(
+            "tally_shard_applies", "Batch parts this gateway sent to shards, by road (socket; "
+            "ray: an actor call, for batches without a producer or when the socket is "
+            "unavailable; lost: sent by socket and the connection ended before the answer, "
+            "so the batch was refused and is resent)", labels=["path"])
+        applies.add_metric(["socket"], sum(c.applied for c in self.channels))
+        applies.add_metric(["ray"], sum(c.applies_by_ray for c in self.channels))
+        applies.add_metric(["lost"], sum(c.applies_lost for c in self.channels))
+        yield applies
 
 
 class _Families:

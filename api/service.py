@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from actors.channel import AnswerLost
 from actors.clients import ShardClient
 from actors.router import Router
 from actors.shard_state import exact_sum
@@ -210,6 +211,11 @@ class Service:
         crashed = [(s, r) for s, r in refused.items() if isinstance(r, BaseException)]
         if crashed:
             s, e = crashed[0]
+            if isinstance(e, AnswerLost):  # the shard may have it: a resend is recognised
+                return IngestError(
+                    "overloaded", f"shard {s} did not answer ({type(e).__name__}): reconnect "
+                    "and resend from the last durable seq", fatal=True,
+                )
             return IngestError(
                 "overloaded", f"shard {s} is restarting ({type(e).__name__}); nothing was "
                 "applied: reconnect and resend from the last durable seq", fatal=True,

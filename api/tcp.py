@@ -125,7 +125,7 @@ class Connection:
             incoming = build(self.service.clock())
             with incoming.blamed():
                 try:
-                    self.grant.require_tenants(incoming.tenants())
+                    self.grant.require_tenants(incoming.tenants)
                 except Denied as e:
                     # `unauthorized` is the protocol's only access code; the row says
                     # which tenant, and the connection stays usable for the others.

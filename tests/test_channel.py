@@ -14,11 +14,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-from actors.channel import FALLBACK, RETRY_AFTER, ChannelServer, ShardChannel
+from actors.channel import FALLBACK, RETRY_AFTER, AnswerLost, ChannelServer, ShardChannel
 from actors.shard_state import ShardState
 from api.metrics import GatewayMetrics
 from checkpoint.sqlite import SqliteStore
 from wire.batches import INT64_MAX, rows_batch
+from wire.frames import encode_frame
 
 NOW = calendar.timegm((2026, 11, 20, 12, 0, 0))
 DAY = calendar.timegm((2026, 11, 2, 0, 0, 0))
@@ -184,3 +185,74 @@ def test_counts_beyond_int64_and_shard_errors_are_left_to_ray(tmp_path):
         await server.stop()
 
     asyncio.run(main())
+
+
+# ---- batches by socket ----------------------------------------------------
+
+
+def test_batches_by_socket_are_applied_once_and_answered_as_by_ray(state):
+    """A producer's batches: the shard's own answers, a resend recognised, a gap refused,
+    the counts added once; a request that is not a batch is left to Ray, unapplied."""
+    batch = rows_batch([["acme", "m", {"agent": "new"}, DAY + 120, 5],
+                        ["acme", "m", {"agent": "a1"}, DAY + 60, 2]], NOW)
+
+    def totals() -> list[int]:
+        return state.totals_of(["acme|m|agent=a1", "acme|m|agent=new"], H0, H1, state.load)
+
+    assert totals() == [2, 0]
+
+    async def main() -> None:
+        server = ChannelServer(query_of(state), lambda b, p, s, e: state.ingest(
+            b, state.load, p, s, e))
+        where = await server.start("127.0.0.1")
+
+        async def locate() -> dict[str, Any]:
+            return where
+
+        channel = ShardChannel(locate)
+        first = await channel.apply(batch, "prod", 1, None)
+        assert first["status"] == "applied" and first["new"] == ["acme|m|agent=new"]
+        assert (await channel.apply(batch, "prod", 1, None))["status"] == "duplicate"
+        assert (await channel.apply(batch, "prod", 3, 2))["code"] == "gap"
+        assert channel.conn is not None
+        channel.conn.writer.write(encode_frame({"id": 99, "m": "apply", "b": 1, "p": "prod",
+                                                "s": 2, "e": 1}))  # b is not a batch
+        assert (await channel.apply(batch, "prod", 2, 9))["code"] == "gap"  # after it
+        assert (channel.applied, channel.applies_lost) == (4, 0)
+        channel.close()
+        await server.stop()
+
+    asyncio.run(main())
+    assert totals() == [4, 5]
+
+
+def test_an_answer_lost_after_the_batch_was_applied_fails_the_batch(state):
+    """The shard applies, then its answer cannot go out and the connection ends: the
+    gateway must not ask Ray (that could apply it twice without a producer's seq; with
+    one it is a resend): it raises AnswerLost, and Ray then answers it as a duplicate."""
+    batch = rows_batch([["acme", "m", None, DAY + 60, 7]], NOW)
+    applied: list[int] = []
+
+    def apply(b, p, s, e):
+        answer = state.ingest(b, state.load, p, s, e)
+        applied.append(s)
+        return {**answer, "unsendable": object()}
+
+    async def main() -> None:
+        server = ChannelServer(query_of(state), apply)
+        where = await server.start("127.0.0.1")
+
+        async def locate() -> dict[str, Any]:
+            return where
+
+        channel = ShardChannel(locate, Clock())
+        with pytest.raises(AnswerLost):
+            await channel.apply(batch, "prod", 1, None)
+        assert channel.applies_lost == 1 and applied == [1]
+        # within RETRY_AFTER the channel is not reopened: a batch goes to Ray
+        assert await channel.apply(batch, "prod", 2, 1) is FALLBACK
+        await server.stop()
+
+    asyncio.run(main())
+    assert state.ingest(batch, state.load, "prod", 1, None)["status"] == "duplicate"
+    assert state.totals_of(["acme|m|"], H0, H1, state.load) == [7]

@@ -455,6 +455,11 @@ def test_http_gateways_take_the_http_port_alone_and_find_what_tcp_gateways_ackno
         roads = {s.labels["path"]: s.value for s in samples
                  if s.name == "tally_shard_queries_total" and s.labels["gateway"] == http_gateway}
         assert roads["socket"] >= 10 and roads["ray"] == 0, roads
+        # the client's batches (it names a producer) went to both shards by socket
+        (tcp_gateway,) = {g for (ingress, g) in accepted if ingress == "tcp"}
+        applies = {s.labels["path"]: s.value for s in samples
+                   if s.name == "tally_shard_applies_total" and s.labels["gateway"] == tcp_gateway}
+        assert applies["socket"] >= 8 * 2 and applies["lost"] == 0, applies
     finally:
         code = served.stop()
     assert code == 0, served.output()

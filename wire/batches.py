@@ -66,6 +66,9 @@ class BadBatch(ValueError):
         self.message = message
 
 
+_WIRE_INT64 = ("hours", "values", "first_row", "counts")
+
+
 @dataclass(slots=True, eq=False)
 class Batch:
     """Sums per (series, UTC hour), pairs unique, ordered by (series, hour)."""
@@ -108,6 +111,32 @@ class Batch:
             counts,
             int(counts.sum()),
         )
+
+    def to_wire(self) -> dict[str, Any]:
+        """The batch as msgpack can carry it (a shard's socket, actors/channel.py)."""
+        return {"sids": self.sids, "series": self.series.astype("<u4").tobytes(),
+                **{k: getattr(self, k).astype("<i8").tobytes() for k in _WIRE_INT64},
+                "n": self.increments}
+
+    @classmethod
+    def from_wire(cls, msg: Any) -> Batch | None:
+        """The batch ``to_wire`` made, or None if ``msg`` is not one."""
+        if type(msg) is not dict or type(msg.get("n")) is not int:
+            return None
+        sids, series = msg.get("sids"), msg.get("series")
+        if (type(sids) is not list or not all(type(x) is str for x in sids)
+                or type(series) is not bytes or len(series) % 4):
+            return None
+        n = len(series) // 4
+        columns = [msg.get(k) for k in _WIRE_INT64]
+        if not all(type(c) is bytes and len(c) == 8 * n for c in columns):
+            return None
+        index = np.frombuffer(series, "<u4").astype(np.uint32)
+        if n and int(index.max()) >= len(sids):
+            return None
+        hours, values, first_row, counts = (np.frombuffer(c, "<i8").astype(np.int64)
+                                            for c in columns)
+        return cls(sids, index, hours, values, first_row, counts, msg["n"])
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Batch):
