@@ -50,7 +50,7 @@ log = logging.getLogger("tally.channel")
 
 METHODS = ("hourly_of", "totals_of")
 MAX_FRAME = 64 * 1024 * 1024  # a breakdown's sids (~40 bytes each), a frame's part
-READ_SIZE = 1 << 16
+READ_SIZE = 1 << 20  # a frame's part for a shard can be a few hundred KB
 HELLO_TIMEOUT = 5.0
 CONNECT_TIMEOUT = 2.0
 RETRY_AFTER = 5.0  # after a failed connect, Ray answers alone this long
@@ -163,7 +163,7 @@ class ChannelServer:
         self.answered = 0
 
     async def start(self, host: str) -> dict[str, Any]:
-        self.server = await asyncio.start_server(self._serve, host, 0)
+        self.server = await asyncio.start_server(self._serve, host, 0, limit=READ_SIZE)
         port = self.server.sockets[0].getsockname()[1]
         return {"host": host, "port": port, "secret": self.secret}
 
@@ -317,7 +317,8 @@ class ShardChannel:
             try:
                 where = await asyncio.wait_for(self.locate(), CONNECT_TIMEOUT)
                 reader, writer = await asyncio.wait_for(
-                    asyncio.open_connection(where["host"], where["port"]), CONNECT_TIMEOUT)
+                    asyncio.open_connection(where["host"], where["port"], limit=READ_SIZE),
+                    CONNECT_TIMEOUT)
             except Exception as e:  # Ray answers meanwhile; the reason is logged once per try
                 self.retry_at = self.clock() + RETRY_AFTER
                 log.warning(json.dumps({"event": "channel_unavailable", "error": repr(e)[:300],
