@@ -385,6 +385,19 @@ def test_long_series_and_a_full_cache(scan_every_frame) -> None:
         assert rows_batch(msg["rows"], NOW) == rows_batch(rows, NOW)
 
 
+def test_one_series_in_ever_new_tag_orders_does_not_grow_the_cache(scan_every_frame) -> None:
+    decoder = FrameDecoder(scan_rows=True)
+    decoder._series.limit = 10  # noqa: SLF001
+    keys = [f"k{n}" for n in range(6)]
+    for seq in range(40):
+        order = keys[seq % 6:] + keys[:seq % 6]
+        tags = {k: "v" for k in (order if seq % 2 else order[::-1])}
+        (msg,) = decoder.feed(inc_frame(msgpack.packb([["acme", "m", tags, T, 1]] * 20)))
+        assert rows_batch(msg["rows"], NOW).sids == ["acme|m|" + ",".join(
+            f"{k}=v" for k in keys)]
+        assert len(decoder._series.by_bytes) <= 10  # noqa: SLF001
+
+
 def test_small_frames_and_other_ops_are_decoded_as_they_were() -> None:
     small = inc_frame(msgpack.packb([["acme", "m", None, T, 1]]))
     assert type(decode(small, True)["rows"]) is list

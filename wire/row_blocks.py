@@ -87,7 +87,8 @@ class SeriesBytes:
     (every series), and in numpy arrays sorted by the hash ``_distinct`` computes,
     holding each entry's words so a frame's series are found and checked without a
     Python step each (series of up to ``_TABLE_WORDS`` words). Bounded: it starts
-    over when ``limit`` series are known.
+    over when ``limit`` series bytes are known (one series sent with its tags in many
+    orders is as many entries).
     """
 
     def __init__(self, limit: int = 100_000) -> None:
@@ -108,7 +109,7 @@ class SeriesBytes:
         """The number of each series ``view[start:start+length]`` (distinct ones), or None
         when one is not valid (the general path names the row) or not UTF-8 (it answers
         ``bad_frame``). ``found``: their hashes and words, from ``_distinct``."""
-        if len(self.sids) >= self.limit:
+        if len(self.by_bytes) >= self.limit:  # (at least one entry per series id)
             self._clear()
         nums = np.full(len(start), -1, np.int64)
         tabled = found is not None and found.words.shape[1] <= _TABLE_WORDS
