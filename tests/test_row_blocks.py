@@ -398,6 +398,15 @@ def test_one_series_in_ever_new_tag_orders_does_not_grow_the_cache(scan_every_fr
         assert len(decoder._series.by_bytes) <= 10  # noqa: SLF001
 
 
+def test_strings_full_of_row_start_bytes_go_to_the_general_decoder(scan_every_frame) -> None:
+    """0x95 starts a row; U+5555 is e5 95 95 in UTF-8: a candidate row at each 0x95 of
+    such a tag value would cost more memory than the frame is worth, so the general
+    decoder reads it."""
+    rows = [["acme", "m", {"k": "\u5555" * 60}, T, 1]] * 30
+    msg = same_answer(inc_frame(msgpack.packb(rows)))
+    assert type(msg["rows"]) is list
+
+
 def test_small_frames_and_other_ops_are_decoded_as_they_were() -> None:
     small = inc_frame(msgpack.packb([["acme", "m", None, T, 1]]))
     assert type(decode(small, True)["rows"]) is list

@@ -348,8 +348,8 @@ def scan_rows(payload: bytes | memoryview, start: int, end: int,
         return None
     b = np.frombuffer(bytes(view[:end]) + bytes(_PAD), np.uint8)
     p = first + np.flatnonzero(b[first:end] == 0x95)
-    if len(p) > 2 * count + 16:  # strings full of 0x95 bytes: not worth the memory
-        return None
+    if len(p) > (end - first) // 2:  # strings full of 0x95 bytes: the general decoder
+        return None  # (each candidate costs ~80 bytes of arrays: at most ~40 per byte)
     p, ok, series_end, ts, v, row_end = _rows_at(b, p, end)
     if not len(p) or p[0] != first:  # the first row is not one: a chain from elsewhere
         return None  # could still end at ``end``, through a row hidden inside it
