@@ -223,11 +223,13 @@ def report(res: Results, console: Console | None = None) -> None:
         table.add_row(name, value, base, ratio, target, "yes" if ok else "[red]no[/red]")
 
     c = res.ceiling_mps
-    row("ingest, columnar frames (M incr/s)", f"{res.columnar_mps:.2f}",
+    row(f"ingest, columnar frames of {res.config.get('columnar_per_frame', 0):,} (M incr/s)",
+        f"{res.columnar_mps:.2f}",
         f"ceiling {c:.2f}", f"{res.columnar_mps / c:.2f}x",
         f"≥ {t['columnar_mps']} and ≥ {t['columnar_vs_ceiling']}x",
         res.columnar_mps >= t["columnar_mps"] and res.columnar_mps / c >= t["columnar_vs_ceiling"])
-    row("ingest, row frames (M incr/s)", f"{res.rows_mps:.2f}", f"ceiling {c:.2f}",
+    row(f"ingest, row frames of {res.config.get('rows_per_frame', 0):,} (M incr/s)",
+        f"{res.rows_mps:.2f}", f"ceiling {c:.2f}",
         f"{res.rows_mps / c:.2f}x", f"≥ {t['rows_mps']} and ≥ {t['rows_vs_ceiling']}x",
         res.rows_mps >= t["rows_mps"] and res.rows_mps / c >= t["rows_vs_ceiling"])
     h, q, b = res.healthz, res.query, res.breakdown

@@ -75,9 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     defaults = BenchConfig()
     bench.add_argument("--store", help="store URL (default: SQLite in a temporary folder)")
-    for name in ("shards", "series", "rows", "columnar", "connections", "queries",
-                 "background_rate", "memory_series", "gateways_per_node",
-                 "http_gateways_per_node"):
+    for name in ("shards", "series", "rows", "rows_per_frame", "columnar",
+                 "columnar_per_frame", "connections", "queries", "background_rate",
+                 "memory_series", "gateways_per_node", "http_gateways_per_node"):
         bench.add_argument(f"--{name.replace('_', '-')}", type=int,
                            default=getattr(defaults, name),
                            help=f"(default {getattr(defaults, name):,})")
