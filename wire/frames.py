@@ -22,7 +22,9 @@ frame still decodes into at most about one Python object per payload byte:
 a frame of N bytes costs at most roughly 70 x N bytes of memory (measured: a
 16 MiB array of empty arrays takes ~1.1 GiB and ~6 s of CPU with the cyclic GC
 on). Choose ``max_frame`` and the number of concurrent connections with that
-in mind.
+in mind. A server's decoder (``scan_rows``) reads large row frames with numpy
+instead (``wire/row_blocks.py``): at most ~40 bytes of arrays per payload byte,
+and a frame it would read at more cost goes to the general decoder.
 """
 
 from __future__ import annotations
