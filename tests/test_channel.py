@@ -56,8 +56,8 @@ class Clock:
         return self.now
 
 
-async def serve(state: ShardState) -> tuple[ChannelServer, dict[str, Any]]:
-    server = ChannelServer(query_of(state))
+async def serve(state: ShardState, apply: Any = None) -> tuple[ChannelServer, dict[str, Any]]:
+    server = ChannelServer(query_of(state), apply)
     return server, await server.start("127.0.0.1")
 
 
@@ -202,9 +202,8 @@ def test_batches_by_socket_are_applied_once_and_answered_as_by_ray(state):
     assert totals() == [2, 0]
 
     async def main() -> None:
-        server = ChannelServer(query_of(state), lambda b, p, s, e: state.ingest(
+        server, where = await serve(state, lambda b, p, s, e: state.ingest(
             b, state.load, p, s, e))
-        where = await server.start("127.0.0.1")
 
         async def locate() -> dict[str, Any]:
             return where
@@ -239,8 +238,7 @@ def test_an_answer_lost_after_the_batch_was_applied_fails_the_batch(state):
         return {**answer, "unsendable": object()}
 
     async def main() -> None:
-        server = ChannelServer(query_of(state), apply)
-        where = await server.start("127.0.0.1")
+        server, where = await serve(state, apply)
 
         async def locate() -> dict[str, Any]:
             return where

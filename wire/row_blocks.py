@@ -70,14 +70,17 @@ class RowBlock:
     index: np.ndarray
     ts: np.ndarray
     v: np.ndarray
-    raw: bytes  # the msgpack array itself, for ``rows()``
+    data: np.ndarray  # the bytes the scanner read, holding the msgpack array at ``span``
+    span: tuple[int, int]
 
     def __len__(self) -> int:
         return len(self.index)
 
     def rows(self) -> list:
         """The rows as the general decoder gives them (the slow path's input)."""
-        return msgpack.unpackb(self.raw, raw=False, strict_map_key=False)
+        start, end = self.span
+        return msgpack.unpackb(memoryview(self.data)[start:end], raw=False,
+                               strict_map_key=False)
 
 
 class SeriesBytes:
@@ -158,12 +161,12 @@ class SeriesBytes:
         self.words = np.concatenate((self.words, words))[order]
 
     def block(self, nums: np.ndarray, group: np.ndarray, ts: np.ndarray, v: np.ndarray,
-              raw: bytes) -> RowBlock:
+              data: np.ndarray, span: tuple[int, int]) -> RowBlock:
         """The block of rows naming series ``nums[group]``, sids sorted as a Batch wants."""
         order = sorted(set(nums.tolist()), key=self.sids.__getitem__)
         lut = np.empty(len(self.sids), np.int64)
         lut[order] = np.arange(len(order))
-        return RowBlock([self.sids[n] for n in order], lut[nums][group], ts, v, raw)
+        return RowBlock([self.sids[n] for n in order], lut[nums][group], ts, v, data, span)
 
 
 def _strings(b: np.ndarray, q: np.ndarray, ok: np.ndarray, end: int) -> np.ndarray:
@@ -367,4 +370,4 @@ def scan_rows(payload: bytes | memoryview, start: int, end: int,
     nums = series.numbers_of(view, a[firsts], (z - a)[firsts], found)
     if nums is None:
         return None
-    return series.block(nums, group, ts[rows], v[rows], bytes(view[start:end]))
+    return series.block(nums, group, ts[rows], v[rows], b, (start, end))  # no second copy
