@@ -18,6 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from actors.router import Router
 from wire.batches import (
     INT64_MAX,
     INT64_MIN,
@@ -464,6 +465,40 @@ def test_select_partitions_exactly(incs: list[Inc], shards: int, rnd: random.Ran
     assert sum(p.increments for p in parts) == batch.increments == len(incs)
     assert batch.select(np.ones(len(batch), bool)) == batch
     assert batch.select(np.zeros(len(batch), bool)) == Batch.empty()
+
+
+@given(incs_strategy, st.integers(1, 5), st.randoms(use_true_random=False))
+@settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow])
+def test_router_split_equals_a_select_per_shard(incs: list[Inc], shards: int,
+                                               rnd: random.Random) -> None:
+    # Router.split cuts with one sort (Batch.partition); each part must be exactly the
+    # batch ``select`` gives, sids order and dtypes included.
+    batch = run_both(incs, NOW, rnd)
+    if isinstance(batch, int) or not len(batch):
+        return
+    owner = np.array([shard_of(sid, shards) for sid in batch.sids], np.int32)
+    per = owner[batch.series]
+    expected = {int(k): batch.select(per == k) for k in np.unique(per)}
+    assert Router(shards).split(batch) == expected
+    # a sid no aggregate references (``select`` drops it) takes the slower way, same parts
+    extra = Batch([*batch.sids, "zz|unused"], batch.series, batch.hours,
+                  batch.values, batch.first_row, batch.counts, batch.increments)
+    assert batch.partition(owner) == expected
+    owner_extra = np.array([shard_of(sid, shards) for sid in extra.sids], np.int32)
+    assert extra.partition(owner_extra) == expected
+
+
+def test_router_split_of_a_large_batch_equals_a_select_per_shard() -> None:
+    # large enough that an unstable sort would reorder a part's aggregates
+    rnd = random.Random(11)
+    rows = [["acme", "m", {"k": f"v{rnd.randrange(3000)}"}, T - rnd.randrange(48 * 3600),
+             rnd.randrange(1, 9)] for _ in range(20_000)]
+    batch = rows_batch(rows, NOW)
+    owner = np.array([shard_of(sid, 4) for sid in batch.sids], np.int32)
+    per = owner[batch.series]
+    parts = Router(4).split(batch)
+    assert parts == {k: batch.select(per == k) for k in range(4)}
+    assert sum(p.increments for p in parts.values()) == 20_000
 
 
 def test_select_wants_a_bool_mask_of_the_right_length() -> None:

@@ -104,9 +104,21 @@ def array_head(n: int, how: int) -> bytes:
     return b"\xdd" + struct.pack(">I", n)
 
 
-def inc_frame(rows_bytes: bytes, extra: bytes = b"", keys: int = 2, seq: int = 7) -> bytes:
-    body = bytes([0x80 | (keys + 1)]) + msgpack.packb("op") + msgpack.packb("inc") \
-        + msgpack.packb("seq") + msgpack.packb(seq) + extra + msgpack.packb("rows") + rows_bytes
+def inc_frame(rows_bytes: bytes, extra: bytes = b"", keys: int = 2, seq: int = 7,
+              layout: int = 0) -> bytes:
+    """``extra`` holds ``keys - 2`` more map entries; ``layout`` puts the rows last (0),
+    first (1), or before an ``ack`` and a value full of row-start bytes (2)."""
+    head = msgpack.packb("op") + msgpack.packb("inc") + msgpack.packb("seq") \
+        + msgpack.packb(seq) + extra
+    rows = msgpack.packb("rows") + rows_bytes
+    if layout == 0:
+        body = bytes([0x80 | (keys + 1)]) + head + rows
+    elif layout == 1:
+        body = bytes([0x80 | (keys + 1)]) + rows + head
+    else:
+        tail = msgpack.packb("ack") + msgpack.packb("durable") + msgpack.packb("note") \
+            + msgpack.packb(b"\x95\xa4acme\xa1m\xc0\x01\x01" * 3)
+        body = bytes([0x80 | (keys + 3)]) + head + rows + tail
     return len(body).to_bytes(4, "big") + body
 
 
@@ -224,7 +236,8 @@ def encoded(draw: Any, rows: list, scannable: bool) -> bytes:
         return enc(r, how)
 
     return inc_frame(array_head(len(rows), how) + b"".join(
-        row(r, how + k * draw(st.integers(0, 3))) for k, r in enumerate(rows)))
+        row(r, how + k * draw(st.integers(0, 3))) for k, r in enumerate(rows)),
+        layout=draw(st.integers(0, 2)))
 
 
 @st.composite
@@ -323,6 +336,17 @@ def test_refusals_name_the_same_row(scan_every_frame) -> None:
     assert got[1:] == ("BadRow", got[2], 51) and "outside int64" in got[2]
 
 
+def test_bytes_after_the_frames_map_are_the_same_bad_frame(scan_every_frame) -> None:
+    # the scanner finds where the rows end; whatever follows must still be read whole
+    rows = msgpack.packb([["acme", "m", None, T, 1]] * 3)
+    for layout in (0, 1, 2):
+        good = inc_frame(rows, layout=layout)
+        body = good[4:] + b"\x95"  # one more byte after the map: a row's first byte
+        scanned = same_answer(len(body).to_bytes(4, "big") + body)
+        assert isinstance(scanned, FrameError) and scanned.code == "bad_frame"
+        assert type(same_answer(good)["rows"]) is RowBlock
+
+
 def test_a_row_hidden_inside_a_bad_first_row_is_not_read(scan_every_frame) -> None:
     """Row 0's tenant is a bin holding the start of a row which, read on into row 0's own
     metric, tags, ts and value, ends exactly where row 1 begins."""
@@ -372,6 +396,44 @@ def test_series_seen_before_and_equal_hashes_of_other_bytes(monkeypatch,
         rows = [["acme", "m", {"k": value}, T, seq]] * 3
         (msg,) = decoder.feed(inc_frame(msgpack.packb(rows)))
         assert rows_batch(msg["rows"], NOW, known).sids == [f"acme|m|k={value}"]
+
+
+def test_series_new_to_a_connection_sort_among_those_it_knows(scan_every_frame) -> None:
+    # the connection keeps its series in sid order across frames; frames that bring
+    # series sorting before, between and after known ones give the general path's batch
+    decoder = FrameDecoder(scan_rows=True)
+    rnd = np.random.default_rng(5)
+    for seq in range(1, 9):
+        names = rnd.choice(400, 60, replace=False) * 7 % 401
+        rows = [["acme", "m", {"k": f"v{n}", "z": "1" if n % 3 else "2"}, T, int(n % 5)]
+                for n in names.tolist() * 2]
+        (msg,) = decoder.feed(inc_frame(msgpack.packb(rows), seq=seq))
+        assert type(msg["rows"]) is RowBlock
+        batch = rows_batch(msg["rows"], NOW)
+        assert batch.sids == sorted(batch.sids)
+        assert batch == rows_batch(rows, NOW)
+
+
+class CountingDict(dict):
+    gets = 0
+
+    def get(self, *args: Any) -> Any:
+        CountingDict.gets += 1
+        return super().get(*args)
+
+
+def test_known_series_are_found_by_the_table_without_a_python_step(scan_every_frame) -> None:
+    # the second frame names the same series with other ts and values: every one is
+    # found in the numpy table (hashes of its bytes alone), none by the dict
+    decoder = FrameDecoder(scan_rows=True)
+    tags = [{"agent": f"a{n:03d}", "channel": "email" if n % 2 else "sms"} for n in range(50)]
+    for seq, ts in ((1, T - 3600), (2, T - 7)):
+        rows = [["acme", "m", tags[n % 50], ts - n, n % 7 + 200 * seq] for n in range(300)]
+        if seq == 2:
+            decoder._series.by_bytes = CountingDict(decoder._series.by_bytes)  # noqa: SLF001
+        (msg,) = decoder.feed(inc_frame(msgpack.packb(rows), seq=seq))
+        assert rows_batch(msg["rows"], NOW) == rows_batch(rows, NOW)
+    assert CountingDict.gets == 0
 
 
 def test_long_series_and_a_full_cache(scan_every_frame) -> None:

@@ -109,36 +109,44 @@ SCAN_ROWS_FROM = 4096  # payload bytes: smaller row frames decode faster as they
 def _unpack_scanning_rows(payload: memoryview, series: SeriesBytes) -> dict | None:
     """A frame whose ``rows`` are read as a ``RowBlock``; or the frame decoded as it is
     when it holds no rows; or None: the general decoder is to read it (rows of another
-    shape, or anything it will refuse, which it then names)."""
+    shape, or anything it will refuse, which it then names).
+
+    The scanner finds where the rows end (msgpack's own ``skip`` over them cost a
+    tenth of the scan), and the map's keys after them are read from there."""
     size = len(payload)
-    unpacker = msgpack.Unpacker(None, raw=False, strict_map_key=False,
-                                max_buffer_size=size, **_limits(size))
-    unpacker.feed(payload)
+    offset = 0  # where ``unpacker``'s bytes start in the payload
+
+    def unpacker_at(at: int) -> msgpack.Unpacker:
+        unpacker = msgpack.Unpacker(None, raw=False, strict_map_key=False,
+                                    max_buffer_size=max(size - at, 1), **_limits(size))
+        unpacker.feed(payload[at:])
+        return unpacker
+
+    unpacker = unpacker_at(0)
     msg: dict = {}
-    span = None
+    block = None
     try:
         for _ in range(unpacker.read_map_header()):
             key = unpacker.unpack()
             if key == "rows" and type(key) is str:
-                if span is not None:
+                if block is not None:
                     return None
-                start = unpacker.tell()
-                unpacker.skip()
-                span = (start, unpacker.tell())
+                block = scan_rows(payload, offset + unpacker.tell(), series)
+                if block is None:
+                    return None
+                offset = block.span[1]
+                unpacker = unpacker_at(offset)
             else:
                 msg[key] = unpacker.unpack()
     except MemoryError:
         raise
     except Exception:  # any refusal is the general decoder's to word
         return None
-    if unpacker.tell() != size:
+    if offset + unpacker.tell() != size:
         return None
-    if span is None:
+    if block is None:
         return msg
     if msg.get("op") != "inc":
-        return None
-    block = scan_rows(payload, span[0], span[1], series)
-    if block is None:
         return None
     msg["rows"] = block
     return msg

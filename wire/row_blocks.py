@@ -61,6 +61,17 @@ _MIX = np.random.default_rng(2026).integers(1, 2**63, _MAX_HASHED // 8 + 1,
                                             dtype=np.uint64) | np.uint64(1)
 
 
+
+
+def _masks() -> np.ndarray:
+    """Per byte length n: the 8-byte words keeping bytes [0, n) of a little-endian row."""
+    kept = np.arange(_MAX_HASHED + 1)[:, None] > np.arange(_MAX_HASHED + 8)[None, :]
+    return np.ascontiguousarray(kept.astype(np.uint8) * np.uint8(0xFF)).view("<u8")
+
+
+_MASKS = _masks()
+
+
 @dataclass(slots=True, eq=False)
 class RowBlock:
     """The ``rows`` of one frame, read and every series validated: ``index`` says which
@@ -100,6 +111,11 @@ class SeriesBytes:
 
     def _clear(self) -> None:
         self.sids: list[str] = []
+        # the sids as an array, their numbers in sid order, and each number's place in
+        # it: a frame's sids come out sorted without a sort of strings per frame
+        self._sid_array = np.empty(0, object)
+        self._by_sid = np.empty(0, np.int64)
+        self._rank = np.empty(0, np.int64)
         self.number: dict[str, int] = {}
         self.by_bytes: dict[bytes, int] = {}
         self.hashes = np.empty(0, np.uint64)
@@ -160,13 +176,29 @@ class SeriesBytes:
         self.lengths = np.concatenate((self.lengths, length[new]))[order]
         self.words = np.concatenate((self.words, words))[order]
 
+    def _ranked(self) -> None:
+        """Place the sids numbered since the last call into the sid order: a binary
+        search per new sid and a copy of the arrays, not a sort of them all."""
+        fresh = sorted(range(len(self._sid_array), len(self.sids)), key=self.sids.__getitem__)
+        self._sid_array = np.array(self.sids, dtype=object)
+        at = np.searchsorted(self._sid_array[self._by_sid],
+                             np.array([self.sids[n] for n in fresh], dtype=object))
+        self._by_sid = np.insert(self._by_sid, at, fresh)
+        self._rank = np.empty(len(self.sids), np.int64)
+        self._rank[self._by_sid] = np.arange(len(self.sids))
+
     def block(self, nums: np.ndarray, group: np.ndarray, ts: np.ndarray, v: np.ndarray,
               data: np.ndarray, span: tuple[int, int]) -> RowBlock:
-        """The block of rows naming series ``nums[group]``, sids sorted as a Batch wants."""
-        order = sorted(set(nums.tolist()), key=self.sids.__getitem__)
+        """The block of rows naming series ``nums[group]``, sids sorted as a Batch wants
+        (one series may be more than one entry of ``nums``: its tags in other orders)."""
+        if len(self._rank) < len(self.sids):
+            self._ranked()
+        present = np.zeros(len(self.sids), np.bool_)
+        present[self._rank[nums]] = True
+        order = self._by_sid[present]  # their numbers in sid order, each once
         lut = np.empty(len(self.sids), np.int64)
         lut[order] = np.arange(len(order))
-        return RowBlock([self.sids[n] for n in order], lut[nums][group], ts, v, data, span)
+        return RowBlock(self._sid_array[order].tolist(), lut[nums][group], ts, v, data, span)
 
 
 def _strings(b: np.ndarray, q: np.ndarray, ok: np.ndarray, end: int) -> np.ndarray:
@@ -247,16 +279,17 @@ def _rows_at(b: np.ndarray, p: np.ndarray, end: int) -> tuple[np.ndarray, ...]:
     return p, ok, series_end, ts, v, q
 
 
-def _chain(p: np.ndarray, ok: np.ndarray, row_end: np.ndarray, count: int, end: int
+def _chain(p: np.ndarray, ok: np.ndarray, row_end: np.ndarray, count: int
            ) -> np.ndarray | None:
     """Which candidates are the rows: the chain from the first (``p[0]``, the array's
-    first byte), each row starting where the one before ended, ``count`` long and ending
-    at ``end``. Candidates inside a row (a 0x95 byte in a ts) are not on it."""
+    first byte), each row starting where the one before ended, ``count`` long; the
+    array ends where the last one does. Candidates inside a row (a 0x95 byte in a ts)
+    or after the array are not on it."""
     m = len(p)
     if m < count:  # a row that does not start as a 5-array
         return None
     if m == count:  # the usual case: no byte inside a row looked like a row start
-        if ok.all() and row_end[-1] == end and np.array_equal(row_end[:-1], p[1:]):
+        if ok.all() and np.array_equal(row_end[:-1], p[1:]):
             return np.arange(m)
         return None
     at = np.searchsorted(p, row_end)
@@ -269,7 +302,7 @@ def _chain(p: np.ndarray, ok: np.ndarray, row_end: np.ndarray, count: int, end: 
         visited = np.concatenate((visited, jump[visited]))
         jump = jump[jump]
     visited = visited[:count]
-    if visited[-1] == m or not ok[visited].all() or row_end[visited[-1]] != end:
+    if visited[-1] == m or not ok[visited].all():
         return None
     return visited
 
@@ -292,11 +325,7 @@ def _distinct(b: np.ndarray, start: np.ndarray, length: np.ndarray
     width = (int(length.max()) + 7) // 8
     windows = np.lib.stride_tricks.as_strided(b, (len(b) - 8 * width + 1, 8 * width), (1, 1))
     words = windows[start].view("<u8")  # (rows, width): little-endian, byte 0 lowest
-    full, tail = length // 8, length % 8
-    words *= np.arange(width) < (full + (tail > 0))[:, None]  # zero the words past the end
-    partial = np.flatnonzero(tail)
-    words[partial, full[partial]] &= (np.uint64(1) << (8 * tail[partial]).astype(np.uint64)) \
-        - np.uint64(1)  # and the bytes past the end of the last one
+    words &= _MASKS[length, :width]  # zero the bytes past each series' end
     hashed = length.astype(np.uint64)
     for k in range(width):
         hashed += words[:, k] * _MIX[k]
@@ -333,30 +362,32 @@ def _distinct_by_dict(view: memoryview, start: np.ndarray, end: np.ndarray
     return np.asarray(first, np.int64), group
 
 
-def scan_rows(payload: bytes | memoryview, start: int, end: int,
-              series: SeriesBytes) -> RowBlock | None:
-    """Read the msgpack array ``payload[start:end]`` as rows, or None (not only rows of
-    the shapes above: the general decoder reads it)."""
+def scan_rows(payload: bytes | memoryview, start: int, series: SeriesBytes
+              ) -> RowBlock | None:
+    """Read the msgpack array at ``payload[start]`` as rows, or None (not only rows of
+    the shapes above: the general decoder reads it). The array ends where its last row
+    does (the block's ``span`` says where); the bytes after it are the caller's."""
     view = memoryview(payload)
+    bound = len(view)  # no row reads past it
     head = view[start]
     if 0x90 <= head <= 0x9F:
         count, first = head & 0x0F, start + 1
-    elif head == 0xDC and end - start >= 3:
+    elif head == 0xDC and bound - start >= 3:
         count, first = int.from_bytes(view[start + 1:start + 3], "big"), start + 3
-    elif head == 0xDD and end - start >= 5:
+    elif head == 0xDD and bound - start >= 5:
         count, first = int.from_bytes(view[start + 1:start + 5], "big"), start + 5
     else:
         return None
-    if count == 0 or first >= end or view[first] != 0x95:
+    if count == 0 or first >= bound or view[first] != 0x95:
         return None
-    b = np.frombuffer(bytes(view[:end]) + bytes(_PAD), np.uint8)
-    p = first + np.flatnonzero(b[first:end] == 0x95)
-    if len(p) > (end - first) // 2:  # strings full of 0x95 bytes: the general decoder
+    b = np.frombuffer(bytes(view[:bound]) + bytes(_PAD), np.uint8)
+    p = first + np.flatnonzero(b[first:bound] == 0x95)
+    if len(p) > (bound - first) // 2:  # strings full of 0x95 bytes: the general decoder
         return None  # (each candidate costs ~80 bytes of arrays: at most ~40 per byte)
-    p, ok, series_end, ts, v, row_end = _rows_at(b, p, end)
+    p, ok, series_end, ts, v, row_end = _rows_at(b, p, bound)
     if not len(p) or p[0] != first:  # the first row is not one: a chain from elsewhere
-        return None  # could still end at ``end``, through a row hidden inside it
-    rows = _chain(p, ok, row_end, count, end)
+        return None  # (a chain from a later candidate would read a row hidden in it)
+    rows = _chain(p, ok, row_end, count)
     if rows is None:
         return None
     a, z = p[rows] + 1, series_end[rows]
@@ -370,4 +401,5 @@ def scan_rows(payload: bytes | memoryview, start: int, end: int,
     nums = series.numbers_of(view, a[firsts], (z - a)[firsts], found)
     if nums is None:
         return None
-    return series.block(nums, group, ts[rows], v[rows], b, (start, end))  # no second copy
+    span = (start, int(row_end[rows[-1]]))
+    return series.block(nums, group, ts[rows], v[rows], b, span)  # no second copy
