@@ -325,7 +325,7 @@ def _distinct(b: np.ndarray, start: np.ndarray, length: np.ndarray
     width = (int(length.max()) + 7) // 8
     windows = np.lib.stride_tricks.as_strided(b, (len(b) - 8 * width + 1, 8 * width), (1, 1))
     words = windows[start].view("<u8")  # (rows, width): little-endian, byte 0 lowest
-    words &= _MASKS[length, :width]  # zero the bytes past each series' end
+    words &= np.take(_MASKS[:, :width], length, axis=0)  # zero bytes past each series' end
     hashed = length.astype(np.uint64)
     for k in range(width):
         hashed += words[:, k] * _MIX[k]
@@ -380,7 +380,9 @@ def scan_rows(payload: bytes | memoryview, start: int, series: SeriesBytes
         return None
     if count == 0 or first >= bound or view[first] != 0x95:
         return None
-    b = np.frombuffer(bytes(view[:bound]) + bytes(_PAD), np.uint8)
+    b = np.empty(bound + _PAD, np.uint8)
+    b[:bound] = np.frombuffer(view, np.uint8, bound)
+    b[bound:] = 0
     p = first + np.flatnonzero(b[first:bound] == 0x95)
     if len(p) > (bound - first) // 2:  # strings full of 0x95 bytes: the general decoder
         return None  # (each candidate costs ~80 bytes of arrays: at most ~40 per byte)
