@@ -997,14 +997,44 @@ def fold_slots(
 
     Each ``carried`` array (a value per entry, the same for entries of one
     row) comes along per slot. Sums that might leave int64 are Python ints.
+    A checkpoint folds every entry logged since the last one (~750,000 per shard
+    at 1.5 M increments/s), so the usual case sums into a dense table of the slots
+    (~2 ms there) rather than sorting them (~30 ms).
     """
     if not len(rows):
         return (rows, hod, vals, *carried)
+    exact = peak_of(vals) <= INT64_MAX // len(vals)
+    size = (int(rows.max()) + 1) * 24
+    if exact and vals.dtype == np.int64 and size <= max(4 * len(rows), DENSE_FOLD_SLOTS):
+        return _fold_dense(rows, hod, vals, size, carried)
+    return _fold_sorted(rows, hod, vals, exact, carried)
+
+
+DENSE_FOLD_SLOTS = 1 << 20  # 8 MB of int64 sums at most, unless the log is larger
+
+
+def _fold_dense(rows: np.ndarray, hod: np.ndarray, vals: np.ndarray, size: int,
+                carried: tuple[np.ndarray, ...]) -> tuple[np.ndarray, ...]:
     slot = rows * 24 + hod
-    order = np.argsort(slot, kind="stable")
+    sums = np.zeros(size, np.int64)
+    np.add.at(sums, slot, vals)
+    nz = np.flatnonzero(sums)
+    out_rows = nz // 24
+    kept = []
+    for c in carried:  # equal for a row's entries: whichever is written last stands
+        by_row = np.empty(size // 24, c.dtype)
+        by_row[rows] = c
+        kept.append(by_row[out_rows])
+    return (out_rows, nz % 24, sums[nz], *kept)
+
+
+def _fold_sorted(rows: np.ndarray, hod: np.ndarray, vals: np.ndarray, exact: bool,
+                 carried: tuple[np.ndarray, ...]) -> tuple[np.ndarray, ...]:
+    slot = rows * 24 + hod
+    order = np.argsort(slot)  # (unstable: sums do not depend on the order)
     slot, vals = slot[order], vals[order]
     starts = np.flatnonzero(np.r_[True, slot[1:] != slot[:-1]])
-    if peak_of(vals) > INT64_MAX // len(vals):
+    if not exact:
         ends = np.r_[starts[1:], len(vals)]
         sums = [sum(vals[a:b].tolist()) for a, b in zip(starts, ends, strict=True)]
         keep = np.array([k for k, s in enumerate(sums) if s], dtype=np.intp)

@@ -184,3 +184,35 @@ def test_a_log_that_sums_to_nothing_is_still_written_when_summed_later(store):
     store.write_checkpoint(cp)
     state.finish_checkpoint(cp.ck)
     assert stored(store) == 5 and store.open_shard(0).producers == {"p": 1}
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_a_checkpoint_folds_its_log_the_same_dense_or_sorted(seed: int) -> None:
+    # (block row, hour) sums with zero sums dropped, a row's key carried along: the
+    # dense table a checkpoint usually takes and the sort it takes for sparse rows
+    # must agree exactly with a plain dict of the same sums
+    import numpy as np
+
+    from actors.shard_state import _fold_dense, _fold_sorted, fold_slots
+
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(1, 3000))
+    rows = rng.integers(0, int(rng.integers(1, 400)), n)
+    hod = rng.integers(0, 24, n)
+    vals = rng.integers(-3, 4, n)
+    keys = rows * 1000 + 7  # equal for a row's entries, as a block's key is
+    expected: dict[tuple[int, int], int] = {}
+    for r, h, v in zip(rows.tolist(), hod.tolist(), vals.tolist(), strict=True):
+        expected[(r, h)] = expected.get((r, h), 0) + v
+    expected = {k: v for k, v in sorted(expected.items()) if v}
+    size = (int(rows.max()) + 1) * 24
+    for out_rows, out_hod, sums, out_keys in (
+        fold_slots(rows, hod, vals, keys),
+        _fold_dense(rows, hod, vals, size, (keys,)),
+        _fold_sorted(rows, hod, vals, True, (keys,)),
+    ):
+        got = dict(zip(zip(out_rows.tolist(), out_hod.tolist(), strict=True), sums.tolist(),
+                       strict=True))
+        assert list(got) == list(expected) and got == expected  # slot order, exact sums
+        assert out_keys.tolist() == (out_rows * 1000 + 7).tolist()
+        assert out_rows.dtype == out_hod.dtype == sums.dtype == np.int64
