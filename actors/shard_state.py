@@ -256,18 +256,19 @@ class ShardState:
         self._blocks, self._block_key = blocks, block_key
 
     def _rows(self, keys: np.ndarray) -> np.ndarray:
-        """Block rows for block keys, creating missing blocks (one lookup per distinct key)."""
-        uniq, inverse = np.unique(keys, return_inverse=True)
-        rows = np.fromiter(map(self._block_of.get, uniq.tolist(), repeat(-1)), np.int64,
-                           len(uniq))
-        new = np.flatnonzero(rows < 0)
-        if len(new):
-            self._reserve(len(new))
+        """Block rows for block keys, creating missing blocks (a key may repeat: the
+        hours of one series-day). Each key is looked up in C; only the missing ones are
+        made distinct (``np.unique`` costs more than the lookups)."""
+        rows = np.fromiter(map(self._block_of.get, keys.tolist(), repeat(-1)), np.int64,
+                           len(keys))
+        missing = rows < 0
+        if missing.any():
+            uniq, inverse = np.unique(keys[missing], return_inverse=True)
+            self._reserve(len(uniq))
             block = self._block
-            rows[new] = np.fromiter(
-                (block(k) for k in uniq[new].tolist()), dtype=np.int64, count=len(new)
-            )
-        return rows[inverse.reshape(-1)]
+            made = np.fromiter((block(k) for k in uniq.tolist()), np.int64, len(uniq))
+            rows[missing] = made[inverse.reshape(-1)]
+        return rows
 
     # ---- applying ------------------------------------------------------
 
@@ -1018,7 +1019,7 @@ def _fold_dense(rows: np.ndarray, hod: np.ndarray, vals: np.ndarray, size: int,
     slot = rows * 24 + hod
     sums = np.zeros(size, np.int64)
     np.add.at(sums, slot, vals)
-    nz = np.flatnonzero(sums)
+    nz = np.flatnonzero(sums != 0)  # (3x faster than on the int64 sums themselves)
     out_rows = nz // 24
     kept = []
     for c in carried:  # equal for a row's entries: whichever is written last stands
