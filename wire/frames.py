@@ -103,6 +103,7 @@ def _limits(size: int) -> dict[str, int]:
 
 
 _ROWS_KEY = msgpack.packb("rows")
+HEAD_BYTES = 256  # a row frame's keys before its rows fit (op, seq, ack: ~20 bytes)
 SCAN_ROWS_FROM = 4096  # payload bytes: smaller row frames decode faster as they are
 
 
@@ -112,17 +113,19 @@ def _unpack_scanning_rows(payload: memoryview, series: SeriesBytes) -> dict | No
     shape, or anything it will refuse, which it then names).
 
     The scanner finds where the rows end (msgpack's own ``skip`` over them cost a
-    tenth of the scan), and the map's keys after them are read from there."""
+    tenth of the scan), and the map's keys after them are read from there. The keys
+    before them are read from the frame's head alone: an unpacker copies what it is
+    fed, and the rows are nearly all of the frame."""
     size = len(payload)
     offset = 0  # where ``unpacker``'s bytes start in the payload
 
-    def unpacker_at(at: int) -> msgpack.Unpacker:
+    def unpacker_at(at: int, upto: int = size) -> msgpack.Unpacker:
         unpacker = msgpack.Unpacker(None, raw=False, strict_map_key=False,
-                                    max_buffer_size=max(size - at, 1), **_limits(size))
-        unpacker.feed(payload[at:])
+                                    max_buffer_size=max(upto - at, 1), **_limits(size))
+        unpacker.feed(payload[at:upto])
         return unpacker
 
-    unpacker = unpacker_at(0)
+    unpacker = unpacker_at(0, min(size, HEAD_BYTES))  # (keys past it: OutOfData, below)
     msg: dict = {}
     block = None
     try:
@@ -189,43 +192,43 @@ class FrameDecoder:
                 return msg
         return _unpack(payload)
 
+    def _size(self, view: memoryview, pos: int) -> int:
+        (size,) = _PREFIX.unpack_from(view, pos)
+        if size > self._max:
+            raise FrameError(
+                "too_large", f"frame of {size} bytes exceeds the limit of {self._max} bytes"
+            )
+        if size == 0:
+            raise FrameError("bad_frame", "frame of 0 bytes; a frame holds one msgpack map")
+        return size
+
     def feed(self, data: bytes | bytearray | memoryview) -> list[dict]:
         """Complete messages so far, in order.
 
         Raises ``FrameError`` on the first broken frame; the decoder then refuses
         all further input (the stream's frame boundaries are lost).
+
+        Bytes are copied only for a frame split across chunks, and only that frame's:
+        the held part takes what it lacks, and the frames after it are read from the
+        chunk itself (a pipelining client's reads hold several 300 KB frames).
         """
         if self._error is not None:
             raise FrameError(self._error.code, self._error.message)
-        buf = self._buf
-        if buf:
-            buf += data
-            src: Any = buf
-        else:
-            src = data
         out: list[dict] = []
-        end = len(src)
+        view = memoryview(data).cast("B")
+        end = len(view)
         pos = 0
-        limit = self._max
-        unpack_prefix = _PREFIX.unpack_from
-        view = memoryview(src)
         try:
+            if self._buf:
+                pos = self._complete_held(view, out)
             while end - pos >= 4:
-                (size,) = unpack_prefix(view, pos)
-                if size > limit:
-                    raise FrameError(
-                        "too_large", f"frame of {size} bytes exceeds the limit of {limit} bytes"
-                    )
-                if size == 0:
-                    raise FrameError("bad_frame", "frame of 0 bytes; a frame holds one msgpack map")
-                stop = pos + 4 + size
+                stop = pos + 4 + self._size(view, pos)
                 if stop > end:
                     break
                 out.append(self._decode(view[pos + 4 : stop]))
                 pos = stop
-            tail = None if src is buf or pos == end else view[pos:]
-            if tail is not None:
-                buf += tail
+            if pos < end:
+                self._buf += view[pos:]
         except FrameError as exc:
             exc.messages = out
             self._error = exc
@@ -235,12 +238,29 @@ class FrameDecoder:
             self._buf = bytearray()
             raise
         view.release()
-        if src is buf and pos:
-            if pos == end:
-                self._buf = bytearray()  # let a large frame's buffer go
-            else:
-                del buf[:pos]
         return out
+
+    def _complete_held(self, view: memoryview, out: list[dict]) -> int:
+        """Add to the held partial frame what it lacks from ``view``; decode it once
+        whole. Returns how much of ``view`` was taken."""
+        buf = self._buf
+        taken = min(max(0, 4 - len(buf)), len(view))
+        buf += view[:taken]
+        if len(buf) < 4:
+            return taken
+        held = memoryview(buf)
+        try:
+            whole = 4 + self._size(held, 0)
+        finally:
+            held.release()
+        more = min(whole - len(buf), len(view) - taken)
+        buf += view[taken:taken + more]
+        taken += more
+        if len(buf) == whole:
+            self._buf = bytearray()  # a new one: the message may hold views of this one
+            with memoryview(buf) as frame:
+                out.append(self._decode(frame[4:]))
+        return taken
 
 
 def encode_frame(msg: dict) -> bytes:
