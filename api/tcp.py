@@ -1,7 +1,10 @@
 """The TCP ingress for wire protocol v1: an asyncio shell around the codec.
 
-Frames of one connection are handled one after another and answered in
-order; different connections interleave on the event loop. Decoding and
+Frames of one connection are answered in order, and a producer's batches are
+applied in order (the service's lock per producer), but they overlap: while a
+batch waits for the shards, the connection's next frame is decoded and
+validated (``PIPELINE``), work that otherwise left the gateway idle while the
+shards worked. Different connections interleave on the event loop. Decoding and
 validation are the sans-I/O parts in wire/; this module only moves bytes.
 ``durable`` frames trail the acks: a task per connection waits for each
 batch's checkpoints in order and sends them as they complete.
@@ -13,6 +16,7 @@ import asyncio
 import contextlib
 import json
 import logging
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -41,6 +45,10 @@ READ_SIZE = 1 << 20  # the stream's buffer limit: reading pauses past twice this
 # A read takes everything buffered: a remainder left in the StreamReader's bytearray is
 # moved to its front when the next chunk arrives (a tenth of the copying per frame).
 READ_ALL = 1 << 30
+# A connection's batches in the works at once: one waiting for the shards, the next
+# decoded, validated and queued behind it for its producer's turn.
+PIPELINE = 2
+PIPELINED_OPS = ("inc", "event")  # (after hello; anything else waits for those before)
 
 
 class Connection:
@@ -150,12 +158,14 @@ class Connection:
         self.acked = (seq, applied.token, ack == "durable")
         return {"op": "ack", "seq": seq, "rows": applied.rows}
 
-    def after_reply(self) -> None:
-        """Once an ack is written, its durable frame may follow (never precede it)."""
-        if self.acked is None:
+    def after_reply(self, acked: tuple[int, Token, bool] | None = None) -> None:
+        """Once an ack is written, its durable frame may follow (never precede it).
+        ``acked``: what a pipelined handler took (``answered``); else the last one's."""
+        if acked is None:
+            acked, self.acked = self.acked, None
+        if acked is None:
             return
-        self.pending.put_nowait(self.acked)
-        self.acked = None
+        self.pending.put_nowait(acked)
         if self.durable_task is None and self.writer is not None:
             self.durable_task = asyncio.get_running_loop().create_task(self._durability())
             self.durable_task.add_done_callback(self._durability_ended)
@@ -187,9 +197,38 @@ class Connection:
             if self.writer is not None:
                 self.writer.close()  # the client reconnects and resends; nothing is lost
 
+    async def answered(self, msg: dict[str, Any], after: asyncio.Task[Answered] | None = None
+                       ) -> Answered:
+        """``handle``, once ``after`` (the message before it) is answered: and not at all
+        if that one failed or closes the connection (the client resends from there).
+        Returns what this message alone set."""
+        if after is not None:
+            try:
+                before = await after
+            except BaseException:  # (its error is the connection's, raised once)
+                raise _Skipped from None
+            if before.closes:
+                raise _Skipped
+        reply = await self.handle(msg)
+        # No await since the handler set these: they are this message's own.
+        acked, self.acked = self.acked, None
+        closes, self.close_after = self.close_after, False
+        return Answered(reply, acked, closes)
+
     def close(self) -> None:
         if self.durable_task is not None:
             self.durable_task.cancel()
+
+
+class _Skipped(Exception):
+    """A message not handled: the one before it failed or closed the connection."""
+
+
+@dataclass(slots=True)
+class Answered:
+    reply: dict[str, Any]
+    acked: tuple[int, Token, bool] | None
+    closes: bool  # the connection closes after this reply
 
 
 def _increments_in(m: Inc) -> int:
@@ -277,52 +316,160 @@ class TcpServer:
         timeout = self.limits.frame_timeout
         frame_started: float | None = None  # when the partial frame's first byte arrived
         loop = asyncio.get_running_loop()
-        while not conn.close_after:
-            if frame_started is None:
-                data = await reader.read(READ_ALL)  # idle between frames: no limit
-            else:
-                left = frame_started + timeout - loop.time()
-                try:
-                    data = await asyncio.wait_for(reader.read(READ_ALL), max(left, 0))
-                except TimeoutError:
-                    raise _SlowClient(
-                        f"frame incomplete after {timeout:g} s ({decoder.pending} bytes "
-                        "received): closing", reading=True,
-                    ) from None
-            if not data:
-                break
-            received_at = loop.time()
-            try:
-                messages, fatal = decoder.feed(data), None
-            except FrameError as e:
-                messages, fatal = e.messages, e
-            if decoder.pending == 0:
-                frame_started = None
-            elif frame_started is None or messages:
-                frame_started = received_at  # a new frame began in this read
-            for m in messages:
-                reply = await conn.handle(m)
-                if writer.is_closing():  # closed meanwhile (a shard restarted)
-                    return
-                writer.write(encode_frame(reply))
-                conn.after_reply()
-                if conn.close_after:
+        answers = _Answers(conn, writer)
+        try:
+            while not answers.closing:
+                if frame_started is None:
+                    data = await reader.read(READ_ALL)  # idle between frames: no limit
+                else:
+                    try:
+                        async with asyncio.timeout(None) as deadline:
+                            answers.arm(deadline, frame_started + timeout, timeout)
+                            data = await reader.read(READ_ALL)
+                    except TimeoutError:
+                        raise _SlowClient(
+                            f"frame incomplete after {timeout:g} s ({decoder.pending} bytes "
+                            "received): closing", reading=True,
+                        ) from None
+                    finally:
+                        answers.deadline = None
+                if not data:
                     break
-            if fatal is not None and not conn.close_after:
-                self.service.metrics.frame_error(fatal.code)
-                writer.write(encode_frame(fatal.frame()))
-                conn.close_after = True
-            try:
-                await asyncio.wait_for(writer.drain(), timeout)
-            except TimeoutError:
-                raise _SlowClient(
-                    f"client did not read its answers within {timeout:g} s: closing",
-                    reading=False,
-                ) from None
-            if messages and decoder.pending:
-                # The time this server spent on the frames before it is not the client's:
-                # a pipelining producer's next frame waits in the socket meanwhile.
-                frame_started = loop.time()
+                received_at = loop.time()
+                payloads, fatal = decoder.frames(data)
+                if decoder.pending == 0:
+                    frame_started = None
+                elif frame_started is None or payloads:
+                    frame_started = received_at  # a new frame began in this read
+                for payload in payloads:
+                    try:
+                        msg = decoder.decode(payload)
+                    except FrameError as e:
+                        fatal = e
+                        break
+                    alone = conn.hello is None or msg.get("op") not in PIPELINED_OPS
+                    if alone:  # after what came before it, and before what follows
+                        await answers.wait(0)
+                    if answers.closing:
+                        break
+                    answers.add(loop.create_task(conn.answered(msg, answers.last)))
+                    await answers.wait(0 if alone else PIPELINE - 1)
+                    if answers.closing:
+                        break
+                if fatal is not None:
+                    await answers.wait(0)
+                    if not answers.closing:
+                        self.service.metrics.frame_error(fatal.code)
+                        writer.write(encode_frame(fatal.frame()))
+                        answers.closing = True
+                await self._drain(writer, timeout)
+                if payloads and decoder.pending:
+                    # The time this server spent on the frames before it is not the client's:
+                    # a pipelining producer's next frame waits in the socket meanwhile.
+                    frame_started = loop.time()
+            await answers.wait(0)  # (the client stopped sending: its answers still go)
+            await self._drain(writer, timeout)
+        except ConnectionError:
+            if answers.failed is not None:  # a handler's error ended the connection
+                raise answers.failed from None
+            raise
+        finally:
+            answers.abandon()
+
+    async def _drain(self, writer: asyncio.StreamWriter, timeout: float) -> None:
+        if writer.is_closing():
+            return
+        try:
+            await asyncio.wait_for(writer.drain(), timeout)
+        except TimeoutError:
+            raise _SlowClient(
+                f"client did not read its answers within {timeout:g} s: closing",
+                reading=False,
+            ) from None
+
+
+class _Answers:
+    """A connection's messages being handled, answered in order as each is done.
+
+    Answers are written from the handlers' completion, not only when the reading
+    loop looks, so a client that waits for its ack gets it while the loop waits for
+    its next frame. After an answer that closes the connection, the answers to the
+    batches behind it are not sent (the service refused them: their producer
+    resends from the one refused). A handler that fails unexpectedly ends the
+    connection, and ``wait`` raises its error.
+    """
+
+    def __init__(self, conn: Connection, writer: asyncio.StreamWriter) -> None:
+        self.conn = conn
+        self.writer = writer
+        self.inflight: deque[asyncio.Task[Answered]] = deque()
+        self.closing = False
+        self.failed: BaseException | None = None
+        self.deadline: asyncio.Timeout | None = None  # of the partial frame being read
+        self.timeout = 0.0
+
+    def arm(self, deadline: asyncio.Timeout, at: float, timeout: float) -> None:
+        """A partial frame must be complete by ``at``; but not while the batches before
+        it are answered (its producer may wait for their acks): then ``timeout`` after
+        the last answer."""
+        self.deadline, self.timeout = deadline, timeout
+        deadline.reschedule(None if self.inflight else at)
+
+    @property
+    def last(self) -> asyncio.Task[Answered] | None:
+        return self.inflight[-1] if self.inflight else None
+
+    def add(self, task: asyncio.Task[Answered]) -> None:
+        self.inflight.append(task)
+        task.add_done_callback(self._flush)
+
+    async def wait(self, keep: int) -> None:
+        """Until at most ``keep`` are in flight; raises a handler's unexpected error."""
+        while len(self.inflight) > keep and self.failed is None:
+            await asyncio.wait({self.inflight[0]})
+            self._flush()
+        if self.failed is not None:
+            raise self.failed
+
+    def _flush(self, _: object = None) -> None:
+        inflight = self.inflight
+        while inflight and inflight[0].done():
+            task = inflight.popleft()
+            if not task.cancelled() and isinstance(task.exception(), _Skipped):
+                continue  # (behind a failure, or an answer that closed the connection)
+            if task.cancelled() or task.exception() is not None:
+                if self.failed is None:
+                    self.failed = (asyncio.CancelledError() if task.cancelled()
+                                   else task.exception())
+                self.closing = True
+                self.writer.transport.abort()  # the reading loop wakes up and raises it
+                continue
+            if self.closing:
+                continue
+            if self.writer.is_closing():  # closed meanwhile (a shard restarted)
+                self.closing = True
+                continue
+            answered = task.result()
+            self.writer.write(encode_frame(answered.reply))
+            self.conn.after_reply(answered.acked)
+            self.closing = answered.closes
+        if not inflight and self.deadline is not None and self.deadline.when() is None:
+            self.deadline.reschedule(asyncio.get_running_loop().time() + self.timeout)
+
+    def abandon(self) -> None:
+        """The connection ends (an error): handlers still running finish alone."""
+        for task in self.inflight:
+            task.remove_done_callback(self._flush)
+            task.add_done_callback(_unanswered)
+        self.inflight.clear()
+
+
+def _unanswered(task: asyncio.Task) -> None:
+    """A batch's handler that outlived its connection: its error is logged, not lost."""
+    if not task.cancelled() and task.exception() is not None \
+            and not isinstance(task.exception(), _Skipped):
+        log.error(json.dumps({"event": "error", "where": "tcp batch after its connection",
+                              "error": repr(task.exception())}))
 
 
 class _SlowClient(Exception):

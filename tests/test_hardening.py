@@ -18,9 +18,11 @@ import msgpack
 import numpy as np
 import pytest
 
+from api.service import IngestError
 from api.tcp import TcpLimits
 from tests.inproc import InProcessTally, RawConnection
 from wire.client import TallyClient
+from wire.frames import encode_frame
 
 NOW = int(time.time())
 DAY = time.strftime("%Y-%m-%d", time.gmtime(NOW - 60))
@@ -191,6 +193,116 @@ def test_the_servers_own_work_on_earlier_frames_does_not_count_against_the_next(
         conn.send(second[3:])  # at once, from the client's side
         assert conn.receive() == {"op": "ack", "seq": 2, "rows": 1}
     assert strict.total("acme", "m", DAY) == 2
+
+
+def test_a_frame_stalled_behind_a_slow_batch_times_out_after_its_answer(
+    strict, monkeypatch
+) -> None:
+    """The deadline of a partial frame does not run while the batch before it is applied
+    (its producer may wait for that ack), and runs again from the ack."""
+    service = strict.service
+    ingest = service.ingest
+
+    async def slow_ingest(*args, **kwargs):  # type: ignore[no-untyped-def]
+        await asyncio.sleep(0.8)  # longer than frame_timeout (0.5 s)
+        return await ingest(*args, **kwargs)
+
+    monkeypatch.setattr(service, "ingest", slow_ingest)
+    with hello(strict.tcp_port, "stall") as conn:
+        first = msgpack.packb({"op": "inc", "seq": 1, "rows": [row()]})
+        started = time.monotonic()
+        conn.send(struct.pack(">I", len(first)) + first + struct.pack(">I", 40) + b"\x82")
+        assert conn.receive() == {"op": "ack", "seq": 1, "rows": 1}
+        answer = conn.receive()
+        waited = time.monotonic() - started
+        assert answer["code"] == "bad_frame"
+        assert answer["message"].startswith("frame incomplete after 0.5 s")
+        assert 1.2 < waited < 4  # 0.8 s of the server's work, then the 0.5 s deadline
+        assert conn.closed_by_server()
+    assert strict.total("acme", "m", DAY) == 1
+
+
+def test_pipelined_batches_are_answered_in_order(tally, monkeypatch) -> None:
+    """The next frames are decoded and checked while a batch is applied; a refusal found
+    first is still answered after the batch before it, and nothing is reordered."""
+    service = tally.service
+    ingest = service.ingest
+
+    async def slow_first(batch, producer=None, seq=None, epoch=None):  # type: ignore[no-untyped-def]
+        if seq == 1:
+            await asyncio.sleep(0.3)
+        return await ingest(batch, producer, seq, epoch)
+
+    monkeypatch.setattr(service, "ingest", slow_first)
+    frames = [{"op": "inc", "seq": 1, "rows": [row(value=5)]},
+              {"op": "inc", "seq": 2, "rows": [row(), ["acme", "m", None, TS, 1.5]]},
+              {"op": "inc", "seq": 3, "rows": [row(value=7)]},
+              {"op": "ping"},
+              {"op": "inc", "seq": 4, "rows": [row(value=11)], "ack": "durable"}]
+    with hello(tally.tcp_port, "pipe") as conn:
+        conn.send(b"".join(encode_frame(f) for f in frames))
+        answers = [conn.receive() for _ in range(5)]
+        assert answers[0] == {"op": "ack", "seq": 1, "rows": 1}
+        assert (answers[1]["op"], answers[1]["seq"], answers[1]["code"], answers[1]["row"]) \
+            == ("error", 2, "bad_row", 1)
+        assert answers[2:] == [{"op": "ack", "seq": 3, "rows": 1}, {"op": "pong"},
+                               {"op": "ack", "seq": 4, "rows": 1}]
+        assert conn.receive() == {"op": "durable", "seq": 4}  # after its ack
+    assert tally.total("acme", "m", DAY) == 23
+
+
+def test_a_batch_behind_a_fatal_refusal_is_neither_applied_nor_answered(
+    tally, monkeypatch
+) -> None:
+    """Seq 1 fails as a shard restart does (fatal: the client must reconnect and resend);
+    seq 2, decoded and queued behind it meanwhile, must not be applied past it."""
+    service = tally.service
+    apply = service._apply  # noqa: SLF001
+    failed: list[int] = []
+
+    async def restart_once(parts, shards, producer, seq, expect):  # type: ignore[no-untyped-def]
+        if seq == 1 and not failed:
+            failed.append(seq)
+            await asyncio.sleep(0.3)
+            raise IngestError("overloaded", "shard 0 is restarting (test)", fatal=True)
+        return await apply(parts, shards, producer, seq, expect)
+
+    monkeypatch.setattr(service, "_apply", restart_once)
+    batches = [{"op": "inc", "seq": q, "rows": [row(value=q)]} for q in (1, 2)]
+    with hello(tally.tcp_port, "fatal") as conn:
+        conn.send(b"".join(encode_frame(f) for f in batches))
+        answer = conn.receive()
+        assert (answer["op"], answer["seq"], answer["code"]) == ("error", 1, "overloaded")
+        assert conn.closed_by_server()  # and no answer for seq 2
+    assert tally.total("acme", "m", DAY) == 0
+    with hello(tally.tcp_port, "fatal") as conn:  # the client resends from seq 1
+        conn.send(b"".join(encode_frame(f) for f in batches))
+        assert [conn.receive()["op"] for _ in batches] == ["ack", "ack"]
+    assert tally.total("acme", "m", DAY) == 3
+
+
+def test_a_handler_that_fails_unexpectedly_ends_its_connection_only(
+    tally, monkeypatch, caplog
+) -> None:
+    service = tally.service
+    ingest = service.ingest
+
+    async def broken(batch, producer=None, seq=None, epoch=None):  # type: ignore[no-untyped-def]
+        if seq == 2:
+            await asyncio.sleep(0.3)  # seq 3 is decoded and queued behind it meanwhile
+            raise RuntimeError("boom in a handler")
+        return await ingest(batch, producer, seq, epoch)
+
+    monkeypatch.setattr(service, "ingest", broken)
+    batches = [{"op": "inc", "seq": q, "rows": [row(value=q)]} for q in (1, 2, 3)]
+    with hello(tally.tcp_port, "broken") as conn:
+        conn.send(b"".join(encode_frame(f) for f in batches))
+        assert conn.receive() == {"op": "ack", "seq": 1, "rows": 1}
+        assert conn.closed_by_server()  # nothing answered for 2 or 3
+    with hello(tally.tcp_port, "other") as other:
+        assert other.request({"op": "inc", "seq": 1, "rows": [row(value=10)]})["op"] == "ack"
+    assert "boom in a handler" in caplog.text
+    assert tally.total("acme", "m", DAY) == 11  # seq 3 was not applied past seq 2
 
 
 def test_an_idle_connection_between_frames_is_not_timed_out(strict) -> None:

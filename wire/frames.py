@@ -207,14 +207,35 @@ class FrameDecoder:
 
         Raises ``FrameError`` on the first broken frame; the decoder then refuses
         all further input (the stream's frame boundaries are lost).
+        """
+        payloads, fatal = self.frames(data)
+        out: list[dict] = []
+        for payload in payloads:
+            try:
+                out.append(self.decode(payload))
+            except FrameError as exc:
+                exc.messages = out
+                raise
+        if fatal is not None:
+            fatal.messages = out
+            raise fatal
+        return out
+
+    def frames(self, data: bytes | bytearray | memoryview
+               ) -> tuple[list[memoryview], FrameError | None]:
+        """The payloads of the frames ``data`` completes, not decoded yet (``decode``
+        each), and the framing error after them, if any: the decoder then refuses all
+        further input. A server decodes a frame while the one before it is applied.
 
         Bytes are copied only for a frame split across chunks, and only that frame's:
         the held part takes what it lacks, and the frames after it are read from the
-        chunk itself (a pipelining client's reads hold several 300 KB frames).
+        chunk itself (a pipelining client's reads hold several 300 KB frames). The
+        payloads are views of ``data`` (or of that frame's own buffer): ``data`` must
+        not change until they are decoded.
         """
         if self._error is not None:
             raise FrameError(self._error.code, self._error.message)
-        out: list[dict] = []
+        out: list[memoryview] = []
         view = memoryview(data).cast("B")
         end = len(view)
         pos = 0
@@ -225,23 +246,32 @@ class FrameDecoder:
                 stop = pos + 4 + self._size(view, pos)
                 if stop > end:
                     break
-                out.append(self._decode(view[pos + 4 : stop]))
+                out.append(view[pos + 4 : stop])
                 pos = stop
             if pos < end:
                 self._buf += view[pos:]
         except FrameError as exc:
-            exc.messages = out
-            self._error = exc
-            view.release()
-            # Drop the buffer rather than clear it: the traceback may still hold
-            # a view of it, and a bytearray with live views cannot be resized.
-            self._buf = bytearray()
-            raise
-        view.release()
-        return out
+            self._fail(exc)
+            return out, exc
+        return out, None
 
-    def _complete_held(self, view: memoryview, out: list[dict]) -> int:
-        """Add to the held partial frame what it lacks from ``view``; decode it once
+    def decode(self, payload: memoryview) -> dict:
+        """One payload ``frames`` gave; a ``FrameError`` (the decoder then refuses all
+        further input) if it is not a msgpack map."""
+        try:
+            return self._decode(payload)
+        except FrameError as exc:
+            self._fail(exc)
+            raise
+
+    def _fail(self, exc: FrameError) -> None:
+        self._error = exc
+        # Drop the buffer rather than clear it: a payload or traceback may still hold
+        # a view of it, and a bytearray with live views cannot be resized.
+        self._buf = bytearray()
+
+    def _complete_held(self, view: memoryview, out: list[memoryview]) -> int:
+        """Add to the held partial frame what it lacks from ``view``; its payload once
         whole. Returns how much of ``view`` was taken."""
         buf = self._buf
         taken = min(max(0, 4 - len(buf)), len(view))
@@ -257,9 +287,8 @@ class FrameDecoder:
         buf += view[taken:taken + more]
         taken += more
         if len(buf) == whole:
-            self._buf = bytearray()  # a new one: the message may hold views of this one
-            with memoryview(buf) as frame:
-                out.append(self._decode(frame[4:]))
+            self._buf = bytearray()  # a new one: the payload is a view of this one
+            out.append(memoryview(buf)[4:])
         return taken
 
 
