@@ -37,6 +37,7 @@ NO_SEQ = -1  # the mark of a producer none of whose batches is applied here
 # Below this no 24 hours can add up to more than int64 (24 * 2**58 < 2**63).
 BIG = 2**58
 DAY_BITS = 20  # a block key is series << DAY_BITS | UTC day (days up to year 4840)
+RECENT_DAYS = 3  # days whose block rows are also kept in an array per series number
 FREE = -1  # the block key of a free row (its series, FREE >> DAY_BITS, is no series)
 # A query looks up each (series, day) in the dict, or, when there are more than
 # 1/SCAN_RATIO as many of them as used rows, finds them in one numpy pass over every
@@ -124,6 +125,9 @@ class ShardState:
         # counts: day blocks of 24 hours
         self._blocks = np.zeros((1024, 24), dtype=np.int64)
         self._block_of: dict[int, int] = {}  # series << DAY_BITS | day -> block row
+        # the same for the most recent days, as arrays by series number (-1: not known
+        # here, ask the dict): an ingest finds its rows with numpy, not a lookup each
+        self._recent: dict[int, np.ndarray] = {}
         self._block_key = np.zeros(1024, dtype=np.int64)  # block row -> its key
         self._free_blocks: list[int] = []
         self._used_blocks = 0
@@ -386,8 +390,47 @@ class ShardState:
         if (g < 0).any():
             raise RuntimeError("a batch's series must be installed before it is applied")
         hours = batch.hours
-        rows = self._rows(g << DAY_BITS | hours // 24)
+        days = hours // 24
+        rows = self._recent_rows(g, days)
+        missed = rows < 0
+        if missed.any():
+            g, days = g[missed], days[missed]
+            found = self._rows(g << DAY_BITS | days)
+            rows[missed] = found
+            for day, table in self._recent.items():  # (known from now on)
+                mine = days == day
+                table[g[mine]] = found[mine]
         return rows, hours % 24
+
+    def _recent_rows(self, g: np.ndarray, days: np.ndarray) -> np.ndarray:
+        """Block rows of (series, day) pairs from the recent days' arrays; -1 where they
+        do not know it. A day newer than those kept gets an array (the oldest goes)."""
+        rows = np.full(len(g), -1, np.int64)
+        if not len(g):
+            return rows
+        newest = int(days.max())
+        for day in range(max(int(days.min()), newest - RECENT_DAYS + 1), newest + 1):
+            if day not in self._recent and (len(self._recent) < RECENT_DAYS
+                                            or day > min(self._recent)):
+                if len(self._recent) == RECENT_DAYS:
+                    del self._recent[min(self._recent)]
+                self._recent[day] = np.full(max(len(self._keys), 1024), -1, np.int64)
+        size = len(self._keys)
+        for day, table in list(self._recent.items()):
+            if len(table) < size:  # series added since: room for them, unknown yet
+                grown = np.full(max(size, len(table) + len(table) // 2), -1, np.int64)
+                grown[:len(table)] = table
+                self._recent[day] = table = grown
+            mine = days == day
+            rows[mine] = table[g[mine]]
+        return rows
+
+    def _forget_recent(self, g: int, day: int) -> None:
+        """A block row freed (evicted): the recent days' arrays must not point at it (a
+        dropped series' number is reused only once each of its rows was forgotten)."""
+        table = self._recent.get(day)
+        if table is not None and g < len(table):
+            table[g] = -1
 
     def apply(self, batch: Batch, numbers: np.ndarray | None = None) -> None:
         """All or nothing: checks every slot for int64 overflow before changing any.
@@ -651,6 +694,7 @@ class ShardState:
                 for day in range(first, end):
                     row = self._block_of.pop(base | day, None)
                     if row is not None:
+                        self._forget_recent(g, day)
                         self._blocks[row] = 0
                         self._block_key[row] = FREE  # a scan of the keys must not find it
                         self._big.discard(row)

@@ -216,3 +216,30 @@ def test_a_checkpoint_folds_its_log_the_same_dense_or_sorted(seed: int) -> None:
         assert list(got) == list(expected) and got == expected  # slot order, exact sums
         assert out_keys.tolist() == (out_rows * 1000 + 7).tolist()
         assert out_rows.dtype == out_hod.dtype == sums.dtype == np.int64
+
+
+def test_rows_freed_by_an_eviction_are_not_found_again_for_their_old_series(store):
+    """The recent days' rows are kept in arrays by series number; an eviction frees a
+    month's rows (another series' new day takes one) and may give the series' number
+    to another series: neither may still be found for the old (series, day)."""
+    dec = calendar.timegm((2026, 12, 3, 10, 0, 0))
+    now = dec + 7200
+
+    def rows(*pairs: tuple[str, int]):
+        return rows_batch([["acme", "m", {"k": k}, dec, v] for k, v in pairs], now)
+
+    def totals(state: ShardState) -> dict[str, int]:
+        return dict(zip(["acme|m|k=" + k for k in "abc"], state.totals_of(
+            ["acme|m|k=" + k for k in "abc"], dec // 3600, dec // 3600 + 1,
+            store.load_months), strict=True))
+
+    state = ShardState(0, store.open_shard(0))
+    state.ingest(rows(("a", 1), ("b", 10)), store.load_months)
+    checkpoint(state, store)
+    assert state.evict("2026-11") == 2  # December is not the current month: both go
+    state.ingest(rows(("c", 100)), store.load_months)  # a freed row, maybe b's number
+    state.ingest(rows(("a", 2), ("b", 20)), store.load_months)  # loaded again
+    assert totals(state) == {"acme|m|k=a": 3, "acme|m|k=b": 30, "acme|m|k=c": 100}
+    checkpoint(state, store)
+    restarted = ShardState(0, store.open_shard(0))
+    assert totals(restarted) == {"acme|m|k=a": 3, "acme|m|k=b": 30, "acme|m|k=c": 100}
