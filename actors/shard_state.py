@@ -125,7 +125,7 @@ class ShardState:
         # counts: day blocks of 24 hours
         self._blocks = np.zeros((1024, 24), dtype=np.int64)
         self._block_of: dict[int, int] = {}  # series << DAY_BITS | day -> block row
-        # the same for the most recent days, as arrays by series number (-1: not known
+        # the same for the most recent days, as int32 arrays by series number (-1: not known
         # here, ask the dict): an ingest finds its rows with numpy, not a lookup each
         self._recent: dict[int, np.ndarray] = {}
         self._block_key = np.zeros(1024, dtype=np.int64)  # block row -> its key
@@ -414,11 +414,11 @@ class ShardState:
                                             or day > min(self._recent)):
                 if len(self._recent) == RECENT_DAYS:
                     del self._recent[min(self._recent)]
-                self._recent[day] = np.full(max(len(self._keys), 1024), -1, np.int64)
+                self._recent[day] = np.full(max(len(self._keys), 1024), -1, np.int32)
         size = len(self._keys)
         for day, table in list(self._recent.items()):
             if len(table) < size:  # series added since: room for them, unknown yet
-                grown = np.full(max(size, len(table) + len(table) // 2), -1, np.int64)
+                grown = np.full(max(size, len(table) + len(table) // 2), -1, np.int32)
                 grown[:len(table)] = table
                 self._recent[day] = table = grown
             mine = days == day
