@@ -72,8 +72,15 @@ class SlotOverflow(ValueError):
 
 
 def months_of_hours(hours: np.ndarray) -> np.ndarray:
-    """Months since 1970-01 of absolute UTC hours (vectorised)."""
-    return (hours * 3600).astype("datetime64[s]").astype("datetime64[M]").astype(np.int64)
+    """Months since 1970-01 of absolute UTC hours (vectorised). numpy's calendar
+    conversion costs ~50 ns an element, so a batch's few days are converted once each."""
+    days = hours // 24
+    if len(days) > 64:
+        lo, hi = int(days.min()), int(days.max())
+        if hi - lo < len(days):
+            months = np.arange(lo, hi + 1).astype("datetime64[D]").astype("datetime64[M]")
+            return months.astype(np.int64)[days - lo]
+    return days.astype("datetime64[D]").astype("datetime64[M]").astype(np.int64)
 
 
 def month_name(mno: int) -> str:

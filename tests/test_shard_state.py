@@ -243,3 +243,19 @@ def test_rows_freed_by_an_eviction_are_not_found_again_for_their_old_series(stor
     checkpoint(state, store)
     restarted = ShardState(0, store.open_shard(0))
     assert totals(restarted) == {"acme|m|k=a": 3, "acme|m|k=b": 30, "acme|m|k=c": 100}
+
+
+@pytest.mark.parametrize("n", [0, 1, 65, 1000])
+@pytest.mark.parametrize("spread", [48, 24 * 400, 24 * 365 * 300])
+def test_months_of_hours_match_the_calendar(n: int, spread: int) -> None:
+    # a batch's few days are converted once each; a long span converts every hour
+    import numpy as np
+
+    from actors.shard_state import months_of_hours
+
+    rng = np.random.default_rng(n + spread)
+    hours = (int(rng.integers(0, 24 * 365 * 60)) + rng.integers(0, spread, n)).astype(np.int64)
+    hours[:1] = 24 * 31 - 1  # 1970-01-31T23: the last hour of a month
+    expected = (hours * 3600).astype("datetime64[s]").astype("datetime64[M]").astype(np.int64)
+    got = months_of_hours(hours)
+    assert got.dtype == np.int64 and got.tolist() == expected.tolist()
