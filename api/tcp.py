@@ -205,7 +205,11 @@ class Connection:
         if after is not None:
             try:
                 before = await after
-            except BaseException:  # (its error is the connection's, raised once)
+            except asyncio.CancelledError:
+                if not after.cancelled():
+                    raise  # this handler is cancelled, not the one before it
+                raise _Skipped from None
+            except Exception:  # (its error is the connection's, raised once)
                 raise _Skipped from None
             if before.closes:
                 raise _Skipped
