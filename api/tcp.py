@@ -320,7 +320,7 @@ class TcpServer:
         timeout = self.limits.frame_timeout
         frame_started: float | None = None  # when the partial frame's first byte arrived
         loop = asyncio.get_running_loop()
-        answers = _Answers(conn, writer)
+        answers = _Answers(conn, writer, timeout)
         try:
             while not answers.closing:
                 if frame_started is None:
@@ -328,7 +328,7 @@ class TcpServer:
                 else:
                     try:
                         async with asyncio.timeout(None) as deadline:
-                            answers.arm(deadline, frame_started + timeout, timeout)
+                            answers.arm(deadline, frame_started + timeout)
                             data = await reader.read(READ_ALL)
                     except TimeoutError:
                         raise _SlowClient(
@@ -403,20 +403,21 @@ class _Answers:
     connection, and ``wait`` raises its error.
     """
 
-    def __init__(self, conn: Connection, writer: asyncio.StreamWriter) -> None:
+    def __init__(self, conn: Connection, writer: asyncio.StreamWriter, timeout: float
+                 ) -> None:
         self.conn = conn
         self.writer = writer
+        self.timeout = timeout  # a partial frame's, from its start or the last answer
         self.inflight: deque[asyncio.Task[Answered]] = deque()
         self.closing = False
         self.failed: BaseException | None = None
         self.deadline: asyncio.Timeout | None = None  # of the partial frame being read
-        self.timeout = 0.0
 
-    def arm(self, deadline: asyncio.Timeout, at: float, timeout: float) -> None:
+    def arm(self, deadline: asyncio.Timeout, at: float) -> None:
         """A partial frame must be complete by ``at``; but not while the batches before
         it are answered (its producer may wait for their acks): then ``timeout`` after
         the last answer."""
-        self.deadline, self.timeout = deadline, timeout
+        self.deadline = deadline
         deadline.reschedule(None if self.inflight else at)
 
     @property

@@ -41,6 +41,18 @@ def tally(tmp_path) -> Iterator[InProcessTally]:
     server.stop()
 
 
+def slow_ingest(monkeypatch, service, seconds: float, seq: int | None = None) -> None:
+    """The service takes ``seconds`` more to apply each batch (only seq ``seq``'s)."""
+    ingest = service.ingest
+
+    async def slow(batch, producer=None, seq_=None, epoch=None):  # type: ignore[no-untyped-def]
+        if seq is None or seq_ == seq:
+            await asyncio.sleep(seconds)
+        return await ingest(batch, producer, seq_, epoch)
+
+    monkeypatch.setattr(service, "ingest", slow)
+
+
 def hello(port: int, producer: str = "p", token: str | None = None) -> RawConnection:
     conn = RawConnection(port)
     welcome = conn.request({**HELLO, "producer": producer, "token": token})
@@ -176,14 +188,7 @@ def test_the_servers_own_work_on_earlier_frames_does_not_count_against_the_next(
     """A producer pipelines: its next frame begins in the socket while the server is still
     applying the one before. Found by `tally bench` with 10 MB frames: the deadline once
     ran from that first byte, so a slow apply cut a well-behaved producer off."""
-    service = strict.service
-    ingest = service.ingest
-
-    async def slow_ingest(*args, **kwargs):  # type: ignore[no-untyped-def]
-        await asyncio.sleep(0.8)  # longer than frame_timeout (0.5 s)
-        return await ingest(*args, **kwargs)
-
-    monkeypatch.setattr(service, "ingest", slow_ingest)
+    slow_ingest(monkeypatch, strict.service, 0.8)  # longer than frame_timeout (0.5 s)
     with hello(strict.tcp_port, "pipeline") as conn:
         first = msgpack.packb({"op": "inc", "seq": 1, "rows": [row()]})
         second = msgpack.packb({"op": "inc", "seq": 2, "rows": [row()]})
@@ -200,14 +205,7 @@ def test_a_frame_stalled_behind_a_slow_batch_times_out_after_its_answer(
 ) -> None:
     """The deadline of a partial frame does not run while the batch before it is applied
     (its producer may wait for that ack), and runs again from the ack."""
-    service = strict.service
-    ingest = service.ingest
-
-    async def slow_ingest(*args, **kwargs):  # type: ignore[no-untyped-def]
-        await asyncio.sleep(0.8)  # longer than frame_timeout (0.5 s)
-        return await ingest(*args, **kwargs)
-
-    monkeypatch.setattr(service, "ingest", slow_ingest)
+    slow_ingest(monkeypatch, strict.service, 0.8)  # longer than frame_timeout (0.5 s)
     with hello(strict.tcp_port, "stall") as conn:
         first = msgpack.packb({"op": "inc", "seq": 1, "rows": [row()]})
         started = time.monotonic()
@@ -225,15 +223,7 @@ def test_a_frame_stalled_behind_a_slow_batch_times_out_after_its_answer(
 def test_pipelined_batches_are_answered_in_order(tally, monkeypatch) -> None:
     """The next frames are decoded and checked while a batch is applied; a refusal found
     first is still answered after the batch before it, and nothing is reordered."""
-    service = tally.service
-    ingest = service.ingest
-
-    async def slow_first(batch, producer=None, seq=None, epoch=None):  # type: ignore[no-untyped-def]
-        if seq == 1:
-            await asyncio.sleep(0.3)
-        return await ingest(batch, producer, seq, epoch)
-
-    monkeypatch.setattr(service, "ingest", slow_first)
+    slow_ingest(monkeypatch, tally.service, 0.3, seq=1)
     frames = [{"op": "inc", "seq": 1, "rows": [row(value=5)]},
               {"op": "inc", "seq": 2, "rows": [row(), ["acme", "m", None, TS, 1.5]]},
               {"op": "inc", "seq": 3, "rows": [row(value=7)]},
