@@ -175,7 +175,7 @@ class ShardActor:
     async def _checkpoint_once(self) -> int | None:
         assert self._ck_lock is not None
         async with self._ck_lock:
-            cp = self.state.begin_checkpoint(fold_later=True)
+            cp = self.state.begin_checkpoint(settle_later=True)
             if cp is None:
                 self.meters.lag.clean()
                 return None
@@ -222,8 +222,8 @@ class ShardActor:
             return ck
 
     def _write(self, cp: Checkpoint) -> None:
-        """On the writer thread: sum the checkpoint's deltas, then write them."""
-        self.state.fold_checkpoint()
+        """On the writer thread: name the checkpoint's deltas, then write them."""
+        self.state.settle_checkpoint()
         self.store.write_checkpoint(cp)
 
     async def _checkpoint_loop(self) -> None:

@@ -10,8 +10,9 @@ Layout, for speed and memory (the hot path is numpy, not a loop per
 increment): counts live in one int64 slab of *day blocks*, 24 hours each,
 one block per (series, UTC day) that has data; a dict maps ``series << 20 |
 day`` to a block. Series are small integers. Changes since the last
-checkpoint are kept as a log of (block, hour of day, delta) arrays, folded
-when a checkpoint begins (or when the dirty bound needs an exact count). A
+checkpoint are summed as they come into a table of *pending* deltas, a row of
+24 per block changed since (``_Pending``), so a checkpoint takes the dirty
+slots as they are and the dirty bound's count is always exact. A
 checkpoint freezes them into an immutable in-flight ``Checkpoint`` that is
 retried as it is until the store takes it (the store's ``ck`` guard makes a
 retry of a half-applied checkpoint exact); new increments meanwhile start the
@@ -69,6 +70,11 @@ class SlotOverflow(ValueError):
     def __init__(self, aggregate: int, message: str) -> None:
         super().__init__(message)
         self.aggregate = aggregate
+
+
+class DeltaOverflow(ValueError):
+    """An hour's change since the last checkpoint would leave int64 (a checkpoint carries
+    it as one int64 increment); nothing was applied. It fits once that checkpoint began."""
 
 
 def months_of_hours(hours: np.ndarray) -> np.ndarray:
@@ -140,12 +146,10 @@ class ShardState:
         self._used_blocks = 0
         self._big: set[int] = set()  # blocks holding an hour beyond BIG
 
-        # pending deltas since the last begin_checkpoint: (block rows, hour of day, delta)
-        self._log: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-        self._logged = 0  # entries in _log
-        self._folded = 0  # entries after the last fold (exact distinct slots then)
+        # deltas since the last begin_checkpoint, summed per slot as batches apply
+        self._pending = _Pending(len(self._blocks))
         self._promised = False  # _holding_ck answered last_ck + 1 since the last begin
-        self._unfolded: _Taken | None = None  # the in-flight checkpoint's log, not yet summed
+        self._unsettled: _Taken | None = None  # the in-flight checkpoint's slots, not named yet
 
     # ---- series and months ---------------------------------------------
 
@@ -265,6 +269,7 @@ class ShardState:
         block_key = np.zeros(size, np.int64)
         block_key[: len(self._block_key)] = self._block_key
         self._blocks, self._block_key = blocks, block_key
+        self._pending.reserve(size)
 
     def _rows(self, keys: np.ndarray) -> np.ndarray:
         """Block rows for block keys, creating missing blocks (a key may repeat: the
@@ -348,6 +353,8 @@ class ShardState:
             self.apply(batch, numbers)
         except SlotOverflow as e:
             return {"code": "bad_row", "aggregate": e.aggregate, "message": str(e)}
+        except DeltaOverflow as e:
+            return {"code": "overloaded", "message": str(e)}
         if producer is not None:
             self._undo[producer] = (seq, self.applied.get(producer))  # type: ignore[assignment]
             self.applied[producer] = seq  # type: ignore[assignment]
@@ -359,11 +366,6 @@ class ShardState:
 
     def _over_bound(self, size: int) -> bool:
         used = self.dirty_slots
-        if not used or used + 2 * size <= self.max_dirty:
-            return False
-        if self._logged > self._folded:
-            self._fold()  # the count is an upper bound until folded: make it exact
-            used = self.dirty_slots
         return bool(used) and used + 2 * size > self.max_dirty
 
     def _holding_ck(self, producer: str | None) -> int:
@@ -371,7 +373,7 @@ class ShardState:
 
         Never one that will not happen: a waiter for it would wait forever.
         """
-        if self._logged or self.unrecorded:
+        if self._pending.rows or self.unrecorded:  # (changes that may sum to nothing too)
             return self._promise()
         if producer is not None:
             # the mark the store will hold once the in-flight checkpoint lands (it may
@@ -465,6 +467,14 @@ class ShardState:
             # (blocks the batch created stay, all zero, until their month is evicted)
             n, message = min(bad, key=lambda b: int(batch.first_row[b[0]]))
             raise SlotOverflow(n, message)
+        if big.any():  # (a change beyond int64 needs an hour beyond BIG, then or now)
+            moved = self._pending.overflows(rows, hod, values)
+            if len(moved):
+                n = int(moved[0])
+                raise DeltaOverflow(
+                    f"shard {self.shard}: series {batch.sids[int(batch.series[n])]!r} at "
+                    f"{_utc(int(batch.hours[n]))}: the hour's change since the last "
+                    "checkpoint would leave int64; retry after the next checkpoint")
         self._blocks[rows, hod] = new
         self._big.update(rows[_beyond_big(new)].tolist())
         self._log_delta(rows, hod, values)
@@ -493,8 +503,7 @@ class ShardState:
         if not nonzero.all():
             rows, hod, values = rows[nonzero], hod[nonzero], values[nonzero]
         if len(rows):
-            self._log.append((rows, hod.astype(np.int64), values.copy()))
-            self._logged += len(rows)
+            self._pending.add(rows, hod, values)
 
     def revert(
         self,
@@ -550,46 +559,22 @@ class ShardState:
 
     # ---- checkpoints ---------------------------------------------------
 
-    def _fold(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The pending log summed per slot, zero sums dropped; the log becomes that."""
-        rows, hod, summed = fold_slots(*self._take_log())
-        self._log = [(rows, hod, summed)] if len(rows) else []
-        self._logged = self._folded = len(rows)
-        return rows, hod, summed
-
-    def _take_log(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The pending log as three arrays: block rows, hours of day, deltas."""
-        if not self._log:
-            empty = np.zeros(0, np.int64)
-            return empty, empty, empty
-        if len(self._log) == 1:
-            return self._log[0]
-        return (
-            np.concatenate([r for r, _, _ in self._log]),
-            np.concatenate([h for _, h, _ in self._log]),
-            np.concatenate([v for _, _, v in self._log]),
-        )
-
-    def begin_checkpoint(self, fold_later: bool = False) -> Checkpoint | None:
+    def begin_checkpoint(self, settle_later: bool = False) -> Checkpoint | None:
         """The checkpoint to write next: the unfinished one again, else the dirty deltas.
 
-        With ``fold_later`` the pending log is only taken: summing it per slot
-        (a sort of every entry since the last checkpoint, 10-20 ms at 1 M
-        increments/s) is left to ``fold_checkpoint`` on the writer thread, so
-        queries do not wait for it on the event loop. A log that sums to
-        nothing then still makes a checkpoint, one without deltas.
+        With ``settle_later`` the dirty slots are only taken: naming them per
+        document (a dict entry per slot, ~10 ms for 100,000 slots) is left to
+        ``settle_checkpoint`` on the writer thread, so queries do not wait for
+        it on the event loop.
         """
         if self.inflight is not None:
             return self.inflight
-        rows, hod, vals = self._take_log()
+        rows, hod, vals = self._pending.take()
         taken = _Taken(rows, hod, vals, self._block_key[rows])
         producers = {p: s for p, s in self.applied.items() if self.durable.get(p) != s}
         # A waiter may hold the promise of this checkpoint: it happens even if
         # the deltas summed to nothing meanwhile (a batch and its undo).
         promised, self._promised = self._promised, False
-        self._log, self._logged, self._folded = [], 0, 0
-        if not fold_later:
-            taken = taken.folded()
         if not len(taken.rows) and not self.unrecorded and not producers and not promised:
             return None
         self.last_ck += 1
@@ -601,31 +586,29 @@ class ShardState:
             producers=producers,
         )
         self.unrecorded = set()
-        if fold_later:
-            self.inflight_count = len(taken.rows)  # an upper bound until folded
-            self._unfolded = taken
+        self.inflight_count = len(taken.rows)
+        if settle_later:
+            self._unsettled = taken
         else:
             self._settle(taken)
         return self.inflight
 
-    def fold_checkpoint(self) -> None:
-        """Sum what ``begin_checkpoint`` took into the in-flight checkpoint's deltas.
+    def settle_checkpoint(self) -> None:
+        """Name what ``begin_checkpoint`` took as the in-flight checkpoint's deltas.
 
         Safe on another thread while the event loop ingests and answers: it
         reads only the arrays taken and the names of their series, and a
-        series number is reused only by ``evict``, which folds first (the
+        series number is reused only by ``evict``, which settles first (the
         actor never evicts while a checkpoint is being written).
         """
-        if self._unfolded is None or self.inflight is None:
+        if self._unsettled is None or self.inflight is None:
             return
-        self._settle(self._unfolded.folded())
-        self._unfolded = None
+        self._settle(self._unsettled)
+        self._unsettled = None
 
-    def _settle(self, folded: _Taken) -> None:
-        """The in-flight checkpoint's deltas and exact slot count, from its folded log."""
+    def _settle(self, taken: _Taken) -> None:
         assert self.inflight is not None
-        self.inflight.deltas = self._deltas(folded.keys, folded.hod, folded.vals)
-        self.inflight_count = len(folded.rows)
+        self.inflight.deltas = self._deltas(taken.keys, taken.hod, taken.vals)
 
     def _deltas(
         self, keys: np.ndarray, hod: np.ndarray, summed: np.ndarray
@@ -680,12 +663,11 @@ class ShardState:
         others = [m for m in self._loaded if m != current]
         if not others:
             return 0
-        self.fold_checkpoint()  # its series must be named before a number is reused
+        self.settle_checkpoint()  # its series must be named before a number is reused
         busy: set[tuple[int, int]] = set()
-        if self._log:
-            rows, hod, _ = self._fold()
-            keys = self._block_key[rows]
-            mnos = months_of_hours((keys & ((1 << DAY_BITS) - 1)) * 24 + hod)
+        if self._pending.rows:  # (blocks changed since the last checkpoint, even to nothing)
+            keys = self._block_key[self._pending.block_rows()]
+            mnos = months_of_hours((keys & ((1 << DAY_BITS) - 1)) * 24)
             busy.update(zip((keys >> DAY_BITS).tolist(), mnos.tolist(), strict=True))
         if self.inflight is not None:
             busy.update((self.series[sid], month_number(m)) for sid, m in self.inflight.deltas
@@ -727,7 +709,7 @@ class ShardState:
 
     @property
     def dirty_slots(self) -> int:
-        return self._logged + self.inflight_count
+        return self._pending.slots + self.inflight_count
 
     @property
     def series_months(self) -> int:
@@ -1042,77 +1024,143 @@ class ShardState:
                 for g in members]
 
 
-def fold_slots(
-    rows: np.ndarray, hod: np.ndarray, vals: np.ndarray, *carried: np.ndarray
-) -> tuple[np.ndarray, ...]:
-    """Log entries summed per (block row, hour of day), zero sums dropped, in slot order.
+class _Pending:
+    """Deltas since the last checkpoint, summed per (block row, hour of day) as batches
+    apply: a row of 24 for each block changed since, found by block row.
 
-    Each ``carried`` array (a value per entry, the same for entries of one
-    row) comes along per slot. Sums that might leave int64 are Python ints.
-    A checkpoint folds every entry logged since the last one (~750,000 per shard
-    at 1.5 M increments/s), so the usual case sums into a dense table of the slots
-    (~2 ms there) rather than sorting them (~30 ms).
+    A log of every batch's aggregates, summed when a checkpoint began, cost a
+    shard more than a tenth of its time at 1.5 M increments/s: ~750,000 entries
+    per shard per checkpoint, in fresh arrays whose pages the kernel zeroes,
+    summed into a few thousand slots. Here an aggregate costs one add into a
+    slot, and a checkpoint takes the few thousand as they are. A slot's delta
+    that leaves int64 (its hour's total, which stays within int64, moved by
+    more than 2**63 since the last checkpoint) refuses the batch (``overflows``),
+    but an undo cannot be refused: its delta is kept exactly, as a Python int in
+    ``wide``, its table entry 0 (the store refuses that checkpoint, see
+    checkpoint/layout.py, and the shard reports it until an operator acts).
     """
-    if not len(rows):
-        return (rows, hod, vals, *carried)
-    exact = peak_of(vals) <= INT64_MAX // len(vals)
-    size = (int(rows.max()) + 1) * 24
-    if exact and vals.dtype == np.int64 and size <= max(4 * len(rows), DENSE_FOLD_SLOTS):
-        return _fold_dense(rows, hod, vals, size, carried)
-    return _fold_sorted(rows, hod, vals, exact, carried)
+
+    __slots__ = ("table", "at", "block", "rows", "slots", "wide")
+
+    def __init__(self, blocks: int) -> None:
+        self.table = np.zeros((_PENDING_ROWS, 24), np.int64)
+        self.at = np.full(blocks, -1, np.int32)  # block row -> its row of table, -1: none
+        self.block = np.zeros(_PENDING_ROWS, np.int64)  # row of table -> its block row
+        self.rows = 0  # rows of table in use
+        self.slots = 0  # nonzero entries of table and of wide
+        self.wide: dict[int, int] = {}  # row of table * 24 + hour of day -> delta
+
+    def reserve(self, blocks: int) -> None:
+        """The block slab grew to ``blocks`` rows."""
+        if blocks > len(self.at):
+            at = np.full(blocks, -1, np.int32)
+            at[:len(self.at)] = self.at
+            self.at = at
+
+    def block_rows(self) -> np.ndarray:
+        return self.block[:self.rows]
+
+    def _before(self, rows: np.ndarray, hod: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Rows of table of block ``rows`` (-1: none yet) and the deltas at ``hod``."""
+        at = self.at[rows]
+        known = at >= 0
+        if known.all():
+            return at, self.table[at, hod]
+        before = np.zeros(len(at), np.int64)
+        before[known] = self.table[at[known], hod[known]]
+        return at, before
+
+    def overflows(self, rows: np.ndarray, hod: np.ndarray, values: np.ndarray
+                  ) -> np.ndarray:
+        """Which of (block row, hour, value) would take a slot's delta out of int64."""
+        _, before = self._before(rows, hod)
+        with np.errstate(over="ignore"):
+            after = before + values
+        return np.flatnonzero(((values > 0) & (after < before)) | ((values < 0) & (after > before)))
+
+    def add(self, rows: np.ndarray, hod: np.ndarray, values: np.ndarray) -> None:
+        """Add nonzero ``values`` at distinct (block row, hour of day) slots."""
+        at = self.at[rows]
+        fresh = at < 0
+        if fresh.any():
+            new = np.unique(rows[fresh])
+            n, m = self.rows, self.rows + len(new)
+            if m > len(self.table):
+                size = max(m, 2 * len(self.table))
+                table = np.zeros((size, 24), np.int64)
+                table[:n] = self.table[:n]
+                block = np.zeros(size, np.int64)
+                block[:n] = self.block[:n]
+                self.table, self.block = table, block
+            self.block[n:m] = new
+            self.at[new] = np.arange(n, m, dtype=np.int32)
+            self.rows = m
+            at = self.at[rows]
+        before = self.table[at, hod]
+        with np.errstate(over="ignore"):
+            after = before + values
+        wrapped = ((values > 0) & (after < before)) | ((values < 0) & (after > before))
+        if self.wide or wrapped.any():
+            self._widen(at.astype(np.int64) * 24 + hod, before, values, after, wrapped)
+        self.table[at, hod] = after
+        self.slots += int(np.count_nonzero(after)) - int(np.count_nonzero(before))
+
+    def _widen(self, keys: np.ndarray, before: np.ndarray, values: np.ndarray,
+               after: np.ndarray, wrapped: np.ndarray) -> None:
+        """Slots whose delta left int64 now or before: summed as Python ints in ``wide``,
+        their ``after`` set to 0 (``slots`` counts them as ``wide`` does)."""
+        wide = self.wide
+        hit = wrapped
+        if wide:
+            hit = hit | np.isin(keys, np.fromiter(wide, np.int64, len(wide)))
+        for n in np.flatnonzero(hit).tolist():
+            key = int(keys[n])
+            old = wide.get(key, 0)
+            new = wide[key] = old + int(before[n]) + int(values[n])
+            after[n] = 0
+            self.slots += (new != 0) - (old != 0)
+
+    def take(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The nonzero slots (block rows, hours of day, deltas), and nothing pending after.
+        Deltas are int64, or Python ints (dtype object) if one left int64."""
+        n = self.rows
+        used = self.table[:n]
+        at, hod = np.nonzero(used)
+        vals = used[at, hod]
+        if self.wide:
+            keys = np.fromiter(self.wide, np.int64, len(self.wide))
+            nonzero = list(self.wide.values())
+            at = np.concatenate((at, keys // 24))
+            hod = np.concatenate((hod, keys % 24))
+            vals = np.concatenate((vals.astype(object), np.array(nonzero, dtype=object)))
+            keep = vals != 0
+            at, hod, vals = at[keep], hod[keep], vals[keep]
+        rows = self.block[at]
+        self.at[self.block[:n]] = -1
+        if len(self.table) > _PENDING_ROWS:  # (a burst of new series: give its pages back)
+            self.table = np.zeros((_PENDING_ROWS, 24), np.int64)
+            self.block = np.zeros(_PENDING_ROWS, np.int64)
+        else:
+            used[:] = 0
+        self.rows = self.slots = 0
+        self.wide = {}
+        return rows, hod.astype(np.int64), vals
 
 
-DENSE_FOLD_SLOTS = 1 << 20  # 8 MB of int64 sums at most, unless the log is larger
-
-
-def _fold_dense(rows: np.ndarray, hod: np.ndarray, vals: np.ndarray, size: int,
-                carried: tuple[np.ndarray, ...]) -> tuple[np.ndarray, ...]:
-    slot = rows * 24 + hod
-    sums = np.zeros(size, np.int64)
-    np.add.at(sums, slot, vals)
-    nz = np.flatnonzero(sums != 0)  # (3x faster than on the int64 sums themselves)
-    out_rows = nz // 24
-    kept = []
-    for c in carried:  # equal for a row's entries: whichever is written last stands
-        by_row = np.empty(size // 24, c.dtype)
-        by_row[rows] = c
-        kept.append(by_row[out_rows])
-    return (out_rows, nz % 24, sums[nz], *kept)
-
-
-def _fold_sorted(rows: np.ndarray, hod: np.ndarray, vals: np.ndarray, exact: bool,
-                 carried: tuple[np.ndarray, ...]) -> tuple[np.ndarray, ...]:
-    slot = rows * 24 + hod
-    order = np.argsort(slot)  # (unstable: sums do not depend on the order)
-    slot, vals = slot[order], vals[order]
-    starts = np.flatnonzero(np.r_[True, slot[1:] != slot[:-1]])
-    if not exact:
-        ends = np.r_[starts[1:], len(vals)]
-        sums = [sum(vals[a:b].tolist()) for a, b in zip(starts, ends, strict=True)]
-        keep = np.array([k for k, s in enumerate(sums) if s], dtype=np.intp)
-        summed = np.array([sums[k] for k in keep.tolist()], dtype=object)
-    else:
-        summed = np.add.reduceat(vals, starts)
-        keep = np.flatnonzero(summed != 0)
-        summed = summed[keep]
-    firsts = order[starts[keep]]
-    return (rows[firsts], hod[firsts], summed, *(c[firsts] for c in carried))
+_PENDING_ROWS = 4096  # rows of pending deltas kept between checkpoints (768 KB)
 
 
 class _Taken(NamedTuple):
-    """A checkpoint's share of the log: block rows, hours of day, deltas, block keys.
+    """A checkpoint's slots: block rows, hours of day, deltas, block keys.
 
-    The keys are read when the log is taken: a block row may hold another
-    day by the time the writer thread sums them.
+    The keys are read when the slots are taken: a block row may hold another
+    day by the time the writer thread names them.
     """
 
     rows: np.ndarray
     hod: np.ndarray
     vals: np.ndarray
     keys: np.ndarray
-
-    def folded(self) -> _Taken:
-        return _Taken(*fold_slots(self.rows, self.hod, self.vals, self.keys))
 
 
 def _beyond_big(values: np.ndarray) -> np.ndarray:

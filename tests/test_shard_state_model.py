@@ -13,10 +13,9 @@ the combined view (the shard's months, plus stored months it does not cover,
 merged exactly as api/service.py merges them) must equal the model's counts,
 for every tenant, metric, ``where`` and a few hour ranges crossing UTC months.
 Only the public API is used; ``len(state.series)`` and ``state.series_months``
-as counts. Two relations are deliberately looser than the current code:
-``dirty_slots`` may over-count (a lazily folded delta log) but never under-count,
-and a month whose changes since the last checkpoint summed to zero may be
-evicted or kept. Refusals by the dirty bound are exact either way.
+as counts. ``dirty_slots`` is exact. One relation is deliberately looser than
+the current code: a month whose changes since the last checkpoint summed to
+zero may be evicted or kept.
 
 Plain tests below pin the int64 edges (an hour or a UTC day total leaving
 int64 refuses the batch as ``bad_row`` naming the aggregate, and changes
@@ -243,7 +242,6 @@ class ShardStateMachine(RuleBasedStateMachine):
         self.truth: dict[tuple[str, int], int] = dict(self.m_store)  # the combined view
         self.pending: dict[tuple[str, int], int] = {}  # not yet in a checkpoint, no zeros
         self.touched: set[MonthKey] = set()  # changed since the last fresh checkpoint
-        self.changes = 0  # aggregates applied or reverted since then
         self.inflight: dict[tuple[str, int], int] | None = None
         self.inflight_cp: tuple | None = None
         self.inflight_producers: dict[str, int] = {}
@@ -433,7 +431,6 @@ class ShardStateMachine(RuleBasedStateMachine):
             add(self.pending, (sid, h), v)
             self.touched.add((sid, month_of_hour(h)))
         self.installed |= keys
-        self.changes += len(batch)
         self.known.update({sid for sid, _ in aggs})
         self.increments += len(rows)
         prev = None
@@ -478,7 +475,6 @@ class ShardStateMachine(RuleBasedStateMachine):
             add(self.pending, (sid, h), -v)
             self.touched.add((sid, month_of_hour(h)))
         self.installed |= keys
-        self.changes += len(batch)
         self.known.subtract({sid for sid, _ in aggs})
         self.increments -= nrows
         if producer is not None:
@@ -503,7 +499,6 @@ class ShardStateMachine(RuleBasedStateMachine):
             producers = {p: s for p, s in self.applied.items() if self.durable.get(p) != s}
             unrecorded = {sid for sid, n in self.known.items() if n > 0} - self.store.catalog
             self.touched = set()
-            self.changes = 0
             if cp is None:
                 event("checkpoint: none")
                 assert not deltas and not producers and not unrecorded, (
@@ -583,13 +578,8 @@ class ShardStateMachine(RuleBasedStateMachine):
         assert s.durable == self.durable, (s.durable, self.durable)
         assert (s.last_ck, s.durable_ck) == (self.last_ck, self.durable_ck)
         assert s.increments == self.increments
-        # The current code counts exactly the (series, hour) slots with a nonzero delta,
-        # pending or in flight. A count that folds repeated slots lazily may say more, but
-        # never more than the aggregates applied and reverted since the last checkpoint.
-        # (The bound's refusals above are exact either way.)
-        inflight = len(self.inflight) if self.inflight is not None else 0
-        assert self.dirty_model() <= s.dirty_slots <= inflight + self.changes, (
-            s.dirty_slots, self.pending, self.inflight, self.changes)
+        # exactly the (series, hour) slots with a nonzero delta, pending or in flight
+        assert s.dirty_slots == self.dirty_model(), (s.dirty_slots, self.pending, self.inflight)
         for producer, seq, ck in self.watches:
             if ck <= s.durable_ck:  # the answer said: durable by then
                 assert s.durable.get(producer, -1) >= seq, (producer, seq, ck, s.durable)
