@@ -43,6 +43,7 @@ from typing import Any
 
 import numpy as np
 
+from wire import stream
 from wire.batches import Batch
 from wire.frames import FrameDecoder, FrameError, encode_frame
 
@@ -50,7 +51,7 @@ log = logging.getLogger("tally.channel")
 
 METHODS = ("hourly_of", "totals_of")
 MAX_FRAME = 64 * 1024 * 1024  # a breakdown's sids (~40 bytes each), a frame's part
-READ_SIZE = 1 << 20  # a frame's part for a shard can be a few hundred KB
+READ_SIZE = 1 << 20  # a frame's part for a shard can be a few hundred KB (wire/stream.py)
 HELLO_TIMEOUT = 5.0
 CONNECT_TIMEOUT = 2.0
 RETRY_AFTER = 5.0  # after a failed connect, Ray answers alone this long
@@ -163,7 +164,7 @@ class ChannelServer:
         self.answered = 0
 
     async def start(self, host: str) -> dict[str, Any]:
-        self.server = await asyncio.start_server(self._serve, host, 0, limit=READ_SIZE)
+        self.server = await stream.start_server(self._serve, host, 0, READ_SIZE)
         port = self.server.sockets[0].getsockname()[1]
         return {"host": host, "port": port, "secret": self.secret}
 
@@ -177,13 +178,13 @@ class ChannelServer:
         return msg.get("op") == "hello" and isinstance(given, str) and hmac.compare_digest(
             given.encode(), self.secret.encode())
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _serve(self, reader: stream.ChunkReader, writer: asyncio.StreamWriter) -> None:
         decoder = FrameDecoder(MAX_FRAME)
         greeted = False
         try:
             while True:
-                data = await (reader.read(READ_SIZE) if greeted else
-                              asyncio.wait_for(reader.read(READ_SIZE), HELLO_TIMEOUT))
+                data = await (reader.read() if greeted else
+                              asyncio.wait_for(reader.read(), HELLO_TIMEOUT))
                 if not data:
                     return
                 for msg in decoder.feed(data):
@@ -215,7 +216,7 @@ class ChannelServer:
 class _Connection:
     """One open channel: requests go out in order, answers resolve them by id."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def __init__(self, reader: stream.ChunkReader, writer: asyncio.StreamWriter) -> None:
         self.reader, self.writer = reader, writer
         self.waiting: dict[int, tuple[str, asyncio.Future]] = {}
         self.next_id = 0
@@ -240,7 +241,7 @@ class _Connection:
 
     async def _read(self) -> None:
         decoder = FrameDecoder(MAX_FRAME)
-        while data := await self.reader.read(READ_SIZE):
+        while data := await self.reader.read():
             for msg in decoder.feed(data):
                 method, done = self.waiting.pop(msg.get("id"), (None, None))
                 if done is not None and not done.done():
@@ -317,7 +318,7 @@ class ShardChannel:
             try:
                 where = await asyncio.wait_for(self.locate(), CONNECT_TIMEOUT)
                 reader, writer = await asyncio.wait_for(
-                    asyncio.open_connection(where["host"], where["port"], limit=READ_SIZE),
+                    stream.open_connection(where["host"], where["port"], READ_SIZE),
                     CONNECT_TIMEOUT)
             except Exception as e:  # Ray answers meanwhile; the reason is logged once per try
                 self.retry_at = self.clock() + RETRY_AFTER

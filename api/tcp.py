@@ -26,6 +26,7 @@ from api.durability import ShardRestarted, Token
 from api.ingest import Incoming, build_batch, build_event_batch, check_ack
 from api.rules import BUILTIN, Rules
 from api.service import IngestError, Service
+from wire import stream
 from wire.batches import KnownSeries
 from wire.frames import (
     DEFAULT_MAX_FRAME,
@@ -41,10 +42,8 @@ from wire.frames import (
 )
 
 log = logging.getLogger("tally.tcp")
-READ_SIZE = 1 << 20  # the stream's buffer limit: reading pauses past twice this
-# A read takes everything buffered: a remainder left in the StreamReader's bytearray is
-# moved to its front when the next chunk arrives (a tenth of the copying per frame).
-READ_ALL = 1 << 30
+# A connection's receive buffer (wire/stream.py): reading pauses with this much unread.
+READ_SIZE = 1 << 20
 # A connection's batches in the works at once: one waiting for the shards, the next
 # decoded, validated and queued behind it for its producer's turn.
 PIPELINE = 2
@@ -264,8 +263,8 @@ class TcpServer:
         self.connections = 0
 
     async def start(self, host: str, port: int, reuse_port: bool = False) -> int:
-        self.server = await asyncio.start_server(
-            self._serve, host, port, limit=READ_SIZE, reuse_port=reuse_port or None
+        self.server = await stream.start_server(
+            self._serve, host, port, READ_SIZE, reuse_port=reuse_port or None
         )
         return self.server.sockets[0].getsockname()[1]
 
@@ -274,7 +273,7 @@ class TcpServer:
             self.server.close()
             await self.server.wait_closed()
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _serve(self, reader: stream.ChunkReader, writer: asyncio.StreamWriter) -> None:
         metrics = self.service.metrics
         if self.connections >= self.limits.max_connections:
             metrics.connection_refused("max_connections")
@@ -314,7 +313,7 @@ class TcpServer:
             writer.close()
 
     async def _converse(
-        self, conn: Connection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+        self, conn: Connection, reader: stream.ChunkReader, writer: asyncio.StreamWriter
     ) -> None:
         decoder = FrameDecoder(self.limits.max_frame, scan_rows=True)
         timeout = self.limits.frame_timeout
@@ -324,12 +323,12 @@ class TcpServer:
         try:
             while not answers.closing:
                 if frame_started is None:
-                    data = await reader.read(READ_ALL)  # idle between frames: no limit
+                    data = await reader.read()  # idle between frames: no limit
                 else:
                     try:
                         async with asyncio.timeout(None) as deadline:
                             answers.arm(deadline, frame_started + timeout)
-                            data = await reader.read(READ_ALL)
+                            data = await reader.read()
                     except TimeoutError:
                         raise _SlowClient(
                             f"frame incomplete after {timeout:g} s ({decoder.pending} bytes "
