@@ -51,7 +51,9 @@ log = logging.getLogger("tally.channel")
 
 METHODS = ("hourly_of", "totals_of")
 MAX_FRAME = 64 * 1024 * 1024  # a breakdown's sids (~40 bytes each), a frame's part
-READ_SIZE = 1 << 20  # a frame's part for a shard can be a few hundred KB (wire/stream.py)
+# A connection's receive buffer (wire/stream.py): a frame's part for a shard is ~50 KB (5,000
+# rows), and a longer request gets a buffer of its own size. Two per shard are kept.
+READ_SIZE = 256 * 1024
 HELLO_TIMEOUT = 5.0
 CONNECT_TIMEOUT = 2.0
 RETRY_AFTER = 5.0  # after a failed connect, Ray answers alone this long
