@@ -563,9 +563,8 @@ class ShardState:
         """The checkpoint to write next: the unfinished one again, else the dirty deltas.
 
         With ``settle_later`` the dirty slots are only taken: naming them per
-        document (a dict entry per slot, ~10 ms for 100,000 slots) is left to
-        ``settle_checkpoint`` on the writer thread, so queries do not wait for
-        it on the event loop.
+        document (a dict entry per slot) is left to ``settle_checkpoint`` on the
+        writer thread, so queries do not wait for it on the event loop.
         """
         if self.inflight is not None:
             return self.inflight
