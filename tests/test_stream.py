@@ -126,3 +126,35 @@ def test_a_reset_connection_raises_after_what_arrived_before_it(run):
         await server.wait_closed()
 
     run(main())
+
+
+def test_an_idle_reader_lets_its_buffers_go_and_reads_on_after(run, monkeypatch):
+    monkeypatch.setattr(stream, "IDLE_RELEASE", 0.05)
+
+    async def main() -> None:
+        readers: list[stream.ChunkReader] = []
+        got: list[bytes] = []
+
+        async def handler(reader: stream.ChunkReader, writer: asyncio.StreamWriter) -> None:
+            readers.append(reader)
+            while data := await reader.read():
+                got.append(bytes(data))
+
+        server = await stream.start_server(handler, "127.0.0.1", 0, 1 << 16)
+        port = server.sockets[0].getsockname()[1]
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"first")
+        await writer.drain()
+        await asyncio.sleep(0.02)
+        assert readers[0]._buf is not None  # (not idle long enough yet)
+        await asyncio.sleep(0.2)
+        assert readers[0]._buf is None and readers[0]._spare is None
+        writer.write(b"second")
+        await writer.drain()
+        writer.close()
+        await asyncio.sleep(0.1)
+        assert got == [b"first", b"second"]
+        server.close()
+        await server.wait_closed()
+
+    run(main())

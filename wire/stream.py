@@ -12,7 +12,9 @@ batch before it is applied): when its free tail runs short, the next
 receive goes to another buffer. The one before is kept as a spare and taken
 again once no view of it is left (fresh pages from the kernel, zeroed on
 first touch, cost more than the copies saved), so a connection holds at most
-two buffers.
+two buffers, and none once it has been idle for ``IDLE_RELEASE`` seconds with
+everything read (a thousand producers that sent a burst each would otherwise
+keep 2 MB apiece).
 
 The writing side is asyncio's own ``StreamWriter``, on this protocol's flow
 control: ``pause_writing``/``resume_writing`` and the ``_drain_helper`` its
@@ -35,6 +37,7 @@ import numpy as np
 log = logging.getLogger("tally.stream")
 
 MIN_FREE = 64 * 1024  # a buffer's tail shorter than this: the next receive takes a new one
+IDLE_RELEASE = 2.0  # seconds a reader waits with nothing unread before it lets its buffers go
 EMPTY = memoryview(b"")
 
 Handler = Callable[["ChunkReader", asyncio.StreamWriter], Awaitable[None]]
@@ -153,6 +156,12 @@ class ChunkReader(asyncio.BufferedProtocol):
 
     # ---- the reading side ---------------------------------------------------
 
+    def _release(self) -> None:
+        """Idle with nothing unread: the buffers go (a view handed out keeps its own)."""
+        if self._start == self._end:
+            self._buf = self._spare = None
+            self._start = self._end = 0
+
     async def read(self) -> memoryview:
         """Everything received since the last read, as a view nothing will overwrite; an
         empty view at the end of the stream. Raises the error that ended the connection
@@ -163,10 +172,12 @@ class ChunkReader(asyncio.BufferedProtocol):
             if self._eof:
                 return EMPTY
             self._waiter = self._loop.create_future()
+            idle = self._loop.call_later(IDLE_RELEASE, self._release)
             try:
                 await self._waiter
             finally:
                 self._waiter = None
+                idle.cancel()
         assert self._buf is not None
         view = memoryview(self._buf)[self._start:self._end]  # type: ignore[arg-type]
         self._start = self._end
