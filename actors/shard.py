@@ -26,6 +26,7 @@ from actors.metrics import ShardMetrics
 from actors.shard_state import NO_SEQ, ShardState
 from checkpoint.remote import open_store_in_actor
 from checkpoint.store import Checkpoint
+from cluster import affinity
 from wire.batches import Batch
 from wire.timeslots import month_of_hour
 
@@ -37,9 +38,13 @@ SHARD_NAME = "tally-shard-{}"
 @ray.remote(num_cpus=0, max_restarts=-1, enable_task_events=False)
 class ShardActor:
     def __init__(
-        self, shard: int, store_url: str, checkpoint_interval: float, max_dirty: int = 0
+        self, shard: int, store_url: str, checkpoint_interval: float, max_dirty: int = 0,
+        pinned_gateways: int = 0,
     ) -> None:
+        """``pinned_gateways``: TCP gateways per node that keep cores of their own; this
+        shard runs on the others (cluster/affinity.py; 0: where the kernel puts it)."""
         logging.basicConfig(level=logging.INFO, format="%(message)s")
+        affinity.pin(pinned_gateways, None, f"shard {shard}")
         memory.tune()  # before the state's large allocations: malloc gives memory back
         self.shard = shard
         self.interval = checkpoint_interval

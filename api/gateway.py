@@ -27,6 +27,7 @@ from api.service import Service
 from api.statsd import StatsdIngress
 from api.tcp import TcpLimits, TcpServer
 from checkpoint.remote import open_store_in_actor
+from cluster import affinity
 
 log = logging.getLogger("tally.gateway")
 GATEWAY_NAME = "tally-gateway"
@@ -122,7 +123,8 @@ class Gateway:
     # ---- lifecycle -----------------------------------------------------
 
     async def start(
-        self, host: str, http_port: int | None, tcp_port: int | None, reuse_port: bool = False
+        self, host: str, http_port: int | None, tcp_port: int | None, reuse_port: bool = False,
+        pin: tuple[int, int] | None = None,
     ) -> dict[str, Any]:
         """Listen on the ports given (0: any free port, None: not that one); raises
         PortInUse naming a taken port.
@@ -132,9 +134,13 @@ class Gateway:
         other gateways bind the same ports (``--gateways-per-node``). A gateway
         without HTTP serves TCP and StatsD for gateways that answer queries
         (``--http-gateways-per-node``), and one without TCP serves HTTP only.
+        ``pin``: (this gateway's number on its node, TCP gateways per node that keep a
+        core of their own), for ``--cpu-affinity`` (cluster/affinity.py).
         """
         if self.ports is not None:
             return self.ports
+        if pin is not None:
+            affinity.pin(pin[1], pin[0], f"gateway {pin[0]}")
         self.service.start()
         # A gateway of a service killed a moment ago can hold the ports for a
         # few seconds more (its worker outlives the driver briefly): wait.

@@ -55,6 +55,9 @@ class BenchConfig:
     # tally serve --http-gateways-per-node: queries get a gateway process of their own,
     # so that the query phase measures queries, not waiting behind frame decoding
     http_gateways_per_node: int = 1
+    # tally serve --cpu-affinity: the TCP gateway keeps a core of its own, which is what a
+    # dedicated node would run (cluster/affinity.py); "off" measures the kernel's placement
+    cpu_affinity: str = "gateways"
 
 
 @dataclass
@@ -117,6 +120,7 @@ def run(cfg: BenchConfig, say: Any = print) -> Results:
         service = Spawned(workdir, store, "--checkpoint-interval", str(cfg.checkpoint_interval),
                           "--gateways-per-node", str(cfg.gateways_per_node),
                           "--http-gateways-per-node", str(cfg.http_gateways_per_node),
+                          "--cpu-affinity", cfg.cpu_affinity,
                           shards=cfg.shards)
         say(f"starting tally serve ({cfg.shards} shards, {cfg.gateways_per_node} TCP and "
             f"{cfg.http_gateways_per_node} HTTP gateway process(es), store "
@@ -199,6 +203,11 @@ def _memory(cfg: BenchConfig, service: Spawned, res: Results) -> None:
     res.errors += [f"memory phase: {e.get('message')}" for e in stream.errors[:1]]
     time.sleep(cfg.checkpoint_interval * 2 + 1)  # let checkpoints take the dirty deltas
     after = scrape(service.url)
+    for _ in range(20):  # (and any still writing: its deltas are memory until it is done)
+        if not summed(after, "tally_dirty_slots"):
+            break
+        time.sleep(cfg.checkpoint_interval)
+        after = scrape(service.url)
     added = summed(after, "tally_live_series_months") - summed(before, "tally_live_series_months")
 
     def per_series_month(gauge: str) -> float:
@@ -217,7 +226,9 @@ def report(res: Results, console: Console | None = None) -> None:
     http = res.config.get("http_gateways_per_node", 0)
     table = Table(title=f"tally bench — {res.machine['cpus']} CPUs, {res.machine['cpu']}"
                   + (f"; gateway processes: {gateways} TCP, {http} HTTP" if http else
-                     f"; {gateways} gateway processes" if gateways > 1 else ""))
+                     f"; {gateways} gateway processes" if gateways > 1 else "")
+                  + ("; TCP gateways on cores of their own"
+                     if res.config.get("cpu_affinity") == "gateways" else ""))
     for col in ("measure", "tally", "baseline (same run)", "ratio", "target", "met"):
         table.add_column(col)
 

@@ -83,6 +83,7 @@ class Service:
             cfg.host, cfg.http_port, cfg.tcp_port, detached=bool(cfg.address),
             gateways_per_node=cfg.gateways_per_node,
             http_gateways_per_node=cfg.http_gateways_per_node,
+            cpu_affinity=cfg.cpu_affinity,
         )
 
     def start(self, stop: threading.Event) -> None:

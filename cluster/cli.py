@@ -7,6 +7,7 @@ import os
 import sys
 
 from bench.run import BenchConfig
+from cluster.affinity import MODES
 from cluster.config import ConfigError, load_config
 
 
@@ -56,6 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "query waits while a gateway decodes TCP frames; the "
                        "--gateways-per-node ones then take TCP and StatsD only (default 0: "
                        "every gateway takes both)")
+    serve.add_argument("--cpu-affinity", choices=MODES,
+                       help="gateways: each TCP gateway process gets a core of its own and "
+                       "the shards share the others, on every node with a core to spare "
+                       "(default off: the kernel places them)")
     serve.add_argument("--statsd-port", type=int,
                        help="accept the StatsD/DogStatsD line protocol over UDP and TCP on "
                        "this port (default: off); at most once, like StatsD")
@@ -81,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
         bench.add_argument(f"--{name.replace('_', '-')}", type=int,
                            default=getattr(defaults, name),
                            help=f"(default {getattr(defaults, name):,})")
+    bench.add_argument("--cpu-affinity", choices=MODES, default=defaults.cpu_affinity,
+                       help=f"tally serve's --cpu-affinity (default {defaults.cpu_affinity})")
     bench.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     bstatsd = sub.add_parser(
         "bench-statsd",

@@ -12,6 +12,7 @@ from typing import Any
 
 from api.access import AccessFileError, load_access
 from api.rules import RulesError, load_rules
+from cluster.affinity import MODES
 from wire.series import InvalidSeries, check_tenant
 
 MAX_GATEWAYS_PER_NODE = 64
@@ -54,6 +55,9 @@ class ServeConfig:
     # more gateway processes per node that take the HTTP port alone (queries, HTTP
     # ingest, the dashboard), leaving TCP and StatsD to the others; 0: all take both
     http_gateways_per_node: int = 0
+    # "gateways": each TCP gateway gets a core of its own, the other processes share the
+    # rest (cluster/affinity.py); "off": the kernel places them
+    cpu_affinity: str = "off"
 
 
 def load_config(flags: dict[str, Any], config_file: str | None, env: dict[str, str]) -> ServeConfig:
@@ -157,6 +161,8 @@ def check(cfg: ServeConfig) -> None:
     if not 0 <= cfg.http_gateways_per_node <= MAX_GATEWAYS_PER_NODE:
         raise ConfigError(f"http-gateways-per-node: {cfg.http_gateways_per_node}; "
                           f"from 0 to {MAX_GATEWAYS_PER_NODE}")
+    if cfg.cpu_affinity not in MODES:
+        raise ConfigError(f"cpu-affinity: {cfg.cpu_affinity!r}; one of {', '.join(MODES)}")
     for name in ("max_connections", "max_query_days"):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"{name.replace('_', '-')}: {getattr(cfg, name)}; at least 1")

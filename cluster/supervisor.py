@@ -77,6 +77,7 @@ class ServicePlan:
     detached: bool  # on a cluster: the actors outlive the driver
     gateways_per_node: int = 1  # sharing the node's ports (SO_REUSEPORT) when more than 1
     http_gateways_per_node: int = 0  # >0: these take HTTP, the others TCP and StatsD only
+    cpu_affinity: str = "off"  # "gateways": cluster/affinity.py
 
     def identity(self) -> dict[str, Any]:
         """What another ``tally serve`` must agree on to adopt a running service."""
@@ -93,6 +94,11 @@ class ServicePlan:
         if not self.http_gateways_per_node:
             return True, True
         return (True, False) if k >= self.gateways_per_node else (False, True)
+
+    @property
+    def pinned_gateways(self) -> int:
+        """TCP gateways per node that get a core of their own (0: nothing is pinned)."""
+        return self.gateways_per_node if self.cpu_affinity == "gateways" else 0
 
     def sharing(self, k: int) -> bool:
         """Whether gateway ``k`` shares its ports with others of its node (SO_REUSEPORT)."""
@@ -207,7 +213,8 @@ class Supervisor:
                 name=SHARD_NAME.format(i), get_if_exists=True, lifetime=self.lifetime,
                 memory=PLACEMENT_MEMORY,
                 scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=True),
-            ).remote(i, plan.store_url, plan.checkpoint_interval, plan.max_dirty_slots)
+            ).remote(i, plan.store_url, plan.checkpoint_interval, plan.max_dirty_slots,
+                     plan.pinned_gateways)
             for i, node in enumerate(shard_placement(ray.nodes(), plan.shards))
         ]
         await asyncio.gather(*(s.ready.remote() for s in self.shards))
@@ -375,7 +382,8 @@ class Supervisor:
         shared = self.plan.sharing(g.k)
         try:
             g.endpoint = await asyncio.wait_for(
-                g.handle.start.remote(self.plan.host, http, tcp, shared), START_TIMEOUT
+                g.handle.start.remote(self.plan.host, http, tcp, shared,
+                                      (g.k, self.plan.pinned_gateways)), START_TIMEOUT
             )
         except Exception as e:
             cause = e.cause if isinstance(e, ray.exceptions.RayTaskError) and e.cause else e

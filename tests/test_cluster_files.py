@@ -319,3 +319,22 @@ def test_a_nodes_gateways_have_names_of_their_own():
     node = "ab" * 28
     assert gateway_name(node) == gateway_name(node, 0) == "tally-gateway-abababababababab"
     assert gateway_name(node, 2) == "tally-gateway-abababababababab-2"
+
+
+def test_cpu_affinity_gives_each_tcp_gateway_a_core_and_the_rest_to_the_others():
+    from cluster.affinity import cpus_for
+
+    cpus = [4, 0, 2, 6]  # (as sched_getaffinity gives them: a set)
+    assert cpus_for(cpus, 1, 0) == [0] and cpus_for(cpus, 1, None) == [2, 4, 6]
+    assert [cpus_for(cpus, 2, k) for k in (0, 1)] == [[0], [2]]
+    assert cpus_for(cpus, 2, 2) is None  # an HTTP-only gateway: where the kernel puts it
+    assert cpus_for(cpus, 4, 0) is None and cpus_for(cpus, 4, None) is None  # none to spare
+    assert cpus_for([0], 1, 0) is None
+    assert cpus_for(cpus, 0, None) is None  # off
+
+
+def test_cpu_affinity_takes_only_its_modes():
+    assert load_config({}, None, {"TALLY_CPU_AFFINITY": "gateways"}).cpu_affinity == "gateways"
+    assert load_config({}, None, {}).cpu_affinity == "off"
+    with pytest.raises(ConfigError, match="cpu-affinity: 'all'; one of off, gateways"):
+        load_config({"cpu_affinity": "all"}, None, {})

@@ -3,6 +3,7 @@ checked against a brute-force oracle, before and after a clean restart."""
 
 from __future__ import annotations
 
+import os
 import random
 import socket
 import subprocess
@@ -358,6 +359,61 @@ def test_exact_counts_on_mongodb_through_a_restart(tmp_path, secantus):
         assert again.stop() == 0, again.output()
 
 
+def allowed_cpus(served: Served, tcp_port: int) -> dict[str, list[int]] | None:
+    """The CPUs each kind of the service's processes may run on, the same for each of
+    its threads (None if any is not pinned): "tcp" for the gateway listening on
+    ``tcp_port``, "http" for the other gateway, "shard" for the shards."""
+    assert served.proc is not None
+    children: dict[int, list[int]] = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except OSError:
+            continue
+        children.setdefault(ppid, []).append(int(pid))
+    mine, todo = [], [served.proc.pid]
+    while todo:
+        pid = todo.pop()
+        mine.append(pid)
+        todo.extend(children.get(pid, ()))
+    listener = _listener_inode(tcp_port)
+    found: dict[str, list[int]] = {}
+    for pid in mine:
+        try:
+            with open(f"/proc/{pid}/cmdline") as f:
+                cmd = f.read()
+            masks = {tuple(sorted(os.sched_getaffinity(int(t))))
+                     for t in os.listdir(f"/proc/{pid}/task")}
+            fds = os.listdir(f"/proc/{pid}/fd")
+            sockets = {os.readlink(f"/proc/{pid}/fd/{fd}") for fd in fds}
+        except OSError:
+            continue
+        if cmd.startswith("ray::ShardActor"):
+            kind = "shard"
+        elif cmd.startswith("ray::Gateway"):
+            kind = "tcp" if f"socket:[{listener}]" in sockets else "http"
+        else:
+            continue
+        assert len(masks) == 1, (kind, masks)  # every thread alike
+        (mask,) = masks
+        assert found.setdefault(kind, list(mask)) == list(mask), (kind, found, mask)
+    if set(found) != {"tcp", "http", "shard"}:
+        raise AssertionError(f"processes found: {found}")
+    everything = sorted(os.sched_getaffinity(0))
+    return None if all(v == everything for v in found.values()) else found
+
+
+def _listener_inode(port: int) -> str:
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for line in f.readlines()[1:]:
+                fields = line.split()
+                if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "0A":
+                    return fields[9]
+    raise AssertionError(f"nothing listens on {port}")
+
+
 def listening(port: int) -> int:
     """Sockets listening on ``port`` on this host (LISTEN is state 0A in /proc/net/tcp)."""
     count = 0
@@ -411,7 +467,7 @@ def test_http_gateways_take_the_http_port_alone_and_find_what_tcp_gateways_ackno
     statsd = free_port()
     served = Served(tmp_path, "sqlite:///data/tally.db", "--http-gateways-per-node", "1",
                     "--statsd-port", str(statsd), "--statsd-tenant", "acme",
-                    shards=2).start()
+                    "--cpu-affinity", "gateways", shards=2).start()
     try:
         deadline = time.monotonic() + 60
         while listening(served.tcp_port) < 1 or listening(served.http_port) < 1:
@@ -419,6 +475,11 @@ def test_http_gateways_take_the_http_port_alone_and_find_what_tcp_gateways_ackno
             time.sleep(0.2)
         assert (listening(served.tcp_port), listening(served.http_port)) == (1, 1)
         assert "gateway processes per node: 1 for HTTP, 1 for TCP" in served.output()
+        # --cpu-affinity gateways: the TCP gateway on a core of its own, every thread of the
+        # shards on the others, the HTTP gateway anywhere (nothing pinned on one core)
+        cpus = sorted(os.sched_getaffinity(0))
+        expected = {"tcp": cpus[:1], "http": cpus, "shard": cpus[1:]} if len(cpus) > 1 else None
+        assert allowed_cpus(served, tcp_port=served.tcp_port) == expected, served.output()
         params = {"tenant": "acme", "metric": "split", "from": "2026-09-01",
                   "to": "2026-09-30", "granularity": "month"}
         with TallyClient("127.0.0.1", served.tcp_port) as client:
