@@ -383,8 +383,7 @@ def allowed_cpus(served: Served, tcp_port: int) -> dict[str, list[int]] | None:
         try:
             with open(f"/proc/{pid}/cmdline") as f:
                 cmd = f.read()
-            masks = {tuple(sorted(os.sched_getaffinity(int(t))))
-                     for t in os.listdir(f"/proc/{pid}/task")}
+            masks = {_thread_cpus(int(t)) for t in os.listdir(f"/proc/{pid}/task")} - {None}
             fds = os.listdir(f"/proc/{pid}/fd")
             sockets = {os.readlink(f"/proc/{pid}/fd/{fd}") for fd in fds}
         except OSError:
@@ -402,6 +401,13 @@ def allowed_cpus(served: Served, tcp_port: int) -> dict[str, list[int]] | None:
         raise AssertionError(f"processes found: {found}")
     everything = sorted(os.sched_getaffinity(0))
     return None if all(v == everything for v in found.values()) else found
+
+
+def _thread_cpus(tid: int) -> tuple[int, ...] | None:
+    try:
+        return tuple(sorted(os.sched_getaffinity(tid)))
+    except OSError:  # a thread that ended meanwhile
+        return None
 
 
 def _listener_inode(port: int) -> str:
