@@ -477,7 +477,7 @@ class ShardState:
                     "checkpoint would leave int64; retry after the next checkpoint")
         self._blocks[rows, hod] = new
         self._big.update(rows[_beyond_big(new)].tolist())
-        self._log_delta(rows, hod, values)
+        self._add_pending(rows, hod, values)
         self.increments += batch.increments
 
     def _day_overflows(
@@ -498,7 +498,7 @@ class ShardState:
                                "would leave int64"))
         return bad
 
-    def _log_delta(self, rows: np.ndarray, hod: np.ndarray, values: np.ndarray) -> None:
+    def _add_pending(self, rows: np.ndarray, hod: np.ndarray, values: np.ndarray) -> None:
         nonzero = values != 0
         if not nonzero.all():
             rows, hod, values = rows[nonzero], hod[nonzero], values[nonzero]
@@ -553,7 +553,7 @@ class ShardState:
             raise RuntimeError(f"shard {self.shard}: undoing a batch would leave int64")
         self._blocks[rows, hod] = new
         self._big.update(rows[_beyond_big(new)].tolist())
-        self._log_delta(rows, hod, values)
+        self._add_pending(rows, hod, values)
         self.increments -= batch.increments
         return True
 
@@ -1128,10 +1128,10 @@ class _Pending:
         vals = used[at, hod]
         if self.wide:
             keys = np.fromiter(self.wide, np.int64, len(self.wide))
-            nonzero = list(self.wide.values())
             at = np.concatenate((at, keys // 24))
             hod = np.concatenate((hod, keys % 24))
-            vals = np.concatenate((vals.astype(object), np.array(nonzero, dtype=object)))
+            wide = np.array(list(self.wide.values()), dtype=object)
+            vals = np.concatenate((vals.astype(object), wide))
             keep = vals != 0
             at, hod, vals = at[keep], hod[keep], vals[keep]
         rows = self.block[at]

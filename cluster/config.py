@@ -55,8 +55,8 @@ class ServeConfig:
     # more gateway processes per node that take the HTTP port alone (queries, HTTP
     # ingest, the dashboard), leaving TCP and StatsD to the others; 0: all take both
     http_gateways_per_node: int = 0
-    # "gateways": each TCP gateway gets a core of its own, the other processes share the
-    # rest (cluster/affinity.py); "off": the kernel places them
+    # "gateways": each TCP gateway gets a core of its own, the shards share the rest
+    # (cluster/affinity.py); "off": the kernel places them
     cpu_affinity: str = "off"
 
 
