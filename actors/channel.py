@@ -43,9 +43,9 @@ from typing import Any
 
 import numpy as np
 
-from wire import stream
-from wire.batches import Batch
-from wire.frames import FrameDecoder, FrameError, encode_frame
+from tally.wire import stream
+from tally.wire.batches import Batch
+from tally.wire.frames import FrameDecoder, FrameError, encode_frame
 
 log = logging.getLogger("tally.channel")
 

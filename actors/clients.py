@@ -12,11 +12,11 @@ from typing import Any, Protocol
 import numpy as np
 from prometheus_client import CollectorRegistry
 
-from actors.channel import FALLBACK, ShardChannel
-from actors.metrics import render, state_gauges
-from actors.shard_state import NO_SEQ, ShardState
-from checkpoint.store import Store
-from wire.batches import Batch
+from tally.actors.channel import FALLBACK, ShardChannel
+from tally.actors.metrics import render, state_gauges
+from tally.actors.shard_state import NO_SEQ, ShardState
+from tally.checkpoint.store import Store
+from tally.wire.batches import Batch
 
 
 class ShardClient(Protocol):

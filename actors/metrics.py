@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from actors.shard_state import ShardState
+from tally.actors.shard_state import ShardState
 
 # A checkpoint of a few slots to SQLite takes about a millisecond; a large one
 # to a slow MongoDB can take tens of seconds before the store is declared down.

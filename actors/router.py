@@ -6,8 +6,8 @@ from itertools import repeat
 
 import numpy as np
 
-from wire.batches import Batch
-from wire.series import shard_of
+from tally.wire.batches import Batch
+from tally.wire.series import shard_of
 
 _CACHE_LIMIT = 1_000_000
 

@@ -20,15 +20,15 @@ from typing import Any
 
 import ray
 
-from actors import memory
-from actors.channel import ChannelServer
-from actors.metrics import ShardMetrics
-from actors.shard_state import NO_SEQ, ShardState
-from checkpoint.remote import open_store_in_actor
-from checkpoint.store import Checkpoint
-from cluster import affinity
-from wire.batches import Batch
-from wire.timeslots import month_of_hour
+from tally.actors import memory
+from tally.actors.channel import ChannelServer
+from tally.actors.metrics import ShardMetrics
+from tally.actors.shard_state import NO_SEQ, ShardState
+from tally.checkpoint.remote import open_store_in_actor
+from tally.checkpoint.store import Checkpoint
+from tally.cluster import affinity
+from tally.wire.batches import Batch
+from tally.wire.timeslots import month_of_hour
 
 log = logging.getLogger("tally.shard")
 

@@ -27,11 +27,11 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from actors.history import DEFAULT_BYTES, MISSING, History, Month, peak_of
-from checkpoint.store import Checkpoint, MonthDoc, MonthKey, ShardRecord
-from wire.batches import INT64_MAX, INT64_MIN, Batch
-from wire.series import SeriesKey, matches, parse_series_id
-from wire.timeslots import hour_start
+from tally.actors.history import DEFAULT_BYTES, MISSING, History, Month, peak_of
+from tally.checkpoint.store import Checkpoint, MonthDoc, MonthKey, ShardRecord
+from tally.wire.batches import INT64_MAX, INT64_MIN, Batch
+from tally.wire.series import SeriesKey, matches, parse_series_id
+from tally.wire.timeslots import hour_start
 
 NO_SEQ = -1  # the mark of a producer none of whose batches is applied here
 

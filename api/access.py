@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from wire.series import InvalidSeries, check_tenant
+from tally.wire.series import InvalidSeries, check_tenant
 
 SCOPES = ("ingest", "query", "admin")
 ALL_TENANTS = "*"

@@ -21,9 +21,9 @@ from urllib.parse import parse_qsl
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from api.access import AccessList, Denied
-from api.service import Service
-from api.timerange import GRANULARITIES, QueryError, compare_plan, plan_range
+from tally.api.access import AccessList, Denied
+from tally.api.service import Service
+from tally.api.timerange import GRANULARITIES, QueryError, compare_plan, plan_range
 
 PATH = "/v1/series"
 SINGLE = frozenset({"tenant", "metric", "from", "to", "granularity", "tz", "compare"})

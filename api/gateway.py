@@ -18,16 +18,16 @@ from typing import Any
 import ray
 import uvicorn
 
-from actors.clients import RayShards
-from actors.shard import SHARD_NAME
-from api.access import AccessList
-from api.http import create_app
-from api.rules import BUILTIN, Rules
-from api.service import Service
-from api.statsd import StatsdIngress
-from api.tcp import TcpLimits, TcpServer
-from checkpoint.remote import open_store_in_actor
-from cluster import affinity
+from tally.actors.clients import RayShards
+from tally.actors.shard import SHARD_NAME
+from tally.api.access import AccessList
+from tally.api.http import create_app
+from tally.api.rules import BUILTIN, Rules
+from tally.api.service import Service
+from tally.api.statsd import StatsdIngress
+from tally.api.tcp import TcpLimits, TcpServer
+from tally.checkpoint.remote import open_store_in_actor
+from tally.cluster import affinity
 
 log = logging.getLogger("tally.gateway")
 GATEWAY_NAME = "tally-gateway"

@@ -23,17 +23,23 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from api import openapi as doc
-from api.access import OPEN, AccessList, Denied, Grant
-from api.dashboard import dashboard_router
-from api.durability import ShardRestarted
-from api.fast_series import FastSeries
-from api.ingest import Incoming, build_batch, build_event_batch, check_ack, json_column
-from api.metrics import HttpMetricsMiddleware, body_increments
-from api.rules import BUILTIN, Rules
-from api.service import IngestError, Service
-from api.timerange import GRANULARITIES, QueryError, compare_plan, plan_range
-from wire.series import InvalidSeries, check_metric, check_tag_key, check_tag_value, check_tenant
+from tally.api import openapi as doc
+from tally.api.access import OPEN, AccessList, Denied, Grant
+from tally.api.dashboard import dashboard_router
+from tally.api.durability import ShardRestarted
+from tally.api.fast_series import FastSeries
+from tally.api.ingest import Incoming, build_batch, build_event_batch, check_ack, json_column
+from tally.api.metrics import HttpMetricsMiddleware, body_increments
+from tally.api.rules import BUILTIN, Rules
+from tally.api.service import IngestError, Service
+from tally.api.timerange import GRANULARITIES, QueryError, compare_plan, plan_range
+from tally.wire.series import (
+    InvalidSeries,
+    check_metric,
+    check_tag_key,
+    check_tag_value,
+    check_tenant,
+)
 
 log = logging.getLogger("tally.http")
 DEFAULT_MAX_BODY = 16 * 1024 * 1024

@@ -14,10 +14,10 @@ from typing import Any
 
 import numpy as np
 
-from api.access import Denied
-from api.rules import Rules
-from api.service import IngestError
-from wire.batches import BadBatch, BadRow, Batch, KnownSeries, columnar_batch, rows_batch
+from tally.api.access import Denied
+from tally.api.rules import Rules
+from tally.api.service import IngestError
+from tally.wire.batches import BadBatch, BadRow, Batch, KnownSeries, columnar_batch, rows_batch
 
 ACKS = ("received", "durable")
 

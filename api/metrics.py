@@ -27,7 +27,7 @@ from prometheus_client.metrics_core import CounterMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
 
 if TYPE_CHECKING:
-    from actors.clients import ShardClient
+    from tally.actors.clients import ShardClient
 
 log = logging.getLogger("tally.metrics")
 

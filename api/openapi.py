@@ -18,7 +18,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.json_schema import models_json_schema
 
-from api.timerange import COMPARE_MODES, GRANULARITIES
+from tally.api.timerange import COMPARE_MODES, GRANULARITIES
 
 TENANT_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
 METRIC_PATTERN = r"^[A-Za-z0-9_.:-]{1,200}$"

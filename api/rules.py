@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from wire.series import (
+from tally.wire.series import (
     MAX_TAGS,
     InvalidSeries,
     check_metric,

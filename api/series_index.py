@@ -23,8 +23,8 @@ from collections import OrderedDict, defaultdict
 from collections.abc import Awaitable, Callable, Iterable
 from typing import NamedTuple
 
-from actors.router import Router
-from wire.series import SeriesKey, matches, parse_series_id
+from tally.actors.router import Router
+from tally.wire.series import SeriesKey, matches, parse_series_id
 
 DEFAULT_MAX_SERIES = 2_000_000
 MATCH_CACHE = 1_000  # where filters remembered per metric

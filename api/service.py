@@ -20,19 +20,19 @@ from typing import Any
 
 import numpy as np
 
-from actors.channel import AnswerLost
-from actors.clients import ShardClient
-from actors.router import Router
-from actors.shard_state import exact_sum
-from api.durability import DurableTracker, Token
-from api.metrics import GatewayMetrics
-from api.peers import Peers, Tell
-from api.producers import Producers
-from api.series_index import SeriesIndex
-from api.timerange import Plan, bucket_points
-from checkpoint.store import Store
-from wire.batches import Batch
-from wire.series import SeriesKey, parse_series_id
+from tally.actors.channel import AnswerLost
+from tally.actors.clients import ShardClient
+from tally.actors.router import Router
+from tally.actors.shard_state import exact_sum
+from tally.api.durability import DurableTracker, Token
+from tally.api.metrics import GatewayMetrics
+from tally.api.peers import Peers, Tell
+from tally.api.producers import Producers
+from tally.api.series_index import SeriesIndex
+from tally.api.timerange import Plan, bucket_points
+from tally.checkpoint.store import Store
+from tally.wire.batches import Batch
+from tally.wire.series import SeriesKey, parse_series_id
 
 log = logging.getLogger("tally.service")
 

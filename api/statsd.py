@@ -32,9 +32,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from api.service import IngestError, Service
-from wire.batches import BadBatch, BadRow, KnownSeries, rows_batch
-from wire.statsd import MAX_DATAGRAM, MAX_LINE, Parsed, Rejection, StatsdParser
+from tally.api.service import IngestError, Service
+from tally.wire.batches import BadBatch, BadRow, KnownSeries, rows_batch
+from tally.wire.statsd import MAX_DATAGRAM, MAX_LINE, Parsed, Rejection, StatsdParser
 
 log = logging.getLogger("tally.statsd")
 UDP_BUFFER = 8 * 1024 * 1024  # asked of the kernel; it caps it at net.core.rmem_max

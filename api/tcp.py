@@ -21,14 +21,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from api.access import OPEN, AccessList, Denied, Grant
-from api.durability import ShardRestarted, Token
-from api.ingest import Incoming, build_batch, build_event_batch, check_ack
-from api.rules import BUILTIN, Rules
-from api.service import IngestError, Service
-from wire import stream
-from wire.batches import KnownSeries
-from wire.frames import (
+from tally.api.access import OPEN, AccessList, Denied, Grant
+from tally.api.durability import ShardRestarted, Token
+from tally.api.ingest import Incoming, build_batch, build_event_batch, check_ack
+from tally.api.rules import BUILTIN, Rules
+from tally.api.service import IngestError, Service
+from tally.wire import stream
+from tally.wire.batches import KnownSeries
+from tally.wire.frames import (
     DEFAULT_MAX_FRAME,
     Events,
     FrameDecoder,

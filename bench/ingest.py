@@ -11,8 +11,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from bench.workload import Chunk, frame
-from wire.frames import FrameDecoder, encode_frame
+from tally.bench.workload import Chunk, frame
+from tally.wire.frames import FrameDecoder, encode_frame
 
 
 @dataclass

@@ -32,7 +32,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, Protocol
 
-from cluster.spawn import free_port
+from tally.cluster.spawn import free_port
 
 RATES = (25_000, 50_000, 100_000, 150_000, 200_000, 250_000, 300_000, 400_000, 500_000,
          600_000, 800_000, 1_000_000, 1_200_000, 1_600_000)
@@ -143,10 +143,10 @@ def _wait_stable(read: Any, expect: int, timeout: float = 5.0) -> int:
 
 
 def _serve_tally(conn: Connection, shards: int) -> None:
-    from actors.clients import LocalShards
-    from api.service import Service
-    from api.statsd import StatsdIngress
-    from checkpoint.sqlite import SqliteStore
+    from tally.actors.clients import LocalShards
+    from tally.api.service import Service
+    from tally.api.statsd import StatsdIngress
+    from tally.checkpoint.sqlite import SqliteStore
 
     async def main() -> None:
         with tempfile.TemporaryDirectory(prefix="tally-bench-statsd-") as tmp:

@@ -18,10 +18,10 @@ from typing import Any
 
 from bson.int64 import Int64
 
-from checkpoint.store import Checkpoint, MonthDoc, MonthKey
-from wire.frames import MAX_PRODUCER
-from wire.series import SeriesKey, check_tag_key, check_tag_value, parse_series_id, series_key
-from wire.timeslots import day_and_hour, month_hours
+from tally.checkpoint.store import Checkpoint, MonthDoc, MonthKey
+from tally.wire.frames import MAX_PRODUCER
+from tally.wire.series import SeriesKey, check_tag_key, check_tag_value, parse_series_id, series_key
+from tally.wire.timeslots import day_and_hour, month_hours
 
 INT64_MIN = -(2**63)
 INT64_MAX = 2**63 - 1

@@ -29,10 +29,10 @@ from pymongo.collection import Collection
 from pymongo.database import Database
 from pymongo.errors import DuplicateKeyError, PyMongoError
 
-from checkpoint.layout import INT64_MAX, INT64_MIN, JOURNAL_PART_BYTES
-from checkpoint.mongo import MongoStore
-from checkpoint.store import Checkpoint, MonthDoc, MonthKey, ShardRecord, StoreError
-from wire.series import SeriesKey
+from tally.checkpoint.layout import INT64_MAX, INT64_MIN, JOURNAL_PART_BYTES
+from tally.checkpoint.mongo import MongoStore
+from tally.checkpoint.store import Checkpoint, MonthDoc, MonthKey, ShardRecord, StoreError
+from tally.wire.series import SeriesKey
 
 F = TypeVar("F", bound=Callable[..., Any])
 

@@ -51,7 +51,7 @@ from pymongo.database import Database
 from pymongo.errors import BulkWriteError, DuplicateKeyError, InvalidURI, PyMongoError
 from pymongo.write_concern import WriteConcern
 
-from checkpoint.layout import (
+from tally.checkpoint.layout import (
     JOURNAL_PART_BYTES,
     CheckedCheckpoint,
     check_checkpoint,
@@ -68,7 +68,7 @@ from checkpoint.layout import (
     prefix_range,
     series_upsert,
 )
-from checkpoint.store import (
+from tally.checkpoint.store import (
     Checkpoint,
     LayoutMismatch,
     MonthDoc,
@@ -76,8 +76,8 @@ from checkpoint.store import (
     ShardRecord,
     StoreError,
 )
-from checkpoint.urls import redact_url
-from wire.series import SeriesKey, check_metric, check_tenant, parse_series_id
+from tally.checkpoint.urls import redact_url
+from tally.wire.series import SeriesKey, check_metric, check_tenant, parse_series_id
 
 DEFAULT_DATABASE = "tally"
 DEFAULT_SERVER_SELECTION_TIMEOUT_MS = 5000

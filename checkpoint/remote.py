@@ -12,8 +12,8 @@ from typing import Any
 
 import ray
 
-from checkpoint.store import Checkpoint, MonthDoc, MonthKey, ShardRecord
-from wire.series import SeriesKey
+from tally.checkpoint.store import Checkpoint, MonthDoc, MonthKey, ShardRecord
+from tally.wire.series import SeriesKey
 
 HOST_NAME = "tally-store"
 
@@ -21,7 +21,7 @@ HOST_NAME = "tally-store"
 @ray.remote(num_cpus=0, max_concurrency=1)
 class StoreHost:
     def __init__(self, url: str) -> None:
-        from checkpoint.urls import open_store
+        from tally.checkpoint.urls import open_store
 
         self.store = open_store(url)
 
@@ -67,6 +67,6 @@ def open_store_in_actor(url: str) -> Any:
     """The store a shard or gateway actor should use for ``url``."""
     if url.startswith("memory://"):
         return RemoteStore()
-    from checkpoint.urls import open_store
+    from tally.checkpoint.urls import open_store
 
     return open_store(url)

@@ -30,14 +30,14 @@ from collections.abc import Container, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from checkpoint.layout import (
+from tally.checkpoint.layout import (
     check_month,
     check_sid,
     check_streamed,
     check_where,
     month_pairs,
 )
-from checkpoint.store import (
+from tally.checkpoint.store import (
     Checkpoint,
     LayoutMismatch,
     MonthDoc,
@@ -45,8 +45,14 @@ from checkpoint.store import (
     ShardRecord,
     StoreError,
 )
-from wire.series import SeriesKey, check_metric, check_tenant, format_series_id, parse_series_id
-from wire.timeslots import month_hours
+from tally.wire.series import (
+    SeriesKey,
+    check_metric,
+    check_tenant,
+    format_series_id,
+    parse_series_id,
+)
+from tally.wire.timeslots import month_hours
 
 _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS series (
@@ -87,7 +93,7 @@ _CLAIM = (
     "INSERT INTO shards (shard, ck) VALUES (?, ?) "
     "ON CONFLICT (shard) DO UPDATE SET ck = max(ck, excluded.ck)"
 )
-# Set, not maxed, and guarded like a month (see checkpoint.layout.mark_update).
+# Set, not maxed, and guarded like a month (see tally.checkpoint.layout.mark_update).
 _UPSERT_MARK = (
     "INSERT INTO producers (shard, producer, seq, ck) VALUES (?, ?, ?, ?) "
     "ON CONFLICT (shard, producer) DO UPDATE SET seq = excluded.seq, ck = excluded.ck "

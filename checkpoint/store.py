@@ -18,7 +18,7 @@ from collections.abc import Container
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from wire.series import SeriesKey
+from tally.wire.series import SeriesKey
 
 MonthKey = tuple[str, str]  # (series id, "YYYY-MM")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import re
 
-from checkpoint.store import Store
+from tally.checkpoint.store import Store
 
 ACCEPTED_FORMS = (
     "sqlite:///relative/path (relative to the current directory), "
@@ -39,17 +39,17 @@ def open_store(url: str) -> Store:
             raise _refuse(url, "names no database file")
         if "?" in path:
             raise _refuse(url, "has query parameters, which the SQLite store does not take")
-        from checkpoint.sqlite import SqliteStore
+        from tally.checkpoint.sqlite import SqliteStore
 
         return SqliteStore(os.path.abspath(path))
     if url.startswith("sqlite:"):
         raise _refuse(url, "is not a SQLite file URL (in-memory SQLite is not shared or durable)")
     if url.startswith(("mongodb://", "mongodb+srv://")):
-        from checkpoint.mongo import MongoStore
+        from tally.checkpoint.mongo import MongoStore
 
         return MongoStore(url)
     if url == "memory://":
-        from checkpoint.memory import MemoryStore
+        from tally.checkpoint.memory import MemoryStore
 
         return MemoryStore()
     if url.startswith("memory:"):

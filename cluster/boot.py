@@ -14,14 +14,14 @@ from typing import Any
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from api.access import load_access
-from api.gateway import GatewayOptions
-from api.rules import BUILTIN, load_rules
-from api.tcp import TcpLimits
-from checkpoint.store import LayoutMismatch, StoreError
-from checkpoint.urls import open_store, redact_url
-from cluster.config import ConfigError, ServeConfig
-from cluster.supervisor import (
+from tally.api.access import load_access
+from tally.api.gateway import GatewayOptions
+from tally.api.rules import BUILTIN, load_rules
+from tally.api.tcp import TcpLimits
+from tally.checkpoint.store import LayoutMismatch, StoreError
+from tally.checkpoint.urls import open_store, redact_url
+from tally.cluster.config import ConfigError, ServeConfig
+from tally.cluster.supervisor import (
     PLACEMENT_MEMORY,
     SUPERVISOR_NAME,
     ServicePlan,

@@ -6,9 +6,9 @@ import argparse
 import os
 import sys
 
-from bench.run import BenchConfig
-from cluster.affinity import MODES
-from cluster.config import ConfigError, load_config
+from tally.bench.run import BenchConfig
+from tally.cluster.affinity import MODES
+from tally.cluster.config import ConfigError, load_config
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
             # One structured line per checkpoint and error, never folded into
             # "repeated Nx": Ray reads this when it is imported.
             os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-            from cluster.boot import serve
+            from tally.cluster.boot import serve
 
             return serve(cfg)
         except ConfigError as e:
@@ -236,8 +236,8 @@ def main(argv: list[str] | None = None) -> int:
 def demo(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from cluster.demo import report, run_demo, sent_line
-    from wire.client import TallyError
+    from tally.cluster.demo import report, run_demo, sent_line
+    from tally.wire.client import TallyError
 
     try:
         result = run_demo(host=args.host, tcp_port=args.tcp_port, http_port=args.http_port,
@@ -257,7 +257,13 @@ def demo(args: argparse.Namespace) -> int:
 def import_file(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from cluster.importer import ImportFailed, ImportOptions, load_rules_option, run_import, summary
+    from tally.cluster.importer import (
+        ImportFailed,
+        ImportOptions,
+        load_rules_option,
+        run_import,
+        summary,
+    )
 
     try:
         opts = ImportOptions(
@@ -280,7 +286,7 @@ def import_file(args: argparse.Namespace) -> int:
 
 
 def query(args: argparse.Namespace) -> int:
-    from cluster.query import QueryArgs, run_query
+    from tally.cluster.query import QueryArgs, run_query
 
     # The two routes take different parameters: refuse one that would be ignored.
     misplaced = (["--granularity", "--compare"] if args.by is not None else ["--limit"])
@@ -299,7 +305,7 @@ def query(args: argparse.Namespace) -> int:
 
 
 def bench(args: argparse.Namespace) -> int:
-    from bench.run import report, run, to_json
+    from tally.bench.run import report, run, to_json
 
     cfg = BenchConfig(**{k: v for k, v in vars(args).items()
                          if k in BenchConfig.__dataclass_fields__ and v is not None})
@@ -312,7 +318,7 @@ def bench(args: argparse.Namespace) -> int:
 
 
 def bench_statsd(args: argparse.Namespace) -> int:
-    from bench.statsd import StatsdBenchConfig, report, run_statsd, to_json
+    from tally.bench.statsd import StatsdBenchConfig, report, run_statsd, to_json
 
     cfg = StatsdBenchConfig(duration=args.duration, lines_per_datagram=args.lines_per_datagram,
                             max_rate=args.max_rate, etsy=args.etsy)

@@ -37,8 +37,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from api.rules import BUILTIN, Rules
-from wire.client import TallyClient
+from tally.api.rules import BUILTIN, Rules
+from tally.wire.client import TallyClient
 
 CHANNELS = ("email", "chat", "phone", "twitter", "facebook")
 # Channel mix by day and by night; an hour's mix is a blend weighted by how busy it is.

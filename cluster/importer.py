@@ -82,8 +82,8 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from api.rules import BUILTIN, BadEvent, Rules, RulesError, load_rules
-from wire.client import (
+from tally.api.rules import BUILTIN, BadEvent, Rules, RulesError, load_rules
+from tally.wire.client import (
     BatchRejected,
     ClientFailed,
     Connection,
@@ -92,8 +92,8 @@ from wire.client import (
     TallyError,
     TallyTimeout,
 )
-from wire.frames import MAX_PRODUCER
-from wire.series import InvalidSeries, series_key
+from tally.wire.frames import MAX_PRODUCER
+from tally.wire.series import InvalidSeries, series_key
 
 __all__ = [
     "FileClient",

@@ -39,9 +39,9 @@ from typing import Any
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from actors.shard import SHARD_NAME, ShardActor
-from api.gateway import GATEWAY_NAME, Gateway, GatewayOptions
-from checkpoint.remote import HOST_NAME, StoreHost
+from tally.actors.shard import SHARD_NAME, ShardActor
+from tally.api.gateway import GATEWAY_NAME, Gateway, GatewayOptions
+from tally.checkpoint.remote import HOST_NAME, StoreHost
 
 log = logging.getLogger("tally.supervisor")
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-
-from tests.secantus import SecantusServer, find_secantusd
+from secantus import SecantusServer, find_secantusd
 
 
 @pytest.fixture(scope="session")

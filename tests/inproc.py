@@ -20,15 +20,15 @@ from typing import Any
 import httpx
 import uvicorn
 
-from actors.clients import LocalShards
-from api.access import AccessList
-from api.http import create_app
-from api.rules import BUILTIN, Rules
-from api.service import Service
-from api.statsd import StatsdIngress
-from api.tcp import TcpLimits, TcpServer
-from checkpoint.sqlite import SqliteStore
-from wire.frames import FrameDecoder, encode_frame
+from tally.actors.clients import LocalShards
+from tally.api.access import AccessList
+from tally.api.http import create_app
+from tally.api.rules import BUILTIN, Rules
+from tally.api.service import Service
+from tally.api.statsd import StatsdIngress
+from tally.api.tcp import TcpLimits, TcpServer
+from tally.checkpoint.sqlite import SqliteStore
+from tally.wire.frames import FrameDecoder, encode_frame
 
 
 def tokens_file(*tokens: tuple[str | None, str, list[str], list[str]]) -> str:

@@ -6,7 +6,7 @@ here are what the end-to-end tests import.
 
 from __future__ import annotations
 
-from cluster.spawn import TALLY, free_port, port_free
-from cluster.spawn import Spawned as Served
+from tally.cluster.spawn import TALLY, free_port, port_free
+from tally.cluster.spawn import Spawned as Served
 
 __all__ = ["TALLY", "Served", "free_port", "port_free"]

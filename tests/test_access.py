@@ -6,7 +6,7 @@ import pickle
 
 import pytest
 
-from api.access import AccessFileError, Denied, load_access, parse_access
+from tally.api.access import AccessFileError, Denied, load_access, parse_access
 
 GOOD = """
 [[token]]

@@ -11,10 +11,10 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
+from inproc import InProcessTally, RawConnection, tokens_file
 
-from api.access import parse_access
-from tests.inproc import InProcessTally, RawConnection, tokens_file
-from wire.client import TallyClient, Unauthorized
+from tally.api.access import parse_access
+from tally.wire.client import TallyClient, Unauthorized
 
 NOW = int(time.time())
 DAY = time.strftime("%Y-%m-%d", time.gmtime(NOW - 60))

@@ -18,8 +18,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from actors.router import Router
-from wire.batches import (
+from tally.actors.router import Router
+from tally.wire.batches import (
     INT64_MAX,
     INT64_MIN,
     BadBatch,
@@ -29,8 +29,8 @@ from wire.batches import (
     columnar_batch,
     rows_batch,
 )
-from wire.series import series_id, shard_of
-from wire.timeslots import FUTURE_TOLERANCE
+from tally.wire.series import series_id, shard_of
+from tally.wire.timeslots import FUTURE_TOLERANCE
 
 NOW = 1_764_000_000.5  # 2025-11-24, a fractional clock on purpose
 T = 1_764_000_000
@@ -582,8 +582,8 @@ def test_columnar_series_tables_are_validated_once_per_connection(monkeypatch):
     KnownSeries the second frame validates none of it, and answers the same."""
     import numpy as np
 
-    import wire.batches as batches
-    from wire.batches import KnownSeries, columnar_batch
+    import tally.wire.batches as batches
+    from tally.wire.batches import KnownSeries, columnar_batch
 
     now = 1_795_000_000
     series = [["acme", "m", {"b": "2", "a": "1"}], ["acme", "m", None], ["acme", "n", {}]]

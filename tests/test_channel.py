@@ -14,12 +14,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-from actors.channel import FALLBACK, RETRY_AFTER, AnswerLost, ChannelServer, ShardChannel
-from actors.shard_state import ShardState
-from api.metrics import GatewayMetrics
-from checkpoint.sqlite import SqliteStore
-from wire.batches import INT64_MAX, rows_batch
-from wire.frames import encode_frame
+from tally.actors.channel import FALLBACK, RETRY_AFTER, AnswerLost, ChannelServer, ShardChannel
+from tally.actors.shard_state import ShardState
+from tally.api.metrics import GatewayMetrics
+from tally.checkpoint.sqlite import SqliteStore
+from tally.wire.batches import INT64_MAX, rows_batch
+from tally.wire.frames import encode_frame
 
 NOW = calendar.timegm((2026, 11, 20, 12, 0, 0))
 DAY = calendar.timegm((2026, 11, 2, 0, 0, 0))

@@ -38,9 +38,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from wire.aclient import AsyncTallyClient
-from wire.batches import BadBatch, BadRow, columnar_batch
-from wire.client import (
+from tally.wire.aclient import AsyncTallyClient
+from tally.wire.batches import BadBatch, BadRow, columnar_batch
+from tally.wire.client import (
     FRAME_OVERHEAD,
     BatchRejected,
     ClientClosed,
@@ -59,7 +59,7 @@ from wire.client import (
     prepare_event,
     prepare_increment,
 )
-from wire.frames import (
+from tally.wire.frames import (
     DEFAULT_MAX_FRAME,
     FrameDecoder,
     FrameError,
@@ -68,7 +68,7 @@ from wire.frames import (
     encode_frame,
     parse_message,
 )
-from wire.series import series_id
+from tally.wire.series import series_id
 
 NOW = int(time.time())
 CACHE = SeriesCache()

@@ -34,8 +34,8 @@ from ray._raylet import Config
 from ray.autoscaler._private.commands import _bootstrap_config
 from ray.autoscaler._private.util import prepare_config, validate_config, with_envs
 
-from cluster.boot import RAY_SYSTEM_CONFIG
-from cluster.config import ConfigError, ServeConfig, load_config
+from tally.cluster.boot import RAY_SYSTEM_CONFIG
+from tally.cluster.config import ConfigError, ServeConfig, load_config
 
 FILES = Path(__file__).resolve().parents[1] / "cluster" / "ray"
 AWS = FILES / "aws.yaml"
@@ -265,7 +265,7 @@ def test_env_example_is_a_working_tally_configuration(tmp_path: Path) -> None:
 
 
 def test_shards_are_placed_round_robin_over_alive_nodes_workers_first():
-    from cluster.supervisor import HEAD, shard_placement
+    from tally.cluster.supervisor import HEAD, shard_placement
 
     nodes = [
         {"NodeID": "h", "Alive": True, "Resources": {HEAD: 1.0, "CPU": 2.0}},
@@ -297,7 +297,7 @@ def test_http_gateways_per_node_out_of_range_is_refused_by_name(bad):
 def test_which_ports_a_nodes_gateways_take():
     """Without HTTP gateways all take both; with them, the first N take TCP (the first of
     them StatsD too), the M after take HTTP, and each group shares its port when it can."""
-    from cluster.supervisor import ServicePlan
+    from tally.cluster.supervisor import ServicePlan
 
     def plan(n: int, m: int) -> ServicePlan:
         return ServicePlan("sqlite:///x", 2, 2.0, 10, None, "127.0.0.1", 8780, 8781,  # type: ignore[arg-type]
@@ -314,7 +314,7 @@ def test_which_ports_a_nodes_gateways_take():
 
 
 def test_a_nodes_gateways_have_names_of_their_own():
-    from cluster.supervisor import gateway_name
+    from tally.cluster.supervisor import gateway_name
 
     node = "ab" * 28
     assert gateway_name(node) == gateway_name(node, 0) == "tally-gateway-abababababababab"
@@ -322,7 +322,7 @@ def test_a_nodes_gateways_have_names_of_their_own():
 
 
 def test_cpu_affinity_gives_each_tcp_gateway_a_core_and_the_rest_to_the_others():
-    from cluster.affinity import cpus_for
+    from tally.cluster.affinity import cpus_for
 
     cpus = [4, 0, 2, 6]  # (as sched_getaffinity gives them: a set)
     assert cpus_for(cpus, 1, 0) == [0] and cpus_for(cpus, 1, None) == [2, 4, 6]

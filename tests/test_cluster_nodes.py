@@ -20,9 +20,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+from served import TALLY
 
-from tests.served import TALLY
-from wire.client import TallyClient
+from tally.wire.client import TallyClient
 
 ray = pytest.importorskip("ray")
 from ray.cluster_utils import Cluster  # noqa: E402

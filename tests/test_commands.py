@@ -20,11 +20,12 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+from inproc import InProcessTally, tokens_file
 
-from api.access import parse_access
-from api.rules import BUILTIN, RESPONSE_BUCKETS
-from cluster import cli, importer
-from cluster.demo import (
+from tally.api.access import parse_access
+from tally.api.rules import BUILTIN, RESPONSE_BUCKETS
+from tally.cluster import cli, importer
+from tally.cluster.demo import (
     CHANNELS,
     SENTIMENTS,
     existing_data,
@@ -32,7 +33,7 @@ from cluster.demo import (
     generate,
     run_demo,
 )
-from cluster.importer import (
+from tally.cluster.importer import (
     CsvFile,
     ImportFailed,
     ImportOptions,
@@ -41,9 +42,8 @@ from cluster.importer import (
     producer_for,
     run_import,
 )
-from cluster.query import spark
-from tests.inproc import InProcessTally, tokens_file
-from wire.client import TallyClient
+from tally.cluster.query import spark
+from tally.wire.client import TallyClient
 
 ROOT = Path(__file__).resolve().parent.parent
 NOW = int(time.time())
@@ -392,7 +392,7 @@ def test_import_interrupted_mid_chunk_sends_nothing_of_that_chunk(
 def test_import_killed_mid_run_then_run_again_is_exact(
         tally: InProcessTally, tmp_path: Path) -> None:
     path, want = increments_file(tmp_path / "big.jsonl", "imp8", 150_000)
-    cmd = [sys.executable, "-m", "cluster.cli", "import", str(path),
+    cmd = [sys.executable, "-m", "tally.cluster.cli", "import", str(path),
            "--tcp-port", str(tally.tcp_port)]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)

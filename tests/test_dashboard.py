@@ -25,10 +25,10 @@ from zoneinfo import ZoneInfo
 
 import httpx
 import pytest
+from inproc import InProcessTally, tokens_file
 from playwright.sync_api import Browser, Page, sync_playwright
 
-from api.access import parse_access
-from tests.inproc import InProcessTally, tokens_file
+from tally.api.access import parse_access
 
 CHROMIUM = "/usr/bin/chromium"
 pytestmark = pytest.mark.skipif(
@@ -322,7 +322,7 @@ def test_the_dashboard_over_tally_demo_data_shows_what_demo_sent(
     """`tally demo` into a running tally, then the page over the whole demo range in UTC:
     each panel's total is what demo reports it sent, and the last 30 days (the page's
     default) agree with the API's own answers."""
-    from cluster.demo import run_demo
+    from tally.cluster.demo import run_demo
 
     server = InProcessTally(tmp_path_factory.mktemp("demo")).start()
     context = browser.new_context(timezone_id="UTC", viewport={"width": 1440, "height": 1000})

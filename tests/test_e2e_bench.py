@@ -10,8 +10,7 @@ import json
 import subprocess
 
 import pytest
-
-from tests.served import TALLY
+from served import TALLY
 
 pytestmark = pytest.mark.e2e
 

@@ -1,6 +1,6 @@
 """Exactly once through crashes: the real service, killed, restarted, totals exact.
 
-The client (wire.client.TallyClient) keeps every batch until it is durable
+The client (tally.wire.client.TallyClient) keeps every batch until it is durable
 and resends after reconnecting; shards apply a (producer, seq) at most once.
 """
 
@@ -19,11 +19,11 @@ from datetime import date
 import httpx
 import pymongo
 import pytest
+from oracle import Oracle
+from served import Served
+from test_e2e_serve import TENANTS, dataset
 
-from tests.oracle import Oracle
-from tests.served import Served
-from tests.test_e2e_serve import TENANTS, dataset
-from wire.client import TallyClient
+from tally.wire.client import TallyClient
 
 pytestmark = pytest.mark.e2e
 
@@ -157,7 +157,7 @@ def test_sigkill_of_shard_actors_five_times_mid_stream(tmp_path):
 
 
 def test_resent_durable_batches_are_acked_not_applied(tmp_path):
-    from wire.client import Connection
+    from tally.wire.client import Connection
 
     served = Served(tmp_path, "sqlite:///data/tally.db", "--checkpoint-interval", "0.2",
                     shards=2).start()

@@ -28,10 +28,10 @@ import httpx
 import msgpack
 import numpy as np
 import pytest
+from served import Served
 
-from tests.served import Served
-from wire.client import Connection, TallyClient
-from wire.frames import DEFAULT_MAX_FRAME, FrameDecoder, FrameError, encode_frame
+from tally.wire.client import Connection, TallyClient
+from tally.wire.frames import DEFAULT_MAX_FRAME, FrameDecoder, FrameError, encode_frame
 
 pytestmark = pytest.mark.e2e
 

@@ -8,12 +8,12 @@ import time
 
 import httpx
 import pytest
+from inproc import tokens_file
 from prometheus_client.parser import text_string_to_metric_families
+from served import Served
+from test_e2e_serve import run_serve
 
-from tests.inproc import tokens_file
-from tests.served import Served
-from tests.test_e2e_serve import run_serve
-from wire.client import TallyClient
+from tally.wire.client import TallyClient
 
 pytestmark = pytest.mark.e2e
 

@@ -13,12 +13,12 @@ from typing import Any
 import httpx
 import msgpack
 import pytest
+from inproc import InProcessTally, RawConnection, tokens_file
 
-from api.access import parse_access
-from api.rules import parse_rules
-from tests.inproc import InProcessTally, RawConnection, tokens_file
-from wire.aclient import AsyncTallyClient
-from wire.client import BatchRejected, Connection, ServerError, TallyClient
+from tally.api.access import parse_access
+from tally.api.rules import parse_rules
+from tally.wire.aclient import AsyncTallyClient
+from tally.wire.client import BatchRejected, Connection, ServerError, TallyClient
 
 NOW = int(time.time())
 DAY = time.strftime("%Y-%m-%d", time.gmtime(NOW - 60))

@@ -13,10 +13,10 @@ from typing import Any
 
 import httpx
 import pytest
+from inproc import InProcessTally, tokens_file
 
-from api.access import parse_access
-from api.fast_series import FastSeries
-from tests.inproc import InProcessTally, tokens_file
+from tally.api.access import parse_access
+from tally.api.fast_series import FastSeries
 
 DAY = "2026-03-29"  # Europe's spring-forward: a 23-hour day in Paris
 TS = calendar.timegm((2026, 3, 29, 0, 30, 0))

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from wire.frames import (
+from tally.wire.frames import (
     DEFAULT_MAX_FRAME,
     Events,
     FrameDecoder,

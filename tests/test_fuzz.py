@@ -8,7 +8,7 @@ expressions, the wire protocol's error codes), not from the code under test:
 - the row and columnar validators (``wire.batches``) only ever raise ``BadRow``
   or ``BadBatch`` on arbitrary msgpack-able junk, blame exactly the first bad
   row, and aggregate valid rows exactly;
-- a protocol connection (``api.tcp.Connection``, no sockets) over in-process
+- a protocol connection (``tally.api.tcp.Connection``, no sockets) over in-process
   shards answers every decoded message with a well-formed frame, and the live
   totals equal the increments of the batches it acknowledged with a new seq.
 
@@ -39,12 +39,12 @@ from hypothesis.stateful import (
     rule,
 )
 
-from actors.clients import LocalShards
-from api.service import Service
-from api.tcp import Connection
-from checkpoint.sqlite import SqliteStore
-from wire.batches import BadBatch, BadRow, Batch, columnar_batch, rows_batch
-from wire.series import parse_series_id
+from tally.actors.clients import LocalShards
+from tally.api.service import Service
+from tally.api.tcp import Connection
+from tally.checkpoint.sqlite import SqliteStore
+from tally.wire.batches import BadBatch, BadRow, Batch, columnar_batch, rows_batch
+from tally.wire.series import parse_series_id
 
 NOW = calendar.timegm((2026, 11, 20, 12, 0, 0))
 CLOCK = NOW + 0.75  # a fractional server clock: the ts limit is floor(clock) + 3600

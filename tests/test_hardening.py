@@ -17,12 +17,12 @@ import httpx
 import msgpack
 import numpy as np
 import pytest
+from inproc import InProcessTally, RawConnection
 
-from api.service import IngestError
-from api.tcp import TcpLimits
-from tests.inproc import InProcessTally, RawConnection
-from wire.client import TallyClient
-from wire.frames import encode_frame
+from tally.api.service import IngestError
+from tally.api.tcp import TcpLimits
+from tally.wire.client import TallyClient
+from tally.wire.frames import encode_frame
 
 NOW = int(time.time())
 DAY = time.strftime("%Y-%m-%d", time.gmtime(NOW - 60))

@@ -13,7 +13,7 @@ import bson
 import pytest
 from bson.int64 import Int64
 
-from checkpoint.layout import (
+from tally.checkpoint.layout import (
     JOURNAL_PART_BYTES,
     MAX_JOURNAL_PART_BYTES,
     CheckedCheckpoint,
@@ -23,9 +23,9 @@ from checkpoint.layout import (
     journal_documents,
     prefix_range,
 )
-from checkpoint.store import Checkpoint
-from wire.series import series_id
-from wire.timeslots import month_first_hour, month_hours
+from tally.checkpoint.store import Checkpoint
+from tally.wire.series import series_id
+from tally.wire.timeslots import month_first_hour, month_hours
 
 BSON_LIMIT = 16 * 1024 * 1024
 NOV = "2026-11"

@@ -6,10 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from checkpoint.layout import check_checkpoint, check_sid, check_streamed, month_pairs
-from checkpoint.store import Checkpoint
-from wire.series import series_id
-from wire.timeslots import month_hours
+from tally.checkpoint.layout import check_checkpoint, check_sid, check_streamed, month_pairs
+from tally.checkpoint.store import Checkpoint
+from tally.wire.series import series_id
+from tally.wire.timeslots import month_hours
 
 NOV = "2026-11"
 FIRST, END = month_hours(NOV)

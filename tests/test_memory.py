@@ -7,8 +7,8 @@ import sys
 import numpy as np
 import pytest
 
-from actors import memory
-from actors.metrics import private_bytes, resident_bytes
+from tally.actors import memory
+from tally.actors.metrics import private_bytes, resident_bytes
 
 
 def test_the_policy_trims_after_a_large_checkpoint_else_at_most_every_interval():

@@ -18,15 +18,15 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from actors.clients import LocalShards
-from actors.metrics import CheckpointLag, ShardMetrics
-from actors.shard import ShardActor
-from actors.shard_state import ShardState
-from api.http import create_app
-from api.metrics import GatewayMetrics
-from api.service import Service
-from checkpoint.sqlite import SqliteStore
-from wire.batches import rows_batch
+from tally.actors.clients import LocalShards
+from tally.actors.metrics import CheckpointLag, ShardMetrics
+from tally.actors.shard import ShardActor
+from tally.actors.shard_state import ShardState
+from tally.api.http import create_app
+from tally.api.metrics import GatewayMetrics
+from tally.api.service import Service
+from tally.checkpoint.sqlite import SqliteStore
+from tally.wire.batches import rows_batch
 
 NOW = calendar.timegm((2026, 11, 20, 12, 0, 0))
 DAY = calendar.timegm((2026, 11, 19, 0, 0, 0))
@@ -301,7 +301,7 @@ def test_lag_of_an_undone_batch_clears_when_there_is_nothing_to_write():
 def test_shard_actor_logs_lag_per_checkpoint_and_nothing_for_an_empty_one(
     tmp_path, caplog, monkeypatch
 ):
-    monkeypatch.setattr("actors.shard.gc.freeze", lambda: None)
+    monkeypatch.setattr("tally.actors.shard.gc.freeze", lambda: None)
     actor = ShardActor.__ray_actor_class__(0, f"sqlite:///{tmp_path}/t.db", 3600.0)
     caplog.set_level(logging.INFO, logger="tally.shard")
 

@@ -26,11 +26,11 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, reject, settings
 from hypothesis import strategies as st
+from inproc import InProcessTally, tokens_file
 from schemathesis import GenerationMode
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
-from api.access import parse_access
-from tests.inproc import InProcessTally, tokens_file
+from tally.api.access import parse_access
 
 SECRET = "schemathesis-0123456789"
 TOKENS = tokens_file(("schemathesis", SECRET, ["*"], ["ingest", "query", "admin"]))

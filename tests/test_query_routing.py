@@ -16,12 +16,12 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from actors.clients import LocalShards
-from actors.history import History
-from api.service import Service
-from checkpoint.sqlite import SqliteStore
-from wire.batches import rows_batch
-from wire.series import series_id
+from tally.actors.clients import LocalShards
+from tally.actors.history import History
+from tally.api.service import Service
+from tally.checkpoint.sqlite import SqliteStore
+from tally.wire.batches import rows_batch
+from tally.wire.series import series_id
 
 NOW = calendar.timegm((2026, 11, 20, 12, 0, 0))
 H0 = calendar.timegm((2026, 9, 1, 0, 0, 0)) // 3600

@@ -21,15 +21,15 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from inproc import InProcessTally, RawConnection
 
-import wire.frames
-import wire.row_blocks
-from bench.workload import Workload, frame
-from tests.inproc import InProcessTally, RawConnection
-from wire.batches import BadBatch, BadRow, KnownSeries, rows_batch
-from wire.frames import FrameDecoder, FrameError
-from wire.row_blocks import RowBlock
-from wire.timeslots import FUTURE_TOLERANCE
+from tally.bench.workload import Workload, frame
+from tally.wire import frames as wire_frames
+from tally.wire import row_blocks as wire_row_blocks
+from tally.wire.batches import BadBatch, BadRow, KnownSeries, rows_batch
+from tally.wire.frames import FrameDecoder, FrameError
+from tally.wire.row_blocks import RowBlock
+from tally.wire.timeslots import FUTURE_TOLERANCE
 
 NOW = 1_764_000_000.5
 T = 0x6923_9500  # 2025-11-24: its bytes hold a 0x95
@@ -162,7 +162,7 @@ def same_answer(data: bytes, chunk: int | None = None) -> Any:
 @pytest.fixture
 def scan_every_frame(monkeypatch) -> Iterator[None]:
     """Small frames too (the server scans only frames of 4 KiB and more)."""
-    monkeypatch.setattr(wire.frames, "SCAN_ROWS_FROM", 0)
+    monkeypatch.setattr(wire_frames, "SCAN_ROWS_FROM", 0)
     yield
 
 
@@ -261,11 +261,11 @@ PROPERTY = settings(max_examples=300, deadline=None,
 def scanning_every_frame(test: Any) -> Any:
     """The property tests' own form of the fixture (hypothesis runs them many times)."""
     def run(data: bytes) -> None:
-        wire.frames.SCAN_ROWS_FROM, before = 0, wire.frames.SCAN_ROWS_FROM
+        wire_frames.SCAN_ROWS_FROM, before = 0, wire_frames.SCAN_ROWS_FROM
         try:
             test(data)
         finally:
-            wire.frames.SCAN_ROWS_FROM = before
+            wire_frames.SCAN_ROWS_FROM = before
     run.__name__ = test.__name__
     return run
 
@@ -376,7 +376,7 @@ def test_a_second_rows_key_and_rows_that_are_not_a_list(scan_every_frame) -> Non
 def test_series_seen_before_and_equal_hashes_of_other_bytes(monkeypatch,
                                                             scan_every_frame) -> None:
     """With every hash equal to the length, series of one length collide: the bytes decide."""
-    monkeypatch.setattr(wire.row_blocks, "_MIX", np.zeros_like(wire.row_blocks._MIX))
+    monkeypatch.setattr(wire_row_blocks, "_MIX", np.zeros_like(wire_row_blocks._MIX))
     decoder = FrameDecoder(scan_rows=True)
     known = KnownSeries()
     totals: dict[str, int] = {}
@@ -472,7 +472,7 @@ def test_strings_full_of_row_start_bytes_go_to_the_general_decoder(scan_every_fr
 def test_small_frames_and_other_ops_are_decoded_as_they_were() -> None:
     small = inc_frame(msgpack.packb([["acme", "m", None, T, 1]]))
     assert type(decode(small, True)["rows"]) is list
-    big_event = wire.frames.encode_frame({"op": "event", "seq": 1, "events": [],
+    big_event = wire_frames.encode_frame({"op": "event", "seq": 1, "events": [],
                                           "rows": [["acme", "m", None, T, 1]] * 400})
     assert type(decode(big_event, True)["rows"]) is list
 

@@ -10,12 +10,12 @@ from typing import Any
 
 import pytest
 
-from api.ingest import build_event_batch
-from api.rules import BUILTIN, BadEvent, Rules, RulesError, load_rules, parse_rules
-from api.service import IngestError
-from cluster import cli
-from cluster.config import ConfigError, load_config
-from wire.batches import rows_batch
+from tally.api.ingest import build_event_batch
+from tally.api.rules import BUILTIN, BadEvent, Rules, RulesError, load_rules, parse_rules
+from tally.api.service import IngestError
+from tally.cluster import cli
+from tally.cluster.config import ConfigError, load_config
+from tally.wire.batches import rows_batch
 
 NOW = calendar.timegm((2026, 11, 20, 12, 0, 0))
 TS = NOW - 3600

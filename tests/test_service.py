@@ -12,12 +12,12 @@ from collections import defaultdict
 
 import pytest
 
-from actors.clients import LocalShards
-from api.service import IngestError, Service
-from api.timerange import compare_plan, plan_range
-from checkpoint.sqlite import SqliteStore
-from wire.batches import INT64_MAX, rows_batch
-from wire.series import series_id
+from tally.actors.clients import LocalShards
+from tally.api.service import IngestError, Service
+from tally.api.timerange import compare_plan, plan_range
+from tally.checkpoint.sqlite import SqliteStore
+from tally.wire.batches import INT64_MAX, rows_batch
+from tally.wire.series import series_id
 
 NOW = calendar.timegm((2026, 11, 20, 12, 0, 0))
 
@@ -218,7 +218,7 @@ def test_a_shard_that_lost_its_memory_is_not_skipped_past(env):
     shards.checkpoint()
     run(service.ingest(rows_batch(login_rows(12, "b"), NOW), "p", 2))
     # shard 1 dies: what it had not checkpointed (its part of seq 2) is gone
-    from actors.shard_state import ShardState
+    from tally.actors.shard_state import ShardState
     shards.states[1] = ShardState(1, store.open_shard(1))
     with pytest.raises(IngestError) as e:
         run(service.ingest(rows_batch(login_rows(12, "c"), NOW), "p", 3))

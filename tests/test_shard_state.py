@@ -6,9 +6,9 @@ import calendar
 
 import pytest
 
-from actors.shard_state import ShardState
-from checkpoint.sqlite import SqliteStore
-from wire.batches import rows_batch
+from tally.actors.shard_state import ShardState
+from tally.checkpoint.sqlite import SqliteStore
+from tally.wire.batches import rows_batch
 
 NOW = calendar.timegm((2026, 11, 20, 12, 0, 0))
 HOUR = calendar.timegm((2026, 11, 2, 5, 0, 0))
@@ -193,7 +193,7 @@ def test_pending_deltas_sum_per_slot_exactly_even_past_int64(seed: int) -> None:
     # that leave int64 (an hour moved by more than 2**63 between checkpoints) stay exact.
     import numpy as np
 
-    from actors.shard_state import _Pending
+    from tally.actors.shard_state import _Pending
 
     rng = np.random.default_rng(seed)
     pending = _Pending(64)
@@ -277,7 +277,7 @@ def test_months_of_hours_match_the_calendar(n: int, spread: int) -> None:
     # a batch's few days are converted once each; a long span converts every hour
     import numpy as np
 
-    from actors.shard_state import months_of_hours
+    from tally.actors.shard_state import months_of_hours
 
     rng = np.random.default_rng(n + spread)
     hours = (int(rng.integers(0, 24 * 365 * 60)) + rng.integers(0, spread, n)).astype(np.int64)

@@ -36,11 +36,11 @@ from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from actors.shard_state import ShardState
-from checkpoint.store import Checkpoint, MonthDoc, MonthKey, ShardRecord, StoreError
-from wire.batches import INT64_MAX, INT64_MIN, Batch, rows_batch
-from wire.series import SeriesKey, matches, parse_series_id, series_id
-from wire.timeslots import month_of_hour, months_between
+from tally.actors.shard_state import ShardState
+from tally.checkpoint.store import Checkpoint, MonthDoc, MonthKey, ShardRecord, StoreError
+from tally.wire.batches import INT64_MAX, INT64_MIN, Batch, rows_batch
+from tally.wire.series import SeriesKey, matches, parse_series_id, series_id
+from tally.wire.timeslots import month_of_hour, months_between
 
 SHARD = 3
 NOW = calendar.timegm((2026, 12, 31, 23, 30, 0))

@@ -16,11 +16,11 @@ import statsd
 from datadog.dogstatsd import DogStatsd
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from inproc import InProcessTally
 
-from api.statsd import RateLimitedLog
-from cluster.config import ConfigError, load_config
-from tests.inproc import InProcessTally
-from wire.statsd import MAX_DATAGRAM, MAX_LINE, REASONS, Parsed, StatsdParser, round_half_even
+from tally.api.statsd import RateLimitedLog
+from tally.cluster.config import ConfigError, load_config
+from tally.wire.statsd import MAX_DATAGRAM, MAX_LINE, REASONS, Parsed, StatsdParser, round_half_even
 
 NOW = 1_800_000_000
 
@@ -381,7 +381,7 @@ def test_udp_loss_rate_is_reported(tally: InProcessTally, capsys) -> None:
 
 def test_bench_statsd_ramp_counts_every_line_at_a_low_rate() -> None:
     """`tally bench-statsd`'s machinery, briefly: its own listener process, one slow step."""
-    from bench.statsd import StatsdBenchConfig, run_statsd, to_json
+    from tally.bench.statsd import StatsdBenchConfig, run_statsd, to_json
 
     cfg = StatsdBenchConfig(duration=0.2, max_rate=25_000, etsy=False)
     res = run_statsd(cfg, say=lambda _m: None)
@@ -395,12 +395,12 @@ def test_gateway_starts_and_stops_the_statsd_listeners(tmp_path) -> None:
     import asyncio
     import gc
 
-    from actors.clients import LocalShards
-    from api.gateway import Gateway, GatewayOptions
-    from api.service import Service
-    from api.tcp import TcpServer
-    from checkpoint.sqlite import SqliteStore
-    from cluster.spawn import free_port
+    from tally.actors.clients import LocalShards
+    from tally.api.gateway import Gateway, GatewayOptions
+    from tally.api.service import Service
+    from tally.api.tcp import TcpServer
+    from tally.checkpoint.sqlite import SqliteStore
+    from tally.cluster.spawn import free_port
 
     cls = Gateway.__ray_metadata__.modified_class
     store = SqliteStore(str(tmp_path / "gw.db"))

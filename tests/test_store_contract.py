@@ -28,12 +28,13 @@ from typing import Any
 import pymongo
 import pytest
 from bson.int64 import Int64
+from secantus import REPO_ROOT, SecantusServer
 
-from checkpoint.layout import JOURNAL_PART_BYTES, check_checkpoint, journal_documents
-from checkpoint.memory import MemoryStore
-from checkpoint.mongo import MongoStore
-from checkpoint.sqlite import SqliteStore
-from checkpoint.store import (
+from tally.checkpoint.layout import JOURNAL_PART_BYTES, check_checkpoint, journal_documents
+from tally.checkpoint.memory import MemoryStore
+from tally.checkpoint.mongo import MongoStore
+from tally.checkpoint.sqlite import SqliteStore
+from tally.checkpoint.store import (
     Checkpoint,
     LayoutMismatch,
     MonthDoc,
@@ -41,10 +42,9 @@ from checkpoint.store import (
     Store,
     StoreError,
 )
-from checkpoint.urls import open_store
-from tests.secantus import REPO_ROOT, SecantusServer
-from wire.series import InvalidSeries, SeriesKey, parse_series_id, series_id
-from wire.timeslots import month_first_hour
+from tally.checkpoint.urls import open_store
+from tally.wire.series import InvalidSeries, SeriesKey, parse_series_id, series_id
+from tally.wire.timeslots import month_first_hour
 
 INT64_MAX = 2**63 - 1
 INT64_MIN = -(2**63)
@@ -1013,10 +1013,10 @@ def test_sqlite_file_is_durable_wal_and_shared_by_processes(tmp_path: Path) -> N
     script = textwrap.dedent(
         """
         import sys
-        from checkpoint.sqlite import SqliteStore
-        from checkpoint.store import Checkpoint
-        from wire.series import series_id
-        from wire.timeslots import month_first_hour
+        from tally.checkpoint.sqlite import SqliteStore
+        from tally.checkpoint.store import Checkpoint
+        from tally.wire.series import series_id
+        from tally.wire.timeslots import month_first_hour
 
         path, shard = sys.argv[1], int(sys.argv[2])
         store = SqliteStore(path)

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from wire import stream
+from tally.wire import stream
 
 uvloop = pytest.importorskip("uvloop")
 

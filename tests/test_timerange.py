@@ -12,8 +12,8 @@ from zoneinfo import ZoneInfo
 import numpy as np
 import pytest
 
-from api import timerange
-from api.timerange import (
+from tally.api import timerange
+from tally.api.timerange import (
     GRANULARITIES,
     Plan,
     QueryError,

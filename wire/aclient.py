@@ -1,4 +1,4 @@
-"""The asyncio twin of ``wire.client.TallyClient``: the same core, the same API with ``await``.
+"""The asyncio twin of ``tally.wire.client.TallyClient``: one core, the same API with ``await``.
 
 Everything about batching, seqs, resend, errors and backpressure is in the
 ``wire.client`` module docstring and holds here word for word; only the
@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from wire.client import (
+from tally.wire.client import (
     ClientFailed,
     TallyTimeout,
     _Broken,
@@ -32,7 +32,7 @@ from wire.client import (
     prepare_event,
     prepare_increment,
 )
-from wire.frames import FrameDecoder
+from tally.wire.frames import FrameDecoder
 
 __all__ = ["AsyncTallyClient"]
 

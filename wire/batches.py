@@ -28,9 +28,9 @@ from typing import Any
 
 import numpy as np
 
-from wire.row_blocks import RowBlock
-from wire.series import InvalidSeries, series_key
-from wire.timeslots import FUTURE_TOLERANCE, SECONDS_PER_HOUR, hour_start
+from tally.wire.row_blocks import RowBlock
+from tally.wire.series import InvalidSeries, series_key
+from tally.wire.timeslots import FUTURE_TOLERANCE, SECONDS_PER_HOUR, hour_start
 
 INT64_MIN = -(2**63)
 INT64_MAX = 2**63 - 1
@@ -383,7 +383,7 @@ class KnownSeries:
     """Series already validated on one server connection, keyed by their raw parts as
     they arrive (``(tenant, metric, *tag items)``, unsorted: no sort per row), so a
     producer that sends the same series frame after frame pays for validating each
-    once. (The client's ``wire.client.SeriesCache`` keys by sorted tags and keeps
+    once. (The client's ``tally.wire.client.SeriesCache`` keys by sorted tags and keeps
     wire entries with their packed size; this one only needs the series id.) Only valid series
     enter (every part a str), so a key holding a non-str part never matches one.
     Bounded: it starts over when full."""

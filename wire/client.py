@@ -2,13 +2,13 @@
 
 Two clients share one sans-I/O core (``ProducerCore``) and differ only in how
 they move bytes: ``TallyClient`` (synchronous, thread-safe, one background I/O
-thread) and ``wire.aclient.AsyncTallyClient`` (asyncio, the same API with
+thread) and ``tally.wire.aclient.AsyncTallyClient`` (asyncio, the same API with
 ``await``). ``Connection`` is the older one-request-at-a-time connection,
 kept for tests and scripts that want to see each answer.
 
 Usage::
 
-    from wire.client import TallyClient
+    from tally.wire.client import TallyClient
 
     with TallyClient("127.0.0.1", 8781, producer="billing-worker-3") as tally:
         tally.inc("acme", "messages.received", tags={"channel": "email"})
@@ -165,7 +165,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from wire.frames import (
+from tally.wire.frames import (
     DEFAULT_MAX_FRAME,
     MAX_PRODUCER,
     MAX_SEQ,
@@ -174,8 +174,8 @@ from wire.frames import (
     FrameError,
     encode_frame,
 )
-from wire.series import InvalidSeries, check_tenant, series_key
-from wire.timeslots import FUTURE_TOLERANCE
+from tally.wire.series import InvalidSeries, check_tenant, series_key
+from tally.wire.timeslots import FUTURE_TOLERANCE
 
 __all__ = [
     "BatchRejected",
@@ -891,7 +891,7 @@ class ProducerCore:
                 ProtocolMismatch(
                     "the server's welcome has no durable_seq: it does not support "
                     "ack 'durable' and idempotent resend, which this client needs "
-                    f"(welcome was {_short(msg)}); use wire.client.Connection with it"
+                    f"(welcome was {_short(msg)}); use tally.wire.client.Connection with it"
                 )
             )
             return

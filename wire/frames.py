@@ -35,7 +35,7 @@ from typing import Any
 
 import msgpack
 
-from wire.row_blocks import RowBlock, SeriesBytes, scan_rows
+from tally.wire.row_blocks import RowBlock, SeriesBytes, scan_rows
 
 DEFAULT_MAX_FRAME = 16 * 1024 * 1024
 PROTOCOL_VERSION = 1
@@ -167,7 +167,7 @@ class FrameDecoder:
 
     def __init__(self, max_frame: int = DEFAULT_MAX_FRAME, scan_rows: bool = False) -> None:
         """``scan_rows``: an ``inc`` frame's rows may come out as a ``RowBlock`` rather
-        than a list (a server's decoder: ``wire.batches.rows_batch`` takes either)."""
+        than a list (a server's decoder: ``tally.wire.batches.rows_batch`` takes either)."""
         if not 1 <= max_frame <= _MAX_PREFIX:
             raise ValueError(f"max_frame must be in [1, {_MAX_PREFIX}], not {max_frame}")
         self._max = max_frame

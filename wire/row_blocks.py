@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import msgpack
 import numpy as np
 
-from wire.series import InvalidSeries, series_key
+from tally.wire.series import InvalidSeries, series_key
 
 _MAX_TAGS = 32  # a map of more tags goes to the general decoder
 _MAX_HASHED = 256  # series of more bytes are told apart with a dict of their bytes

@@ -42,8 +42,8 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
 
-from wire.batches import INT64_MAX, INT64_MIN
-from wire.series import (
+from tally.wire.batches import INT64_MAX, INT64_MIN
+from tally.wire.series import (
     MAX_TAGS,
     InvalidSeries,
     check_metric,
@@ -51,7 +51,7 @@ from wire.series import (
     check_tag_value,
     check_tenant,
 )
-from wire.timeslots import FUTURE_TOLERANCE
+from tally.wire.timeslots import FUTURE_TOLERANCE
 
 # The largest UDP payload is 65,507 bytes; anything bigger came some other way.
 MAX_DATAGRAM = 64 * 1024
