@@ -6,6 +6,8 @@ and the page must show exactly the totals those events make, per panel, for
 two date ranges and two time zones, beside the previous period. It must
 also show the API's own error messages (no token, from after to), keep the
 token across a reload, and load nothing from outside the server (no CDN).
+Tag values are text: markup in an agent's name is drawn as its characters,
+never as markup, and a long one stays inside its panel.
 
 The browser is the system's Chromium (``apt-get install chromium``; CI
 installs it in .ci/run), never one Playwright downloads. Screenshots go to
@@ -37,11 +39,12 @@ pytestmark = pytest.mark.skipif(
 )
 
 TENANT = "acme-support"
+HOSTILE_TENANT = "hostile-names"  # tag values that look like markup, and long ones
 QUERY_SECRET = "dashboard-query-0123456789"
 INGEST_SECRET = "dashboard-ingest-0123456789"
 TOKENS = tokens_file(
-    ("dashboard", QUERY_SECRET, [TENANT], ["query"]),
-    ("loader", INGEST_SECRET, [TENANT], ["ingest"]),
+    ("dashboard", QUERY_SECRET, [TENANT, HOSTILE_TENANT], ["query"]),
+    ("loader", INGEST_SECRET, [TENANT, HOSTILE_TENANT], ["ingest"]),
 )
 BROWSER_ZONE = "America/New_York"
 TODAY = datetime.now(UTC).date()
@@ -363,3 +366,165 @@ def test_the_dashboard_over_tally_demo_data_shows_what_demo_sent(
     finally:
         context.close()
         server.stop()
+
+
+# Tag values a producer (or an end user naming themselves) might send. Plotly reads
+# <b>, <a href>, <span style>, entities and $...$ in its text; none may act.
+BOLD = "<b>bold</b>"
+LINK = '<a href="https://example.com/x">click</a>'
+IMG = '<img src=x onerror="window.__tallyScriptRan = true">'
+STYLED = '<span style="font-size:40px">big</span>'
+ENTITIES = "AT&amp;T &lt;3 &#60;i&#62;"
+TEX = "$x^2$ team"
+TEMPLATE = "%{x} of %{customdata}"  # a hover template's placeholders, in a value
+LONG = "Maximiliana Papadopoulou-Vanderberg, night shift EMEA"
+LONG_TOO = "Maximiliana Papadopoulou-Vanderberg, day shift APAC"  # the same first 35
+# replies per agent and messages per sentiment: all different, so the order is known
+HOSTILE_AGENTS = {LONG: 8, LINK: 7, BOLD: 6, IMG: 5, STYLED: 4, ENTITIES: 3, TEX: 2,
+                  TEMPLATE: 1}
+HOSTILE_SENTIMENTS = {LONG: 6, LONG_TOO: 5, BOLD: 4, LINK: 3, IMG: 2}
+AXIS_CHARS, LEGEND_CHARS = 20, 22  # dashboard.js: longer values end in "…" there
+
+
+def shorten(value: str, most: int) -> str:
+    return value if len(value) <= most else value[: most - 1].rstrip() + "…"
+
+
+def hover_text(page: Page, chart: str, x: float, y: float) -> str:
+    """What plotly's hover label says with the mouse at (x, y). The mouse leaves the
+    chart first and the previous label is seen gone, so the text read is the new one."""
+    label = "chart => document.querySelector(`#${chart} .hoverlayer`).textContent"
+    page.mouse.move(0, 0)
+    page.wait_for_function(f"chart => ({label})(chart) === ''", arg=chart, timeout=WAIT_MS)
+    page.mouse.move(x, y)
+    page.wait_for_function(f"chart => ({label})(chart) !== ''", arg=chart, timeout=WAIT_MS)
+    return page.evaluate(label, chart)
+
+
+def inside(page: Page, selector: str, index: int) -> tuple[float, float]:
+    """A point where the index-th element of selector is what the mouse would touch
+    (a pie slice's box holds other slices and the hole)."""
+    point = page.evaluate(
+        """([selector, index]) => {
+            const el = document.querySelectorAll(selector)[index];
+            const box = el.getBoundingClientRect();
+            for (let i = 1; i < 20; i++) {
+              for (let j = 1; j < 20; j++) {
+                const x = box.left + (box.width * i) / 20, y = box.top + (box.height * j) / 20;
+                if (document.elementFromPoint(x, y) === el) return [x, y];
+              }
+            }
+            return null;
+        }""", [selector, index])
+    assert point, f"no visible point of {selector} #{index}"
+    return point[0], point[1]
+
+
+def check_tables_fit(page: Page) -> None:
+    """Each table, and each of its cells, inside its panel's padding; a label cut short
+    is whole in its text and its title."""
+    for panel in ("panel-agents", "panel-sentiment", "panel-response"):
+        boxes = page.evaluate(
+            """panel => {
+                const p = document.getElementById(panel);
+                const inner = p.getBoundingClientRect().right
+                  - parseFloat(getComputedStyle(p).paddingRight);
+                return [inner, [...p.querySelectorAll("table th, table td")]
+                  .map((c) => [c.textContent, c.getBoundingClientRect().right])];
+            }""", panel)
+        inner, cells = boxes
+        outside = [(text, right) for text, right in cells if right > inner + 0.5]
+        assert not outside, f"{panel}: cells past the panel's edge {inner}: {outside}"
+    labels = page.eval_on_selector_all(
+        "#table-agents tbody tr td:first-child, #table-sentiment tbody tr td:first-child",
+        "tds => tds.map(td => [td.textContent, td.title, td.scrollWidth > td.clientWidth])")
+    for text, title, cut in labels:
+        assert title == text, (title, text)
+        if text in (LONG, LONG_TOO):
+            assert cut, f"{text!r} is expected to be cut short with an ellipsis"
+
+
+def test_tag_values_are_text_in_charts_and_tables(
+    tally: InProcessTally, browser: Browser, tmp_path: Path
+) -> None:
+    """Agents and sentiments named like markup: the charts draw their characters (no bold,
+    no link, no image, no script), the hover shows them whole, and the tables keep every
+    column inside its panel with the long names whole in their title."""
+    day = TODAY - timedelta(days=1)
+    noon = int(datetime(day.year, day.month, day.day, 12, tzinfo=UTC).timestamp())
+    sent = [{"type": "message.replied", "tenant": HOSTILE_TENANT, "ts": noon + i,
+             "agent": agent, "channel": "chat", "response_seconds": 600 * (i + 1)}
+            for agent, n in HOSTILE_AGENTS.items() for i in range(n)]
+    sent += [{"type": "message.received", "tenant": HOSTILE_TENANT, "ts": noon + i,
+              "channel": "chat", "sentiment": sentiment}
+             for sentiment, n in HOSTILE_SENTIMENTS.items() for i in range(n)]
+    r = httpx.post(tally.url + "/v1/events", json={"events": sent},
+                   headers={"Authorization": f"Bearer {INGEST_SECRET}"}, timeout=30)
+    assert r.status_code == 200, r.text
+
+    context = browser.new_context(timezone_id="UTC", viewport={"width": 1440, "height": 1000})
+    page = context.new_page()
+    page_errors: list[str] = []
+    page.on("pageerror", lambda e: page_errors.append(str(e)))
+    try:
+        page.goto(f"{tally.url}/?tenant={HOSTILE_TENANT}&tz=UTC&from={day}&to={day}")
+        page.fill("#token", QUERY_SECRET)
+        page.click("#apply")
+        query = {"tenant": HOSTILE_TENANT, "tz": "UTC", "from": day.isoformat(),
+                 "to": day.isoformat()}
+        wait_for_query(page, "ready", **query)
+
+        # the tables: every value as sent, largest first
+        assert rows(page, "table-agents") == list(HOSTILE_AGENTS.items())
+        assert rows(page, "table-sentiment") == list(HOSTILE_SENTIMENTS.items())
+        firsts = page.eval_on_selector_all("#table-agents tbody td:first-child",
+                                           "tds => tds.map(td => td.textContent)")
+        assert firsts == list(HOSTILE_AGENTS)
+
+        # the charts: no element made from a value's markup, anywhere in them
+        charts = "#chart-agents, #chart-sentiment, #chart-response"
+        for made in ("a", "img", "[style*='font-weight:bold']", "[style*='font-size:40px']",
+                     "[class*='-math']"):
+            found = page.locator(f":is({charts}) {made}").count()
+            assert found == 0, f"{found} {made} element(s) drawn in the charts"
+        # ...but their characters: the axis labels (long ones shortened), the legend
+        ticks = page.eval_on_selector_all("#chart-agents .ytick text",
+                                          "ts => ts.map(t => t.textContent)")
+        assert ticks == [shorten(a, AXIS_CHARS) for a in HOSTILE_AGENTS]
+        legend = page.eval_on_selector_all("#chart-sentiment .legendtext",
+                                           "ts => ts.map(t => t.textContent)")
+        # (the two long names begin alike: the second is told apart by a number)
+        want = [shorten(v, LEGEND_CHARS) for v in HOSTILE_SENTIMENTS]
+        want[1] = shorten(LONG_TOO, LEGEND_CHARS - 4) + " (2)"
+        assert legend == want
+        # ...and the hover label names each whole
+        bars = page.locator("#chart-agents .point path")
+        assert bars.count() == len(HOSTILE_AGENTS)
+        for i, (agent, n) in enumerate(HOSTILE_AGENTS.items()):
+            box = bars.nth(i).bounding_box()
+            assert box is not None
+            said = hover_text(page, "chart-agents", box["x"] + box["width"] / 2,
+                              box["y"] + box["height"] / 2)
+            assert said == f"{agent}: {n} handled", said
+            assert page.locator("#chart-agents .hoverlayer a").count() == 0
+        for i, (sentiment, n) in enumerate(HOSTILE_SENTIMENTS.items()):
+            said = hover_text(page, "chart-sentiment", *inside(page, "#chart-sentiment .slice path",
+                                                               i))
+            assert said.startswith(f"{sentiment}: {n} ("), said
+            assert page.locator("#chart-sentiment .hoverlayer a").count() == 0
+        page.mouse.move(0, 0)
+        assert page.evaluate("window.__tallyScriptRan") is None, "a tag value ran a script"
+
+        # the tables stay inside their panels, on a wide screen and a narrower one
+        check_tables_fit(page)
+        show(page, tmp_path / "dashboard-hostile-names.png")
+        page.set_viewport_size({"width": 1024, "height": 1000})
+        # plotly redraws for the new width on a debounced resize event: ask it now and wait
+        page.evaluate("Promise.all([...document.querySelectorAll('.js-plotly-plot')]"
+                      ".map((gd) => Plotly.Plots.resize(gd)))")
+        check_tables_fit(page)
+        show(page, tmp_path / "dashboard-hostile-names-narrow.png")
+        assert page.evaluate("window.__tallyScriptRan") is None, "a tag value ran a script"
+    finally:
+        context.close()
+    assert page_errors == [], page_errors

@@ -9,6 +9,11 @@
  * <tr data-value data-total> per group) so they can be read by a test or a
  * screen reader as well as from the chart. <body data-state> is "loading",
  * "ready" or "error", and data-tenant/from/to/tz name the query it shows.
+ *
+ * Tag values (agent names, sentiments, buckets) come from producers, often
+ * from end users: they are text. Tables set them with textContent; plotly
+ * reads its text fields as markup, so every string handed to it goes
+ * through plotText (see there).
  */
 "use strict";
 
@@ -37,7 +42,15 @@ const TOKEN_KEY = "tally.dashboard.token";
 const AGENT_LIMIT = 12; // agents drawn one by one; the rest are summed as "other"
 const ALL = 1000; // the API's largest breakdown limit
 
-const PLOT_CONFIG = { displaylogo: false, responsive: true, displayModeBar: false };
+// typesetMath off: a tag value between dollar signs is never LaTeX, even were MathJax
+// ever on the page (plotText escapes "$" as well)
+const PLOT_CONFIG = {
+  displaylogo: false, responsive: true, displayModeBar: false, typesetMath: false,
+};
+// the longest tag value drawn whole on an axis or in a legend; longer ones end in "…" there,
+// and the hover label and the table show them whole
+const AXIS_CHARS = 20;
+const LEGEND_CHARS = 22;
 const FONT = "system-ui, -apple-system, 'Segoe UI', Roboto, 'Helvetica Neue', sans-serif";
 
 const $ = (id) => document.getElementById(id);
@@ -211,6 +224,38 @@ function groupName(value, none) {
   return value === null ? none : value;
 }
 
+/* Plotly draws the text of tick labels, legends, hover labels and annotations
+ * as a subset of HTML: <b>, <i>, <a href> (a live link), <span style>, <br>,
+ * entities such as &lt; or &#60;, and $...$ as LaTeX when MathJax is loaded.
+ * A producer's string must be drawn as the characters it is, so the ones plotly
+ * reads as markup become entities, which plotly turns back into those same
+ * characters when it draws (it decodes entities once: "&amp;lt;" shows "&lt;"). */
+const PLOT_ESCAPES = { "&": "&amp;", "<": "&lt;", ">": "&gt;", $: "&#36;" };
+
+function plotText(value) {
+  return String(value).replace(/[&<>$]/g, (c) => PLOT_ESCAPES[c]);
+}
+
+/* At most `max` characters, a cut marked by "…". Cut before escaping (plotText),
+ * so an entity is never cut in half; counted in code points, so an emoji is never
+ * split into half a surrogate pair. */
+function shorten(value, max) {
+  const chars = [...String(value)];
+  return chars.length <= max ? String(value) : `${chars.slice(0, max - 1).join("").trimEnd()}…`;
+}
+
+/* Shortened labels that stay distinct: a pie adds up slices whose labels are equal,
+ * so two long values with the same beginning are told apart by a number. */
+function distinctShort(values, max) {
+  const seen = new Set();
+  return values.map((value) => {
+    let label = shorten(value, max);
+    for (let n = 2; seen.has(label); n++) label = `${shorten(value, max - 4)} (${n})`;
+    seen.add(label);
+    return label;
+  });
+}
+
 /* ---------------------------------------------------------------- panels */
 
 function baseLayout(extra) {
@@ -280,11 +325,15 @@ function fillTable(table, rows) {
       tr.dataset.value = row.value;
       tr.dataset.total = row.total;
       if (row.seconds !== undefined) tr.dataset.seconds = row.seconds;
-      for (const cell of row.cells) {
+      row.cells.forEach((cell, i) => {
         const td = document.createElement("td");
         td.textContent = cell;
+        // the label column cuts a long value short with an ellipsis (CSS): the title
+        // keeps it whole on hover, and the text itself stays whole for copying and
+        // screen readers
+        if (i === 0) td.title = cell;
         tr.append(td);
-      }
+      });
       return tr;
     }),
   );
@@ -317,12 +366,13 @@ function renderReceived(series, q, known) {
     "chart-received",
     [
       {
-        type: "bar", name: `${series.from} – ${series.to}`, x: labels,
+        type: "bar", name: plotText(`${series.from} – ${series.to}`), x: labels,
         y: series.points.map((p) => p[1]), marker: { color: ACCENT },
         hovertemplate: "%{x|%a %b %d}: %{y:,} messages<extra>this period</extra>",
       },
       {
-        type: "bar", name: `previous period, ${compare.from} – ${compare.to}`, x: labels,
+        type: "bar", name: plotText(`previous period, ${compare.from} – ${compare.to}`),
+        x: labels,
         y: previous.map((p) => p[1]), customdata: previous.map((p) => p[0]),
         marker: { color: PREVIOUS },
         hovertemplate: "%{customdata}: %{y:,} messages<extra>previous period</extra>",
@@ -377,16 +427,24 @@ function renderAgents(handled, sums, counts, q, known) {
   if (!rows.length) {
     return noChart(panel, "chart-agents");
   }
+  // one category per agent, named by its whole (escaped) value; the axis labels it with
+  // a shortened one, so a long name does not squeeze the bars, and the hover shows it
+  // whole from customdata (%{y} would be the axis's shortened label)
+  const agentNames = rows.map((r) => plotText(r.value));
   return Plotly.react(
     "chart-agents",
     [{
-      type: "bar", orientation: "h", y: rows.map((r) => r.value), x: rows.map((r) => r.total),
+      type: "bar", orientation: "h", y: agentNames, x: rows.map((r) => r.total),
+      customdata: agentNames,
       marker: { color: ACCENT }, text: rows.map((r) => number.format(r.total)),
-      textposition: "auto", hovertemplate: "%{y}: %{x:,} handled<extra></extra>",
+      textposition: "auto", hovertemplate: "%{customdata}: %{x:,} handled<extra></extra>",
     }],
     baseLayout({
       margin: { l: 90, r: 16, t: 8, b: 32 },
-      yaxis: { autorange: "reversed", automargin: true, type: "category" },
+      yaxis: {
+        autorange: "reversed", automargin: true, type: "category", tickmode: "array",
+        tickvals: agentNames, ticktext: rows.map((r) => plotText(shorten(r.value, AXIS_CHARS))),
+      },
       xaxis: countAxis(Math.max(...rows.map((r) => r.total))),
     }),
     PLOT_CONFIG,
@@ -433,7 +491,7 @@ function renderResponse(buckets, q, known) {
   for (const g of buckets.groups) {
     if (!order.some(([key]) => key === g.value)) {
       const label = groupName(g.value, "(no bucket)");
-      order.push([g.value, label, label, "#64748b"]);
+      order.push([g.value, label, shorten(label, AXIS_CHARS), "#64748b"]);
     }
   }
   const rows = order.map(([key, label, short, color]) => ({
@@ -457,17 +515,22 @@ function renderResponse(buckets, q, known) {
   })));
   setTotals(panel, `${number.format(buckets.total)} replies`);
   setStatus(panel, emptyNote("response_time", buckets.total, known, q));
+  // one category per bucket, named by its label; the axis shows the short label
+  const bucketNames = rows.map((r) => plotText(r.label));
   return Plotly.react(
     "chart-response",
     [{
-      type: "bar", x: rows.map((r) => r.short), y: rows.map((r) => r.total),
-      customdata: rows.map((r) => r.label),
+      type: "bar", x: bucketNames, y: rows.map((r) => r.total),
+      customdata: bucketNames,
       marker: { color: rows.map((r) => r.color) },
       text: rows.map((r) => (r.total ? share(r.total, buckets.total) : "")),
       textposition: "auto", hovertemplate: "%{customdata}: %{y:,} replies<extra></extra>",
     }],
     baseLayout({
-      xaxis: { type: "category", showgrid: false },
+      xaxis: {
+        type: "category", showgrid: false, tickmode: "array", tickvals: bucketNames,
+        ticktext: rows.map((r) => plotText(r.short)),
+      },
       yaxis: countAxis(Math.max(...rows.map((r) => r.total))),
     }),
     PLOT_CONFIG,
@@ -502,9 +565,13 @@ function renderSentiment(sentiment, q, known) {
   return Plotly.react(
     "chart-sentiment",
     [{
-      type: "pie", hole: 0.55, sort: false, labels: rows.map((r) => r.value),
+      // the legend shows the labels (shortened, kept distinct); the hover the whole value
+      type: "pie", hole: 0.55, sort: false,
+      labels: distinctShort(rows.map((r) => r.value), LEGEND_CHARS).map(plotText),
+      customdata: rows.map((r) => plotText(r.value)),
       values: rows.map((r) => r.total), marker: { colors: rows.map((r) => r.color) },
-      textinfo: "percent", hovertemplate: "%{label}: %{value:,} (%{percent})<extra></extra>",
+      textinfo: "percent",
+      hovertemplate: "%{customdata}: %{value:,} (%{percent})<extra></extra>",
     }],
     baseLayout({ showlegend: true, margin: { l: 8, r: 8, t: 8, b: 8 } }),
     PLOT_CONFIG,
