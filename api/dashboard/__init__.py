@@ -12,8 +12,8 @@ The chart library is plotly.js as the ``plotly`` Python package ships it
 tally itself, so the dashboard works offline and behind firewalls, with no
 CDN and no vendored copy to keep up to date. It is found with
 ``find_spec`` (the ``plotly`` package is never imported: the gateway only
-needs the file) and sent gzipped to browsers that accept it (4.8 MB to
-1.5 MB), compressed once, on first use.
+needs the file) and sent gzipped to browsers that accept it (minified
+JavaScript compresses to a fraction of its size), compressed once, on first use.
 """
 
 from __future__ import annotations
