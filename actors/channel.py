@@ -1,15 +1,15 @@
 """A socket from a gateway straight to a shard, for queries and ingest.
 
-A Ray actor call costs 1.5-3 ms on the reference machine (2.5 ms p50 for
-one series' 31 days of hours), most of a one-series query; a round trip over
-a kept-open socket between the same two processes costs 0.25 ms. So a shard
+A Ray actor call costs several times what a round trip over a kept-open
+socket between the same two processes does, and was most of a one-series
+query (docs/performance.md has the figures). So a shard
 also listens on a socket of its own for ``hourly_of`` and ``totals_of``, and
 answers there on its event loop, between the same batches as a Ray call
 would: a query still sees every batch acknowledged before it.
 
 The same holds for ``apply``, a batch of a producer: the Ray call's fixed
-cost, about 0.5 ms of CPU on each side, is paid four times per frame with
-four shards, and was most of a 5,000-row frame's cost. Only batches with a
+CPU cost on each side is paid once per shard per frame, and was most of a
+row frame's cost. Only batches with a
 producer take the socket, and a request that was sent and never answered
 is not asked again of Ray: it may have been applied, so the call fails as a
 Ray call to a shard that died would, and the client resends (the shard

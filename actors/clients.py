@@ -52,7 +52,7 @@ class RayShards:
     def __init__(self, handles: list[Any]) -> None:
         self.handles = handles
         self.shards = len(handles)
-        # queries take a socket to the shard when they can (0.25 ms, not 2.5)
+        # queries take a socket to the shard when they can (far cheaper than a Ray call)
         self.channels = [ShardChannel(h.query_channel.remote) for h in handles]
 
     async def apply(self, shard, batch, producer, seq, expect):  # type: ignore[no-untyped-def]

@@ -1,9 +1,9 @@
 """The one-series query without FastAPI's per-request machinery, for well-formed requests.
 
 FastAPI resolves a route's parameters and dependencies anew on every
-request: for ``GET /v1/series`` that costs about 0.5 ms in-process, three
-times the query's own work (plan, shard sums, JSON: 0.16 ms), and most of
-what stood between the one-series query and its 2 ms target. This ASGI shell
+request: for ``GET /v1/series`` that costs several times the query's own work
+(plan, shard sums, JSON), and was most of what stood between the one-series
+query and its latency target. This ASGI shell
 answers the requests that need none of it, those whose every parameter is
 known, present once and valid, and whose token may read the tenant, with the
 same functions the route calls (``parse_where``, ``plan_range``,

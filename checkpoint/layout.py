@@ -38,8 +38,8 @@ def check_month(month: Any) -> str:
 
 # Ids already found canonical (keys only: a dict's table is a third of a set's).
 # The same series come back every checkpoint. Holding the id strings, which the
-# shard holds anyway while the series is live, costs ~30 bytes an id, where
-# caching the parsed keys cost ~400 bytes of small objects per series, made in the
+# shard holds anyway while the series is live, costs a dict entry per id, where
+# caching the parsed keys cost many small objects per series, made in the
 # middle of a checkpoint's short-lived objects: those pinned the allocator's
 # arenas, so a shard's resident memory kept much of what each large checkpoint used.
 _CANONICAL: dict[str, None] = {}
@@ -352,8 +352,8 @@ MAX_JOURNAL_PART_BYTES = 8 * 1024 * 1024  # plus one entry (<= ~40 kB) stays far
 # against bson.encode in tests/test_journal.py). An array element costs a
 # type byte, its index as a C string, then the value: at most 8 bytes for a
 # number, as the hours and deltas are plain ints, which pymongo stores as
-# int32 or int64, whichever holds them (Int64 objects would cost ~8x the
-# time to build, for a document that lives a few milliseconds).
+# int32 or int64, whichever holds them (Int64 objects would cost far more
+# time to build, for a document that lives only until it is written).
 _PART_BYTES = 512  # _id, shard, ck, part, parts and the three array headers
 _MONTH_ENTRY_BYTES = 96  # the entry document: keys, month, two array headers, its index
 _SLOT_BYTES = 32  # an hour and a delta: 2 x (type + index "743\0" + 8 bytes)

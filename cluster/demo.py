@@ -15,7 +15,7 @@ client library, fanned out by the server's rules (the built-in ones:
 so what it reports having sent is what queries will answer.
 
 Generation is a pure function of (seed, days, end), vectorised with numpy (a
-year is about 250,000 events, made in well under a second); the same seed and
+year is about 250,000 events, with no Python loop per event); the same seed and
 end give the same events. Nothing is later than ``end`` (the server refuses
 timestamps more than an hour ahead): a reply that would come after it is a
 conversation still open.

@@ -6,7 +6,7 @@ row; columnar batches (a series table plus little-endian ``i``/``ts``/``v``
 arrays) are validated and aggregated with numpy and no per-increment Python.
 
 Pre-aggregating before anything crosses a process boundary is what makes the
-shard actors cheap: a Ray call costs ~0.4 ms of CPU on each side, so a shard
+shard actors cheap: a Ray call has a fixed CPU cost on each side, so a shard
 should receive one sum per (series, hour) rather than one entry per increment.
 
 A batch is all or nothing (design guarantee 6): the first bad increment raises
@@ -316,7 +316,7 @@ def _aggregate(sids: list[str], sidx: np.ndarray, ts: np.ndarray, v: np.ndarray)
     """Sum valid increments per (series, hour); ``sidx`` indexes the sorted ``sids``.
 
     Two exact int64 strategies with the same output order: a dense table
-    (``bincount``/``add.at``/``minimum.at``, ~0.7 ms per 100k increments) when
+    (``bincount``/``add.at``/``minimum.at``, no Python per increment) when
     series x hour-span is small, as it is for live traffic; a sort otherwise
     (backfills spread over months).
     """
@@ -331,7 +331,7 @@ def _aggregate(sids: list[str], sidx: np.ndarray, ts: np.ndarray, v: np.ndarray)
     if size <= max(2 * n, 1 << 16):
         key = sidx * span + (hours - hmin)
         counts = np.bincount(key, minlength=size)
-        nz = np.flatnonzero(counts != 0)  # (3x faster than on the int64 counts themselves)
+        nz = np.flatnonzero(counts != 0)  # (cheaper than on the int64 counts themselves)
         sums = np.zeros(size, np.int64)
         np.add.at(sums, key, v)
         first = np.full(size, n, np.int64)

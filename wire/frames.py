@@ -18,11 +18,11 @@ Two error classes, because the protocol answers them differently:
 Memory: the length prefix is checked before a single body byte is buffered, and
 msgpack's per-container limits are tied to the frame size, so no length field
 inside a frame can make the decoder allocate more than the frame implies. One
-frame still decodes into at most about one Python object per payload byte:
-a frame of N bytes costs at most roughly 70 x N bytes of memory (measured: a
-16 MiB array of empty arrays takes ~1.1 GiB and ~6 s of CPU with the cyclic GC
-on). Choose ``max_frame`` and the number of concurrent connections with that
-in mind. A server's decoder (``scan_rows``) reads large row frames with numpy
+frame still decodes into at most about one Python object per payload byte,
+and a Python object is tens of bytes, so the worst frame costs well over an
+order of magnitude its own size in memory (docs/performance.md has the figure
+and how to reproduce it). Choose ``max_frame`` and the number of concurrent
+connections with that in mind. A server's decoder (``scan_rows``) reads large row frames with numpy
 instead (``wire/row_blocks.py``): at most ~40 bytes of arrays per payload byte,
 and a frame it would read at more cost goes to the general decoder.
 """

@@ -1,8 +1,8 @@
 """Row frames read with numpy, without building a Python object per row.
 
 msgpack-decoding a ``rows`` array builds a list, two strings, a map of tags and
-two ints for every row, and the batch loop then looks each row's series up: about
-1.3 µs per row in all, the whole cost of a row frame in the gateway. But a
+two ints for every row, and the batch loop then looks each row's series up: that
+was the whole cost of a row frame in the gateway. But a
 producer sends the same few thousand series over and over, and a series is the
 same bytes every time it is sent. So this scanner finds where every row starts,
 where its series ends and its ts begins, and what its two integers are, with
