@@ -255,6 +255,7 @@ def test_env_example_is_a_working_tally_configuration(tmp_path: Path) -> None:
     assert env["RAY_AUTH_MODE"] == "token"
     assert env["RAY_AUTH_TOKEN_PATH"] == f"{deploy}/ray_auth_token"
     assert env["TALLY_PIP_SPEC"].startswith(f"{deploy}/dist/tally-")
+    assert env["PIP_FIND_LINKS"] == f"{deploy}/dist"  # where tally-client's wheel is found
     cfg = load_config({}, None, env)
     assert cfg.address == "auto"
     assert cfg.host == "0.0.0.0"
