@@ -29,7 +29,7 @@ def _package_dirs() -> dict[str, Path]:
     for pyproject in (ROOT / "pyproject.toml", ROOT / "wire" / "pyproject.toml"):
         if not pyproject.exists():
             continue
-        setuptools = tomllib.loads(pyproject.read_text())["tool"]["setuptools"]
+        setuptools = tomllib.loads(pyproject.read_text()).get("tool", {}).get("setuptools", {})
         for name, folder in setuptools.get("package-dir", {}).items():
             dirs[name] = (pyproject.parent / folder).resolve()
     for layer in LAYERS:  # the layout the mapping describes, should a pyproject not say it
@@ -86,11 +86,12 @@ def _targets(imported: str, names: list[str], modules: dict[str, Path]) -> set[s
     """The tally modules an import loads: ``from pkg import mod`` loads pkg.mod."""
     found = {f"{imported}.{n}" for n in names if f"{imported}.{n}" in modules}
     if len(found) < len(names) or not names:
-        # the module itself, or its nearest known parent (tally.x.y.Name -> tally.x.y)
+        # the module itself, or its nearest known parent (tally.x.y.Name -> tally.x.y; an old
+        # name such as tally.wire.client once it is a package elsewhere -> tally.wire), or,
+        # with nothing of it found, the name as written: still a dependency, and its layer
         parts = imported.split(".")
         while parts and ".".join(parts) not in modules:
             parts.pop()
-        # a module not found (a typo, or one not yet written) is still a dependency
         found.add(".".join(parts) if parts else imported)
     return found
 
