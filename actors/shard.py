@@ -20,13 +20,12 @@ from typing import Any
 
 import ray
 
-from tally.actors import memory
+from tally.actors import affinity, memory
 from tally.actors.channel import ChannelServer
 from tally.actors.metrics import ShardMetrics
 from tally.actors.shard_state import NO_SEQ, ShardState
 from tally.checkpoint.remote import open_store_in_actor
 from tally.checkpoint.store import Checkpoint
-from tally.cluster import affinity
 from tally.wire.batches import Batch
 from tally.wire.timeslots import month_of_hour
 

@@ -18,6 +18,7 @@ from typing import Any
 import ray
 import uvicorn
 
+from tally.actors import affinity
 from tally.actors.clients import RayShards
 from tally.actors.shard import SHARD_NAME
 from tally.api.access import AccessList
@@ -27,7 +28,6 @@ from tally.api.service import Service
 from tally.api.statsd import StatsdIngress
 from tally.api.tcp import TcpLimits, TcpServer
 from tally.checkpoint.remote import open_store_in_actor
-from tally.cluster import affinity
 
 log = logging.getLogger("tally.gateway")
 GATEWAY_NAME = "tally-gateway"

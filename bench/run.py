@@ -23,8 +23,8 @@ from rich.table import Table
 from tally.bench.ceiling import ceiling
 from tally.bench.ingest import Background, Stream, run_streams
 from tally.bench.latency import Latency, sample
+from tally.bench.spawn import Spawned
 from tally.bench.workload import METRIC, TENANT, Workload, frame
-from tally.cluster.spawn import Spawned
 
 TARGETS = {
     "columnar_mps": 5.0, "columnar_vs_ceiling": 2.0, "rows_mps": 1.5, "rows_vs_ceiling": 0.6,

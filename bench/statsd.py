@@ -32,7 +32,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, Protocol
 
-from tally.cluster.spawn import free_port
+from tally.bench.spawn import free_port
 
 RATES = (25_000, 50_000, 100_000, 150_000, 200_000, 250_000, 300_000, 400_000, 500_000,
          600_000, 800_000, 1_000_000, 1_200_000, 1_600_000)

@@ -68,6 +68,7 @@ from tally.checkpoint.layout import (
     prefix_range,
     series_upsert,
 )
+from tally.checkpoint.redact import redact_url
 from tally.checkpoint.store import (
     Checkpoint,
     LayoutMismatch,
@@ -76,7 +77,6 @@ from tally.checkpoint.store import (
     ShardRecord,
     StoreError,
 )
-from tally.checkpoint.urls import redact_url
 from tally.wire.series import SeriesKey, check_metric, check_tenant, parse_series_id
 
 DEFAULT_DATABASE = "tally"

@@ -3,21 +3,16 @@
 from __future__ import annotations
 
 import os
-import re
 
+from tally.checkpoint.redact import redact_url
 from tally.checkpoint.store import Store
+
+__all__ = ["ACCEPTED_FORMS", "open_store", "redact_url"]
 
 ACCEPTED_FORMS = (
     "sqlite:///relative/path (relative to the current directory), "
     "sqlite:////absolute/path, mongodb://..., mongodb+srv://..., memory://"
 )
-
-_USERINFO_RE = re.compile(r"//([^/@:]*):[^/@]*@")
-
-
-def redact_url(url: str) -> str:
-    """The URL without its password: errors end up in logs."""
-    return _USERINFO_RE.sub(r"//\1:***@", url, count=1)
 
 
 def _refuse(url: str, why: str) -> ValueError:

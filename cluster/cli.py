@@ -6,8 +6,8 @@ import argparse
 import os
 import sys
 
+from tally.actors.affinity import MODES
 from tally.bench.run import BenchConfig
-from tally.cluster.affinity import MODES
 from tally.cluster.config import ConfigError, load_config
 
 

@@ -10,9 +10,9 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from tally.actors.affinity import MODES
 from tally.api.access import AccessFileError, load_access
 from tally.api.rules import RulesError, load_rules
-from tally.cluster.affinity import MODES
 from tally.wire.series import InvalidSeries, check_tenant
 
 MAX_GATEWAYS_PER_NODE = 64

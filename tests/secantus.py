@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from tally.cluster.spawn import free_port
+from tally.bench.spawn import free_port
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

@@ -323,7 +323,7 @@ def test_a_nodes_gateways_have_names_of_their_own():
 
 
 def test_cpu_affinity_gives_each_tcp_gateway_a_core_and_the_rest_to_the_others():
-    from tally.cluster.affinity import cpus_for
+    from tally.actors.affinity import cpus_for
 
     cpus = [4, 0, 2, 6]  # (as sched_getaffinity gives them: a set)
     assert cpus_for(cpus, 1, 0) == [0] and cpus_for(cpus, 1, None) == [2, 4, 6]

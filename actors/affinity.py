@@ -1,9 +1,12 @@
 """Which CPUs tally's processes run on, when ``--cpu-affinity gateways`` asks for it.
 
+Process tuning, beside the allocator's (memory.py): the gateways and the shards pin
+themselves as they start, and the command line only names the modes.
+
 On a node with few cores a TCP gateway and the shards it feeds share them,
 and each write to a shard's socket wakes that shard: the kernel often runs
 it on the gateway's own core, and the gateway, the busiest process, waits
-(py-spy found a sixth of its samples inside those writes). Pinned, each TCP
+inside those writes (a profile of the gateway shows it). Pinned, each TCP
 gateway keeps a core of its own and the shards share the rest; an HTTP-only
 gateway, mostly idle, stays where the kernel puts it, so a query can take any
 free core. Off by default: a node that runs other work beside tally may want
