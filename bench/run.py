@@ -56,7 +56,7 @@ class BenchConfig:
     # so that the query phase measures queries, not waiting behind frame decoding
     http_gateways_per_node: int = 1
     # tally serve --cpu-affinity: the TCP gateway keeps a core of its own, which is what a
-    # dedicated node would run (cluster/affinity.py); "off" measures the kernel's placement
+    # dedicated node would run (actors/affinity.py); "off" measures the kernel's placement
     cpu_affinity: str = "gateways"
 
 

@@ -56,7 +56,7 @@ class ServeConfig:
     # ingest, the dashboard), leaving TCP and StatsD to the others; 0: all take both
     http_gateways_per_node: int = 0
     # "gateways": each TCP gateway gets a core of its own, the shards share the rest
-    # (cluster/affinity.py); "off": the kernel places them
+    # (actors/affinity.py); "off": the kernel places them
     cpu_affinity: str = "off"
 
 
