@@ -71,14 +71,15 @@ class Reads:
         first_m, last_m = month_of(h0), month_of(h1 - 1)
         covered: list[MonthKey] = []
         held: list[int] = []
+        loaded, sids = self.live.loaded, self.live.sids
         for m in range(first_m, last_m + 1):
-            holders = self.live.loaded.get(m)
+            holders = loaded.get(m)
             if not holders:
                 continue
             name = month_name(m)
             for g in series:
                 if g in holders:
-                    covered.append((self.live.sids[g], name))  # type: ignore[arg-type]
+                    covered.append((sids[g], name))  # type: ignore[arg-type]
                     held.append(g)
         if not held:
             return [], np.zeros((0, h1 - h0), np.int64), covered
@@ -110,15 +111,13 @@ class Reads:
 
         The gateway sends a series only to the shard that owns it, so this
         answers for every month: those held live from their blocks, the others
-        from ``self.history`` or, the first time, the store. Like ``ingest``,
+        from ``self.history`` or, the first time, the store. As in ingest,
         ``load`` runs synchronously: nothing may touch the state between finding
         a month not held and using what was read.
         """
         return self._dense(self._spans(sids, h0, h1, load), len(sids), h0, h1)
 
-    def _spans(
-        self, sids: list[str], h0: int, h1: int, load: Load
-    ) -> list[Span]:
+    def _spans(self, sids: list[str], h0: int, h1: int, load: Load) -> list[Span]:
         """Per UTC month of [h0, h1): which of ``sids`` it holds live, the stored months of
         the others (read from the store the first time, see ``per_hour``)."""
         if h1 <= h0:
@@ -132,7 +131,7 @@ class Reads:
         for m in range(first_m, last_m + 1):
             m_first, m_end = month_days(m)
             span = Span(max(h0, m_first * 24), min(h1, m_end * 24), m_first * 24,
-                         (m_end - m_first) * 24, [], [], [])
+                        (m_end - m_first) * 24, [], [], [])
             spans.append(span)
             holders = self.live.loaded.get(m)
             if not holders or holders.isdisjoint(numbers):  # none live: a stored month
@@ -245,7 +244,7 @@ class Reads:
         blocks = self.blocks.counts[found]
         if peak_of(blocks) > limit:
             return None
-        sums = np.einsum("ij->i", blocks)  # int64 like .sum(axis=1), twice as fast on rows of 24
+        sums = np.einsum("ij->i", blocks)  # int64 like .sum(axis=1), and faster on rows of 24
         # the range may start or end inside a day: take those hours back out
         skip, stop = a - lo * 24, b - (hi - 1) * 24
         if skip or stop < 24:
