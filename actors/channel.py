@@ -59,7 +59,7 @@ CONNECT_TIMEOUT = 2.0
 RETRY_AFTER = 5.0  # after a failed connect, Ray answers alone this long
 
 Query = Callable[[str, list[str], int, int], Any]  # (method, sids, h0, h1) -> its answer
-# (batch, producer, seq, expect) -> what ShardState.ingest answers
+# (batch, producer, seq, expect) -> what the shard answers (ShardState.ingest, as a dict)
 Apply = Callable[[Batch, str, int, int | None], dict[str, Any]]
 
 

@@ -121,7 +121,8 @@ class LocalShards:
             state_gauges(registry, i, lambda i=i: self.states[i])
 
     async def apply(self, shard, batch, producer, seq, expect):  # type: ignore[no-untyped-def]
-        answer = self.states[shard].ingest(batch, self.store.load_months, producer, seq, expect)
+        result = self.states[shard].ingest(batch, self.store.load_months, producer, seq, expect)
+        answer = result.answer()
         answer["incarnation"] = self.incarnation
         return answer
 

@@ -23,7 +23,7 @@ import ray
 from tally.actors import affinity, memory
 from tally.actors.channel import ChannelServer
 from tally.actors.metrics import ShardMetrics
-from tally.actors.shard_state import NO_SEQ, ShardState
+from tally.actors.shard_state import NO_SEQ, Outcome, ShardState
 from tally.checkpoint.remote import open_store_in_actor
 from tally.checkpoint.store import Checkpoint
 from tally.wire.batches import Batch
@@ -92,7 +92,7 @@ class ShardActor:
         seq: int | None = None,
         expect: int | None = None,
     ) -> dict[str, Any]:
-        """What ShardState.ingest answers, with this incarnation's id."""
+        """What ShardState.ingest answers (``Ingested.answer``), with this incarnation's id."""
         return self._apply_now(batch, producer, seq, expect)
 
     def _apply_now(self, batch: Batch, producer: str | None, seq: int | None,
@@ -102,11 +102,12 @@ class ShardActor:
         # load_months runs synchronously on the event loop on purpose: nothing
         # else may touch the state between finding a month missing and
         # installing its base (see ShardState.ingest).
-        answer = self.state.ingest(batch, self.store.load_months, producer, seq, expect)
-        if answer.get("code") == "overloaded" and "store" in answer["message"]:
-            self._store_failed(RuntimeError(answer["message"]))
-        elif answer.get("status") == "applied":
+        result = self.state.ingest(batch, self.store.load_months, producer, seq, expect)
+        if result.outcome is Outcome.STORE_DOWN:
+            self._store_failed(RuntimeError(result.message))
+        elif result.outcome is Outcome.APPLIED:
             self.meters.applied(batch.increments)
+        answer = result.answer()
         answer["incarnation"] = self.incarnation
         return answer
 

@@ -22,8 +22,8 @@ import numpy as np
 
 from tally.actors.channel import AnswerLost
 from tally.actors.clients import ShardClient
+from tally.actors.reads import exact_sum
 from tally.actors.router import Router
-from tally.actors.shard_state import exact_sum
 from tally.api.durability import DurableTracker, Token
 from tally.api.metrics import GatewayMetrics
 from tally.api.peers import Peers, Tell

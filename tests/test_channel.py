@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from tally.actors.channel import FALLBACK, RETRY_AFTER, AnswerLost, ChannelServer, ShardChannel
-from tally.actors.shard_state import ShardState
+from tally.actors.shard_state import Outcome, ShardState
 from tally.api.metrics import GatewayMetrics
 from tally.checkpoint.sqlite import SqliteStore
 from tally.wire.batches import INT64_MAX, rows_batch
@@ -32,7 +32,7 @@ def state(tmp_path):
     s = ShardState(0, store.open_shard(0))
     rows = [["acme", "m", {"agent": f"a{k}"}, DAY + 86400 * (k % 18) + 60 * k, k + 1]
             for k in range(40)]
-    assert s.ingest(rows_batch(rows, NOW), store.load_months)["status"] == "applied"
+    assert s.ingest(rows_batch(rows, NOW), store.load_months).outcome is Outcome.APPLIED
     s.load = store.load_months
     yield s
     store.close()
@@ -163,7 +163,7 @@ def test_counts_beyond_int64_and_shard_errors_are_left_to_ray(tmp_path):
     state = ShardState(0, store.open_shard(0))
     rows = [["acme", "m", {"agent": a}, DAY + 86400 * d + 60, INT64_MAX]
             for a in ("x", "y") for d in range(3)]
-    assert state.ingest(rows_batch(rows, NOW), store.load_months)["status"] == "applied"
+    assert state.ingest(rows_batch(rows, NOW), store.load_months).outcome is Outcome.APPLIED
     state.load = store.load_months
 
     async def main() -> None:
@@ -203,7 +203,7 @@ def test_batches_by_socket_are_applied_once_and_answered_as_by_ray(state):
 
     async def main() -> None:
         server, where = await serve(state, lambda b, p, s, e: state.ingest(
-            b, state.load, p, s, e))
+            b, state.load, p, s, e).answer())
 
         async def locate() -> dict[str, Any]:
             return where
@@ -233,7 +233,7 @@ def test_an_answer_lost_after_the_batch_was_applied_fails_the_batch(state):
     applied: list[int] = []
 
     def apply(b, p, s, e):
-        answer = state.ingest(b, state.load, p, s, e)
+        answer = state.ingest(b, state.load, p, s, e).answer()
         applied.append(s)
         return {**answer, "unsendable": object()}
 
@@ -252,5 +252,5 @@ def test_an_answer_lost_after_the_batch_was_applied_fails_the_batch(state):
         await server.stop()
 
     asyncio.run(main())
-    assert state.ingest(batch, state.load, "prod", 1, None)["status"] == "duplicate"
+    assert state.ingest(batch, state.load, "prod", 1, None).outcome is Outcome.DUPLICATE
     assert state.totals_of(["acme|m|"], H0, H1, state.load) == [7]

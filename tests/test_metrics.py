@@ -21,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tally.actors.clients import LocalShards
 from tally.actors.metrics import CheckpointLag, ShardMetrics
 from tally.actors.shard import ShardActor
-from tally.actors.shard_state import ShardState
+from tally.actors.shard_state import Outcome, ShardState
 from tally.api.http import create_app
 from tally.api.metrics import GatewayMetrics
 from tally.api.service import Service
@@ -242,7 +242,7 @@ def test_lag_grows_while_dirty_survives_a_failed_write_and_clears_when_durable()
 
     def apply(n: int) -> None:
         batch = rows_batch(rows(n), NOW)
-        assert state.ingest(batch, lambda keys: {})["status"] == "applied"
+        assert state.ingest(batch, lambda keys: {}).outcome is Outcome.APPLIED
         meters.applied(batch.increments)
 
     assert lag() == 0

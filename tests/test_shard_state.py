@@ -6,7 +6,7 @@ import calendar
 
 import pytest
 
-from tally.actors.shard_state import ShardState
+from tally.actors.shard_state import Outcome, ShardState
 from tally.checkpoint.sqlite import SqliteStore
 from tally.wire.batches import rows_batch
 
@@ -38,15 +38,15 @@ def batch(value: int):
 
 def test_a_revert_that_was_checkpointed_lets_the_resend_apply_after_a_restart(store):
     state = ShardState(0, store.open_shard(0))
-    assert state.ingest(batch(5), store.load_months, "p", 1, None)["status"] == "applied"
-    assert state.ingest(batch(7), store.load_months, "p", 2, 1)["status"] == "applied"
+    assert state.ingest(batch(5), store.load_months, "p", 1, None).outcome is Outcome.APPLIED
+    assert state.ingest(batch(7), store.load_months, "p", 2, 1).outcome is Outcome.APPLIED
     checkpoint(state, store)  # holds seq 2 and its 7
     assert state.revert(batch(7), store.load_months, "p", 2)  # another shard refused seq 2
     checkpoint(state, store)  # holds the undo: net 5, mark back at 1
     restarted = ShardState(0, store.open_shard(0))
     assert restarted.applied == {"p": 1}
     answer = restarted.ingest(batch(7), store.load_months, "p", 2, None)
-    assert answer["status"] == "applied"
+    assert answer.outcome is Outcome.APPLIED
     assert total(restarted) == 12
 
 
@@ -56,8 +56,8 @@ def test_a_batch_a_resend_found_here_is_not_undone(store):
     on the restarted shard) before the old connection's refusal came back."""
     state = ShardState(0, store.open_shard(0))
     state.ingest(batch(5), store.load_months, "p", 1, None)
-    assert state.ingest(batch(7), store.load_months, "p", 2, 1)["status"] == "applied"
-    assert state.ingest(batch(7), store.load_months, "p", 2, 1)["status"] == "duplicate"
+    assert state.ingest(batch(7), store.load_months, "p", 2, 1).outcome is Outcome.APPLIED
+    assert state.ingest(batch(7), store.load_months, "p", 2, 1).outcome is Outcome.DUPLICATE
     assert state.revert(batch(7), store.load_months, "p", 2) is False
     assert total(state) == 12 and state.applied == {"p": 2}
 
@@ -80,9 +80,9 @@ def test_marks_survive_a_restart_and_resends_are_skipped(store):
     state.ingest(batch(5), store.load_months, "q", 9, None)
     checkpoint(state, store)
     restarted = ShardState(0, store.open_shard(0))
-    assert restarted.ingest(batch(5), store.load_months, "p", 1, None)["status"] == "duplicate"
-    assert restarted.ingest(batch(5), store.load_months, "q", 8, None)["status"] == "duplicate"
-    assert restarted.ingest(batch(1), store.load_months, "p", 2, 1)["status"] == "applied"
+    assert restarted.ingest(batch(5), store.load_months, "p", 1, None).outcome is Outcome.DUPLICATE
+    assert restarted.ingest(batch(5), store.load_months, "q", 8, None).outcome is Outcome.DUPLICATE
+    assert restarted.ingest(batch(1), store.load_months, "p", 2, 1).outcome is Outcome.APPLIED
     assert total(restarted) == 11
 
 
@@ -90,31 +90,31 @@ def test_a_gap_is_refused_and_changes_nothing(store):
     state = ShardState(0, store.open_shard(0))
     state.ingest(batch(5), store.load_months, "p", 1, None)
     answer = state.ingest(batch(5), store.load_months, "p", 3, 2)
-    assert answer["code"] == "gap" and "resend" in answer["message"]
+    assert answer.outcome is Outcome.GAP and "resend" in answer.message
     assert total(state) == 5 and state.applied == {"p": 1}
 
 
 def test_the_holding_checkpoint_is_one_that_will_happen(store):
     state = ShardState(0, store.open_shard(0))
     a = state.ingest(batch(5), store.load_months, "p", 1, None)
-    assert a["ck"] == 1
+    assert a.ck == 1
     cp = state.begin_checkpoint()
     # a resend while checkpoint 1 is in flight is durable with checkpoint 1
-    assert state.ingest(batch(5), store.load_months, "p", 1, None)["ck"] == 1
+    assert state.ingest(batch(5), store.load_months, "p", 1, None).ck == 1
     store.write_checkpoint(cp)
     state.finish_checkpoint(cp.ck)
     assert state.begin_checkpoint() is None
     # and after it, already durable: no checkpoint 2 is needed or promised
-    assert state.ingest(batch(5), store.load_months, "p", 1, None)["ck"] == 1
+    assert state.ingest(batch(5), store.load_months, "p", 1, None).ck == 1
 
 
 def test_the_dirty_bound_refuses_before_applying(store):
     state = ShardState(0, store.open_shard(0), max_dirty=10)
     rows = [["acme", "m", {"k": str(i)}, HOUR, 1] for i in range(4)]
-    assert state.ingest(rows_batch(rows, NOW), store.load_months, "p", 1, None)["ck"] == 1
+    assert state.ingest(rows_batch(rows, NOW), store.load_months, "p", 1, None).ck == 1
     more = [["acme", "m", {"k": str(i)}, HOUR + 3600, 1] for i in range(4)]
     answer = state.ingest(rows_batch(more, NOW), store.load_months, "p", 2, 1)
-    assert answer["code"] == "overloaded" and "bound 10" in answer["message"]
+    assert answer.outcome is Outcome.FULL and "bound 10" in answer.message
     assert state.dirty_slots == 4 and state.applied == {"p": 1}
 
 
@@ -193,10 +193,10 @@ def test_pending_deltas_sum_per_slot_exactly_even_past_int64(seed: int) -> None:
     # that leave int64 (an hour moved by more than 2**63 between checkpoints) stay exact.
     import numpy as np
 
-    from tally.actors.shard_state import _Pending
+    from tally.actors.pending import PendingDeltas
 
     rng = np.random.default_rng(seed)
-    pending = _Pending(64)
+    pending = PendingDeltas(64)
     pending.reserve(500)
     for _ in range(3):  # take() leaves nothing behind
         expected: dict[tuple[int, int], int] = {}
@@ -232,12 +232,13 @@ def test_an_hour_moved_past_int64_since_the_last_checkpoint_waits_for_the_next(s
     state = ShardState(0, store.open_shard(0))
     state.ingest(batch(low), store.load_months, "p", 1, None)
     checkpoint(state, store)
-    assert state.ingest(batch(high), store.load_months, "p", 2, 1)["status"] == "applied"
+    assert state.ingest(batch(high), store.load_months, "p", 2, 1).outcome is Outcome.APPLIED
     answer = state.ingest(batch(high), store.load_months, "p", 3, 2)  # moved by 2**64 - 2
-    assert answer["code"] == "overloaded" and "since the last checkpoint" in answer["message"]
+    assert answer.outcome is Outcome.DELTA_OVERFLOW
+    assert "since the last checkpoint" in answer.message
     assert total(state) == 0 and state.applied == {"p": 2} and state.dirty_slots == 1
     cp = state.begin_checkpoint()
-    assert state.ingest(batch(high), store.load_months, "p", 3, 2)["status"] == "applied"
+    assert state.ingest(batch(high), store.load_months, "p", 3, 2).outcome is Outcome.APPLIED
     store.write_checkpoint(cp)
     state.finish_checkpoint(cp.ck)
     checkpoint(state, store)
@@ -271,17 +272,71 @@ def test_rows_freed_by_an_eviction_are_not_found_again_for_their_old_series(stor
     assert totals(restarted) == {"acme|m|k=a": 3, "acme|m|k=b": 30, "acme|m|k=c": 100}
 
 
-@pytest.mark.parametrize("n", [0, 1, 65, 1000])
-@pytest.mark.parametrize("spread", [48, 24 * 400, 24 * 365 * 300])
-def test_months_of_hours_match_the_calendar(n: int, spread: int) -> None:
-    # a batch's few days are converted once each; a long span converts every hour
-    import numpy as np
+def test_a_store_outage_is_its_own_outcome_and_answers_as_before(store):
+    """A month's base cannot be read: the outcome says so (not the message), nothing
+    changes, and the gateway hears the same ``overloaded`` as for a full shard."""
+    state = ShardState(0, store.open_shard(0))
 
-    from tally.actors.shard_state import months_of_hours
+    def down(keys):
+        raise ConnectionError("store down")
 
-    rng = np.random.default_rng(n + spread)
-    hours = (int(rng.integers(0, 24 * 365 * 60)) + rng.integers(0, spread, n)).astype(np.int64)
-    hours[:1] = 24 * 31 - 1  # 1970-01-31T23: the last hour of a month
-    expected = (hours * 3600).astype("datetime64[s]").astype("datetime64[M]").astype(np.int64)
-    got = months_of_hours(hours)
-    assert got.dtype == np.int64 and got.tolist() == expected.tolist()
+    answer = state.ingest(batch(5), down, "p", 1, None)
+    assert answer.outcome is Outcome.STORE_DOWN and not answer.outcome.accepted
+    assert answer.answer() == {"code": "overloaded", "message": "store unavailable: store down"}
+    assert state.applied == {} and state.dirty_slots == 0 and state.begin_checkpoint() is None
+    assert state.ingest(batch(5), store.load_months, "p", 1, None).outcome is Outcome.APPLIED
+
+
+def test_every_outcome_answers_the_gateway_key_for_key():
+    """``answer`` is what the shard sent before outcomes were typed: msgpack bytes equal."""
+    import msgpack
+
+    from tally.actors.outcomes import Ingested
+
+    cases = [
+        (Ingested.applied(3, []), {"status": "applied", "ck": 3}),
+        (Ingested.applied(3, ["a|m|", "b|m|"]),
+         {"status": "applied", "ck": 3, "new": ["a|m|", "b|m|"]}),
+        (Ingested.duplicate(2), {"status": "duplicate", "ck": 2}),
+        (Ingested.refused(Outcome.GAP, "g"), {"code": "gap", "message": "g"}),
+        (Ingested.refused(Outcome.FULL, "f"), {"code": "overloaded", "message": "f"}),
+        (Ingested.refused(Outcome.STORE_DOWN, "s"), {"code": "overloaded", "message": "s"}),
+        (Ingested.refused(Outcome.DELTA_OVERFLOW, "d"), {"code": "overloaded", "message": "d"}),
+        (Ingested.refused(Outcome.BAD_ROW, "b", 4),
+         {"code": "bad_row", "aggregate": 4, "message": "b"}),
+    ]
+    assert {r.outcome for r, _ in cases} == set(Outcome)
+    for result, legacy in cases:
+        assert msgpack.packb(result.answer()) == msgpack.packb(legacy), result
+
+
+def test_the_shard_actor_counts_a_store_outage_and_nothing_else(tmp_path, monkeypatch):
+    """The actor decides a store error from the outcome: an outage is counted and kept in
+    ``last_error``; a full shard, refused alike on the wire, is not a store error."""
+    import asyncio
+
+    from tally.actors.shard import ShardActor
+
+    monkeypatch.setattr("tally.actors.shard.gc.freeze", lambda: None)
+    actor = ShardActor.__ray_actor_class__(0, f"sqlite:///{tmp_path}/t.db", 3600.0, max_dirty=1)
+
+    def down(keys):
+        raise ConnectionError("store down")
+
+    async def scenario() -> None:
+        load = actor.store.load_months
+        actor.store.load_months = down
+        answer = await actor.apply(batch(5), "p", 1, None)
+        assert answer == {"code": "overloaded", "message": "store unavailable: store down",
+                          "incarnation": actor.incarnation}
+        assert actor.store_errors == 1
+        assert actor.last_error == "RuntimeError('store unavailable: store down')"
+        actor.store.load_months = load
+        assert (await actor.apply(batch(5), "p", 1, None))["status"] == "applied"
+        wider = rows_batch([["acme", "m", {"k": "v"}, HOUR, 1]], NOW)
+        answer = await actor.apply(wider, "p", 2, 1)  # 1 dirty slot + 2 * 1 > 1
+        assert answer["code"] == "overloaded" and "bound 1" in answer["message"]
+        assert actor.store_errors == 1
+        actor._writer.shutdown()
+
+    asyncio.run(scenario())

@@ -36,7 +36,7 @@ from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from tally.actors.shard_state import ShardState
+from tally.actors.shard_state import Ingested, Outcome, ShardState
 from tally.checkpoint.store import Checkpoint, MonthDoc, MonthKey, ShardRecord, StoreError
 from tally.wire.batches import INT64_MAX, INT64_MIN, Batch, rows_batch
 from tally.wire.series import SeriesKey, matches, parse_series_id, series_id
@@ -286,9 +286,9 @@ class ShardStateMachine(RuleBasedStateMachine):
         )
 
     def check_answer_ck(
-        self, answer: dict[str, Any], producer: str | None, seq: int | None
+        self, answer: Ingested, producer: str | None, seq: int | None
     ) -> None:
-        ck = answer["ck"]
+        ck = answer.ck
         assert type(ck) is int, answer
         s = self.state
         allowed = {s.durable_ck, s.last_ck + 1}
@@ -299,7 +299,7 @@ class ShardStateMachine(RuleBasedStateMachine):
             assert ck == s.last_ck + 1, (answer, s.last_ck)
         if producer is not None and self.applied.get(producer) != self.durable.get(producer):
             assert ck > s.durable_ck, (answer, s.durable_ck)
-        kept = producer is not None and answer["status"] == "applied"
+        kept = producer is not None and answer.outcome is Outcome.APPLIED
         self.promises.append((producer, seq, ck, kept))
         if producer is None:
             return
@@ -389,13 +389,13 @@ class ShardStateMachine(RuleBasedStateMachine):
         finally:
             self.store.down = False
         loads = self.store.loads
-        event(f"ingest: {answer.get('status') or answer.get('code')}")
+        event(f"ingest: {answer.outcome.value}")
         for requested in loads:
             assert len(set(requested)) == len(requested), requested
             assert set(requested) <= keys, (requested, keys)
 
         if producer is not None and mark is not None and seq <= mark:
-            assert answer.get("status") == "duplicate", answer
+            assert answer.outcome is Outcome.DUPLICATE, answer
             if producer in self.revertible:  # found here by a resend: it must stay
                 self.revertible[producer] = (*self.revertible[producer][:5], True)
             assert not loads, "a duplicate loaded months"
@@ -403,23 +403,24 @@ class ShardStateMachine(RuleBasedStateMachine):
             self.check_answer_ck(answer, producer, seq)
             return
         if producer is not None and expect is not None and mark != expect:
-            assert answer.get("code") == "gap", answer
-            assert type(answer["message"]) is str and answer["message"]
+            assert answer.outcome is Outcome.GAP, answer
+            assert type(answer.message) is str and answer.message
             assert self.observed() == before
             return
         used = self.dirty_model()
         if self.max_dirty and used and used + 2 * len(batch) > self.max_dirty:
-            assert answer.get("code") == "overloaded", (answer, used, len(batch))
+            assert answer.outcome is Outcome.FULL, (answer, used, len(batch))
             assert not loads, "a batch over the bound loaded months"
             assert self.observed() == before
             return
-        if answer.get("code") == "overloaded":
+        if answer.outcome is Outcome.STORE_DOWN:
             # only a store that failed to load may refuse now, and then nothing changed
             assert down and loads, answer
-            assert "store" in answer["message"], answer
+            assert answer.answer()["code"] == "overloaded", answer
+            assert "store" in answer.message, answer
             assert self.observed() == before
             return
-        assert answer.get("status") == "applied", answer
+        assert answer.outcome is Outcome.APPLIED, answer
         if down:  # it loaded nothing, so it held every month already
             assert keys <= self.installed, (keys - self.installed, answer)
         # a stored base is only loaded for a month the shard does not hold: never a busy one
@@ -739,10 +740,10 @@ def ingest(state: ShardState, store: FakeStore, rows: list[list], *mark: Any) ->
     return state.ingest(batch, store.load, *mark), batch
 
 
-def blamed_row(answer: dict[str, Any], batch: Batch) -> int:
-    assert answer.get("code") == "bad_row", answer
-    assert type(answer["aggregate"]) is int and type(answer["message"]) is str
-    return int(batch.first_row[answer["aggregate"]])
+def blamed_row(answer: Ingested, batch: Batch) -> int:
+    assert answer.outcome is Outcome.BAD_ROW, answer
+    assert type(answer.aggregate) is int and type(answer.message) is str
+    return int(batch.first_row[answer.aggregate])
 
 
 def big(ts: int, value: int, tags: dict | None = None) -> list:
@@ -751,7 +752,7 @@ def big(ts: int, value: int, tags: dict | None = None) -> list:
 
 def test_an_hour_total_leaving_int64_is_refused_and_changes_nothing():
     state, store = fresh()
-    assert ingest(state, store, [big(T, INT64_MAX - 3)], "p", 1)[0]["status"] == "applied"
+    assert ingest(state, store, [big(T, INT64_MAX - 3)], "p", 1)[0].outcome is Outcome.APPLIED
     before = view(state, store)
     rows = [big(T + 86400, 5), big(T, 1, {"c": "a"}), big(T + 60, 4), big(T + 7200, 1)]
     answer, batch = ingest(state, store, rows, "p", 2, 1)
@@ -759,7 +760,7 @@ def test_an_hour_total_leaving_int64_is_refused_and_changes_nothing():
     assert view(state, store) == before
     # the seq was not used up: the same seq applies once the batch is fixed
     answer, _ = ingest(state, store, [big(T, 3), big(T + 86400, 5)], "p", 2, 1)
-    assert answer["status"] == "applied"
+    assert answer.outcome is Outcome.APPLIED
     arr, _ = state.hourly("acme", "big", {}, T // 3600, T // 3600 + 25)
     assert arr[0] == INT64_MAX and arr[24] == 5
 
@@ -771,7 +772,7 @@ def test_an_hour_total_below_int64_is_refused_too():
     answer, batch = ingest(state, store, [big(T, -2), big(T + 1, -1)])  # one aggregate: -3
     assert blamed_row(answer, batch) == 0
     assert view(state, store) == before
-    assert ingest(state, store, [big(T, -2)])[0]["status"] == "applied"
+    assert ingest(state, store, [big(T, -2)])[0].outcome is Outcome.APPLIED
     assert state.totals("acme", "big", {}, T // 3600, T // 3600 + 1)[0] == {
         "acme|big|": INT64_MIN}
 
@@ -792,10 +793,10 @@ def test_a_day_total_leaving_int64_is_refused_although_every_hour_fits():
     rows = [big(T + 86400, HALF), big(T + 3600, HALF)]  # the next day is fine; this day is not
     answer, batch = ingest(state, store, rows, "p", 2, 1)
     assert blamed_row(answer, batch) == 1
-    assert "day" in answer["message"] and "2026-11-03" in answer["message"]
+    assert "day" in answer.message and "2026-11-03" in answer.message
     assert view(state, store) == before
     # exactly INT64_MAX for the day is fine, and so is exactly INT64_MIN
-    assert ingest(state, store, [big(T + 3600, HALF - 1)], "p", 2, 1)[0]["status"] == "applied"
+    assert ingest(state, store, [big(T + 3600, HALF - 1)], "p", 2, 1)[0].outcome is Outcome.APPLIED
     day = T // 3600 - 1
     assert int(state.hourly("acme", "big", {}, day, day + 24)[0].sum()) == INT64_MAX
     ingest(state, store, [big(T + 86400, -HALF), big(T + 86400 + 3600, -HALF)])
@@ -816,10 +817,10 @@ def test_a_day_that_was_near_the_limit_and_came_back_is_not_refused():
     state, store = fresh()
     ingest(state, store, [big(T, HALF)])
     ingest(state, store, [big(T, -HALF)])  # the hour is back to zero
-    assert ingest(state, store, [big(T + 3600, HALF)])[0]["status"] == "applied"
+    assert ingest(state, store, [big(T + 3600, HALF)])[0].outcome is Outcome.APPLIED
     answer, batch = ingest(state, store, [big(T, HALF)])  # 2**63 again: refused
     assert blamed_row(answer, batch) == 0
-    assert ingest(state, store, [big(T, HALF - 1)])[0]["status"] == "applied"
+    assert ingest(state, store, [big(T, HALF - 1)])[0].outcome is Outcome.APPLIED
 
 
 def test_a_stored_day_near_the_limit_counts_after_a_restart_and_after_an_eviction():
@@ -834,7 +835,7 @@ def test_a_stored_day_near_the_limit_counts_after_a_restart_and_after_an_evictio
         answer, batch = ingest(state, store, [big(T + 3600, HALF)])  # the base is loaded first
         assert blamed_row(answer, batch) == 0
         assert view(state, store) == before
-        assert ingest(state, store, [big(T + 3600, HALF - 1)])[0]["status"] == "applied"
+        assert ingest(state, store, [big(T + 3600, HALF - 1)])[0].outcome is Outcome.APPLIED
 
 
 def test_a_store_that_cannot_load_refuses_the_batch_and_changes_nothing():
@@ -843,10 +844,10 @@ def test_a_store_that_cannot_load_refuses_the_batch_and_changes_nothing():
     before = (view(state, store), state.series_months, len(state.series))
     store.down = True
     answer, _ = ingest(state, store, [big(T, 1), big(T + 40 * 86400, 1)], "p", 2, 1)
-    assert answer.get("code") == "overloaded" and "store" in answer["message"], answer
+    assert answer.outcome is Outcome.STORE_DOWN and "store" in answer.message, answer
     assert (view(state, store), state.series_months, len(state.series)) == before
     store.down = False
-    assert ingest(state, store, [big(T, 1), big(T + 40 * 86400, 1)], "p", 2, 1)[0]["ck"] == 1
+    assert ingest(state, store, [big(T, 1), big(T + 40 * 86400, 1)], "p", 2, 1)[0].ck == 1
     assert state.applied == {"p": 2}
 
 
@@ -856,7 +857,7 @@ def test_a_resend_while_an_older_mark_is_in_flight_waits_for_the_next_checkpoint
     checkpoint, whose finish makes the durable mark the lower one."""
     state, store = fresh()
     empty = Batch.empty()
-    assert state.ingest(empty, store.load, "p", 1)["status"] == "applied"
+    assert state.ingest(empty, store.load, "p", 1).outcome is Outcome.APPLIED
     cp = state.begin_checkpoint()
     state.finish_checkpoint(cp.ck)
     assert state.revert(empty, store.load, "p", 1)  # another shard refused seq 1
@@ -864,7 +865,7 @@ def test_a_resend_while_an_older_mark_is_in_flight_waits_for_the_next_checkpoint
     assert lowered.producers == {"p": -1}
     answer = state.ingest(empty, store.load, "p", 1)
     state.finish_checkpoint(lowered.ck)
-    if answer["ck"] <= state.durable_ck:
+    if answer.ck <= state.durable_ck:
         assert state.durable["p"] >= 1, (answer, state.durable)
 
 
@@ -882,9 +883,9 @@ def test_a_small_increment_on_a_day_already_at_the_limit_is_refused():
         before = view(state, store)
         answer, batch = ingest(state, store, [big(T + 86400, 1), big(T + 3600, 1)])
         assert blamed_row(answer, batch) == 1
-        assert "day" in answer["message"]
+        assert "day" in answer.message
         assert view(state, store) == before
-        assert ingest(state, store, [big(T + 3600, -1)])[0]["status"] == "applied"
+        assert ingest(state, store, [big(T + 3600, -1)])[0].outcome is Outcome.APPLIED
 
 
 def test_the_dirty_bound_counts_distinct_slots_and_takes_a_batch_that_fills_it_exactly():
@@ -894,18 +895,18 @@ def test_the_dirty_bound_counts_distinct_slots_and_takes_a_batch_that_fills_it_e
     store = FakeStore()
     state = ShardState(SHARD, store.open_shard(), max_dirty=7)
     for _ in range(3):  # one slot, changed three times
-        assert ingest(state, store, [big(T, 1)])[0]["status"] == "applied"
+        assert ingest(state, store, [big(T, 1)])[0].outcome is Outcome.APPLIED
     fill = [big(T + 3600 * k, 1) for k in (1, 2, 3)]
-    assert ingest(state, store, fill)[0]["status"] == "applied"  # 1 + 2 * 3 == 7
+    assert ingest(state, store, fill)[0].outcome is Outcome.APPLIED  # 1 + 2 * 3 == 7
     assert state.dirty_slots == 4
     answer, _ = ingest(state, store, [big(T + 3600 * 4, 1), big(T + 3600 * 5, 1)])
-    assert answer.get("code") == "overloaded", answer  # 4 + 2 * 2 > 7
-    assert ingest(state, store, [big(T, 1)])[0]["status"] == "applied"  # 4 + 2 * 1 <= 7
+    assert answer.outcome is Outcome.FULL, answer  # 4 + 2 * 2 > 7
+    assert ingest(state, store, [big(T, 1)])[0].outcome is Outcome.APPLIED  # 4 + 2 * 1 <= 7
     cp = state.begin_checkpoint()
     assert state.dirty_slots == 4  # in flight counts too
-    assert ingest(state, store, [big(T, 1), big(T + 3600, 1)])[0]["code"] == "overloaded"
+    assert ingest(state, store, [big(T, 1), big(T + 3600, 1)])[0].outcome is Outcome.FULL
     store.write(cp)
     state.finish_checkpoint(cp.ck)
     assert state.dirty_slots == 0
     many = [big(T + 3600 * k, 1) for k in range(10)]  # an empty shard takes any batch
-    assert ingest(state, store, many)[0]["status"] == "applied"
+    assert ingest(state, store, many)[0].outcome is Outcome.APPLIED

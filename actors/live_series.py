@@ -1,0 +1,171 @@
+"""The series a shard holds, by small number, and which UTC months of each it holds live.
+
+A series id is a string; day blocks, the recent days' arrays and query scans
+want a small integer instead (actors/day_blocks.py), so each series here gets
+a number, recycled once the series is forgotten. The numbers are indexed by
+(tenant, metric) for queries and catalogs.
+
+A month is *live* for a series once its stored base is loaded: from then on
+the shard's counts for it are complete, and the store's copy is not read
+again. A batch may touch a month only after it is live (``missing`` says which
+to load first); ``evict`` in ShardState makes clean ones stored-only again.
+"""
+
+from __future__ import annotations
+
+from itertools import repeat
+
+import numpy as np
+
+from tally.actors.day_blocks import MONTH_BITS
+from tally.checkpoint.store import MonthKey
+from tally.wire.batches import Batch
+from tally.wire.series import SeriesKey, matches, parse_series_id
+from tally.wire.timeslots import month_name, months_of_hours
+
+
+class LiveSeries:
+    """Series numbers and their ids and keys; the live months of each."""
+
+    def __init__(self) -> None:
+        self.series: dict[str, int] = {}  # sid -> series number
+        self.keys: list[SeriesKey | None] = []  # series number -> its key (None: free)
+        self.sids: list[str | None] = []  # series number -> its sid (None: free)
+        self._free: list[int] = []
+        self._months_held = np.zeros(0, dtype=np.int32)  # per series: months live
+        self.by_metric: dict[tuple[str, str], set[int]] = {}
+        self.loaded: dict[int, set[int]] = {}  # month number -> series holding it live
+        self._match_cache: dict[tuple, list[int]] = {}
+
+    def __len__(self) -> int:
+        return len(self.series)
+
+    @property
+    def count(self) -> int:
+        """A bound on series numbers: every number in use is below it."""
+        return len(self.keys)
+
+    def numbers(self, sids: list[str]) -> np.ndarray:
+        """Series numbers of ``sids`` (-1: not held)."""
+        # map() with a repeated default looks each up in C: no Python frame per sid
+        return np.fromiter(map(self.series.get, sids, repeat(-1)), np.int64, len(sids))
+
+    def add(self, sid: str) -> int:
+        key = parse_series_id(sid)
+        if self._free:
+            g = self._free.pop()
+            self.keys[g], self.sids[g] = key, sid
+        else:
+            g = len(self.keys)
+            self.keys.append(key)
+            self.sids.append(sid)
+            if g >= len(self._months_held):
+                self._months_held = np.concatenate(
+                    [self._months_held, np.zeros(max(1024, g), np.int32)]
+                )
+        self._months_held[g] = 0
+        self.series[sid] = g
+        self.by_metric.setdefault((key.tenant, key.metric), set()).add(g)
+        self._match_cache.clear()
+        return g
+
+    def drop(self, g: int) -> None:
+        """Forget series ``g`` (it holds no month live); its number is free for another."""
+        key, sid = self.keys[g], self.sids[g]
+        assert key is not None and sid is not None
+        del self.series[sid]
+        members = self.by_metric[(key.tenant, key.metric)]
+        members.discard(g)
+        if not members:
+            del self.by_metric[(key.tenant, key.metric)]
+        self.keys[g] = self.sids[g] = None
+        self._free.append(g)
+        self._match_cache.clear()
+
+    # ---- live months -----------------------------------------------------
+
+    def hold(self, g: int, mno: int) -> bool:
+        """Series ``g`` holds month ``mno`` live from now on; False if it already did."""
+        holders = self.loaded.setdefault(mno, set())
+        if g in holders:
+            return False
+        holders.add(g)
+        self._months_held[g] += 1
+        return True
+
+    def release(self, g: int, mno: int) -> int:
+        """Series ``g`` no longer holds month ``mno`` live; how many months it still holds."""
+        holders = self.loaded[mno]
+        holders.discard(g)
+        if not holders:
+            del self.loaded[mno]
+        self._months_held[g] -= 1
+        return int(self._months_held[g])
+
+    @property
+    def series_months(self) -> int:
+        return sum(len(h) for h in self.loaded.values())
+
+    def missing(self, batch: Batch, numbers: np.ndarray | None = None) -> list[MonthKey]:
+        """(series, month) pairs of the batch not live yet; ``numbers``: the series
+        numbers of its sids, if known."""
+        if not len(batch):
+            return []
+        if numbers is None:
+            numbers = self.numbers(batch.sids)
+        if self._all_loaded(batch, numbers):
+            return []
+        numbers = numbers.tolist()
+        local = batch.series.astype(np.int64)
+        pairs = np.unique(local << MONTH_BITS | months_of_hours(batch.hours))
+        low = (1 << MONTH_BITS) - 1
+        loaded = self.loaded
+        out: list[MonthKey] = []
+        for p in pairs.tolist():
+            s, m = p >> MONTH_BITS, p & low
+            g = numbers[s]
+            if g < 0 or g not in loaded.get(m, ()):
+                out.append((batch.sids[s], month_name(m)))
+        return out
+
+    def _all_loaded(self, batch: Batch, numbers: np.ndarray) -> bool:
+        """Whether every (series, month) of the batch is live: set containment in C, a
+        month at a time, rather than a Python step per pair (the usual batch: yes)."""
+        if len(numbers) and int(numbers.min()) < 0:
+            return False
+        held = numbers[batch.series.astype(np.intp)]
+        months = months_of_hours(batch.hours)
+        first = int(months[0])
+        if (months == first).all():  # the usual batch: the current month only
+            per_month = [(first, held)]
+        else:
+            per_month = [(m, held[months == m]) for m in np.unique(months).tolist()]
+        loaded = self.loaded
+        return all(m in loaded and loaded[m].issuperset(g.tolist()) for m, g in per_month)
+
+    # ---- lookups ---------------------------------------------------------
+
+    def matching(self, tenant: str, metric: str, where: dict[str, str]) -> list[int]:
+        """Numbers of the metric's series whose tags match ``where``, ascending."""
+        ck = (tenant, metric, tuple(sorted(where.items())))
+        found = self._match_cache.get(ck)
+        if found is None:
+            keys = self.keys
+            found = sorted(
+                g for g in self.by_metric.get((tenant, metric), ())
+                if matches(keys[g].tags, where)  # type: ignore[union-attr]
+            )
+            if len(self._match_cache) > 10_000:
+                self._match_cache.clear()
+            self._match_cache[ck] = found
+        return found
+
+    def series_of(self, tenant: str, metric: str) -> list[str]:
+        """The metric's series this shard holds live (the store's catalog may lag behind)."""
+        sids = self.sids
+        return [sids[g] for g in self.by_metric.get((tenant, metric), ())]  # type: ignore[misc]
+
+    def catalog(self, tenant: str) -> list[str]:
+        sids = self.sids
+        return [sids[g] for (t, _), members in self.by_metric.items() if t == tenant  # type: ignore
+                for g in members]

@@ -1,0 +1,138 @@
+"""Changes since the last checkpoint, summed per slot as batches apply.
+
+A shard checkpoints the *deltas* of the hours it changed, not its totals: a
+month document in the store is updated by adding them (checkpoint/store.py).
+They are summed per (block row, hour of day) as batches apply, so beginning a
+checkpoint takes the changed slots as they are, and the count of dirty slots
+that the shard's bound (``max_dirty``) limits is always exact.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+PENDING_ROWS = 4096  # rows of pending deltas kept between checkpoints
+
+
+class PendingDeltas:
+    """Deltas since the last checkpoint, summed per (block row, hour of day) as batches
+    apply: a row of 24 for each block changed since, found by block row.
+
+    Not a log of every batch's aggregates, summed when a checkpoint begins: a
+    shard ingesting fast logs far more entries per checkpoint than there are
+    slots to write, in fresh arrays whose pages the kernel must zero, and
+    summing them took a large share of the shard's time (docs/performance.md).
+    Here an aggregate costs one add into a slot, and a checkpoint takes the
+    slots as they are. A slot's delta
+    that leaves int64 (its hour's total, which stays within int64, moved by
+    more than 2**63 since the last checkpoint) refuses the batch (``overflows``),
+    but an undo cannot be refused: its delta is kept exactly, as a Python int in
+    ``wide``, its table entry 0 (the store refuses that checkpoint, see
+    checkpoint/layout.py, and the shard reports it until an operator acts).
+    """
+
+    __slots__ = ("table", "at", "block", "rows", "slots", "wide")
+
+    def __init__(self, blocks: int) -> None:
+        self.table = np.zeros((PENDING_ROWS, 24), np.int64)
+        self.at = np.full(blocks, -1, np.int32)  # block row -> its row of table, -1: none
+        self.block = np.zeros(PENDING_ROWS, np.int64)  # row of table -> its block row
+        self.rows = 0  # rows of table in use
+        self.slots = 0  # nonzero entries of table and of wide
+        self.wide: dict[int, int] = {}  # row of table * 24 + hour of day -> delta
+
+    def reserve(self, blocks: int) -> None:
+        """The block slab grew to ``blocks`` rows."""
+        if blocks > len(self.at):
+            at = np.full(blocks, -1, np.int32)
+            at[:len(self.at)] = self.at
+            self.at = at
+
+    def block_rows(self) -> np.ndarray:
+        return self.block[:self.rows]
+
+    def _before(self, rows: np.ndarray, hod: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Rows of table of block ``rows`` (-1: none yet) and the deltas at ``hod``."""
+        at = self.at[rows]
+        known = at >= 0
+        if known.all():
+            return at, self.table[at, hod]
+        before = np.zeros(len(at), np.int64)
+        before[known] = self.table[at[known], hod[known]]
+        return at, before
+
+    def overflows(self, rows: np.ndarray, hod: np.ndarray, values: np.ndarray
+                  ) -> np.ndarray:
+        """Which of (block row, hour, value) would take a slot's delta out of int64."""
+        _, before = self._before(rows, hod)
+        with np.errstate(over="ignore"):
+            after = before + values
+        return np.flatnonzero(((values > 0) & (after < before)) | ((values < 0) & (after > before)))
+
+    def add(self, rows: np.ndarray, hod: np.ndarray, values: np.ndarray) -> None:
+        """Add nonzero ``values`` at distinct (block row, hour of day) slots."""
+        at = self.at[rows]
+        fresh = at < 0
+        if fresh.any():
+            new = np.unique(rows[fresh])
+            n, m = self.rows, self.rows + len(new)
+            if m > len(self.table):
+                size = max(m, 2 * len(self.table))
+                table = np.zeros((size, 24), np.int64)
+                table[:n] = self.table[:n]
+                block = np.zeros(size, np.int64)
+                block[:n] = self.block[:n]
+                self.table, self.block = table, block
+            self.block[n:m] = new
+            self.at[new] = np.arange(n, m, dtype=np.int32)
+            self.rows = m
+            at = self.at[rows]
+        before = self.table[at, hod]
+        with np.errstate(over="ignore"):
+            after = before + values
+        wrapped = ((values > 0) & (after < before)) | ((values < 0) & (after > before))
+        if self.wide or wrapped.any():
+            self._widen(at.astype(np.int64) * 24 + hod, before, values, after, wrapped)
+        self.table[at, hod] = after
+        self.slots += int(np.count_nonzero(after)) - int(np.count_nonzero(before))
+
+    def _widen(self, keys: np.ndarray, before: np.ndarray, values: np.ndarray,
+               after: np.ndarray, wrapped: np.ndarray) -> None:
+        """Slots whose delta left int64 now or before: summed as Python ints in ``wide``,
+        their ``after`` set to 0 (``slots`` counts them as ``wide`` does)."""
+        wide = self.wide
+        hit = wrapped
+        if wide:
+            hit = hit | np.isin(keys, np.fromiter(wide, np.int64, len(wide)))
+        for n in np.flatnonzero(hit).tolist():
+            key = int(keys[n])
+            old = wide.get(key, 0)
+            new = wide[key] = old + int(before[n]) + int(values[n])
+            after[n] = 0
+            self.slots += (new != 0) - (old != 0)
+
+    def take(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The nonzero slots (block rows, hours of day, deltas), and nothing pending after.
+        Deltas are int64, or Python ints (dtype object) if one left int64."""
+        n = self.rows
+        used = self.table[:n]
+        at, hod = np.nonzero(used)
+        vals = used[at, hod]
+        if self.wide:
+            keys = np.fromiter(self.wide, np.int64, len(self.wide))
+            at = np.concatenate((at, keys // 24))
+            hod = np.concatenate((hod, keys % 24))
+            wide = np.array(list(self.wide.values()), dtype=object)
+            vals = np.concatenate((vals.astype(object), wide))
+            keep = vals != 0
+            at, hod, vals = at[keep], hod[keep], vals[keep]
+        rows = self.block[at]
+        self.at[self.block[:n]] = -1
+        if len(self.table) > PENDING_ROWS:  # (a burst of new series: give its pages back)
+            self.table = np.zeros((PENDING_ROWS, 24), np.int64)
+            self.block = np.zeros(PENDING_ROWS, np.int64)
+        else:
+            used[:] = 0
+        self.rows = self.slots = 0
+        self.wide = {}
+        return rows, hod.astype(np.int64), vals
