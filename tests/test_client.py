@@ -178,6 +178,30 @@ def test_linger_zero_seals_at_the_next_poll() -> None:
     assert core.poll(3.0) is True and core.kept[1].increments == 1
 
 
+def test_linger_none_never_seals_on_time() -> None:
+    core = core_with(linger=None)
+    add(core, "acme", "m", now=3.0)
+    assert core.linger_deadline() is None and core.deadline() is None
+    assert core.poll(1e9) is False and not core.kept and core.pending == 1
+
+
+def test_seal_at_a_chosen_seq_and_the_next_ones_follow() -> None:
+    core = core_with(first_seq=100)
+    assert core.seal(500) is None and core.last_seq == 99  # nothing open: no seq used
+    add(core, "acme", "m")
+    assert core.seal(500) == 500
+    add(core, "acme", "m")
+    add_event(core)
+    assert core.seal(700) == 701 and list(core.kept) == [500, 700, 701]  # events after
+    add(core, "acme", "m")
+    assert core.seal() == 702
+    add(core, "acme", "m")
+    for bad in (702, 2**63, 703.0):
+        with pytest.raises(ValueError, match="above the last seq"):
+            core.seal(bad)  # type: ignore[arg-type]
+    assert core.pending == 5 and core.builder.n == 1  # a refused seal keeps the batch open
+
+
 def big_tags(n: int, width: int) -> dict[str, str]:
     return {f"k{j}": f"{n:08d}".ljust(width, "x") for j in range(16)}
 
@@ -1146,6 +1170,52 @@ def test_close_flushes_durable_and_then_refuses(peer_factory) -> None:
     with pytest.raises(ClientClosed):
         client.flush()
     client.close()  # twice is fine
+
+
+def test_the_hooks_for_producers_that_number_their_batches(peer_factory) -> None:
+    """What ``tally import`` uses: first_seq, linger=None, seal(seq), take_rejections, abort."""
+    peer = peer_factory(checkpoint_every=None)
+    client = TallyClient("127.0.0.1", peer.port, producer="numbered", first_seq=1000,
+                         linger=None, **FAST)
+    assert client.first_seq == 1000 and client.last_seq == 999
+    client.inc("acme", "logins", 2, ts=NOW)
+    time.sleep(0.05)
+    assert client.stats["batches"] == 0  # no linger: only seal or flush closes a batch
+    assert client.seal(1500) == 1500
+    client.inc("acme", "big", 2**62, ts=NOW)
+    client.inc("acme", "big", 2**62, ts=NOW)
+    assert client.seal(2000) == 2000
+    wait_for(lambda: client.stats["rejected"] == 1)
+    peer.checkpoint()
+    wait_for(lambda: client.durable_seq == 1500)
+    [rejected] = client.take_rejections()
+    assert rejected.seq == 2000 and rejected.code == ErrorCode.BAD_ROW
+    assert client.take_rejections() == []
+    client.inc("acme", "logins", 5, ts=NOW)  # open, never sealed: abort drops it
+    client.abort()
+    assert not client._thread.is_alive() and [s for _, s in peer.applied] == [1500]
+    with pytest.raises(ClientClosed):
+        client.inc("acme", "logins", ts=NOW)
+    client.abort()  # twice is fine
+    client.close()  # so is close after abort
+
+
+def test_on_error_has_run_when_flush_returns(peer_factory) -> None:
+    # The I/O thread hands rejections to on_error outside its lock; flush waits for
+    # that, so a raising on_error has stopped the client before flush returns.
+    for _ in range(20):
+        peer = peer_factory()
+        seen: list[int] = []
+
+        def record(error: BatchRejected, seen: list[int] = seen) -> None:
+            time.sleep(0.01)
+            seen.append(error.seq)
+
+        with TallyClient("127.0.0.1", peer.port, on_error=record, **FAST) as client:
+            client.inc("acme", "big", 2**62, ts=NOW)
+            client.inc("acme", "big", 2**62, ts=NOW)
+            client.flush(timeout=10)
+            assert seen == [client.last_seq]
 
 
 def test_a_producer_name_survives_a_restart_of_the_client(peer_factory) -> None:
