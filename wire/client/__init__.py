@@ -106,6 +106,12 @@ pushed out of int64) arrives later, from the I/O thread:
   and raises a ``ClientFailed`` from every later call. These are bugs or
   misconfiguration, and a loop of retries would only hide them.
 
+A fatal error is raised from the first call after the I/O side learns of it,
+so which call that is depends on when the answer arrives: ``inc`` right after
+the client is made usually runs before the server has answered ``hello``.
+``wait_connected()`` waits for that answer, for a producer that wants a
+wrong token or port to fail at a known call, at start-up.
+
 ``flush`` raises ``TallyTimeout`` (a ``TimeoutError``) when its wait runs out;
 the batches stay kept and the client keeps trying, so calling ``flush`` again
 is safe. Its message says what is missing and the last problem seen (e.g. the
@@ -134,6 +140,18 @@ increment costs about 20 bytes of frame (plus its series entries), so the
 default 2,000,000 holds about 40 MiB and several seconds of checkpoint lag
 at a high rate. Set it from (increments per second) x (checkpoint interval
 + a few seconds).
+
+Producers that number their batches
+------------------------------------
+A producer whose seqs must name the same increments in every run (``tally
+import``: a chunk of a file is one batch, its seq the byte offset where the
+chunk ends, so a rerun resumes where the server's ``durable_seq`` says) sets
+``first_seq``, ``linger=None`` (no batch sealed on a timer) and a
+``batch_size`` and ``max_batch_bytes`` its batches stay under, then closes
+each batch with ``seal(seq)``. ``take_rejections()`` hands it the refusals
+queued so far instead of raising them, and ``abort()`` stops without sealing
+the open batch, as a crash would, where ``close`` would seal it under the
+next seq.
 
 Threads and tasks
 -----------------

@@ -80,6 +80,8 @@ _PERMANENT = frozenset((ErrorCode.BAD_ROW, ErrorCode.BAD_REQUEST, ErrorCode.UNAU
 class ProducerCore(Batches):
     """The client's whole protocol state, without I/O (the h11 approach).
 
+    Batching (the open batches and the kept ones) is its base, ``Batches``;
+    this class adds the connection, the in-flight window and the answers.
     The shells (a thread with a selector, an asyncio task) call it with the
     lock held (sync) or from the loop (async), passing a monotonic ``now``:
 
