@@ -47,7 +47,7 @@ class TallyClient(ClientShell):
       resending after ``overloaded``.
     - ``on_error``: receives ``BatchRejected`` errors on the I/O thread
       instead of having them raised from ``inc`` / ``flush``; it must not
-      block, nor call ``flush`` or ``close``.
+      block, nor call ``flush``, ``close`` or ``abort``.
     - ``fallbacks``: ``(host, port)`` of the service's other gateways (one runs
       per node of a cluster); after a failed connection the next is tried.
     - ``first_seq``: the seq of the first batch (default: the clock in
