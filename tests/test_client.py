@@ -1301,6 +1301,26 @@ def test_async_backpressure_rejections_and_close(peer_factory) -> None:
     assert sum(peer.checkpointed.values()) == 5
 
 
+def test_async_hooks_for_numbered_batches(peer_factory) -> None:
+    peer = peer_factory(checkpoint_every=None)
+
+    async def main() -> None:
+        client = AsyncTallyClient("127.0.0.1", peer.port, producer="numbered", first_seq=10,
+                                  linger=None, **FAST)
+        await client.wait_connected(timeout=10)
+        await client.inc("acme", "logins", 2, ts=NOW)
+        assert client.seal(40) == 40
+        await client.flush(durable=False, timeout=10)
+        await client.inc("acme", "logins", 5, ts=NOW)  # never sealed: abort drops it
+        await client.abort()
+        with pytest.raises(ClientClosed):
+            await client.inc("acme", "logins", ts=NOW)
+        await client.close()
+
+    asyncio.run(main())
+    assert [s for _, s in peer.applied] == [40] and sum(peer.totals.values()) == 2
+
+
 def test_async_unauthorized_and_silent_server(peer_factory) -> None:
     refusing = peer_factory(token="secret")
     silent = peer_factory(stall_connections=1)
