@@ -22,9 +22,7 @@ from tally.checkpoint.store import Checkpoint, MonthDoc, MonthKey
 from tally.wire.frames import MAX_PRODUCER
 from tally.wire.series import SeriesKey, check_tag_key, check_tag_value, parse_series_id, series_key
 from tally.wire.timeslots import day_and_hour, month_hours
-
-INT64_MIN = -(2**63)
-INT64_MAX = 2**63 - 1
+from tally.wire.vocabulary import INT64_MAX, INT64_MIN  # re-exported: checkpoint.memory uses them
 
 _MONTH_RE = re.compile(r"\d{4}-(0[1-9]|1[0-2])")
 

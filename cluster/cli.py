@@ -236,8 +236,8 @@ def main(argv: list[str] | None = None) -> int:
 def demo(args: argparse.Namespace) -> int:
     from rich.console import Console
 
+    from tally.client import TallyError
     from tally.cluster.demo import report, run_demo, sent_line
-    from tally.wire.client import TallyError
 
     try:
         result = run_demo(host=args.host, tcp_port=args.tcp_port, http_port=args.http_port,

@@ -38,7 +38,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from tally.api.rules import BUILTIN, Rules
-from tally.wire.client import TallyClient
+from tally.client import TallyClient
 
 CHANNELS = ("email", "chat", "phone", "twitter", "facebook")
 # Channel mix by day and by night; an hour's mix is a blend weighted by how busy it is.

@@ -1,6 +1,6 @@
 """``tally import FILE``: JSON lines or CSV of events or increments, exactly once, resumable.
 
-The file is streamed through the client library (``wire.client``) with durable
+The file is streamed through the client library (``tally.client``) with durable
 acks, like any producer. What this module adds is what makes an import safe to
 interrupt and run again:
 
@@ -20,10 +20,11 @@ were lost are applied. No side file is needed, and none could be trusted more
 than the server's own mark.
 
 The client normally numbers batches from the wall clock and seals them on a
-timer; neither is deterministic, so ``FileClient`` (a ``TallyClient``) takes
-the first seq and lets the importer seal each chunk itself with the chunk's
-seq. Everything else -- pipelining, reconnects, resends, backpressure, the
-durable flush -- is the client library's.
+timer; neither is deterministic, so ``FileClient`` (a ``TallyClient``) is
+given the first seq (``first_seq``), never lingers (``linger=None``), and the
+importer seals each chunk itself with the chunk's seq (``seal(seq)``), all
+public options and hooks of the client. Everything else -- pipelining,
+reconnects, resends, backpressure, the durable flush -- is the client library's.
 
 **Bad rows are reported, never fatal, never silent.** A line that is not JSON,
 lacks a field, names an invalid series, carries a timestamp an hour ahead, or
@@ -55,7 +56,6 @@ file at once are wasteful but still exact: both send the same seqs.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import hashlib
 import json
@@ -83,7 +83,7 @@ from rich.progress import (
 from rich.table import Table
 
 from tally.api.rules import BUILTIN, BadEvent, Rules, RulesError, load_rules
-from tally.wire.client import (
+from tally.client import (
     BatchRejected,
     ClientFailed,
     Connection,
@@ -94,6 +94,7 @@ from tally.wire.client import (
 )
 from tally.wire.frames import MAX_PRODUCER
 from tally.wire.series import InvalidSeries, series_key
+from tally.wire.vocabulary import INT64_MAX, INT64_MIN
 
 __all__ = [
     "FileClient",
@@ -118,9 +119,6 @@ RECORD_OVERHEAD = 96
 # Part of the producer name: bump it whenever parsing or chunking changes what a seq
 # carries, so an import resumed by a newer tally never mixes the two.
 SCHEME = "import-v1"
-# The client seals an open batch after ``linger`` seconds; the importer seals its
-# chunks itself, so this only has to outlast one chunk (and stay a valid select timeout).
-NEVER = 86_400.0
 INCREMENT_KEYS = frozenset(("tenant", "metric", "ts", "value", "tags"))
 FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".csv": "csv"}
 SNIFF_RECORDS = 1000
@@ -213,70 +211,48 @@ class FileClient(TallyClient):
     size and linger never trigger (the importer's chunks are far below the byte
     cap, and ``seal_as`` checks that no batch was sealed behind its back) and
     ``seal_as(seq)`` closes the open batch with the seq the importer gives it.
+    Only the client's public API is used.
     """
 
     def __init__(
         self, host: str, port: int, *, producer: str, token: str | None, first_seq: int,
         timeout: float,
     ) -> None:
-        self._first_seq = first_seq
-        self._batches_seen = 0
         super().__init__(
-            host, port, producer=producer, token=token, batch_size=2**31, linger=NEVER,
-            timeout=timeout,
+            host, port, producer=producer, token=token, batch_size=2**31, linger=None,
+            timeout=timeout, first_seq=first_seq,
         )
-
-    def _init_shell(self) -> None:
-        # Before the I/O thread exists: the hello's ProducerConflict check and the
-        # first batch both use first_seq.
-        core = self._core
-        core.first_seq = core.next_seq = self._first_seq
-        super()._init_shell()
+        self._batches_seen = 0
 
     def seal_as(self, seq: int) -> None:
         """Seal the open batch (if any) as ``seq``; seqs must increase."""
-        with self._cond:
-            self._check(rejections=False)
-            core = self._core
-            if seq < core.next_seq:
-                raise ValueError(f"seq {seq} is not above the last one ({core.next_seq - 1})")
-            if core.stats["batches"] != self._batches_seen:
-                raise ClientFailed(
-                    "the client sealed a batch on its own (a chunk outgrew its byte cap): "
-                    "the seqs would no longer match the file; lower the chunk size"
-                )
-            core.next_seq = seq
-            sealed = core.seal()
-            self._batches_seen = core.stats["batches"]
-        if sealed is not None:
-            self._wake()
+        if self.stats["batches"] != self._batches_seen:
+            raise ClientFailed(
+                "the client sealed a batch on its own (a chunk outgrew its byte cap): "
+                "the seqs would no longer match the file; lower the chunk size"
+            )
+        self.seal(seq)
+        self._batches_seen = self.stats["batches"]
 
     def abandon(self) -> None:
         """Stop at once, as a crash would, without sealing or sending the open batch.
 
         ``close`` would flush, and flushing seals the half-read chunk under the
         next seq: rows sent under a seq that is not their chunk's, which a later
-        run could not recognise. Failing the client first makes ``close`` skip
-        the flush and the I/O thread stop sending; what is not durable is left
-        to the next run, which resends it under the right seqs.
+        run could not recognise. ``abort`` stops without sealing; what is not
+        durable is left to the next run, which resends it under the right seqs.
         """
-        self._fail(ClientFailed("the import stopped; the next run resends what is not durable"))
-        with contextlib.suppress(TallyError):
-            self.close(timeout=0)
+        self.abort()
 
-    def take_rejections(self) -> tuple[int, list[BatchRejected]]:
-        """The server's durable seq and every refusal queued so far, read together.
+    def durable_and_rejections(self) -> tuple[int, list[BatchRejected]]:
+        """The server's durable seq and every refusal queued so far.
 
-        Together matters: a refusal of seq s is queued before the durable seq
-        can move past s, so once both are read, no refusal at or below the
-        returned seq can still arrive and what the importer keeps for those
-        seqs can go.
+        In this order: a refusal of seq s is queued before the durable seq can
+        move past s, so once both are read, no refusal at or below the returned
+        seq can still arrive and what the importer keeps for those seqs can go.
         """
-        with self._cond:
-            core = self._core
-            rejections = list(core.rejections)
-            core.rejections.clear()
-            return core.durable_seq, rejections
+        durable = self.durable_seq
+        return durable, self.take_rejections()
 
 
 # ------------------------------------------------------------------------ parsing
@@ -703,7 +679,7 @@ class _Run:
                 except InvalidSeries as e:
                     raise RowError(f"rule {rule.name!r} makes an invalid series: {e}") from None
                 self.valid_series.add(key)
-            if not -(2**63) <= value < 2**63:
+            if not INT64_MIN <= value <= INT64_MAX:
                 raise RowError(f"rule {rule.name!r} makes value {value}, outside int64")
         return len(made)
 
@@ -821,7 +797,7 @@ class _Run:
         return 1
 
     def _drain(self, client: FileClient) -> None:
-        durable, rejections = client.take_rejections()
+        durable, rejections = client.durable_and_rejections()
         for e in rejections:
             self.server_rejected(e)
         for seq in [s for s in self.batch_lines if s <= durable]:

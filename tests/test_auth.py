@@ -14,7 +14,7 @@ import pytest
 from inproc import InProcessTally, RawConnection, tokens_file
 
 from tally.api.access import parse_access
-from tally.wire.client import TallyClient, Unauthorized
+from tally.client import TallyClient, Unauthorized
 
 NOW = int(time.time())
 DAY = time.strftime("%Y-%m-%d", time.gmtime(NOW - 60))

@@ -1,4 +1,4 @@
-"""The client library (wire.client, wire.aclient): exactly-once increments end to end.
+"""The client library (tally.client): exactly-once increments end to end.
 
 Two layers, tested apart:
 
@@ -23,6 +23,7 @@ Tests against a real ``tally serve`` (``ack: "durable"``, ``durable`` frames,
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import socket
 import threading
@@ -38,27 +39,24 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tally.wire.aclient import AsyncTallyClient
-from tally.wire.batches import BadBatch, BadRow, columnar_batch
-from tally.wire.client import (
-    FRAME_OVERHEAD,
+from tally.client import (
+    AsyncTallyClient,
     BatchRejected,
     ClientClosed,
     ClientFailed,
+    ErrorCode,
     InvalidSeries,
     ProducerConflict,
-    ProducerCore,
     ProtocolMismatch,
-    SeriesCache,
     TallyClient,
     TallyTimeout,
     Unauthorized,
-    _Broken,
-    backoff_delay,
-    initial_seq,
-    prepare_event,
-    prepare_increment,
 )
+from tally.client.batching import FRAME_OVERHEAD
+from tally.client.core import ProducerCore, backoff_delay, initial_seq
+from tally.client.errors import Broken
+from tally.client.validation import SeriesCache, prepare_event, prepare_increment
+from tally.wire.batches import BadBatch, BadRow, columnar_batch
 from tally.wire.frames import (
     DEFAULT_MAX_FRAME,
     FrameDecoder,
@@ -178,6 +176,30 @@ def test_linger_zero_seals_at_the_next_poll() -> None:
     core = core_with(linger=0)
     add(core, "acme", "m", now=3.0)
     assert core.poll(3.0) is True and core.kept[1].increments == 1
+
+
+def test_linger_none_never_seals_on_time() -> None:
+    core = core_with(linger=None)
+    add(core, "acme", "m", now=3.0)
+    assert core.linger_deadline() is None and core.deadline() is None
+    assert core.poll(1e9) is False and not core.kept and core.pending == 1
+
+
+def test_seal_at_a_chosen_seq_and_the_next_ones_follow() -> None:
+    core = core_with(first_seq=100)
+    assert core.seal(500) is None and core.last_seq == 99  # nothing open: no seq used
+    add(core, "acme", "m")
+    assert core.seal(500) == 500
+    add(core, "acme", "m")
+    add_event(core)
+    assert core.seal(700) == 701 and list(core.kept) == [500, 700, 701]  # events after
+    add(core, "acme", "m")
+    assert core.seal() == 702
+    add(core, "acme", "m")
+    for bad in (702, 2**63, 703.0):
+        with pytest.raises(ValueError, match="above the last seq"):
+            core.seal(bad)  # type: ignore[arg-type]
+    assert core.pending == 5 and core.builder.n == 1  # a refused seal keeps the batch open
 
 
 def big_tags(n: int, width: int) -> dict[str, str]:
@@ -444,7 +466,7 @@ def test_answers_that_break_the_connection(msg: dict) -> None:
     add(core, "acme", "a")
     connected(core)
     core.take_frames(0.0)
-    with pytest.raises(_Broken):
+    with pytest.raises(Broken):
         core.receive(msg, 0.0)
     assert core.fatal is None
 
@@ -452,7 +474,7 @@ def test_answers_that_break_the_connection(msg: dict) -> None:
 def test_nothing_in_flight_means_nothing_is_due() -> None:
     core = core_with()
     connected(core)
-    with pytest.raises(_Broken):
+    with pytest.raises(Broken):
         core.receive({"op": "ack", "seq": 1, "rows": 1}, 0.0)
 
 
@@ -574,6 +596,7 @@ class Peer:
         self.welcome_durable = welcome_durable
         self.stall_connections = stall_connections  # the first N connections never answer inc
         self.lock = threading.Lock()
+        self.held = threading.Lock()  # held: the background checkpoints wait
         self.totals: Counter[tuple[str, int]] = Counter()
         self.checkpointed: Counter[tuple[str, int]] = Counter()
         self.marks: dict[str, int] = {}
@@ -596,7 +619,7 @@ class Peer:
             self.threads.append(
                 threading.Thread(target=self._checkpoints, args=(checkpoint_every,), daemon=True)
             )
-        for t in self.threads:
+        for t in list(self.threads):  # not the list: _accept appends to it once started
             t.start()
 
     # -- control from the test ---------------------------------------------------
@@ -625,6 +648,12 @@ class Peer:
         for c in conns:
             _shutdown(c.sock)
 
+    @contextlib.contextmanager
+    def checkpoints_held(self) -> Iterator[None]:
+        """No background checkpoint runs inside: what is applied meanwhile is not durable."""
+        with self.held:
+            yield
+
     def kill_connections(self) -> None:
         with self.lock:
             conns = list(self.conns)
@@ -645,7 +674,8 @@ class Peer:
 
     def _checkpoints(self, every: float) -> None:
         while not self.stopping.wait(every):
-            self.checkpoint()
+            with self.held:
+                self.checkpoint()
 
     def _accept(self) -> None:
         while not self.stopping.is_set():
@@ -835,6 +865,25 @@ def assert_exact(peer: Peer, incs: list, producer: str) -> None:
     peer.expect_no_errors()
 
 
+def crash_losing_a_batch(peer: Peer, client: TallyClient, incs: list) -> None:
+    """Crash ``peer`` while it holds an applied batch of ``client`` no checkpoint covers.
+
+    A crash at a random moment may find everything checkpointed (the
+    checkpoint thread won), so ``lost > 0`` would depend on timing. Here one
+    increment more (added to ``incs``) goes out in a batch that is applied
+    while checkpoints are held, so the crash loses it, and the client, which
+    was connected, must reconnect and resend it.
+    """
+    inc = ("acme", "logins", 1, NOW, None)
+    with peer.checkpoints_held():
+        client.inc(*inc)
+        incs.append(inc)
+        client.flush(durable=False, timeout=60)
+        lost = peer.lost
+        peer.crash()
+        assert peer.lost > lost
+
+
 CHAOS = {
     "drop_before": 0.03,
     "drop_after_apply": 0.03,
@@ -851,20 +900,23 @@ FAST = {"backoff": (0.001, 0.02), "timeout": 5.0}
 def test_exact_totals_through_dropped_connections_overloads_and_crashes(peer_factory) -> None:
     peer = peer_factory(seed=11, **CHAOS)
     incs = random_increments(60_000, seed=1)
+    sent = list(incs)
     rnd = random.Random(2)
     with TallyClient("127.0.0.1", peer.port, batch_size=300, linger=0.005, **FAST) as client:
         for k, (tenant, metric, value, ts, tags) in enumerate(incs):
             client.inc(tenant, metric, value, ts, tags)
             if k % 5000 == 4999:
                 time.sleep(0.02)  # let some batches be acked, not yet checkpointed
-                rnd.choice((peer.crash, peer.kill_connections))()
+                rnd.choice((peer.crash, peer.kill_connections))()  # whatever is in flight
+            if k % 20000 == 19999:
+                crash_losing_a_batch(peer, client, sent)
         client.flush(durable=True, timeout=60)
         stats = client.stats
-        assert_exact(peer, incs, client.producer)
+        assert_exact(peer, sent, client.producer)
         assert client.pending == 0 and stats["kept_batches"] == 0
-    # the chaos really happened
-    assert stats["reconnects"] >= 12 and stats["resends"] > 0 and stats["overloaded"] > 0
-    assert peer.crashes > 0 and peer.lost > 0  # acked batches were lost, and resent
+    # the chaos really happened (the counts that do not depend on timing)
+    assert stats["reconnects"] >= 3 and stats["resends"] > 0 and stats["overloaded"] > 0
+    assert peer.crashes >= 3 and peer.lost >= 3  # acked batches were lost, and resent
 
 
 def test_threads_share_one_client_exactly(peer_factory) -> None:
@@ -879,13 +931,15 @@ def test_threads_share_one_client_exactly(peer_factory) -> None:
         threads = [threading.Thread(target=work, args=(p,)) for p in parts]
         for t in threads:
             t.start()
+        extra: list = []
         for _ in range(3):
             time.sleep(0.05)
-            peer.crash()
+            peer.crash()  # wherever the threads are
+        crash_losing_a_batch(peer, client, extra)
         for t in threads:
             t.join()
         client.flush(timeout=60)
-        assert_exact(peer, [i for p in parts for i in p], client.producer)
+        assert_exact(peer, [i for p in parts for i in p] + extra, client.producer)
     assert peer.lost > 0
 
 
@@ -916,11 +970,20 @@ def unlistened_port() -> int:
     raise RuntimeError("no free port below the ephemeral range")
 
 
+def wait_for(condition: Any, timeout: float = 10.0) -> None:
+    """Until ``condition()`` holds: what a test waits for, rather than for a guessed time."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "the condition never held"
+        time.sleep(0.005)
+
+
 def test_the_server_down_at_first_then_up(peer_factory) -> None:
     port = unlistened_port()
     with TallyClient("127.0.0.1", port, batch_size=10, linger=0.001, **FAST) as client:
         for _ in range(25):
             client.inc("acme", "logins", ts=NOW)
+        wait_for(lambda: client.stats["reconnects"] >= 1)  # a connect was refused
         with pytest.raises(TallyTimeout, match=r"not durable yet.*last problem: connect"):
             client.flush(timeout=0.3)
         assert client.pending == 25  # nothing dropped
@@ -990,9 +1053,7 @@ def test_a_rejection_is_raised_from_the_next_inc_which_is_not_buffered(peer_fact
     with TallyClient("127.0.0.1", peer.port, batch_size=2, **FAST) as client:
         client.inc("acme", "big", 2**62, ts=NOW)
         client.inc("acme", "big", 2**62, ts=NOW)
-        deadline = time.monotonic() + 10
-        while client.stats["rejected"] == 0 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_for(lambda: client.stats["rejected"] > 0)
         with pytest.raises(BatchRejected):
             client.inc("acme", "ok", 1, ts=NOW)
         assert client.pending == 0
@@ -1027,38 +1088,68 @@ def test_an_on_error_that_raises_stops_the_client(peer_factory) -> None:
     client.close()  # already raised once: close does not raise it again
 
 
-def test_unauthorized_raises_and_does_not_retry(peer_factory) -> None:
+# A refused hello reaches the caller from whichever call follows it: the I/O thread
+# reads the answer while the test goes on, so an ``inc`` right after the client is
+# made may or may not see it yet. The tests below never depend on which thread wins:
+# either they wait for the answer (``wait_connected``), or any of the calls may raise.
+
+
+@pytest.mark.parametrize("wait", [True, False], ids=["wait_connected", "inc_then_flush"])
+def test_unauthorized_raises_and_does_not_retry(peer_factory, wait: bool) -> None:
     peer = peer_factory(token="secret")
     client = TallyClient("127.0.0.1", peer.port, token="wrong", **FAST)
-    client.inc("acme", "logins", ts=NOW)
     with pytest.raises(Unauthorized) as info:
-        client.flush(timeout=10)
-    assert info.value.code == "unauthorized"
-    with pytest.raises(Unauthorized):
+        if wait:
+            client.wait_connected(timeout=10)
         client.inc("acme", "logins", ts=NOW)
+        client.flush(timeout=10)
+    assert info.value.code == ErrorCode.UNAUTHORIZED == "unauthorized"
+    with pytest.raises(Unauthorized):  # from every later call
+        client.inc("acme", "logins", ts=NOW)
+    with pytest.raises(Unauthorized):
+        client.flush(timeout=10)
     time.sleep(0.1)
-    assert peer.accepted == 1
+    assert peer.accepted == 1  # not retried
     client.close()
 
 
-def test_a_server_without_durable_acks_is_refused_clearly(peer_factory) -> None:
+@pytest.mark.parametrize("wait", [True, False], ids=["wait_connected", "inc_then_flush"])
+def test_a_server_without_durable_acks_is_refused_clearly(peer_factory, wait: bool) -> None:
     peer = peer_factory(welcome_durable=False)
     client = TallyClient("127.0.0.1", peer.port, **FAST)
-    client.inc("acme", "logins", ts=NOW)
     with pytest.raises(ProtocolMismatch, match="durable_seq"):
+        if wait:
+            client.wait_connected(timeout=10)
+        client.inc("acme", "logins", ts=NOW)
         client.flush(timeout=10)
+    with pytest.raises(ProtocolMismatch, match="durable_seq"):
+        client.inc("acme", "logins", ts=NOW)
     client.close()
+
+
+def test_wait_connected_returns_once_welcomed_and_times_out_naming_the_problem(
+    peer_factory,
+) -> None:
+    peer = peer_factory()
+    with TallyClient("127.0.0.1", peer.port, **FAST) as client:
+        client.wait_connected(timeout=10)
+        assert client.stats["connections"] == 1
+    with TallyClient("127.0.0.1", unlistened_port(), **FAST) as client:
+        wait_for(lambda: client.stats["reconnects"] >= 1)  # a connect was refused
+        with pytest.raises(TallyTimeout, match="not connected; last problem: connect"):
+            client.wait_connected(timeout=0.05)
 
 
 def test_a_dead_io_thread_surfaces_its_error(peer_factory) -> None:
     peer = peer_factory()
     client = TallyClient("127.0.0.1", peer.port, batch_size=1, **FAST)
+    client.wait_connected(timeout=10)  # the welcome went through the real reader
 
     def broken(msg: dict, now: float) -> None:
         raise RuntimeError("bug in the reader")
 
     client._core.receive = broken  # type: ignore[method-assign]
-    client.inc("acme", "logins", ts=NOW)
+    client.inc("acme", "logins", ts=NOW)  # its answer kills the I/O thread
     with pytest.raises(ClientFailed, match="I/O thread died") as info:
         client.flush(timeout=10)
     assert isinstance(info.value.__cause__, RuntimeError)
@@ -1081,6 +1172,52 @@ def test_close_flushes_durable_and_then_refuses(peer_factory) -> None:
     client.close()  # twice is fine
 
 
+def test_the_hooks_for_producers_that_number_their_batches(peer_factory) -> None:
+    """What ``tally import`` uses: first_seq, linger=None, seal(seq), take_rejections, abort."""
+    peer = peer_factory(checkpoint_every=None)
+    client = TallyClient("127.0.0.1", peer.port, producer="numbered", first_seq=1000,
+                         linger=None, **FAST)
+    assert client.first_seq == 1000 and client.last_seq == 999
+    client.inc("acme", "logins", 2, ts=NOW)
+    time.sleep(0.05)
+    assert client.stats["batches"] == 0  # no linger: only seal or flush closes a batch
+    assert client.seal(1500) == 1500
+    client.inc("acme", "big", 2**62, ts=NOW)
+    client.inc("acme", "big", 2**62, ts=NOW)
+    assert client.seal(2000) == 2000
+    wait_for(lambda: client.stats["rejected"] == 1)
+    peer.checkpoint()
+    wait_for(lambda: client.durable_seq == 1500)
+    [rejected] = client.take_rejections()
+    assert rejected.seq == 2000 and rejected.code == ErrorCode.BAD_ROW
+    assert client.take_rejections() == []
+    client.inc("acme", "logins", 5, ts=NOW)  # open, never sealed: abort drops it
+    client.abort()
+    assert not client._thread.is_alive() and [s for _, s in peer.applied] == [1500]
+    with pytest.raises(ClientClosed):
+        client.inc("acme", "logins", ts=NOW)
+    client.abort()  # twice is fine
+    client.close()  # so is close after abort
+
+
+def test_on_error_has_run_when_flush_returns(peer_factory) -> None:
+    # The I/O thread hands rejections to on_error outside its lock; flush waits for
+    # that, so a raising on_error has stopped the client before flush returns.
+    for _ in range(20):
+        peer = peer_factory()
+        seen: list[int] = []
+
+        def record(error: BatchRejected, seen: list[int] = seen) -> None:
+            time.sleep(0.01)
+            seen.append(error.seq)
+
+        with TallyClient("127.0.0.1", peer.port, on_error=record, **FAST) as client:
+            client.inc("acme", "big", 2**62, ts=NOW)
+            client.inc("acme", "big", 2**62, ts=NOW)
+            client.flush(timeout=10)
+            assert seen == [client.last_seq]
+
+
 def test_a_producer_name_survives_a_restart_of_the_client(peer_factory) -> None:
     peer = peer_factory()
     with TallyClient("127.0.0.1", peer.port, producer="worker-1", **FAST) as first:
@@ -1088,7 +1225,7 @@ def test_a_producer_name_survives_a_restart_of_the_client(peer_factory) -> None:
     with TallyClient("127.0.0.1", peer.port, producer="worker-1", **FAST) as second:
         # Starting again at durable_seq + 1 would collide with seqs the server may
         # hold as applied-not-durable from a crashed first incarnation.
-        assert second._core.first_seq > first.last_seq
+        assert second.first_seq > first.last_seq
         second.inc("acme", "logins", ts=NOW)
     assert sum(peer.checkpointed.values()) == 2
     assert [s for _, s in peer.applied] == [first.last_seq, second.last_seq]
@@ -1100,6 +1237,18 @@ def test_a_producer_name_survives_a_restart_of_the_client(peer_factory) -> None:
 def test_async_exact_totals_through_chaos(peer_factory) -> None:
     peer = peer_factory(seed=21, **CHAOS)
     incs = random_increments(40_000, seed=4)
+    sent = list(incs)
+
+    async def crash_losing_a_batch(client: AsyncTallyClient) -> None:
+        """As ``crash_losing_a_batch``, for the asyncio client."""
+        inc = ("acme", "logins", 1, NOW, None)
+        with peer.checkpoints_held():
+            await client.inc(*inc)
+            sent.append(inc)
+            await client.flush(durable=False, timeout=60)
+            lost = peer.lost
+            peer.crash()
+            assert peer.lost > lost
 
     async def main() -> dict[str, int]:
         async with AsyncTallyClient("127.0.0.1", peer.port, batch_size=300, linger=0.005,
@@ -1108,15 +1257,18 @@ def test_async_exact_totals_through_chaos(peer_factory) -> None:
                 await client.inc(tenant, metric, value, ts, tags)
                 if k % 200 == 199:
                     await asyncio.sleep(0.001)  # an application awaits other things too
-                if k % 5000 == 4999:
+                if k % 20000 == 19999:
+                    await crash_losing_a_batch(client)
+                elif k % 5000 == 4999:  # whatever is in flight
                     (peer.crash if k % 10000 == 9999 else peer.kill_connections)()
             await client.flush(durable=True, timeout=60)
-            assert_exact(peer, incs, client.producer)
+            assert_exact(peer, sent, client.producer)
             return client.stats
 
     stats = asyncio.run(main())
-    assert stats["reconnects"] >= 8 and stats["resends"] > 0 and stats["overloaded"] > 0
-    assert peer.crashes == 4 and peer.lost > 0
+    # the chaos really happened (the counts that do not depend on timing)
+    assert stats["reconnects"] >= 2 and stats["resends"] > 0 and stats["overloaded"] > 0
+    assert peer.crashes == 4 and peer.lost >= 2
 
 
 def test_async_backpressure_rejections_and_close(peer_factory) -> None:
@@ -1147,6 +1299,26 @@ def test_async_backpressure_rejections_and_close(peer_factory) -> None:
 
     asyncio.run(main())
     assert sum(peer.checkpointed.values()) == 5
+
+
+def test_async_hooks_for_numbered_batches(peer_factory) -> None:
+    peer = peer_factory(checkpoint_every=None)
+
+    async def main() -> None:
+        client = AsyncTallyClient("127.0.0.1", peer.port, producer="numbered", first_seq=10,
+                                  linger=None, **FAST)
+        await client.wait_connected(timeout=10)
+        await client.inc("acme", "logins", 2, ts=NOW)
+        assert client.seal(40) == 40
+        await client.flush(durable=False, timeout=10)
+        await client.inc("acme", "logins", 5, ts=NOW)  # never sealed: abort drops it
+        await client.abort()
+        with pytest.raises(ClientClosed):
+            await client.inc("acme", "logins", ts=NOW)
+        await client.close()
+
+    asyncio.run(main())
+    assert [s for _, s in peer.applied] == [40] and sum(peer.totals.values()) == 2
 
 
 def test_async_unauthorized_and_silent_server(peer_factory) -> None:

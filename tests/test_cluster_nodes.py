@@ -22,7 +22,7 @@ import httpx
 import pytest
 from served import TALLY
 
-from tally.wire.client import TallyClient
+from tally.client import TallyClient
 
 ray = pytest.importorskip("ray")
 from ray.cluster_utils import Cluster  # noqa: E402

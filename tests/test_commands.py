@@ -24,6 +24,7 @@ from inproc import InProcessTally, tokens_file
 
 from tally.api.access import parse_access
 from tally.api.rules import BUILTIN, RESPONSE_BUCKETS
+from tally.client import TallyClient
 from tally.cluster import cli, importer
 from tally.cluster.demo import (
     CHANNELS,
@@ -43,7 +44,6 @@ from tally.cluster.importer import (
     run_import,
 )
 from tally.cluster.query import spark
-from tally.wire.client import TallyClient
 
 ROOT = Path(__file__).resolve().parent.parent
 NOW = int(time.time())

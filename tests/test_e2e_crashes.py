@@ -1,6 +1,6 @@
 """Exactly once through crashes: the real service, killed, restarted, totals exact.
 
-The client (tally.wire.client.TallyClient) keeps every batch until it is durable
+The client (tally.client.TallyClient) keeps every batch until it is durable
 and resends after reconnecting; shards apply a (producer, seq) at most once.
 """
 
@@ -23,7 +23,7 @@ from oracle import Oracle
 from served import Served
 from test_e2e_serve import TENANTS, dataset
 
-from tally.wire.client import TallyClient
+from tally.client import TallyClient
 
 pytestmark = pytest.mark.e2e
 
@@ -157,7 +157,7 @@ def test_sigkill_of_shard_actors_five_times_mid_stream(tmp_path):
 
 
 def test_resent_durable_batches_are_acked_not_applied(tmp_path):
-    from tally.wire.client import Connection
+    from tally.client import Connection
 
     served = Served(tmp_path, "sqlite:///data/tally.db", "--checkpoint-interval", "0.2",
                     shards=2).start()

@@ -30,7 +30,7 @@ import numpy as np
 import pytest
 from served import Served
 
-from tally.wire.client import Connection, TallyClient
+from tally.client import Connection, TallyClient
 from tally.wire.frames import DEFAULT_MAX_FRAME, FrameDecoder, FrameError, encode_frame
 
 pytestmark = pytest.mark.e2e

@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from served import Served
 from test_e2e_serve import run_serve
 
-from tally.wire.client import TallyClient
+from tally.client import TallyClient
 
 pytestmark = pytest.mark.e2e
 

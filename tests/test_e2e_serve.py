@@ -18,7 +18,7 @@ import pytest
 from oracle import Oracle
 from served import TALLY, Served, free_port
 
-from tally.wire.client import Connection, ServerError
+from tally.client import Connection, ServerError
 
 pytestmark = pytest.mark.e2e
 
@@ -436,7 +436,7 @@ def test_gateways_per_node_share_the_ports_and_find_each_others_series(tmp_path)
     """Two gateway processes on one node's ports (SO_REUSEPORT). The kernel hands
     each new connection to either, so a series acknowledged through one is queried,
     often, through the other: the answer must hold it (their peers broadcast)."""
-    from tally.wire.client import TallyClient
+    from tally.client import TallyClient
 
     served = Served(tmp_path, "sqlite:///data/tally.db", "--gateways-per-node", "2",
                     shards=2).start()
@@ -468,7 +468,7 @@ def test_http_gateways_take_the_http_port_alone_and_find_what_tcp_gateways_ackno
     """--http-gateways-per-node 1: one process listens on HTTP only, one on TCP only.
     Every query reaches the HTTP one; it must count what the TCP one acknowledged a
     moment before (its peers' new series), and the StatsD port stays with TCP."""
-    from tally.wire.client import TallyClient
+    from tally.client import TallyClient
 
     statsd = free_port()
     served = Served(tmp_path, "sqlite:///data/tally.db", "--http-gateways-per-node", "1",

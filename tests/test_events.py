@@ -17,8 +17,7 @@ from inproc import InProcessTally, RawConnection, tokens_file
 
 from tally.api.access import parse_access
 from tally.api.rules import parse_rules
-from tally.wire.aclient import AsyncTallyClient
-from tally.wire.client import BatchRejected, Connection, ServerError, TallyClient
+from tally.client import AsyncTallyClient, BatchRejected, Connection, ServerError, TallyClient
 
 NOW = int(time.time())
 DAY = time.strftime("%Y-%m-%d", time.gmtime(NOW - 60))

@@ -21,7 +21,7 @@ from inproc import InProcessTally, RawConnection
 
 from tally.api.service import IngestError
 from tally.api.tcp import TcpLimits
-from tally.wire.client import TallyClient
+from tally.client import TallyClient
 from tally.wire.frames import encode_frame
 
 NOW = int(time.time())

@@ -6,8 +6,8 @@ row; columnar batches (a series table plus little-endian ``i``/``ts``/``v``
 arrays) are validated and aggregated with numpy and no per-increment Python.
 
 Pre-aggregating before anything crosses a process boundary is what makes the
-shard actors cheap: a Ray call has a fixed CPU cost on each side, so a shard
-should receive one sum per (series, hour) rather than one entry per increment.
+shard actors cheap: every Ray call costs CPU on both sides, so a shard should
+receive one sum per (series, hour) rather than one entry per increment.
 
 A batch is all or nothing (design guarantee 6): the first bad increment raises
 ``BadRow`` with its index, a broken structure raises ``BadBatch``, and nothing
@@ -22,7 +22,6 @@ depend on the order of the input or of the columnar series table.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,10 +29,17 @@ import numpy as np
 
 from tally.wire.row_blocks import RowBlock
 from tally.wire.series import InvalidSeries, series_key
-from tally.wire.timeslots import FUTURE_TOLERANCE, SECONDS_PER_HOUR, hour_start
+from tally.wire.timeslots import SECONDS_PER_HOUR, hour_start
+from tally.wire.vocabulary import (  # INT64_*: re-exported, the server's modules import them here
+    INT64_MAX,
+    INT64_MIN,
+    kind_of,
+    short_repr,
+    ts_limit,
+    ts_problem,
+    value_problem,
+)
 
-INT64_MIN = -(2**63)
-INT64_MAX = 2**63 - 1
 # The exact overflow check keeps the low 32 bits of each value and cumulates
 # them in int64, which is exact below 2**31 increments (16 GiB of columns).
 MAX_INCREMENTS = 2**31 - 1
@@ -194,53 +200,6 @@ class Batch:
 
 # -- messages (slow path only: the hot loops never format a string) -------------
 
-_KINDS = {
-    bool: "bool",
-    float: "float",
-    str: "string",
-    bytes: "binary",
-    type(None): "nil",
-    list: "list",
-    tuple: "list",
-    dict: "map",
-}
-
-
-def _kind(x: Any) -> str:
-    return _KINDS.get(type(x), type(x).__name__)
-
-
-def _short(x: Any) -> str:
-    text = repr(x)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _ts_limit(now: float) -> int:
-    """Latest accepted ts: ``now + FUTURE_TOLERANCE``, as an int so comparisons are exact."""
-    return min(math.floor(now) + FUTURE_TOLERANCE, INT64_MAX)
-
-
-def _ts_problem(ts: Any, limit: int) -> str | None:
-    if type(ts) is not int:
-        return f"ts {_short(ts)} is a {_kind(ts)}; timestamps are integer Unix seconds"
-    if ts < 0:
-        return f"ts {ts} is negative; timestamps are Unix seconds"
-    if ts > limit:
-        return (
-            f"ts {ts} is {ts - (limit - FUTURE_TOLERANCE)} s ahead of the server clock; "
-            f"at most {FUTURE_TOLERANCE} s is accepted"
-        )
-    return None
-
-
-def _value_problem(value: Any) -> str | None:
-    if type(value) is not int:
-        return f"value {_short(value)} is a {_kind(value)}; values are int64"
-    if not INT64_MIN <= value <= INT64_MAX:
-        return f"value {value} is outside int64"
-    return None
-
-
 def _bad_row(row: int, problem: str) -> BadRow:
     return BadRow(row, f"row {row}: {problem}")
 
@@ -248,7 +207,7 @@ def _bad_row(row: int, problem: str) -> BadRow:
 def _diagnose_row(n: int, row: Any, limit: int) -> BadRow:
     """Why the hot loop stopped at row ``n``: the same checks, in the same order, with words."""
     if type(row) is not list and type(row) is not tuple:
-        return _bad_row(n, f"{ROW_SHAPE}, not a {_kind(row)}")
+        return _bad_row(n, f"{ROW_SHAPE}, not a {kind_of(row)}")
     if len(row) != 5:
         return _bad_row(n, f"has {len(row)} fields; {ROW_SHAPE}")
     tenant, metric, tags, ts, value = row
@@ -256,7 +215,7 @@ def _diagnose_row(n: int, row: Any, limit: int) -> BadRow:
         series_key(tenant, metric, tags)
     except InvalidSeries as exc:
         return _bad_row(n, str(exc))
-    problem = _ts_problem(ts, limit) or _value_problem(value)
+    problem = ts_problem(ts, limit) or value_problem(value)
     if problem is None:  # pragma: no cover - the loop and this function disagree
         problem = "invalid increment"
     return _bad_row(n, problem)
@@ -316,9 +275,9 @@ def _aggregate(sids: list[str], sidx: np.ndarray, ts: np.ndarray, v: np.ndarray)
     """Sum valid increments per (series, hour); ``sidx`` indexes the sorted ``sids``.
 
     Two exact int64 strategies with the same output order: a dense table
-    (``bincount``/``add.at``/``minimum.at``, no Python per increment) when
-    series x hour-span is small, as it is for live traffic; a sort otherwise
-    (backfills spread over months).
+    (``bincount``/``add.at``/``minimum.at``, linear in the increments, no sort)
+    when series x hour-span is small, as it is for live traffic; a sort
+    otherwise (backfills spread over months).
     """
     n = len(v)
     if n == 0:
@@ -383,7 +342,7 @@ class KnownSeries:
     """Series already validated on one server connection, keyed by their raw parts as
     they arrive (``(tenant, metric, *tag items)``, unsorted: no sort per row), so a
     producer that sends the same series frame after frame pays for validating each
-    once. (The client's ``tally.wire.client.SeriesCache`` keys by sorted tags and keeps
+    once. (The client's ``tally.client.validation.SeriesCache`` keys by sorted tags and keeps
     wire entries with their packed size; this one only needs the series id.) Only valid series
     enter (every part a str), so a key holding a non-str part never matches one.
     Bounded: it starts over when full."""
@@ -417,10 +376,10 @@ def rows_batch(rows: Any, now: float, known: KnownSeries | None = None) -> Batch
             return batch
         rows = rows.rows()
     if type(rows) is not list:
-        raise BadBatch(f"rows must be a list, not a {_kind(rows)}")
+        raise BadBatch(f"rows must be a list, not a {kind_of(rows)}")
     if len(rows) > MAX_INCREMENTS:
         raise BadBatch(f"{len(rows)} rows; at most {MAX_INCREMENTS} per batch")
-    limit = _ts_limit(now)
+    limit = ts_limit(now)
     lo, hi = INT64_MIN, INT64_MAX
     cache: dict[Any, int] = {}  # raw (tenant, metric, tag items) -> local series index
     local_of: dict[str, int] = {}  # sid -> local series index (tag order may differ)
@@ -484,7 +443,7 @@ def _block_batch(block: RowBlock, now: float) -> Batch | None:
     """The batch of a block whose rows are all good, or None (the loop finds the bad one).
     Its series were validated as it was read."""
     ts = block.ts
-    if len(block) > MAX_INCREMENTS or int(ts.min()) < 0 or int(ts.max()) > _ts_limit(now):
+    if len(block) > MAX_INCREMENTS or int(ts.min()) < 0 or int(ts.max()) > ts_limit(now):
         return None
     return _aggregate(block.sids, block.index, ts, block.v)
 
@@ -500,7 +459,7 @@ _COLUMNS = (
 
 def _column_bytes(name: str, buf: Any, width: int, kind: str) -> int:
     if not isinstance(buf, bytes | bytearray | memoryview):
-        raise BadBatch(f"{name} must be binary ({kind} per increment), not a {_kind(buf)}")
+        raise BadBatch(f"{name} must be binary ({kind} per increment), not a {kind_of(buf)}")
     nbytes = memoryview(buf).nbytes
     if nbytes % width:
         raise BadBatch(
@@ -530,7 +489,7 @@ def columnar_batch(
     sends the same series table frame after frame.
     """
     if type(series) is not list:
-        raise BadBatch(f"series must be a list, not a {_kind(series)}")
+        raise BadBatch(f"series must be a list, not a {kind_of(series)}")
     n_i, n_t, n_v = (
         _column_bytes(name, buf, width, kind)
         for (name, width, kind), buf in zip(_COLUMNS, (i, ts, v), strict=True)
@@ -570,7 +529,7 @@ def columnar_batch(
                     if known is not None and key is not None:
                         known.remember(key, sid)
         else:
-            problems[j] = f"{SERIES_SHAPE}, not {_short(entry)}"
+            problems[j] = f"{SERIES_SHAPE}, not {short_repr(entry)}"
         entry_sids.append(sid)
     distinct = sorted({s for s in entry_sids if s is not None})
     pos = {sid: k for k, sid in enumerate(distinct)}
@@ -579,7 +538,7 @@ def columnar_batch(
     lut[count] = -2
     mapped = lut[np.minimum(ia, count)]
 
-    limit = _ts_limit(now)
+    limit = ts_limit(now)
     firsts = [x for x in (_first(mapped < 0), _first((ta < 0) | (ta > limit))) if x is not None]
     if firsts:
         bad = min(firsts)
@@ -590,7 +549,7 @@ def columnar_batch(
             raise _bad_row(bad, f"i {entry} is out of range: series has {count} entries")
         if mapped[bad] == -1:
             raise _bad_row(bad, f"series[{entry}] is invalid: {problems[entry]}")
-        raise _bad_row(bad, _ts_problem(int(ta[bad]), limit) or "invalid ts")
+        raise _bad_row(bad, ts_problem(int(ta[bad]), limit) or "invalid ts")
     if problems:
         # a bad row, if any, is the more useful answer (an overflowing running sum)
         _check_overflow(distinct, mapped, ta // SECONDS_PER_HOUR, va)

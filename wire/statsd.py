@@ -42,7 +42,6 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
 
-from tally.wire.batches import INT64_MAX, INT64_MIN
 from tally.wire.series import (
     MAX_TAGS,
     InvalidSeries,
@@ -52,6 +51,7 @@ from tally.wire.series import (
     check_tenant,
 )
 from tally.wire.timeslots import FUTURE_TOLERANCE
+from tally.wire.vocabulary import INT64_MAX, INT64_MIN
 
 # The largest UDP payload is 65,507 bytes; anything bigger came some other way.
 MAX_DATAGRAM = 64 * 1024

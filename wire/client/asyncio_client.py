@@ -1,12 +1,12 @@
-"""The asyncio twin of ``tally.wire.client.TallyClient``: one core, the same API with ``await``.
+"""``AsyncTallyClient``: the asyncio twin of ``TallyClient``, the same API with ``await``.
 
 Everything about batching, seqs, resend, errors and backpressure is in the
-``wire.client`` module docstring and holds here word for word; only the
-shell differs. One task per client owns the connection (connects with
-backoff, writes frames, seals lingering batches, watches the answer
-timeout) and one reader task per connection reads answers, so a large
-frame being written never stops answers from being read. ``on_error`` is
-called on the event loop and must not block.
+``tally.client`` docstring and holds here word for word; only the shell
+differs. One task per client owns the connection (connects with backoff,
+writes frames, seals lingering batches, watches the answer timeout) and one
+reader task per connection reads answers, so a large frame being written
+never stops answers from being read. ``on_error`` is called on the event
+loop and must not block.
 
 The client belongs to the event loop that first uses it and is not
 thread-safe. Use it as ``async with AsyncTallyClient(...) as tally:`` or
@@ -24,14 +24,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from tally.wire.client import (
-    ClientFailed,
-    TallyTimeout,
-    _Broken,
-    _ClientBase,
-    prepare_event,
-    prepare_increment,
-)
+from tally.client.errors import Broken, ClientFailed, TallyTimeout
+from tally.client.shell import ClientShell
+from tally.client.validation import prepare_event, prepare_increment
 from tally.wire.frames import FrameDecoder
 
 __all__ = ["AsyncTallyClient"]
@@ -39,8 +34,8 @@ __all__ = ["AsyncTallyClient"]
 log = logging.getLogger("tally.client")
 
 
-class AsyncTallyClient(_ClientBase):
-    """Batching, resending client for asyncio; see ``wire.client`` for the contract."""
+class AsyncTallyClient(ClientShell):
+    """Batching, resending client for asyncio; see ``tally.client`` for the contract."""
 
     def _init_shell(self) -> None:
         self._guard = contextlib.nullcontext()  # only the event loop touches the core
@@ -53,6 +48,11 @@ class AsyncTallyClient(_ClientBase):
     def _fail(self, failure: ClientFailed) -> None:
         self._core.fail(failure)
         self._notify()
+
+    def _wake(self) -> None:
+        self._wakeup.set()
+        if self._core.kept:
+            self.start()
 
     # -- public API ------------------------------------------------------------
 
@@ -112,6 +112,13 @@ class AsyncTallyClient(_ClientBase):
                          lambda: f"flush: {core.describe_wait(upto, durable)}")
         self._check(rejections=True, closing_ok=True)
 
+    async def wait_connected(self, timeout: float | None = None) -> None:
+        """As ``TallyClient.wait_connected``: until the server has welcomed this client."""
+        core = self._core
+        self.start()
+        await self._wait(lambda: core.ready, self.timeout if timeout is None else timeout,
+                         lambda: f"wait_connected: not connected; last problem: {core.last_error}")
+
     async def close(self, timeout: float | None = None) -> None:
         """As ``TallyClient.close``: flush (durable), stop, and raise what went wrong."""
         if self._closing:
@@ -127,6 +134,16 @@ class AsyncTallyClient(_ClientBase):
             if self._task is not None:
                 await self._task  # _io_main records its errors; it raises nothing
         self._raise_unseen_fatal()
+
+    async def abort(self) -> None:
+        """As ``TallyClient.abort``: stop now, without sealing or waiting; raises nothing."""
+        if self._stop:
+            return
+        self._closing = self._stop = True
+        self._notify()
+        self._wakeup.set()
+        if self._task is not None:
+            await self._task
 
     # -- waiting ---------------------------------------------------------------
 
@@ -195,7 +212,7 @@ class AsyncTallyClient(_ClientBase):
             try:
                 await self._serve(reader, writer)
                 return  # stopping, or fatal
-            except (OSError, TimeoutError, _Broken) as exc:
+            except (OSError, TimeoutError, Broken) as exc:
                 delay = core.disconnected(f"connection to {self.host}:{self.port}: {exc!r}")
                 self._notify()
                 log.info("tally connection lost (%r); reconnecting in %.3f s", exc, delay)
@@ -241,13 +258,13 @@ class AsyncTallyClient(_ClientBase):
                 if read_task.done():
                     read_task.result()  # raises why the reader stopped
                     if core.fatal is None:
-                        raise _Broken("the reader stopped")
+                        raise Broken("the reader stopped")
                     return
                 now = time.monotonic()
                 if core.poll(now):
                     self._notify()
                 if core.timed_out(now):
-                    raise _Broken(f"no answer within {core.timeout} s")
+                    raise Broken(f"no answer within {core.timeout} s")
                 frames = core.take_frames(now)
                 self._wakeup.clear()
                 if frames:
@@ -271,7 +288,7 @@ class AsyncTallyClient(_ClientBase):
             while True:
                 data = await reader.read(1 << 16)
                 if not data:
-                    raise _Broken("the server closed the connection")
+                    raise Broken("the server closed the connection")
                 try:
                     self._digest(decoder, data)
                 finally:
