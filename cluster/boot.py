@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import signal
 import sys
@@ -83,7 +84,7 @@ class Service:
             cfg.host, cfg.http_port, cfg.tcp_port, detached=bool(cfg.address),
             gateways_per_node=cfg.gateways_per_node,
             http_gateways_per_node=cfg.http_gateways_per_node,
-            cpu_affinity=cfg.cpu_affinity,
+            cpu_affinity=cfg.cpu_affinity, summary_interval=cfg.log_summary_interval,
         )
 
     def start(self, stop: threading.Event) -> None:
@@ -224,6 +225,13 @@ def init_ray(address: str | None) -> None:
         )
 
 
+def version() -> str:
+    try:
+        return importlib.metadata.version("tally")
+    except importlib.metadata.PackageNotFoundError:  # run from a checkout, not installed
+        return "unknown"
+
+
 def serve(cfg: ServeConfig) -> int:
     service = Service(cfg)
     service.check_store()
@@ -271,7 +279,8 @@ def serve(cfg: ServeConfig) -> int:
             f"checkpoints every {cfg.checkpoint_interval:g} s; "
             f"{'tokens from ' + cfg.tokens if cfg.tokens else 'open access (no tokens)'}; "
             f"{'event rules from ' + cfg.rules if cfg.rules else 'built-in event rules'}; "
-            f"Ray at {ray.get_runtime_context().gcs_address} (namespace {NAMESPACE})",
+            f"Ray at {ray.get_runtime_context().gcs_address} (namespace {NAMESPACE}); "
+            f"version {version()} (Ray {ray.__version__})",
             flush=True,
         )
         if cfg.address:  # one gateway per node: say where each listens, now and as nodes come
