@@ -122,6 +122,11 @@ class Throttle:
         self._last[key] = now
         return self._held.pop(key, 0)
 
+    def reset(self, key: Any) -> None:
+        """The next line of ``key`` is logged at once (a new episode, not a repeat)."""
+        self._last.pop(key, None)
+        self._held.pop(key, None)
+
 
 def ray_output_env(environ: MutableMapping[str, str], terminal: bool) -> None:
     """How Ray forwards the actors' lines to ``tally serve``; call before importing Ray.

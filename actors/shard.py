@@ -236,6 +236,7 @@ class ShardActor:
         if self._failing is not None:
             since, failures = self._failing
             self._failing = None
+            self._throttle.reset("failed")  # the next outage is told at once
             logs.event(log, logging.WARNING, "checkpoint_recovered", shard=self.shard, ck=ck,
                        failures=failures, outage_seconds=round(time.monotonic() - since, 3))
         if seconds <= self.interval and lag <= self.interval + LAG_MARGIN:
@@ -247,7 +248,7 @@ class ShardActor:
             logs.event(log, logging.WARNING, "checkpoint_slow", shard=self.shard, ck=ck,
                        seconds=round(seconds, 3), lag_seconds=round(lag, 3),
                        interval=self.interval, slots=slots, documents=documents,
-                       slow_not_logged=left_out)
+                       not_logged=left_out)
 
     def _checkpoint_failed(self, ck: int, e: Exception) -> None:
         """A write that failed: counted, kept in last_error, logged at the start of an
@@ -264,7 +265,7 @@ class ShardActor:
             logs.event(log, logging.ERROR, "checkpoint_failed", shard=self.shard, ck=ck,
                        error=self.last_error, failures=failures + 1,
                        outage_seconds=round(time.monotonic() - since, 3),
-                       lag_seconds=round(self.meters.lag.seconds(), 3))
+                       lag_seconds=round(self.meters.lag.seconds(), 3), not_logged=left_out)
 
     def _write(self, cp: Checkpoint) -> None:
         """On the writer thread: name the checkpoint's deltas, then write them."""

@@ -404,7 +404,7 @@ def test_a_slow_checkpoint_is_logged_and_its_repeats_are_throttled(tmp_path, cap
     lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "tally.shard"]
     [line] = lines  # the second within REPEAT_SECONDS is counted, not logged
     assert line["event"] == "checkpoint_slow" and line["seconds"] > line["interval"] == 0.05
-    assert line["slots"] == 2 and line["slow_not_logged"] == 0
+    assert line["slots"] == 2 and line["not_logged"] == 0
 
 
 def test_the_summary_line_is_the_difference_of_two_rounds_of_counts():
@@ -449,6 +449,8 @@ def test_log_lines_are_json_with_time_level_and_pid_and_repeats_are_throttled():
     assert throttle.admit("b") == 0  # each key its own
     clock[0] = 10
     assert throttle.admit("a") == 2  # the line says how many were left out
+    throttle.reset("a")
+    assert throttle.admit("a") == 0  # a new episode is told at once
 
 
 def test_ray_output_is_plain_off_a_terminal_and_the_operator_decides_first():
