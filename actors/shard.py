@@ -233,16 +233,20 @@ class ShardActor:
         throttled per shard (logs.Throttle); the metric counts every one.
         """
         self._slowest = max(self._slowest, seconds)
-        if self._failing is not None:
+        slow = seconds > self.interval or lag > self.interval + LAG_MARGIN
+        if slow:
+            self.slow_checkpoints += 1
+            self.meters.slow.inc()
+        if self._failing is not None:  # (slow, surely: its line says so)
             since, failures = self._failing
             self._failing = None
             self._throttle.reset("failed")  # the next outage is told at once
             logs.event(log, logging.WARNING, "checkpoint_recovered", shard=self.shard, ck=ck,
-                       failures=failures, outage_seconds=round(time.monotonic() - since, 3))
-        if seconds <= self.interval and lag <= self.interval + LAG_MARGIN:
+                       failures=failures, outage_seconds=round(time.monotonic() - since, 3),
+                       seconds=round(seconds, 3), lag_seconds=round(lag, 3))
             return
-        self.slow_checkpoints += 1
-        self.meters.slow.inc()
+        if not slow:
+            return
         left_out = self._throttle.admit("slow")
         if left_out is not None:
             logs.event(log, logging.WARNING, "checkpoint_slow", shard=self.shard, ck=ck,
