@@ -20,13 +20,13 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 
 from tally.actors.shard_state import ShardState
 
-# A checkpoint of a few slots to SQLite takes about a millisecond; a large one
-# to a slow MongoDB can take tens of seconds before the store is declared down.
+# From a few slots written to a local SQLite up to a large checkpoint to a slow
+# MongoDB, just short of when the store is declared down.
 CHECKPOINT_BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 )
 # How long a checkpoint's oldest increment waited: about the interval when all is
-# well (the default is 2 s), far more while the store is down.
+# well, so fine around the default interval; coarse beyond, for store outages.
 WAIT_BUCKETS = (0.25, 0.5, 1.0, 2.0, 2.5, 3.0, 4.0, 5.0, 10.0, 30.0, 60.0, 300.0)
 
 

@@ -31,8 +31,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("tally.metrics")
 
-# One series over 31 days answers in about a millisecond; a breakdown over
-# thousands of series or a cold store read can take seconds.
+# From a one-series query answered from memory up to a breakdown over thousands
+# of series or a cold read of the store.
 QUERY_BUCKETS = (
     0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
 )

@@ -200,11 +200,11 @@ def _wait(refs: Any, stop: threading.Event, what: str, timeout: float = START_TI
             raise StartAborted(f"{what} did not start within {timeout:g} s", by_signal=False)
 
 
-# A gateway's call to a shard carries that shard's part of a frame (about
-# 200 KB for 50,000 columnar increments). Ray puts arguments over 100 KB into
-# the object store, a round trip to the raylet made on the calling thread:
-# the gateway's event loop stood still for 1-3 ms per call (a quarter of its
-# time at 1 M increments/s). Inlined in the call up to 4 MiB, they cost a copy.
+# A gateway's call to a shard carries that shard's part of a frame, which a
+# large columnar frame takes past Ray's default limit for inlined arguments
+# (100 KB). Beyond it Ray puts them into the object store, a round trip to the
+# raylet made on the calling thread: the gateway's event loop stands still for
+# it on every call. Inlined in the call up to 4 MiB, they cost a copy.
 # The cluster files pass the same to `ray start --head` (cluster/ray/*.yaml).
 RAY_SYSTEM_CONFIG = {"max_direct_call_object_size": 4 * 1024 * 1024}
 

@@ -56,7 +56,7 @@ CALL_TIMEOUT = 5.0  # a gateway's status or peers call; a node going away can ha
 START_TIMEOUT = 60.0
 RETRY_AFTER = 10.0  # a gateway that failed to start is tried again after this
 # Ray places an actor that asks for no resource at all on a random node, its
-# node affinity ignored (measured with Ray 2.60): the shards and the supervisor
+# node affinity ignored (Ray 2.60): the shards and the supervisor
 # ask for this much of the logical ``memory`` resource so that theirs holds.
 PLACEMENT_MEMORY = 1 << 20
 
@@ -118,8 +118,8 @@ HEAD = "node:__internal_head__"  # the resource Ray gives the head node only
 def shard_placement(nodes: list[dict[str, Any]], shards: int) -> list[str]:
     """The node each shard starts on: round robin over the alive nodes, workers first.
 
-    Ray's ``SPREAD`` is best effort (four shards on three nodes left one
-    without any here); explicit soft affinity spreads them evenly, and a
+    Ray's ``SPREAD`` is best effort (it can leave a node without a shard
+    while another has several); explicit soft affinity spreads them evenly, and a
     shard whose node is gone when it restarts is placed wherever Ray can.
     The head comes last: it carries the GCS, and with fewer shards than
     nodes it gets none.
