@@ -20,11 +20,14 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 
 from tally.actors.shard_state import ShardState
 
-# A checkpoint of a few slots to SQLite takes about a millisecond; a large one
-# to a slow MongoDB can take tens of seconds before the store is declared down.
+# From a few slots written to a local SQLite up to a large checkpoint to a slow
+# MongoDB, just short of when the store is declared down.
 CHECKPOINT_BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 )
+# How long a checkpoint's oldest increment waited: about the interval when all is
+# well, so fine around the default interval; coarse beyond, for store outages.
+WAIT_BUCKETS = (0.25, 0.5, 1.0, 2.0, 2.5, 3.0, 4.0, 5.0, 10.0, 30.0, 60.0, 300.0)
 
 
 class CheckpointLag:
@@ -165,6 +168,62 @@ class ShardMetrics:
             ["shard"],
             registry=reg,
         ).labels(shard=label)
+        self.failures = Counter(
+            "tally_checkpoint_failures_total",
+            "Checkpoint writes that failed (the state is kept and written at the next interval)",
+            ["shard"],
+            registry=reg,
+        ).labels(shard=label)
+        self.slow = Counter(
+            "tally_checkpoint_slow_total",
+            "Checkpoints whose oldest increment waited longer than the interval + 1 s, or whose "
+            "write took longer than the interval (each is also logged, throttled)",
+            ["shard"],
+            registry=reg,
+        ).labels(shard=label)
+        self.wait_seconds = Histogram(
+            "tally_checkpoint_wait_seconds",
+            "How long each checkpoint's oldest increment waited, from applied to durable",
+            ["shard"],
+            buckets=WAIT_BUCKETS,
+            registry=reg,
+        ).labels(shard=label)
+        self.slots = Counter(
+            "tally_checkpoint_slots_total",
+            "(series, hour) slots written by checkpoints",
+            ["shard"],
+            registry=reg,
+        ).labels(shard=label)
+        self.documents = Counter(
+            "tally_checkpoint_documents_total",
+            "Month documents written by checkpoints (one per series and UTC month changed)",
+            ["shard"],
+            registry=reg,
+        ).labels(shard=label)
+        self.new_series = Counter(
+            "tally_checkpoint_new_series_total",
+            "Series added to the store's catalog by checkpoints",
+            ["shard"],
+            registry=reg,
+        ).labels(shard=label)
+        self.evicted = Counter(
+            "tally_evicted_series_months_total",
+            "(series, month) pairs dropped from shard memory once durable and past",
+            ["shard"],
+            registry=reg,
+        ).labels(shard=label)
+        self.trims = Counter(
+            "tally_memory_trims_total",
+            "Times the shard gave freed memory back to the system after a checkpoint",
+            ["shard"],
+            registry=reg,
+        ).labels(shard=label)
+        self.trim_seconds = Counter(
+            "tally_memory_trim_seconds_total",
+            "Time spent giving freed memory back (on the checkpoint writer thread)",
+            ["shard"],
+            registry=reg,
+        ).labels(shard=label)
         Gauge(
             "tally_checkpoint_lag_seconds",
             "Age of the oldest increment applied but not yet durable (0: all durable)",
@@ -191,11 +250,24 @@ class ShardMetrics:
             self.increments.inc(increments)
             self.lag.applied()
 
-    def checkpoint_written(self, ck: int, seconds: float) -> float:
-        """Count a durable checkpoint; answers the lag of its oldest increment."""
+    def checkpoint_written(
+        self, ck: int, seconds: float, slots: int = 0, documents: int = 0, new_series: int = 0,
+        evicted: int = 0,
+    ) -> float:
+        """Count a durable checkpoint; answers how long its oldest increment waited."""
         self.checkpoints.inc()
         self.checkpoint_seconds.observe(seconds)
-        return self.lag.durable(ck)
+        self.slots.inc(slots)
+        self.documents.inc(documents)
+        self.new_series.inc(new_series)
+        self.evicted.inc(evicted)
+        waited = self.lag.durable(ck)
+        self.wait_seconds.observe(waited)
+        return waited
+
+    def trimmed(self, seconds: float) -> None:
+        self.trims.inc()
+        self.trim_seconds.inc(seconds)
 
     def render(self) -> str:
         return render(self.registry)

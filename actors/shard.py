@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import json
 import logging
 import time
 import uuid
@@ -20,7 +19,7 @@ from typing import Any
 
 import ray
 
-from tally.actors import affinity, memory
+from tally.actors import affinity, logs, memory
 from tally.actors.channel import ChannelServer
 from tally.actors.metrics import ShardMetrics
 from tally.actors.shard_state import NO_SEQ, Outcome, ShardState
@@ -32,6 +31,9 @@ from tally.wire.timeslots import month_of_hour
 log = logging.getLogger("tally.shard")
 
 SHARD_NAME = "tally-shard-{}"
+# A checkpoint is slow when its oldest increment waited longer than this past
+# the interval (the contract's bound on lag) or its write alone outlasted the interval.
+LAG_MARGIN = 1.0
 
 
 @ray.remote(num_cpus=0, max_restarts=-1, enable_task_events=False)
@@ -42,7 +44,7 @@ class ShardActor:
     ) -> None:
         """``pinned_gateways``: TCP gateways per node that keep cores of their own; this
         shard runs on the others (cluster/affinity.py; 0: where the kernel puts it)."""
-        logging.basicConfig(level=logging.INFO, format="%(message)s")
+        logs.configure()
         affinity.pin(pinned_gateways, None, f"shard {shard}")
         memory.tune()  # before the state's large allocations: malloc gives memory back
         self.shard = shard
@@ -61,6 +63,11 @@ class ShardActor:
         self.store_errors = 0
         self.last_error: str | None = None
         self.last_checkpoint_seconds = 0.0
+        self.failed_checkpoints = 0
+        self.slow_checkpoints = 0
+        self._failing: tuple[float, int] | None = None  # (since, failures) of an outage
+        self._slowest = 0.0  # since the last ``summary`` call
+        self._throttle = logs.Throttle()
         self.meters = ShardMetrics(shard, lambda: self.state)
         gc.freeze()  # start-up objects never need collecting; avoids long gen2 pauses later
 
@@ -76,7 +83,8 @@ class ShardActor:
     def _loop_ended(self, task: asyncio.Task) -> None:
         if not task.cancelled() and task.exception() is not None:
             self.last_error = f"checkpoint loop died: {task.exception()!r}"
-            log.error(json.dumps({"event": "error", "shard": self.shard, "error": self.last_error}))
+            logs.event(log, logging.ERROR, "error", shard=self.shard, where="checkpoint loop",
+                       error=self.last_error)
 
     async def ready(self) -> dict[str, Any]:
         self._start_loop()
@@ -190,7 +198,7 @@ class ShardActor:
             try:
                 await loop.run_in_executor(self._writer, self._write, cp)
             except Exception as e:
-                self._store_failed(e)
+                self._checkpoint_failed(cp.ck, e)
                 raise
             self.state.finish_checkpoint(cp.ck)
             assert self._checkpointed is not None
@@ -199,32 +207,69 @@ class ShardActor:
             now_month = month_of_hour(int(time.time()) // 3600)
             evicted = self.state.evict(now_month)
             self.checkpoints += 1
-            self.last_checkpoint_seconds = time.monotonic() - started
-            lag = self.meters.checkpoint_written(cp.ck, self.last_checkpoint_seconds)
-            ck, documents, new_series = cp.ck, len(cp.deltas), len(cp.new_series)
+            seconds = self.last_checkpoint_seconds = time.monotonic() - started
+            ck, documents = cp.ck, len(cp.deltas)
             slots = sum(len(h) for h in cp.deltas.values())
+            lag = self.meters.checkpoint_written(
+                ck, seconds, slots=slots, documents=documents, new_series=len(cp.new_series),
+                evicted=evicted,
+            )
             del cp  # its deltas are garbage now: a trim below gives their pages back
-            trim_ms = None
             if memory.available() and memory.PROCESS.due(slots):
                 # On the writer thread: the event loop serves queries meanwhile.
-                trim_ms = 1000 * await loop.run_in_executor(self._writer, memory.trim)
-            log.info(
-                json.dumps(
-                    {
-                        "event": "checkpoint",
-                        "shard": self.shard,
-                        "ck": ck,
-                        "documents": documents,
-                        "slots": slots,
-                        "new_series": new_series,
-                        "evicted": evicted,
-                        "seconds": round(self.last_checkpoint_seconds, 4),
-                        "lag_seconds": round(lag, 4),
-                        "trim_ms": None if trim_ms is None else round(trim_ms, 2),
-                    }
-                )
-            )
+                self.meters.trimmed(await loop.run_in_executor(self._writer, memory.trim))
+            self._checkpoint_written(ck, seconds, lag, slots, documents)
             return ck
+
+    def _checkpoint_written(
+        self, ck: int, seconds: float, lag: float, slots: int, documents: int
+    ) -> None:
+        """Counted in /metrics (ShardMetrics); logged only when it ends an outage or is slow.
+
+        Slow: its oldest increment waited longer than the interval plus
+        ``LAG_MARGIN`` (the contract's bound on how long an acknowledged
+        increment may take to become durable), or the write alone took longer
+        than the interval (the next one is due before it ends). Repeats are
+        throttled per shard (logs.Throttle); the metric counts every one.
+        """
+        self._slowest = max(self._slowest, seconds)
+        slow = seconds > self.interval or lag > self.interval + LAG_MARGIN
+        if slow:
+            self.slow_checkpoints += 1
+            self.meters.slow.inc()
+        if self._failing is not None:  # (slow, surely: its line says so)
+            since, failures = self._failing
+            self._failing = None
+            self._throttle.reset("failed")  # the next outage is told at once
+            logs.event(log, logging.WARNING, "checkpoint_recovered", shard=self.shard, ck=ck,
+                       failures=failures, outage_seconds=round(time.monotonic() - since, 3),
+                       seconds=round(seconds, 3), lag_seconds=round(lag, 3))
+            return
+        if not slow:
+            return
+        left_out = self._throttle.admit("slow")
+        if left_out is not None:
+            logs.event(log, logging.WARNING, "checkpoint_slow", shard=self.shard, ck=ck,
+                       seconds=round(seconds, 3), lag_seconds=round(lag, 3),
+                       interval=self.interval, slots=slots, documents=documents,
+                       not_logged=left_out)
+
+    def _checkpoint_failed(self, ck: int, e: Exception) -> None:
+        """A write that failed: counted, kept in last_error, logged at the start of an
+        outage and then at most once per ``logs.REPEAT_SECONDS``."""
+        self.failed_checkpoints += 1
+        self.store_errors += 1
+        self.meters.store_errors.inc()
+        self.meters.failures.inc()
+        self.last_error = repr(e)
+        since, failures = self._failing or (time.monotonic(), 0)
+        self._failing = (since, failures + 1)
+        left_out = self._throttle.admit("failed")
+        if left_out is not None:
+            logs.event(log, logging.ERROR, "checkpoint_failed", shard=self.shard, ck=ck,
+                       error=self.last_error, failures=failures + 1,
+                       outage_seconds=round(time.monotonic() - since, 3),
+                       lag_seconds=round(self.meters.lag.seconds(), 3), not_logged=left_out)
 
     def _write(self, cp: Checkpoint) -> None:
         """On the writer thread: name the checkpoint's deltas, then write them."""
@@ -240,10 +285,15 @@ class ShardActor:
                 continue
 
     def _store_failed(self, e: Exception) -> None:
+        """A store read that failed (ingest answers ``overloaded``): counted, and logged
+        at most once per ``logs.REPEAT_SECONDS`` however many batches it refuses."""
         self.store_errors += 1
         self.meters.store_errors.inc()
         self.last_error = repr(e)
-        log.error(json.dumps({"event": "error", "shard": self.shard, "error": self.last_error}))
+        left_out = self._throttle.admit("read")
+        if left_out is not None:
+            logs.event(log, logging.ERROR, "error", shard=self.shard, where="store read",
+                       error=self.last_error, not_logged=left_out)
 
     async def stats(self) -> dict[str, Any]:
         return {
@@ -258,6 +308,23 @@ class ShardActor:
             "store_errors": self.store_errors,
             "last_error": self.last_error,
             "last_checkpoint_seconds": self.last_checkpoint_seconds,
+        }
+
+    async def summary(self) -> dict[str, Any]:
+        """Counts since start, and the slowest checkpoint since the last call: the
+        supervisor's summary line (cluster/supervisor.py) is their difference."""
+        slowest, self._slowest = self._slowest, 0.0
+        return {
+            "increments": self.state.increments,
+            "checkpoints": self.checkpoints,
+            "slow_checkpoints": self.slow_checkpoints,
+            "failed_checkpoints": self.failed_checkpoints,
+            "store_errors": self.store_errors,
+            "errors": logs.errors_logged(),
+            "slowest_checkpoint": slowest,
+            "lag": self.meters.lag.seconds(),
+            "dirty_slots": self.state.dirty_slots,
+            "incarnation": self.incarnation,
         }
 
     async def metrics(self) -> str:

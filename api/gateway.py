@@ -18,7 +18,7 @@ from typing import Any
 import ray
 import uvicorn
 
-from tally.actors import affinity
+from tally.actors import affinity, logs
 from tally.actors.clients import RayShards
 from tally.actors.shard import SHARD_NAME
 from tally.api.access import AccessList
@@ -84,7 +84,7 @@ class GatewayOptions:
 @ray.remote(num_cpus=0, enable_task_events=False)
 class Gateway:
     def __init__(self, store_url: str, shards: int, options: GatewayOptions) -> None:
-        logging.basicConfig(level=logging.INFO, format="%(message)s")
+        logs.configure()
         handles = [ray.get_actor(SHARD_NAME.format(i)) for i in range(shards)]
         self.store = open_store_in_actor(store_url)
         self.options = options
@@ -115,6 +115,11 @@ class Gateway:
     async def own_metrics(self) -> str:
         """This gateway's own samples, for a peer's /metrics page (api/metrics.py)."""
         return self.service.metrics.own_text()
+
+    async def summary(self) -> dict[str, Any]:
+        """Counts since start for the supervisor's summary line (cluster/supervisor.py)."""
+        return {"connections": self.tcp.connections, "cut_off": self.service.metrics.cut_off,
+                "errors": logs.errors_logged()}
 
     async def saw_series(self, sids: list[str]) -> None:
         """A peer's new series (api/peers.py); answered once this index holds them."""

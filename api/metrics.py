@@ -31,8 +31,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("tally.metrics")
 
-# One series over 31 days answers in about a millisecond; a breakdown over
-# thousands of series or a cold store read can take seconds.
+# From a one-series query answered from memory up to a breakdown over thousands
+# of series or a cold read of the store.
 QUERY_BUCKETS = (
     0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
 )
@@ -69,6 +69,14 @@ class GatewayMetrics:
             "tally_connections_refused_total", "TCP ingress connections refused",
             ["reason"], registry=reg,
         )
+        self._cut_off = Counter(
+            "tally_connections_cut_off_total",
+            "TCP connections the server closed, by the code of its last error frame "
+            "(bad_frame, too_large, timeout, unauthorized, bad_request, overloaded, "
+            "max_connections); each is also logged, throttled",
+            ["reason"], registry=reg,
+        )
+        self.cut_off = 0  # the same, all reasons: the supervisor's summary line reads it
         self._frame_errors = Counter(
             "tally_frame_errors_total", "TCP frames that could not be read",
             ["code"], registry=reg,
@@ -122,6 +130,10 @@ class GatewayMetrics:
 
     def connection_refused(self, reason: str) -> None:
         self._refused.labels(reason=reason).inc()
+
+    def connection_cut_off(self, reason: str) -> None:
+        self._cut_off.labels(reason=reason).inc()
+        self.cut_off += 1
 
     def frame_error(self, code: str) -> None:
         self._frame_errors.labels(code=code).inc()

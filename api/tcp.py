@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from tally.actors import logs
 from tally.api.access import OPEN, AccessList, Denied, Grant
 from tally.api.durability import ShardRestarted, Token
 from tally.api.ingest import Incoming, build_batch, build_event_batch, check_ack
@@ -48,6 +49,10 @@ READ_SIZE = 1 << 20
 # decoded, validated and queued behind it for its producer's turn.
 PIPELINE = 2
 PIPELINED_OPS = ("inc", "event")  # (after hello; anything else waits for those before)
+# A client cut off again and again (a producer in a reconnect loop, a scanner) is
+# logged once per reason per this many seconds; the metric counts every one.
+CUT_OFF_LOG_SECONDS = 10.0
+_cut_off_lines = logs.Throttle(CUT_OFF_LOG_SECONDS)
 
 
 class Connection:
@@ -277,6 +282,8 @@ class TcpServer:
         metrics = self.service.metrics
         if self.connections >= self.limits.max_connections:
             metrics.connection_refused("max_connections")
+            _cut_off(self.service, writer, None, "max_connections",
+                     f"too many connections (at most {self.limits.max_connections})")
             writer.write(encode_frame({
                 "op": "error", "seq": None, "code": "overloaded",
                 "message": f"too many connections (at most {self.limits.max_connections}); "
@@ -296,7 +303,7 @@ class TcpServer:
             log.debug("connection lost: %r", e)
         except _SlowClient as e:
             metrics.frame_error("timeout")
-            log.info(json.dumps({"event": "slow_client", "peer": _peer(writer), "error": str(e)}))
+            _cut_off(self.service, writer, conn, "timeout", str(e))
             if e.reading:
                 writer.write(encode_frame(
                     {"op": "error", "seq": None, "code": "bad_frame", "message": str(e)}
@@ -363,6 +370,7 @@ class TcpServer:
                     await answers.wait(0)
                     if not answers.closing:
                         self.service.metrics.frame_error(fatal.code)
+                        _cut_off(self.service, writer, conn, fatal.code, fatal.message)
                         writer.write(encode_frame(fatal.frame()))
                         answers.closing = True
                 await self._drain(writer, timeout)
@@ -457,6 +465,10 @@ class _Answers:
             self.writer.write(encode_frame(answered.reply))
             self.conn.after_reply(answered.acked)
             self.closing = answered.closes
+            if answered.closes and answered.reply.get("op") == "error":
+                reply = answered.reply
+                _cut_off(self.conn.service, self.writer, self.conn, reply.get("code"),
+                         reply.get("message"))
         if not inflight and self.deadline is not None and self.deadline.when() is None:
             self.deadline.reschedule(asyncio.get_running_loop().time() + self.timeout)
 
@@ -482,6 +494,21 @@ class _SlowClient(Exception):
     def __init__(self, message: str, reading: bool) -> None:
         super().__init__(message)
         self.reading = reading
+
+
+def _cut_off(service: Service, writer: asyncio.StreamWriter, conn: Connection | None,
+             reason: Any, message: Any) -> None:
+    """The server closes a client's connection: counted, and logged (throttled per reason)
+    with whom, so an operator can tell which producer or address to look at."""
+    service.metrics.connection_cut_off(str(reason))
+    left_out = _cut_off_lines.admit(reason)
+    if left_out is None:
+        return
+    hello = conn.hello if conn is not None else None
+    logs.event(log, logging.WARNING, "client_cut_off", reason=reason, peer=_peer(writer),
+               producer=hello.producer if hello is not None else None,
+               gateway=service.metrics.name, message=str(message)[:300],
+               not_logged=left_out)
 
 
 def _peer(writer: asyncio.StreamWriter) -> str:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import signal
 import sys
@@ -83,7 +84,7 @@ class Service:
             cfg.host, cfg.http_port, cfg.tcp_port, detached=bool(cfg.address),
             gateways_per_node=cfg.gateways_per_node,
             http_gateways_per_node=cfg.http_gateways_per_node,
-            cpu_affinity=cfg.cpu_affinity,
+            cpu_affinity=cfg.cpu_affinity, summary_interval=cfg.log_summary_interval,
         )
 
     def start(self, stop: threading.Event) -> None:
@@ -199,11 +200,11 @@ def _wait(refs: Any, stop: threading.Event, what: str, timeout: float = START_TI
             raise StartAborted(f"{what} did not start within {timeout:g} s", by_signal=False)
 
 
-# A gateway's call to a shard carries that shard's part of a frame (about
-# 200 KB for 50,000 columnar increments). Ray puts arguments over 100 KB into
-# the object store, a round trip to the raylet made on the calling thread:
-# the gateway's event loop stood still for 1-3 ms per call (a quarter of its
-# time at 1 M increments/s). Inlined in the call up to 4 MiB, they cost a copy.
+# A gateway's call to a shard carries that shard's part of a frame, which a
+# large columnar frame takes past Ray's default limit for inlined arguments
+# (100 KB). Beyond it Ray puts them into the object store, a round trip to the
+# raylet made on the calling thread: the gateway's event loop stands still for
+# it on every call. Inlined in the call up to 4 MiB, they cost a copy.
 # The cluster files pass the same to `ray start --head` (cluster/ray/*.yaml).
 RAY_SYSTEM_CONFIG = {"max_direct_call_object_size": 4 * 1024 * 1024}
 
@@ -222,6 +223,13 @@ def init_ray(address: str | None) -> None:
             configure_logging=False,
             _system_config=RAY_SYSTEM_CONFIG,
         )
+
+
+def version() -> str:
+    try:
+        return importlib.metadata.version("tally")
+    except importlib.metadata.PackageNotFoundError:  # run from a checkout, not installed
+        return "unknown"
 
 
 def serve(cfg: ServeConfig) -> int:
@@ -271,7 +279,8 @@ def serve(cfg: ServeConfig) -> int:
             f"checkpoints every {cfg.checkpoint_interval:g} s; "
             f"{'tokens from ' + cfg.tokens if cfg.tokens else 'open access (no tokens)'}; "
             f"{'event rules from ' + cfg.rules if cfg.rules else 'built-in event rules'}; "
-            f"Ray at {ray.get_runtime_context().gcs_address} (namespace {NAMESPACE})",
+            f"Ray at {ray.get_runtime_context().gcs_address} (namespace {NAMESPACE}); "
+            f"version {version()} (Ray {ray.__version__})",
             flush=True,
         )
         if cfg.address:  # one gateway per node: say where each listens, now and as nodes come

@@ -7,6 +7,7 @@ import os
 import sys
 
 from tally.actors.affinity import MODES
+from tally.actors.logs import ray_output_env, stderr_is_terminal
 from tally.bench.run import BenchConfig
 from tally.cluster.config import ConfigError, load_config
 
@@ -70,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--statsd-tenant",
                        help="tenant of StatsD lines without a tenant tag (default: none, such "
                        "lines are refused)")
+    serve.add_argument("--log-summary-interval", type=float,
+                       help="seconds between the summary lines in the log (default 60; 0: "
+                       "none)")
     bench = sub.add_parser(
         "bench",
         help="measure ingest, queries and memory against a service of its own",
@@ -211,9 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         flags = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
         try:
             cfg = load_config(flags, args.config, dict(os.environ))
-            # One structured line per checkpoint and error, never folded into
-            # "repeated Nx": Ray reads this when it is imported.
-            os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+            ray_output_env(os.environ, stderr_is_terminal())  # before Ray is imported
             from tally.cluster.boot import serve
 
             return serve(cfg)

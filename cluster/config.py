@@ -58,6 +58,8 @@ class ServeConfig:
     # "gateways": each TCP gateway gets a core of its own, the shards share the rest
     # (actors/affinity.py); "off": the kernel places them
     cpu_affinity: str = "off"
+    # seconds between the service's summary log lines (cluster/supervisor.py); 0: none
+    log_summary_interval: float = 60.0
 
 
 def load_config(flags: dict[str, Any], config_file: str | None, env: dict[str, str]) -> ServeConfig:
@@ -146,6 +148,9 @@ def check(cfg: ServeConfig) -> None:
         raise ConfigError(f"shards: {cfg.shards}; at least 1")
     if cfg.max_dirty_slots < 1:
         raise ConfigError(f"max-dirty-slots: {cfg.max_dirty_slots}; at least 1")
+    if cfg.log_summary_interval < 0:
+        raise ConfigError(f"log-summary-interval: {cfg.log_summary_interval}; must be 0 (no "
+                          "summary) or positive")
     if cfg.checkpoint_interval <= 0:
         raise ConfigError(f"checkpoint-interval: {cfg.checkpoint_interval}; must be positive")
     for name in ("http_port", "tcp_port"):

@@ -25,6 +25,10 @@ node goes (Ray's ``max_restarts``); a restarted shard recovers from the store
 and the producers resend what was not yet durable (wire/client.py), so totals
 stay exact. The supervisor holds no counts; when it restarts it adopts the
 named actors it finds.
+
+Once a minute (``ServicePlan.summary_interval``) it logs the service's one
+summary line, from the shards' and gateways' counts: the log says the
+service is alive and how it fares without a line per shard per checkpoint.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from typing import Any
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from tally.actors import logs
 from tally.actors.shard import SHARD_NAME, ShardActor
 from tally.api.gateway import GATEWAY_NAME, Gateway, GatewayOptions
 from tally.checkpoint.remote import HOST_NAME, StoreHost
@@ -51,7 +56,7 @@ CALL_TIMEOUT = 5.0  # a gateway's status or peers call; a node going away can ha
 START_TIMEOUT = 60.0
 RETRY_AFTER = 10.0  # a gateway that failed to start is tried again after this
 # Ray places an actor that asks for no resource at all on a random node, its
-# node affinity ignored (measured with Ray 2.60): the shards and the supervisor
+# node affinity ignored (Ray 2.60): the shards and the supervisor
 # ask for this much of the logical ``memory`` resource so that theirs holds.
 PLACEMENT_MEMORY = 1 << 20
 
@@ -78,6 +83,7 @@ class ServicePlan:
     gateways_per_node: int = 1  # sharing the node's ports (SO_REUSEPORT) when more than 1
     http_gateways_per_node: int = 0  # >0: these take HTTP, the others TCP and StatsD only
     cpu_affinity: str = "off"  # "gateways": cluster/affinity.py
+    summary_interval: float = 60.0  # seconds between summary log lines; 0: none
 
     def identity(self) -> dict[str, Any]:
         """What another ``tally serve`` must agree on to adopt a running service."""
@@ -112,8 +118,8 @@ HEAD = "node:__internal_head__"  # the resource Ray gives the head node only
 def shard_placement(nodes: list[dict[str, Any]], shards: int) -> list[str]:
     """The node each shard starts on: round robin over the alive nodes, workers first.
 
-    Ray's ``SPREAD`` is best effort (four shards on three nodes left one
-    without any here); explicit soft affinity spreads them evenly, and a
+    Ray's ``SPREAD`` is best effort (it can leave a node without a shard
+    while another has several); explicit soft affinity spreads them evenly, and a
     shard whose node is gone when it restarts is placed wherever Ray can.
     The head comes last: it carries the GCS, and with fewer shards than
     nodes it gets none.
@@ -156,7 +162,7 @@ class _Gateway:
 @ray.remote(num_cpus=0, max_restarts=-1, enable_task_events=False)
 class Supervisor:
     def __init__(self, plan: ServicePlan) -> None:
-        logging.basicConfig(level=logging.INFO, format="%(message)s")
+        logs.configure()
         self.plan = plan
         self.lifetime = "detached" if plan.detached else None
         self.store_host: Any = None
@@ -164,6 +170,7 @@ class Supervisor:
         self.gateways: dict[str, _Gateway] = {}
         self.errors: list[str] = []  # the watch loop's, newest last (kept, never swallowed)
         self._watch: asyncio.Task | None = None
+        self._summary: asyncio.Task | None = None
         self._stopping = False
         self._starting = asyncio.Lock()  # the driver's start and a resume may overlap
         self._resuming: asyncio.Task | None = None
@@ -222,6 +229,9 @@ class Supervisor:
         if self._watch is None:
             self._watch = asyncio.get_running_loop().create_task(self._watch_loop())
             self._watch.add_done_callback(self._watch_ended)
+        if self._summary is None and plan.summary_interval > 0:
+            self._summary = asyncio.get_running_loop().create_task(self._summary_loop())
+            self._summary.add_done_callback(self._watch_ended)
 
     async def endpoints(self) -> list[dict[str, Any]] | None:
         """Every listening gateway: node, ip, ports (None while starting or resuming)."""
@@ -242,8 +252,9 @@ class Supervisor:
     async def stop(self) -> list[int]:
         """Stop every gateway, then a final checkpoint on every shard; their ck ids."""
         self._stopping = True
-        if self._watch is not None:
-            self._watch.cancel()
+        for task in (self._watch, self._summary):
+            if task is not None:
+                task.cancel()
         for g in list(self.gateways.values()):
             try:
                 await asyncio.wait_for(g.handle.stop.remote(), START_TIMEOUT)
@@ -273,7 +284,33 @@ class Supervisor:
 
     def _watch_ended(self, task: asyncio.Task) -> None:
         if not task.cancelled() and task.exception() is not None:
-            self._error(f"the watch loop died: {task.exception()!r}")
+            self._error(f"the {task.get_coro().__name__} died: {task.exception()!r}")
+
+    async def _summary_loop(self) -> None:
+        """One summary line per interval, from one place whatever the number of shards."""
+        loop = asyncio.get_running_loop()
+        before, started = await self._counts(), loop.time()
+        while not self._stopping:
+            await asyncio.sleep(self.plan.summary_interval)
+            now, ended = await self._counts(), loop.time()
+            logs.event(log, logging.INFO, "summary", **summary(before, now, ended - started))
+            before, started = now, ended
+
+    async def _counts(self) -> dict[str, dict[str, Any] | None]:
+        """Every shard's and gateway's ``summary()`` by name; None: it did not answer."""
+        actors = {SHARD_NAME.format(i): s for i, s in enumerate(self.shards)}
+        actors.update({name: g.handle for name, g in self.gateways.items()
+                       if g.endpoint is not None})
+        names = list(actors)
+        answers = await asyncio.gather(
+            *(asyncio.wait_for(actors[n].summary.remote(), CALL_TIMEOUT) for n in names),
+            return_exceptions=True,
+        )
+        counts: dict[str, dict[str, Any] | None] = {
+            n: None if isinstance(a, BaseException) else a
+            for n, a in zip(names, answers, strict=True)}
+        counts[SUPERVISOR_NAME] = {"errors": logs.errors_logged()}
+        return counts
 
     def _error(self, message: str) -> None:
         self.errors = [*self.errors[-19:], message]
@@ -394,6 +431,45 @@ class Supervisor:
             return
         log.info(json.dumps({"event": "gateway_listening", "gateway": g.name, "node": g.node,
                              **g.endpoint}))
+
+
+def summary(before: dict[str, dict[str, Any] | None], now: dict[str, dict[str, Any] | None],
+            seconds: float) -> dict[str, Any]:
+    """The summary line's fields: what changed between two rounds of ``summary()`` answers.
+
+    Shards answer ``checkpoints``, gateways ``connections``. A count lower than
+    before belongs to an actor that restarted (its new process counts from
+    zero); an actor that did not answer is named in ``unanswered`` and left out.
+    """
+    def delta(name: str, key: str) -> float:
+        value = (now[name] or {}).get(key, 0)
+        prev = (before.get(name) or {}).get(key, 0)
+        return value - prev if value >= prev else value
+
+    answered = [n for n, c in now.items() if c is not None]
+    shards = [n for n in answered if "checkpoints" in (now[n] or {})]
+    gateways = [n for n in answered if "connections" in (now[n] or {})]
+
+    def total(names: list[str], key: str) -> float:
+        return sum(delta(n, key) for n in names)
+
+    return {
+        "seconds": round(seconds, 1),
+        "increments_per_s": round(total(shards, "increments") / seconds, 1) if seconds else 0,
+        "checkpoints": int(total(shards, "checkpoints")),
+        "slow_checkpoints": int(total(shards, "slow_checkpoints")),
+        "failed_checkpoints": int(total(shards, "failed_checkpoints")),
+        "slowest_checkpoint_s": round(max(
+            [(now[n] or {}).get("slowest_checkpoint", 0.0) for n in shards], default=0.0), 4),
+        "max_lag_s": round(max([(now[n] or {}).get("lag", 0.0) for n in shards], default=0.0), 3),
+        "dirty_slots": sum((now[n] or {}).get("dirty_slots", 0) for n in shards),
+        "connections": sum((now[n] or {}).get("connections", 0) for n in gateways),
+        "cut_off": int(total(gateways, "cut_off")),
+        "errors": int(total(answered, "errors")),
+        "shards": len(shards),
+        "gateways": len(gateways),
+        "unanswered": sorted(n for n, c in now.items() if c is None),
+    }
 
 
 async def _until_answered(shard: Any, i: int, attempts: int = 40) -> int:

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import re
 import time
 
 import httpx
 import pytest
-from inproc import tokens_file
+from inproc import RawConnection, tokens_file
 from prometheus_client.parser import text_string_to_metric_families
 from served import Served
 from test_e2e_serve import run_serve
@@ -36,10 +35,12 @@ def samples(text: str) -> dict[tuple[str, tuple], float]:
     return out
 
 
-def test_tokens_on_every_interface_with_metrics_and_one_log_line_per_checkpoint(tmp_path):
+def test_tokens_on_every_interface_with_metrics_and_a_log_an_operator_can_read(tmp_path):
     (tmp_path / "tokens.toml").write_text(TOKENS)
+    # Output to a file, as under systemd or docker: no terminal.
     served = Served(tmp_path, "sqlite:///t.db", "--host", "0.0.0.0", "--tokens", "tokens.toml",
-                    "--checkpoint-interval", "0.5", shards=2).start()
+                    "--checkpoint-interval", "0.5", "--log-summary-interval", "1",
+                    shards=2).start()
     try:
         query = {"tenant": "acme", "metric": "m", "from": DAY, "to": DAY}
         assert httpx.get(served.url + "/v1/series", params=query).status_code == 401
@@ -69,13 +70,43 @@ def test_tokens_on_every_interface_with_metrics_and_one_log_line_per_checkpoint(
                       if name == "tally_shard_increments_total")
         assert applied == 5000
         assert sum(v for (name, _), v in got.items() if name == "tally_checkpoints_total") >= 2
+        assert sum(v for (name, _), v in got.items()
+                   if name == "tally_checkpoint_slots_total") >= 7  # 7 series, one hour
+        assert sum(v for (name, _), v in got.items()
+                   if name == "tally_checkpoint_wait_seconds_count") >= 2
+
+        # Two clients the server cuts off: a frame that is not msgpack, a hello without a token.
+        with RawConnection(served.tcp_port) as conn:
+            conn.send(b"\x00\x00\x00\x05hello")
+            assert conn.receive()["code"] == "bad_frame"
+        with RawConnection(served.tcp_port) as conn:
+            conn.send({"op": "hello", "v": 1, "producer": "no-token"})
+            assert conn.receive()["code"] == "unauthorized"
+        time.sleep(2.5)  # a few checkpoint intervals more, and a summary line after the cut-offs
     finally:
         assert served.stop() == 0, served.output()
-    lines = [json.loads(m) for m in re.findall(r"(\{\"event\": \"checkpoint\".*\})",
-                                                served.output())]
-    assert lines and all({"shard", "ck", "documents", "seconds"} <= set(x) for x in lines)
-    # one line per checkpoint, none per increment or batch
-    assert len(served.output().splitlines()) < 200
+    out = served.output()
+    assert "\x1b" not in out, "ANSI escape sequences in a log that is not a terminal"
+    assert "pid=" not in out  # Ray's "(ShardActor pid=…)" prefix
+    [start] = [line for line in out.splitlines() if line.startswith("tally: serving HTTP")]
+    assert f"TCP on 0.0.0.0:{served.tcp_port}" in start and "2 shards" in start
+    assert "store sqlite:///" in start and "version " in start
+    events = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert all({"ts", "level", "pid", "event"} <= set(e) for e in events), events
+    # checkpoints are in /metrics: none is logged unless slow or failed
+    assert not [e for e in events if e["event"] == "checkpoint"]
+    assert all(e["event"] in ("checkpoint_slow", "checkpoint_failed", "checkpoint_recovered")
+               for e in events if e["event"].startswith("checkpoint"))
+    cut = {e["reason"]: e for e in events if e["event"] == "client_cut_off"}
+    assert {"bad_frame", "unauthorized"} <= set(cut), events
+    assert cut["unauthorized"]["producer"] is None and cut["bad_frame"]["level"] == "warning"
+    summaries = [e for e in events if e["event"] == "summary"]
+    assert summaries and sum(e["checkpoints"] for e in summaries) >= 2
+    assert sum(e["cut_off"] for e in summaries) >= 2
+    assert {"increments_per_s", "slowest_checkpoint_s", "dirty_slots", "connections",
+            "errors"} <= set(summaries[0])
+    # nothing per increment, batch or checkpoint: a dozen seconds make a few dozen lines
+    assert len(out.splitlines()) < 60, out
 
 
 def test_a_bad_tokens_file_is_refused_before_starting(tmp_path):

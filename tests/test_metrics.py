@@ -2,7 +2,8 @@
 
 No Ray: shards run in-process (LocalShards) behind the real FastAPI app, the
 shard-side registry is driven with a fake clock, and the shard actor's class
-is used as a plain object over SQLite to check its checkpoint log lines.
+is used as a plain object over SQLite to check its checkpoint metrics and the
+few log lines it still writes.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import asyncio
 import calendar
 import json
 import logging
+import time
 from collections import Counter
 from typing import Any
 
@@ -18,6 +20,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from tally.actors import logs
 from tally.actors.clients import LocalShards
 from tally.actors.metrics import CheckpointLag, ShardMetrics
 from tally.actors.shard import ShardActor
@@ -26,6 +29,7 @@ from tally.api.http import create_app
 from tally.api.metrics import GatewayMetrics
 from tally.api.service import Service
 from tally.checkpoint.sqlite import SqliteStore
+from tally.cluster.supervisor import summary
 from tally.wire.batches import rows_batch
 
 NOW = calendar.timegm((2026, 11, 20, 12, 0, 0))
@@ -298,21 +302,20 @@ def test_lag_of_an_undone_batch_clears_when_there_is_nothing_to_write():
     assert lag.durable(ck=7) == 0  # a checkpoint this lag never saw begin
 
 
-def test_shard_actor_logs_lag_per_checkpoint_and_nothing_for_an_empty_one(
+def test_shard_actor_counts_checkpoints_and_logs_only_a_failure_and_the_recovery(
     tmp_path, caplog, monkeypatch
 ):
     monkeypatch.setattr("tally.actors.shard.gc.freeze", lambda: None)
     actor = ShardActor.__ray_actor_class__(0, f"sqlite:///{tmp_path}/t.db", 3600.0)
     caplog.set_level(logging.INFO, logger="tally.shard")
 
-    def logged(event: str) -> list[dict[str, Any]]:
+    def logged(event: str | None = None) -> list[dict[str, Any]]:
         lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "tally.shard"]
-        return [line for line in lines if line["event"] == event]
+        return [line for line in lines if event is None or line["event"] == event]
 
     async def scenario() -> None:
         await actor.ready()
         assert await actor.checkpoint() == 0
-        assert logged("checkpoint") == []
 
         batch = rows_batch(rows(5), NOW)
         assert (await actor.apply(batch))["status"] == "applied"
@@ -328,31 +331,133 @@ def test_shard_actor_logs_lag_per_checkpoint_and_nothing_for_an_empty_one(
             raise ConnectionError("store down")
 
         actor.store.write_checkpoint = down
-        with pytest.raises(ConnectionError):
-            await actor.checkpoint()
-        assert len(logged("error")) == 1
+        for _ in range(3):  # an outage: logged once, counted every time
+            with pytest.raises(ConnectionError):
+                await actor.checkpoint()
+        [failed] = logged()
+        assert failed["event"] == "checkpoint_failed" and failed["failures"] == 1
+        assert "store down" in failed["error"] and failed["shard"] == 0
         actor.store.write_checkpoint = write
         await asyncio.sleep(0.05)
         m = Scrape(await actor.metrics())
         assert m.value("tally_checkpoint_lag_seconds", shard="0") >= 0.1
-        assert m.value("tally_store_errors_total", shard="0") == 1
+        assert m.value("tally_store_errors_total", shard="0") == 3
+        assert m.value("tally_checkpoint_failures_total", shard="0") == 3
         assert m.value("tally_checkpoints_total", shard="0") == 0
 
         assert await actor.checkpoint() == 1
-        [line] = logged("checkpoint")
-        assert line["ck"] == 1 and line["slots"] == 5 and line["lag_seconds"] >= 0.1
+        [recovered] = logged("checkpoint_recovered")
+        assert recovered["failures"] == 3 and recovered["outage_seconds"] >= 0.05
+        assert [e["event"] for e in logged()] == ["checkpoint_failed", "checkpoint_recovered"]
         m = Scrape(await actor.metrics())
         assert m.value("tally_checkpoint_lag_seconds", shard="0") == 0
         assert m.value("tally_checkpoints_total", shard="0") == 1
         assert m.value("tally_checkpoint_duration_seconds_count", shard="0") == 1
+        assert m.value("tally_checkpoint_slots_total", shard="0") == 5
+        assert m.value("tally_checkpoint_documents_total", shard="0") == 4  # 4 series, 1 month
+        assert m.value("tally_checkpoint_new_series_total", shard="0") == 4
+        assert m.value("tally_checkpoint_wait_seconds_count", shard="0") == 1
+        assert m.value("tally_checkpoint_wait_seconds_sum", shard="0") >= 0.1
+        assert m.value("tally_checkpoint_slow_total", shard="0") == 0
         assert m.value("tally_dirty_slots", shard="0") == 0
         assert (await actor.stats())["checkpoints"] == 1
+        summary = await actor.summary()
+        assert summary["checkpoints"] == 1 and summary["failed_checkpoints"] == 3
+        assert summary["increments"] == 5 and summary["slowest_checkpoint"] > 0
+        assert (await actor.summary())["slowest_checkpoint"] == 0  # since the last call
 
         await actor.checkpoint()  # nothing new: no line
-        assert len(logged("checkpoint")) == 1
+        assert len(logged()) == 2
         await actor.shutdown()
 
     try:
         run(scenario())
     finally:
         actor.store.close()
+
+
+def test_a_slow_checkpoint_is_logged_and_its_repeats_are_throttled(tmp_path, caplog, monkeypatch):
+    monkeypatch.setattr("tally.actors.shard.gc.freeze", lambda: None)
+    actor = ShardActor.__ray_actor_class__(0, f"sqlite:///{tmp_path}/t.db", 0.05)
+    caplog.set_level(logging.INFO, logger="tally.shard")
+    write = actor.store.write_checkpoint
+
+    def slow(cp: Any) -> None:
+        time.sleep(0.08)  # longer than the interval
+        write(cp)
+
+    actor.store.write_checkpoint = slow
+
+    async def scenario() -> None:
+        await actor.ready()
+        for k in range(2):
+            assert (await actor.apply(rows_batch(rows(2 + k), NOW)))["status"] == "applied"
+            await actor.checkpoint()
+        m = Scrape(await actor.metrics())
+        assert m.value("tally_checkpoint_slow_total", shard="0") == 2
+        await actor.shutdown()
+
+    try:
+        run(scenario())
+    finally:
+        actor.store.close()
+    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "tally.shard"]
+    [line] = lines  # the second within REPEAT_SECONDS is counted, not logged
+    assert line["event"] == "checkpoint_slow" and line["seconds"] > line["interval"] == 0.05
+    assert line["slots"] == 2 and line["not_logged"] == 0
+
+
+def test_the_summary_line_is_the_difference_of_two_rounds_of_counts():
+    shard = {"increments": 1000, "checkpoints": 10, "slow_checkpoints": 0,
+             "failed_checkpoints": 1, "errors": 1, "slowest_checkpoint": 0.01, "lag": 0.5,
+             "dirty_slots": 7}
+    before = {"tally-shard-0": shard, "tally-shard-1": shard,
+              "gw": {"connections": 3, "cut_off": 2, "errors": 0},
+              "tally-supervisor": {"errors": 0}}
+    now = {
+        "tally-shard-0": {**shard, "increments": 7000, "checkpoints": 40,
+                          "slowest_checkpoint": 0.25, "dirty_slots": 3},
+        # restarted: its counts start again from zero
+        "tally-shard-1": {**shard, "increments": 600, "checkpoints": 5, "failed_checkpoints": 0,
+                          "errors": 0, "lag": 2.5},
+        "gw": {"connections": 4, "cut_off": 5, "errors": 2},
+        "gw2": None,
+        "tally-supervisor": {"errors": 1},
+    }
+    line = summary(before, now, 60.0)
+    assert line == {
+        "seconds": 60.0, "increments_per_s": 110.0, "checkpoints": 35, "slow_checkpoints": 0,
+        "failed_checkpoints": 0, "slowest_checkpoint_s": 0.25, "max_lag_s": 2.5,
+        "dirty_slots": 10, "connections": 4, "cut_off": 3, "errors": 3, "shards": 2,
+        "gateways": 1, "unanswered": ["gw2"],
+    }
+
+
+def test_log_lines_are_json_with_time_level_and_pid_and_repeats_are_throttled():
+    record = logging.LogRecord("tally.x", logging.ERROR, __file__, 1,
+                               json.dumps({"event": "error", "shard": 3}), None, None)
+    line = json.loads(logs.JsonLines().format(record))
+    assert line["level"] == "error" and line["event"] == "error" and line["shard"] == 3
+    assert line["ts"].endswith("Z") and line["pid"] == record.process
+    other = logging.LogRecord("uvicorn", logging.WARNING, __file__, 1, "plain %s", ("text",), None)
+    assert json.loads(logs.JsonLines().format(other))["message"] == "plain text"
+
+    clock = [0.0]
+    throttle = logs.Throttle(10, clock=lambda: clock[0])
+    assert throttle.admit("a") == 0
+    assert throttle.admit("a") is None and throttle.admit("a") is None
+    assert throttle.admit("b") == 0  # each key its own
+    clock[0] = 10
+    assert throttle.admit("a") == 2  # the line says how many were left out
+    throttle.reset("a")
+    assert throttle.admit("a") == 0  # a new episode is told at once
+
+
+def test_ray_output_is_plain_off_a_terminal_and_the_operator_decides_first():
+    env: dict[str, str] = {}
+    logs.ray_output_env(env, terminal=True)
+    assert env == {"RAY_DEDUP_LOGS": "0"}
+    env = {"RAY_COLOR_PREFIX": "1"}
+    logs.ray_output_env(env, terminal=False)
+    assert env == {"RAY_DEDUP_LOGS": "0", "RAY_COLOR_PREFIX": "1",
+                   "RAY_DISABLE_WORKER_LOG_PREFIX": "1"}
