@@ -2,9 +2,11 @@
 
 It is an async actor so that queries interleave with ingest instead of
 queuing behind it, and so the checkpoint loop runs beside both. State is only
-touched on the event loop thread. One dedicated writer thread sums the
-in-flight checkpoint's share of the log (a sort that would keep queries
-waiting) and writes it; nothing else changes that checkpoint meanwhile.
+touched on the event loop thread, except by one dedicated writer thread: it
+names the slots of the checkpoint just taken (the state keeps that checkpoint's
+pending deltas apart from the ones still arriving) and writes them to the store,
+work that would otherwise keep queries waiting; nothing else changes that
+checkpoint meanwhile.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ class ShardActor:
         pinned_gateways: int = 0,
     ) -> None:
         """``pinned_gateways``: TCP gateways per node that keep cores of their own; this
-        shard runs on the others (cluster/affinity.py; 0: where the kernel puts it)."""
+        shard runs on the others (actors/affinity.py; 0: where the kernel puts it)."""
         logs.configure()
         affinity.pin(pinned_gateways, None, f"shard {shard}")
         memory.tune()  # before the state's large allocations: malloc gives memory back

@@ -140,7 +140,7 @@ class Gateway:
         without HTTP serves TCP and StatsD for gateways that answer queries
         (``--http-gateways-per-node``), and one without TCP serves HTTP only.
         ``pin``: (this gateway's number on its node, TCP gateways per node that keep a
-        core of their own), for ``--cpu-affinity`` (cluster/affinity.py).
+        core of their own), for ``--cpu-affinity`` (actors/affinity.py).
         """
         if self.ports is not None:
             return self.ports

@@ -22,7 +22,7 @@ while a gateway decodes frames.
 
 Shards are spread over the nodes (round robin) and restart elsewhere when their
 node goes (Ray's ``max_restarts``); a restarted shard recovers from the store
-and the producers resend what was not yet durable (wire/client.py), so totals
+and the producers resend what was not yet durable (tally.client), so totals
 stay exact. The supervisor holds no counts; when it restarts it adopts the
 named actors it finds.
 
@@ -82,7 +82,7 @@ class ServicePlan:
     detached: bool  # on a cluster: the actors outlive the driver
     gateways_per_node: int = 1  # sharing the node's ports (SO_REUSEPORT) when more than 1
     http_gateways_per_node: int = 0  # >0: these take HTTP, the others TCP and StatsD only
-    cpu_affinity: str = "off"  # "gateways": cluster/affinity.py
+    cpu_affinity: str = "off"  # "gateways": actors/affinity.py
     summary_interval: float = 60.0  # seconds between summary log lines; 0: none
 
     def identity(self) -> dict[str, Any]:
