@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
+from tally.wire.vocabulary import ErrorCode
+
 
 class Outcome(Enum):
     """The outcomes of an ingest; ``code`` is how the gateway hears a refusal."""
@@ -41,10 +43,10 @@ class Outcome(Enum):
 
 _CODES = {
     Outcome.GAP: "gap",
-    Outcome.FULL: "overloaded",
-    Outcome.STORE_DOWN: "overloaded",
-    Outcome.DELTA_OVERFLOW: "overloaded",
-    Outcome.BAD_ROW: "bad_row",
+    Outcome.FULL: ErrorCode.OVERLOADED,
+    Outcome.STORE_DOWN: ErrorCode.OVERLOADED,
+    Outcome.DELTA_OVERFLOW: ErrorCode.OVERLOADED,
+    Outcome.BAD_ROW: ErrorCode.BAD_ROW,
 }
 
 

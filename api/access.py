@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from tally.wire.series import InvalidSeries, check_tenant
+from tally.wire.vocabulary import ErrorCode
 
 SCOPES = ("ingest", "query", "admin")
 ALL_TENANTS = "*"
@@ -52,7 +53,7 @@ class Denied(Exception):
 
     @property
     def status(self) -> int:
-        return 401 if self.code == "unauthorized" else 403
+        return 401 if self.code == ErrorCode.UNAUTHORIZED else 403
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,14 +119,15 @@ class AccessList:
         depend on which entry (if any) the secret belongs to.
         """
         if not secret:
-            raise Denied("unauthorized", "a token is required (Authorization: Bearer <token>)")
+            raise Denied(ErrorCode.UNAUTHORIZED,
+                    "a token is required (Authorization: Bearer <token>)")
         presented = _digest(secret)
         found: Grant | None = None
         for digest, grant in self.entries:
             if hmac.compare_digest(presented, digest) and found is None:
                 found = grant
         if found is None:
-            raise Denied("unauthorized", "unknown token")
+            raise Denied(ErrorCode.UNAUTHORIZED, "unknown token")
         return found
 
 

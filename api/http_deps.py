@@ -26,6 +26,7 @@ from tally.api.access import OPEN, AccessList, Denied, Grant
 from tally.api.http_errors import bad
 from tally.api.rules import BUILTIN, Rules
 from tally.api.service import Service
+from tally.wire.vocabulary import ErrorCode
 
 DEFAULT_MAX_BODY = 16 * 1024 * 1024
 
@@ -65,7 +66,8 @@ def authorized(scope: str) -> Callable[..., Awaitable[Grant]]:
         if access is None:
             return OPEN
         if credentials is None:
-            raise Denied("unauthorized", "a token is required: Authorization: Bearer <token>")
+            raise Denied(ErrorCode.UNAUTHORIZED,
+                    "a token is required: Authorization: Bearer <token>")
         found = access.grant_for(credentials.credentials)
         found.require_scope(scope)
         return found

@@ -22,6 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from tally.api.access import Denied
 from tally.api.service import IngestError
 from tally.api.timerange import QueryError
+from tally.wire.vocabulary import ErrorCode
 
 log = logging.getLogger("tally.http")
 
@@ -40,7 +41,7 @@ def error_response(status: int, code: str, message: str, **extra: Any) -> JSONRe
 
 
 def bad(message: str) -> ApiError:
-    return ApiError(400, "bad_request", message)
+    return ApiError(400, ErrorCode.BAD_REQUEST, message)
 
 
 def _refused(request: Request, code: str) -> None:
@@ -72,7 +73,7 @@ async def _denied(request: Request, e: Denied) -> JSONResponse:
 
 
 async def _query_error(_: Request, e: QueryError) -> JSONResponse:
-    return error_response(400, "bad_request", str(e))
+    return error_response(400, ErrorCode.BAD_REQUEST, str(e))
 
 
 async def _validation(_: Request, e: RequestValidationError) -> JSONResponse:
@@ -80,11 +81,11 @@ async def _validation(_: Request, e: RequestValidationError) -> JSONResponse:
     for err in e.errors():
         where = ".".join(str(x) for x in err.get("loc", ()) if x not in ("query", "body"))
         parts.append(f"{where}: {err.get('msg')}")
-    return error_response(400, "bad_request", "; ".join(parts) or "invalid request")
+    return error_response(400, ErrorCode.BAD_REQUEST, "; ".join(parts) or "invalid request")
 
 
 async def _http(_: Request, e: StarletteHTTPException) -> JSONResponse:
-    code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code, "bad_request")
+    code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code, ErrorCode.BAD_REQUEST)
     response = error_response(e.status_code, code, str(e.detail))
     # a 405 names the methods that would work (Allow), as HTTP asks
     response.headers.update(e.headers or {})
@@ -92,9 +93,9 @@ async def _http(_: Request, e: StarletteHTTPException) -> JSONResponse:
 
 
 async def _internal(request: Request, e: Exception) -> JSONResponse:
-    _refused(request, "internal")
+    _refused(request, ErrorCode.INTERNAL)
     log.error(json.dumps({"event": "error", "where": "http", "error": repr(e)}))
-    return error_response(500, "internal", f"internal error: {e!r}")
+    return error_response(500, ErrorCode.INTERNAL, f"internal error: {e!r}")
 
 
 def add_error_handlers(app: FastAPI) -> None:

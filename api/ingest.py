@@ -18,6 +18,7 @@ from tally.api.access import Denied
 from tally.api.rules import Rules
 from tally.api.service import IngestError
 from tally.wire.batches import BadBatch, BadRow, Batch, KnownSeries, columnar_batch, rows_batch
+from tally.wire.vocabulary import ErrorCode
 
 ACKS = ("received", "durable")
 
@@ -26,7 +27,8 @@ def check_ack(ack: Any) -> str:
     if ack is None:
         return "received"
     if ack not in ACKS:
-        raise IngestError("bad_request", f"ack must be 'received' or 'durable', not {ack!r}")
+        raise IngestError(ErrorCode.BAD_REQUEST,
+                f"ack must be 'received' or 'durable', not {ack!r}")
     return ack
 
 
@@ -38,15 +40,16 @@ def build_batch(
     try:
         if rows is not None:
             if series is not None:
-                raise IngestError("bad_request", "send either rows or series/i/ts/v, not both")
+                raise IngestError(ErrorCode.BAD_REQUEST,
+                        "send either rows or series/i/ts/v, not both")
             return rows_batch(rows, now, known)
         if series is None:
-            raise IngestError("bad_request", "missing rows (or the columnar series/i/ts/v)")
+            raise IngestError(ErrorCode.BAD_REQUEST, "missing rows (or the columnar series/i/ts/v)")
         return columnar_batch(series, i, ts, v, now, known)
     except BadRow as e:
-        raise IngestError("bad_row", str(e), row=e.row) from None
+        raise IngestError(ErrorCode.BAD_ROW, str(e), row=e.row) from None
     except BadBatch as e:
-        raise IngestError("bad_request", str(e)) from None
+        raise IngestError(ErrorCode.BAD_REQUEST, str(e)) from None
 
 
 def json_column(name: str, values: Any, dtype: str) -> bytes:
@@ -56,11 +59,12 @@ def json_column(name: str, values: Any, dtype: str) -> bytes:
     if not isinstance(values, list) or not all(
         isinstance(x, int) and not isinstance(x, bool) for x in values
     ):
-        raise IngestError("bad_request", f"{name} must be a list of integers (or msgpack bin)")
+        raise IngestError(ErrorCode.BAD_REQUEST,
+                f"{name} must be a list of integers (or msgpack bin)")
     info = np.iinfo(dtype)
     for n, x in enumerate(values):
         if not info.min <= x <= info.max:
-            raise IngestError("bad_row", f"row {n}: {name} {x} is outside {dtype}", row=n)
+            raise IngestError(ErrorCode.BAD_ROW, f"row {n}: {name} {x} is outside {dtype}", row=n)
     return np.asarray(values, dtype=dtype).tobytes()
 
 
@@ -127,7 +131,7 @@ class Incoming:
         except IngestError as e:
             if self.origin is None or e.row is None:
                 raise
-            event, message = self.event_of(e.row, e.message, rule=e.code == "bad_row")
+            event, message = self.event_of(e.row, e.message, rule=e.code == ErrorCode.BAD_ROW)
             raise IngestError(e.code, message, row=event, fatal=e.fatal) from None
         except Denied as e:
             if self.origin is None or e.row is None:
@@ -147,16 +151,16 @@ def build_event_batch(
     """
     if type(events) is not list:
         what = "missing" if events is None else f"a {type(events).__name__}, not a list"
-        raise IngestError("bad_request", f"events is {what}")
+        raise IngestError(ErrorCode.BAD_REQUEST, f"events is {what}")
     fanned = rules.fan_out(events)
     incoming = Incoming(Batch.empty(), fanned.origin, fanned.rule)
     try:
         incoming.batch = rows_batch(fanned.rows, now, known)
     except BadRow as e:
         event, message = incoming.event_of(e.row, e.message)
-        raise IngestError("bad_row", message, row=event) from None
+        raise IngestError(ErrorCode.BAD_ROW, message, row=event) from None
     except BadBatch as e:  # pragma: no cover - fan-out makes a list of 5-field rows
-        raise IngestError("bad_request", str(e)) from None
+        raise IngestError(ErrorCode.BAD_REQUEST, str(e)) from None
     if fanned.error is not None:
-        raise IngestError("bad_row", fanned.error.message, row=fanned.error.event)
+        raise IngestError(ErrorCode.BAD_ROW, fanned.error.message, row=fanned.error.event)
     return incoming

@@ -22,6 +22,7 @@ from tally.api.http_errors import ApiError, bad
 from tally.api.ingest import Incoming, build_batch, build_event_batch, check_ack, json_column
 from tally.api.metrics import body_increments
 from tally.api.service import Service
+from tally.wire.vocabulary import ErrorCode
 
 router = APIRouter()
 _, REQUEST_BODIES = doc.body_schemas()
@@ -30,12 +31,12 @@ _, REQUEST_BODIES = doc.body_schemas()
 async def read_body(request: Request, max_body: int) -> dict[str, Any]:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > max_body:
-        raise ApiError(413, "too_large", f"body of {declared} bytes; at most {max_body}")
+        raise ApiError(413, ErrorCode.TOO_LARGE, f"body of {declared} bytes; at most {max_body}")
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > max_body:
-            raise ApiError(413, "too_large", f"body over {max_body} bytes")
+            raise ApiError(413, ErrorCode.TOO_LARGE, f"body over {max_body} bytes")
         chunks.append(chunk)
     raw = b"".join(chunks)
     ctype = request.headers.get("content-type", "application/json").split(";")[0].strip()
@@ -84,10 +85,10 @@ async def ingest(
         try:
             await service.tracker.wait(applied.token, timeout=durable_timeout)
         except ShardRestarted as e:
-            raise ApiError(503, "overloaded", str(e)) from None
+            raise ApiError(503, ErrorCode.OVERLOADED, str(e)) from None
         except TimeoutError:
             raise ApiError(
-                503, "overloaded",
+                503, ErrorCode.OVERLOADED,
                 f"applied, but not checkpointed within {durable_timeout:g} s (store slow "
                 "or down); resend with the same producer and seq to wait again",
             ) from None

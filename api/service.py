@@ -33,6 +33,7 @@ from tally.api.timerange import Plan, bucket_points
 from tally.checkpoint.store import Store
 from tally.wire.batches import Batch
 from tally.wire.series import SeriesKey, parse_series_id
+from tally.wire.vocabulary import ErrorCode
 
 log = logging.getLogger("tally.service")
 
@@ -102,7 +103,7 @@ class Service:
         for s, mark in enumerate(marks):
             if isinstance(mark, BaseException):  # a shard restarting (its node went)
                 raise IngestError(
-                    "overloaded", f"shard {s} is restarting ({type(mark).__name__}): "
+                    ErrorCode.OVERLOADED, f"shard {s} is restarting ({type(mark).__name__}): "
                     "say hello again shortly", fatal=True,
                 ) from mark
         return max(0, min(marks))
@@ -129,14 +130,14 @@ class Service:
             async with st.lock:
                 if epoch is not None and epoch != st.epoch:
                     raise IngestError(
-                        "bad_request",
+                        ErrorCode.BAD_REQUEST,
                         f"producer {producer!r} connected again elsewhere: this connection "
                         "is fenced",
                         fatal=True,
                     )
                 if st.blocked_at is not None and seq > st.blocked_at:
                     raise IngestError(
-                        "overloaded",
+                        ErrorCode.OVERLOADED,
                         f"seq {st.blocked_at} of producer {producer!r} was refused and must "
                         f"be resent before seq {seq}",
                     )
@@ -145,7 +146,7 @@ class Service:
                         parts, range(self.shards.shards), producer, seq, st.last_seq
                     )
                 except IngestError as e:
-                    if e.code == "bad_row":
+                    if e.code == ErrorCode.BAD_ROW:
                         # permanent: the client drops the batch; later seqs may pass
                         st.blocked_at = None
                     else:
@@ -213,24 +214,25 @@ class Service:
             s, e = crashed[0]
             if isinstance(e, AnswerLost):  # the shard may have it: a resend is recognised
                 return IngestError(
-                    "overloaded", f"shard {s} did not answer ({type(e).__name__}): reconnect "
+                    ErrorCode.OVERLOADED,
+                            f"shard {s} did not answer ({type(e).__name__}): reconnect "
                     "and resend from the last durable seq", fatal=True,
                 )
             return IngestError(
-                "overloaded", f"shard {s} is restarting ({type(e).__name__}); nothing was "
+                ErrorCode.OVERLOADED, f"shard {s} is restarting ({type(e).__name__}); nothing was "
                 "applied: reconnect and resend from the last durable seq", fatal=True,
             )
         gaps = [r for r in refused.values() if r["code"] == "gap"]
         if gaps:
-            return IngestError("overloaded", gaps[0]["message"], fatal=True)
-        overloaded = [r for r in refused.values() if r["code"] == "overloaded"]
+            return IngestError(ErrorCode.OVERLOADED, gaps[0]["message"], fatal=True)
+        overloaded = [r for r in refused.values() if r["code"] == ErrorCode.OVERLOADED]
         if overloaded:
-            return IngestError("overloaded", overloaded[0]["message"])
+            return IngestError(ErrorCode.OVERLOADED, overloaded[0]["message"])
         s, r = min(
             refused.items(), key=lambda sr: int(parts[sr[0]].first_row[sr[1]["aggregate"]])
         )
         row = int(parts[s].first_row[r["aggregate"]])
-        return IngestError("bad_row", f"row {row}: {r['message']}", row=row)
+        return IngestError(ErrorCode.BAD_ROW, f"row {row}: {r['message']}", row=row)
 
     # ---- queries -------------------------------------------------------
 

@@ -35,6 +35,7 @@ from typing import Any
 from tally.api.service import IngestError, Service
 from tally.wire.batches import BadBatch, BadRow, KnownSeries, rows_batch
 from tally.wire.statsd import MAX_DATAGRAM, MAX_LINE, Parsed, Rejection, StatsdParser
+from tally.wire.vocabulary import ErrorCode
 
 log = logging.getLogger("tally.statsd")
 UDP_BUFFER = 8 * 1024 * 1024  # asked of the kernel; it caps it at net.core.rmem_max
@@ -249,8 +250,9 @@ class StatsdIngress:
                 self.logs.rejected(r.reason, r.message, peer, r.line)
             if parsed.rows and len(self._rows) + len(parsed.rows) > self.max_pending:
                 lines = len(set(parsed.row_lines))
-                rejected["overloaded"] += lines
-                self.logs.rejected("overloaded", f"{len(self._rows)} rows wait for the shards; "
+                rejected[ErrorCode.OVERLOADED] += lines
+                self.logs.rejected(ErrorCode.OVERLOADED,
+                        f"{len(self._rows)} rows wait for the shards; "
                                    f"{lines} lines refused", peer, parsed.row_lines[0])
                 parsed = Parsed(lines=parsed.lines)
             self._count(0, rejected)
@@ -310,13 +312,13 @@ class StatsdIngress:
             except BadBatch as e:  # pragma: no cover - the parser only makes 5-field rows
                 blamed, message = 0, e.message
             except IngestError as e:
-                if e.code == "bad_row" and e.row is not None:
+                if e.code == ErrorCode.BAD_ROW and e.row is not None:
                     blamed, message = e.row, e.message
                 else:  # overloaded, a shard restarting: at most once, these lines are lost
                     n = len(set(lines))
                     self.service.metrics.batch_rejected(INGRESS, e.code, len(rows))
-                    self._count(0, Tally({"overloaded": n}))
-                    self.logs.rejected("overloaded", f"{n} lines lost: {e.message}",
+                    self._count(0, Tally({ErrorCode.OVERLOADED: n}))
+                    self.logs.rejected(ErrorCode.OVERLOADED, f"{n} lines lost: {e.message}",
                                        self._peer_of(peers, lines[0]), lines[0])
                     return applied
             if blamed is None:

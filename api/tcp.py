@@ -41,6 +41,7 @@ from tally.wire.frames import (
     encode_frame,
     parse_message,
 )
+from tally.wire.vocabulary import ErrorCode
 
 log = logging.getLogger("tally.tcp")
 # A connection's receive buffer (wire/stream.py): reading pauses with this much unread.
@@ -84,12 +85,13 @@ class Connection:
             if self.hello is None:
                 if not isinstance(parsed, Hello):
                     self.close_after = True
-                    raise ProtocolError("bad_request", "the first frame must be hello")
+                    raise ProtocolError(ErrorCode.BAD_REQUEST, "the first frame must be hello")
                 return await self.welcome(parsed)
             if isinstance(parsed, Ping):
                 return {"op": "pong"}
             if isinstance(parsed, Hello):
-                raise ProtocolError("bad_request", "hello was already received on this connection")
+                raise ProtocolError(ErrorCode.BAD_REQUEST,
+                        "hello was already received on this connection")
             if isinstance(parsed, Events):
                 return await self.event(parsed)
             assert isinstance(parsed, Inc)
@@ -108,7 +110,7 @@ class Connection:
                 self.close_after = True
                 self.service.metrics.connection_refused(e.code)
                 message = "hello: a token is required" if hello.token is None else e.message
-                raise ProtocolError("unauthorized", message) from None
+                raise ProtocolError(ErrorCode.UNAUTHORIZED, message) from None
             self.grant = grant
         self.hello = hello
         self.epoch = self.service.producers.connect(hello.producer)
@@ -135,7 +137,7 @@ class Connection:
         assert self.hello is not None
         try:
             if seq < 1:
-                raise IngestError("bad_request", f"seq {seq}: seqs start at 1")
+                raise IngestError(ErrorCode.BAD_REQUEST, f"seq {seq}: seqs start at 1")
             check_ack(ack)
             incoming = build(self.service.clock())
             with incoming.blamed():
@@ -144,7 +146,7 @@ class Connection:
                 except Denied as e:
                     # `unauthorized` is the protocol's only access code; the row says
                     # which tenant, and the connection stays usable for the others.
-                    raise IngestError("unauthorized", e.message, row=e.row) from None
+                    raise IngestError(ErrorCode.UNAUTHORIZED, e.message, row=e.row) from None
                 applied = await self.service.ingest(
                     incoming.batch, self.hello.producer, seq, self.epoch
                 )
@@ -185,7 +187,7 @@ class Connection:
                 # What was only acked is lost with the shard's memory: the
                 # client must reconnect and resend everything not durable.
                 self.writer.write(encode_frame(
-                    {"op": "error", "seq": seq, "code": "overloaded", "message": str(e)}
+                    {"op": "error", "seq": seq, "code": ErrorCode.OVERLOADED, "message": str(e)}
                 ))
                 self.writer.close()
                 return
@@ -285,7 +287,7 @@ class TcpServer:
             _cut_off(self.service, writer, None, "max_connections",
                      f"too many connections (at most {self.limits.max_connections})")
             writer.write(encode_frame({
-                "op": "error", "seq": None, "code": "overloaded",
+                "op": "error", "seq": None, "code": ErrorCode.OVERLOADED,
                 "message": f"too many connections (at most {self.limits.max_connections}); "
                 "retry later",
             }))
@@ -306,7 +308,7 @@ class TcpServer:
             _cut_off(self.service, writer, conn, "timeout", str(e))
             if e.reading:
                 writer.write(encode_frame(
-                    {"op": "error", "seq": None, "code": "bad_frame", "message": str(e)}
+                    {"op": "error", "seq": None, "code": ErrorCode.BAD_FRAME, "message": str(e)}
                 ))
             else:  # it does not read: what is buffered for it would never leave
                 writer.transport.abort()

@@ -9,7 +9,6 @@ run the same code inside `tally serve`.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import socket
 import threading
@@ -113,8 +112,12 @@ class InProcessTally:
             self.http.should_exit = True
             for task in self._tasks[1:]:
                 task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.gather(*self._tasks)
+            # Wait for every task, uvicorn's serve() included (a bare gather returns at the
+            # first cancelled one and leaves the rest pending); a task that failed fails stop().
+            results = await asyncio.gather(*self._tasks, return_exceptions=True)
+            for r in results:
+                if isinstance(r, BaseException) and not isinstance(r, asyncio.CancelledError):
+                    raise r
 
         self.call(_stop())
         self.loop.call_soon_threadsafe(self.loop.stop)
