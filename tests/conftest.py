@@ -5,7 +5,17 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import HealthCheck, settings
 from secantus import SecantusServer, find_secantusd
+
+# Every property test's defaults (an explicit @settings overrides only what it names).
+# Hypothesis fails an example that takes over 200 ms (deadline) and a test whose data
+# is slow to generate (too_slow): wall-clock limits that say nothing about tally and that
+# a loaded 2-core CI machine exceeds now and then. A real hang is still a failure.
+settings.register_profile(
+    "tally", deadline=None, suppress_health_check=[HealthCheck.too_slow],
+)
+settings.load_profile("tally")
 
 
 @pytest.fixture(scope="session")
