@@ -20,6 +20,11 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 SECANTUS_EXECUTABLE = "secantusd-py"
 STARTUP_TIMEOUT = 60.0
+PORT_ATTEMPTS = 5
+
+
+class PortTaken(RuntimeError):
+    """The free port picked for the server was bound by another process first."""
 
 
 def find_secantusd() -> str | None:
@@ -54,6 +59,20 @@ class SecantusServer:
             return f"(no log: {e})"
 
     def start(self) -> None:
+        # The port is picked free here and bound by the server a moment later: another
+        # process can take it meanwhile. That start fails alone (the server exits saying
+        # so), and the next tries another free port.
+        for attempt in range(1, PORT_ATTEMPTS + 1):
+            self._launch()
+            try:
+                self._wait_until_ready()
+                return
+            except PortTaken:
+                if attempt == PORT_ATTEMPTS:
+                    raise
+                self.port = free_port()
+
+    def _launch(self) -> None:
         # An empty config file: without --config the server reads
         # ./secantusd.toml or ~/.secantus/secantusd.toml, which would make
         # the test depend on whatever the machine has there.
@@ -78,7 +97,6 @@ class SecantusServer:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
             )
-        self._wait_until_ready()
 
     def _wait_until_ready(self) -> None:
         import pymongo
@@ -89,6 +107,9 @@ class SecantusServer:
         last_error: Exception | None = None
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
+                if "Address already in use" in self.log_tail():
+                    raise PortTaken(f"port {self.port} was taken before {self.executable} "
+                                    "bound it")
                 raise RuntimeError(
                     f"{self.executable} exited with {self.process.returncode} before serving:\n"
                     + self.log_tail()
