@@ -129,30 +129,42 @@ def test_a_reset_connection_raises_after_what_arrived_before_it(run):
     run(main())
 
 
+async def until(condition, timeout: float = 10) -> None:
+    """Wait on the loop until ``condition()`` holds; ``timeout`` only bounds a hang."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "timed out"
+        await asyncio.sleep(0.005)
+
+
 def test_an_idle_reader_lets_its_buffers_go_and_reads_on_after(run, monkeypatch):
-    monkeypatch.setattr(stream, "IDLE_RELEASE", 0.05)
+    # Long enough that a busy machine's pause between the read and the first check
+    # below cannot pass for idleness; the release itself is awaited, not slept for.
+    monkeypatch.setattr(stream, "IDLE_RELEASE", 0.5)
 
     async def main() -> None:
         readers: list[stream.ChunkReader] = []
         got: list[bytes] = []
+        ended = asyncio.Event()
 
         async def handler(reader: stream.ChunkReader, writer: asyncio.StreamWriter) -> None:
             readers.append(reader)
             while data := await reader.read():
                 got.append(bytes(data))
+            ended.set()
 
         async with serving(handler, 1 << 16) as port:
             _, writer = await asyncio.open_connection("127.0.0.1", port)
             writer.write(b"first")
             await writer.drain()
-            await asyncio.sleep(0.02)
+            await until(lambda: got == [b"first"])
             assert readers[0]._buf is not None  # (not idle long enough yet)
-            await asyncio.sleep(0.2)
-            assert readers[0]._buf is None and readers[0]._spare is None
+            await until(lambda: readers[0]._buf is None)
+            assert readers[0]._spare is None
             writer.write(b"second")
             await writer.drain()
             writer.close()
-            await asyncio.sleep(0.1)
+            await asyncio.wait_for(ended.wait(), 10)
             assert got == [b"first", b"second"]
 
     run(main())
