@@ -126,10 +126,12 @@ def test_a_series_acknowledged_while_the_index_loads_is_found(env):
     _, shards, service = env
     ingest(service, agents(2))
     release = asyncio.Event()
+    asked = asyncio.Event()
     original = shards.series_of
 
     async def slow_series_of(shard, tenant, metric):  # type: ignore[no-untyped-def]
         answer = await original(shard, tenant, metric)  # taken before the new batch
+        asked.set()
         await release.wait()
         return answer
 
@@ -137,7 +139,7 @@ def test_a_series_acknowledged_while_the_index_loads_is_found(env):
 
     async def scenario() -> int:
         query = asyncio.create_task(service.hourly("acme", "m", {}, H0, H1))
-        await asyncio.sleep(0.01)  # the query is waiting for the shards' series
+        await asyncio.wait_for(asked.wait(), 30)  # the query waits for the shards' series
         await service.ingest(rows_batch([["acme", "m", {"agent": "late"}, NOW - 60, 9]], NOW))
         release.set()
         await query
