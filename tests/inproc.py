@@ -168,8 +168,9 @@ class RawConnection:
         self.send(msg)
         return self.receive()
 
-    def closed_by_server(self, within: float = 5) -> bool:
-        """True when the server closes the connection (EOF) within ``within`` seconds."""
+    def closed_by_server(self, within: float = 30) -> bool:
+        """True when the server closes the connection (EOF) within ``within`` seconds (a
+        bound on a hang: it returns at the close)."""
         deadline = time.monotonic() + within
         self.sock.settimeout(0.2)
         while time.monotonic() < deadline:
