@@ -25,6 +25,7 @@ from served import TALLY
 from tally.client import TallyClient
 
 ray = pytest.importorskip("ray")
+from ray._private.state import jobs as ray_jobs  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 
 HEALTH = {
@@ -211,7 +212,9 @@ def stream_through_a_lost_node(served: ClusterService, graceful: bool, metric: s
                 probe.flush(timeout=5, durable=False)
             break
         except Exception:
-            assert time.monotonic() - lost_at < 20, "no answer 20 s after the node was lost"
+            # bounds a hang only: with three raylets on a 2-core CI machine, noticing the
+            # loss (~3 s) and restarting and recovering shards take what the machine allows
+            assert time.monotonic() - lost_at < 90, "no answer 90 s after the node was lost"
     answered_after = time.monotonic() - lost_at
     time.sleep(2)  # the stream goes on a while after the recovery
     stop.set()
@@ -259,9 +262,17 @@ def test_the_service_outlives_its_driver_and_a_new_one_adopts_it(served):
     http, tcp = next(p for prefix, p in served.gateways().items() if head.startswith(prefix))
     with TallyClient("127.0.0.1", tcp) as client:
         client.inc("acme", "orphan", 5, ts=T0)
-    os.kill(served.proc.pid, signal.SIGKILL)
+    driver = served.proc.pid
+    os.kill(driver, signal.SIGKILL)
     served.proc.wait(30)
-    time.sleep(2)  # what Ray would clean up after a dead driver, it has by now
+    # The cluster has noticed (the driver's job is marked dead) and then had 2 s for what
+    # it cleans up after a dead driver: without the first, a slow machine could check the
+    # service before Ray did anything to it.
+    deadline = time.monotonic() + 60
+    while not any(j["DriverPid"] == driver and j["IsDead"] for j in ray_jobs()):
+        assert time.monotonic() < deadline, "the killed driver's job is not marked dead"
+        time.sleep(0.2)
+    time.sleep(2)
     with TallyClient("127.0.0.1", tcp) as client:
         client.inc("acme", "orphan", 7, ts=T0)  # durable on close: the shards still checkpoint
     assert total(http, "orphan") == 12
