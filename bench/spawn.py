@@ -4,7 +4,9 @@ operator would (SIGTERM to the process), or kill it outright."""
 
 from __future__ import annotations
 
+import itertools
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -15,6 +17,9 @@ from pathlib import Path
 import httpx
 
 TALLY = str(Path(sys.executable).with_name("tally"))
+# what ``tally serve`` prints once every gateway listens (cluster/boot.py)
+SERVING = re.compile(rb"^tally: serving HTTP on http://\S+:(\d+) and TCP on \S+:(\d+);", re.M)
+_logs = itertools.count(1)
 
 
 def free_port() -> int:
@@ -36,15 +41,24 @@ def port_free(port: int) -> bool:
 class Spawned:
     """One ``tally serve`` child; ``stop()`` sends SIGTERM and returns the exit code."""
 
-    def __init__(self, workdir: Path, store: str, *extra: str, shards: int = 3) -> None:
+    def __init__(self, workdir: Path, store: str, *extra: str, shards: int = 3,
+                 http_port: int = 0, tcp_port: int = 0) -> None:
         self.workdir = workdir
-        self.http_port, self.tcp_port = free_port(), free_port()
-        self.args = [
-            TALLY, "serve", "--store", store, "--shards", str(shards),
-            "--http-port", str(self.http_port), "--tcp-port", str(self.tcp_port), *extra,
-        ]
-        self.log_path = workdir / f"serve-{self.http_port}.log"
+        self.store, self.extra, self.shards = store, extra, shards
+        # Port 0: the gateways bind any free port and `tally serve` says which (read back
+        # in start()). A port picked here and bound later by the child could be taken
+        # meanwhile (Ray starts a dozen processes that bind free ports of their own).
+        # A restart (kill(), then start()) binds the ports of the first start again.
+        self.http_port, self.tcp_port = http_port, tcp_port
+        self.log_path = workdir / f"serve-{os.getpid()}-{next(_logs)}.log"
         self.proc: subprocess.Popen | None = None
+
+    @property
+    def args(self) -> list[str]:
+        return [
+            TALLY, "serve", "--store", self.store, "--shards", str(self.shards),
+            "--http-port", str(self.http_port), "--tcp-port", str(self.tcp_port), *self.extra,
+        ]
 
     @property
     def url(self) -> str:
@@ -57,9 +71,16 @@ class Spawned:
             start_new_session=True,
         )
         deadline = time.monotonic() + timeout
+        serving = None
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"tally serve exited {self.proc.returncode}:\n{self.output()}")
+            if serving is None:  # printed once every gateway listens, with their ports
+                serving = SERVING.search(self.log_path.read_bytes())
+                if serving is None:
+                    time.sleep(0.1)
+                    continue
+                self.http_port, self.tcp_port = int(serving[1]), int(serving[2])
             try:
                 if httpx.get(self.url + "/healthz", timeout=1).status_code == 200:
                     return self
