@@ -83,15 +83,44 @@ def check_totals(served: Served, oracle: Oracle, start: date, end: date) -> None
                 assert (r.json()["points"], r.json()["total"]) == (points, total), metric
 
 
-def shard_pids() -> list[int]:
-    out = subprocess.run(["pgrep", "-f", "ray::ShardActor"], capture_output=True, text=True)
-    return [int(p) for p in out.stdout.split()]
+def descendants(root: int) -> list[int]:
+    """Every live process below ``root`` (Ray's workers are its raylet's children)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                with open(f"/proc/{entry.name}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):  # gone meanwhile
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
 
 
-def live_shards(count: int) -> list[int]:
+def shard_pids(served: Served) -> list[int]:
+    """The shard actor processes of this service: not those of another Ray session (a
+    service stopped a moment ago whose workers have not exited yet, or another run's)."""
+    assert served.proc is not None
+    pids = []
+    for pid in descendants(served.proc.pid):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if b"ray::ShardActor" in f.read():
+                    pids.append(pid)
+        except OSError:
+            continue
+    return sorted(pids)
+
+
+def live_shards(served: Served, count: int) -> list[int]:
     """The shard processes once all ``count`` are up (a killed one restarts first)."""
-    wait_for(lambda: len(shard_pids()) == count, 60, f"{count} shard processes")
-    return shard_pids()
+    wait_for(lambda: len(shard_pids(served)) == count, 60, f"{count} shard processes")
+    return shard_pids(served)
 
 
 def stream(n: int, seed: int) -> tuple[list[list], Oracle, date, date]:
@@ -144,13 +173,13 @@ def test_sigkill_of_shard_actors_five_times_mid_stream(tmp_path):
         for k in range(5):
             wait_for(lambda k=k: feeder.sent >= (k + 1) * len(rows) // 7
                      or not feeder.is_alive(), 120, "the stream to progress")
-            pids = live_shards(2)
+            pids = live_shards(served, 2)
             os.kill(pids[k % len(pids)], signal.SIGKILL)
         feeder.join(300)
         assert not feeder.is_alive() and feeder.error is None, feeder.error
         assert feeder.client.stats["reconnects"] >= 1
         assert feeder.durable_seen == sorted(feeder.durable_seen)
-        live_shards(2)
+        live_shards(served, 2)
         check_totals(served, oracle, start, end)
     finally:
         assert served.stop() == 0, served.output()
@@ -281,12 +310,12 @@ def test_ray_kill_of_shard_actors_five_times_mid_stream(tmp_path):
         for k in range(5):
             wait_for(lambda k=k: feeder.sent >= (k + 1) * len(rows) // 7
                      or not feeder.is_alive(), 120, "the stream to progress")
-            live_shards(2)
+            live_shards(served, 2)
             ray_kill(address, f"tally-shard-{k % 2}")
         feeder.join(300)
         assert not feeder.is_alive() and feeder.error is None, feeder.error
         assert feeder.client.stats["reconnects"] >= 1
-        live_shards(2)
+        live_shards(served, 2)
         check_totals(served, oracle, start, end)
     finally:
         assert served.stop() == 0, served.output()
