@@ -93,6 +93,10 @@ def send_everything(served: Served, rows: list[list], oracle: Oracle) -> None:
 def check_queries(served: Served, oracle: Oracle, today: date) -> int:
     """Every answer equals the oracle's; returns how many queries were checked."""
     start, end = today - timedelta(days=95), today
+    month_to = today.replace(day=1) - timedelta(days=1)
+    month_from = month_to.replace(day=1)
+    prev_to = month_from - timedelta(days=1)
+    prev_from = month_from - timedelta(days=(month_to - month_from).days + 1)
     wheres = [{}, {"channel": "email"}, {"channel": "chat", "sentiment": "negative"}]
     n = 0
     with httpx.Client(base_url=served.url, timeout=30) as http:
@@ -121,16 +125,18 @@ def check_queries(served: Served, oracle: Oracle, today: date) -> int:
                 points, total = oracle.series(tenant, "messages.handled", {},
                                               date(2026, 10, 24), date(2026, 10, 26), "hour", tz)
                 assert (got["points"], got["total"]) == (points, total), (tz, "hour")
-                # a month against the one before it
+                # the last whole month against as many days before it (both in the data's
+                # 93 days whatever the date; a fixed month left it, and prev_total was 0)
                 got = get("/v1/series", tenant=tenant, metric="logins", tz=tz,
-                          compare="previous_period", **{"from": "2026-10-01", "to": "2026-10-31"})
-                prev_points, prev_total = oracle.series(tenant, "logins", {}, date(2026, 8, 31),
-                                                        date(2026, 9, 30), "day", tz)
-                points, total = oracle.series(tenant, "logins", {}, date(2026, 10, 1),
-                                              date(2026, 10, 31), "day", tz)
+                          compare="previous_period",
+                          **{"from": month_from.isoformat(), "to": month_to.isoformat()})
+                prev_points, prev_total = oracle.series(tenant, "logins", {}, prev_from,
+                                                        prev_to, "day", tz)
+                points, total = oracle.series(tenant, "logins", {}, month_from, month_to,
+                                              "day", tz)
                 assert got["total"] == total and got["points"] == points
                 cmp = got["compare"]
-                assert (cmp["from"], cmp["to"]) == ("2026-08-31", "2026-09-30")
+                assert (cmp["from"], cmp["to"]) == (prev_from.isoformat(), prev_to.isoformat())
                 assert (cmp["points"], cmp["total"]) == (prev_points, prev_total)
                 assert cmp["change"] == pytest.approx((total - prev_total) / prev_total)
                 for metric, by, where in (
@@ -189,10 +195,16 @@ def server(tmp_path_factory):
     served.stop()
 
 
+def recent_years() -> dict[str, str]:
+    """A query window over last year and this one: rows stamped about now are in it on
+    whatever date the suite runs (a fixed year left them out from its 1 January)."""
+    year = time.gmtime().tm_year
+    return {"from": f"{year - 1}-01-01", "to": f"{year}-12-31"}
+
+
 def logins_total(served: Served, tenant: str) -> int:
     r = httpx.get(served.url + "/v1/series", params={
-        "tenant": tenant, "metric": "logins", "from": "2026-01-01", "to": "2026-12-31",
-        "granularity": "month"})
+        "tenant": tenant, "metric": "logins", **recent_years(), "granularity": "month"})
     assert r.status_code == 200, r.text
     return r.json()["total"]
 
@@ -254,8 +266,7 @@ def test_tenants_never_see_each_other(server):
     cat = httpx.get(server.url + "/v1/catalog", params={"tenant": "tenant-a"}).json()
     assert cat["metrics"] == [{"metric": "logins", "series": 1, "tags": {"secret": ["a"]}}]
     r = httpx.get(server.url + "/v1/breakdown", params={
-        "tenant": "tenant-b", "metric": "logins", "by": "secret", "from": "2026-01-01",
-        "to": "2026-12-31"})
+        "tenant": "tenant-b", "metric": "logins", "by": "secret", **recent_years()})
     assert r.json()["groups"] == [{"value": "b", "total": 7}]
 
 
@@ -271,8 +282,7 @@ def test_events_are_fanned_out_by_the_gateway_actor(server):
             conn.send_events([event, {**event, "agent": None}])
         assert e.value.code == "bad_row" and e.value.row == 1, e.value.frame
     r = httpx.get(server.url + "/v1/breakdown", params={
-        "tenant": "evco", "metric": "response_time", "by": "bucket", "from": "2026-01-01",
-        "to": "2026-12-31"})
+        "tenant": "evco", "metric": "response_time", "by": "bucket", **recent_years()})
     assert r.json()["groups"] == [{"value": "lt_4h", "total": 3}], r.text
 
 
