@@ -47,7 +47,10 @@ class ClusterService:
     """A Cluster and ``tally serve --address`` on it, its output read as it comes."""
 
     def __init__(self, tmp: Path) -> None:
-        os.environ["RAY_AUTH_MODE"] = "disabled"
+        # for this process's Ray (the cluster's nodes, ray.init) until stop(): left set, it
+        # changed every later test's `tally serve` (token auth off in a whole run, on alone)
+        self.env = pytest.MonkeyPatch()
+        self.env.setenv("RAY_AUTH_MODE", "disabled")
         self.cluster = Cluster(
             initialize_head=True,
             head_node_args={**NODE, "include_dashboard": False, "_system_config": HEALTH},
@@ -117,6 +120,7 @@ class ClusterService:
         finally:
             ray.shutdown()
             self.cluster.shutdown()
+            self.env.undo()
             (self.tmp / "serve.log").write_text("\n".join(self.lines))  # to read after a failure
 
 
