@@ -412,7 +412,6 @@ def test_gateway_starts_and_stops_the_statsd_listeners(tmp_path) -> None:
     from tally.api.gateway import Gateway, GatewayOptions
     from tally.api.service import Service
     from tally.api.tcp import TcpServer
-    from tally.bench.spawn import free_port
     from tally.checkpoint.sqlite import SqliteStore
 
     cls = Gateway.__ray_metadata__.modified_class
