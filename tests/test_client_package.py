@@ -165,6 +165,12 @@ def _clean_env() -> dict[str, str]:
     return env
 
 
+def readme_python_blocks() -> list[str]:
+    """The ```python blocks of the README, in order."""
+    text = (REPO / "README.md").read_text()
+    return [part.split("```", 1)[0] for part in text.split("```python\n")[1:]]
+
+
 @pytest.mark.e2e
 def test_the_client_installs_alone_and_counts_exactly(client_venv: Path, tmp_path: Path) -> None:
     listed = subprocess.run(
@@ -190,5 +196,23 @@ def test_the_client_installs_alone_and_counts_exactly(client_venv: Path, tmp_pat
         assert r.status_code == 200, r.text
         groups = {g["value"]: g["total"] for g in r.json()["groups"]}
         assert groups == {"sync": 1007, "async": 1000, "rows": 12}, r.json()
+
+        # The README's tour, as a producer would paste it, from the client's venv
+        tour = readme_python_blocks()
+        assert len(tour) >= 2 and all("from tally.client import" in b for b in tour)
+        for block in tour:
+            run = subprocess.run(
+                [str(client_venv), "-c", block.replace("8781", str(served.tcp_port))],
+                capture_output=True, text=True, cwd=tmp_path, env=_clean_env(), timeout=300,
+            )
+            assert run.returncode == 0, block + run.stdout + run.stderr
+        now = time.time()  # the tour counts at "now": yesterday too, should it span midnight
+        days = [time.strftime("%Y-%m-%d", time.gmtime(t)) for t in (now - 86400, now)]
+        r = httpx.get(served.url + "/v1/breakdown", params={
+            "tenant": "acme", "metric": "messages.handled", "by": "agent",
+            "from": days[0], "to": days[1]}, timeout=30)
+        assert r.status_code == 200, r.text
+        # 3 from inc, 1 from the message.replied event's fan-out
+        assert r.json()["groups"] == [{"value": "ann", "total": 4}], r.json()
     finally:
         assert served.stop() == 0, served.output()
