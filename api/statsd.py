@@ -32,6 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from tally.actors import logs
 from tally.api.service import IngestError, Service
 from tally.wire.batches import BadBatch, BadRow, KnownSeries, rows_batch
 from tally.wire.statsd import MAX_DATAGRAM, MAX_LINE, Parsed, Rejection, StatsdParser
@@ -55,28 +56,23 @@ class RateLimitedLog:
     """At most one log line per reason per ``interval`` seconds, with the count in between.
 
     A client sending a malformed line a thousand times a second must not
-    turn the gateway's log into a copy of its traffic.
+    turn the gateway's log into a copy of its traffic. The counting is
+    ``logs.Throttle``'s, which every other throttled line of the service uses.
     """
 
     def __init__(self, interval: float = 1.0, clock: Callable[[], float] = time.monotonic,
                  logger: logging.Logger = log) -> None:
-        self.interval = interval
-        self.clock = clock
         self.logger = logger
-        self._last: dict[str, float] = {}
-        self._since: Tally[str] = Tally()
+        self._throttle = logs.Throttle(interval, clock)
 
     def rejected(self, reason: str, message: str, peer: Any, line: int) -> bool:
         """Count one refusal; log it if this reason was quiet for ``interval``. True if logged."""
-        self._since[reason] += 1
-        now = self.clock()
-        if now - self._last.get(reason, -self.interval) < self.interval:
+        left_out = self._throttle.admit(reason)
+        if left_out is None:
             return False
-        self._last[reason] = now
-        count = self._since.pop(reason)
         self.logger.warning(json.dumps({
-            "event": "statsd_rejected", "reason": reason, "count": count, "example": message,
-            "peer": _peer_name(peer), "line": line,
+            "event": "statsd_rejected", "reason": reason, "count": left_out + 1,
+            "example": message, "peer": _peer_name(peer), "line": line,
         }))
         return True
 
