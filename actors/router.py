@@ -7,6 +7,7 @@ from itertools import repeat
 import numpy as np
 
 from tally.wire.batches import Batch
+from tally.wire.registry import SeriesRegistry
 from tally.wire.series import shard_of
 
 _CACHE_LIMIT = 1_000_000
@@ -18,6 +19,7 @@ class Router:
             raise ValueError(f"shards must be at least 1, not {shards}")
         self.shards = shards
         self._cache: dict[str, int] = {}
+        self.registry = SeriesRegistry(shards)  # a batch's series by number (wire/registry.py)
 
     def shard(self, sid: str) -> int:
         s = self._cache.get(sid)
@@ -38,7 +40,11 @@ class Router:
     def split(self, batch: Batch) -> dict[int, Batch]:
         if not len(batch):
             return {}
-        owner = self.owners(batch.sids)
+        registry = self.registry
+        if batch.gn is not None and batch.gn_epoch == registry.epoch:
+            owner = registry.owner[batch.gn]
+        else:
+            owner = self.owners(batch.sids)
         first = int(owner[0])
         if (owner == first).all():
             return {first: batch}

@@ -70,7 +70,7 @@ def json_column(name: str, values: Any, dtype: str) -> bytes:
 
 def batch_tenants(batch: Batch) -> list[tuple[str, int]]:
     """Each tenant of a batch with the first input row that names it (for access checks)."""
-    if not batch.sids:
+    if not len(batch.sids):
         return []
     first = np.full(len(batch.sids), np.iinfo(np.int64).max, dtype=np.int64)
     np.minimum.at(first, batch.series.astype(np.intp), batch.first_row)

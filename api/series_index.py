@@ -23,6 +23,8 @@ from collections import OrderedDict, defaultdict
 from collections.abc import Awaitable, Callable, Iterable
 from typing import NamedTuple
 
+import numpy as np
+
 from tally.actors.router import Router
 from tally.wire.series import SeriesKey, matches, parse_series_id
 
@@ -74,8 +76,14 @@ class SeriesIndex:
         self._metrics: OrderedDict[tuple[str, str], _Metric] = OrderedDict()
         self._parsed: dict[str, SeriesKey] = {}  # batches bring the same series again and again
         self.series = 0  # held over all metrics
+        # ``saw`` with gateway numbers (wire/registry.py): the generation each number was
+        # last checked in; a new entry starts a new generation, so every series is checked
+        # against it once, and a wide batch of series already checked costs numpy alone
+        self.generation = 0
+        self._seen = np.full(0, -1, np.int64)
+        self._seen_epoch = 0
 
-    def saw(self, sids: Iterable[str]) -> None:
+    def saw(self, sids: list[str], gn: np.ndarray | None = None, epoch: int = 0) -> None:
         """Series of a batch every shard has applied; call before acknowledging it.
 
         Checked against the entries every time, not once per series id: a
@@ -86,6 +94,15 @@ class SeriesIndex:
         metrics = self._metrics
         if not metrics:
             return
+        if gn is not None and len(gn):
+            if epoch != self._seen_epoch or len(self._seen) <= int(gn.max()):
+                seen = np.full(max(int(gn.max()) + 1, 2 * len(self._seen)), -1, np.int64)
+                if epoch == self._seen_epoch:
+                    seen[: len(self._seen)] = self._seen
+                self._seen, self._seen_epoch = seen, epoch
+            stale = np.flatnonzero(self._seen[gn] != self.generation)
+            self._seen[gn[stale]] = self.generation
+            sids = [sids[k] for k in stale.tolist()]
         parsed = self._parsed
         for sid in sids:
             key = parsed.get(sid)
@@ -147,6 +164,7 @@ class SeriesIndex:
         if entry is None:
             # registered before the shards are asked: batches seen meanwhile land in it
             entry = self._metrics[name] = _Metric()
+            self.generation += 1
             entry.loading = asyncio.get_running_loop().create_task(self._fill(name, entry))
         else:
             self._metrics.move_to_end(name)

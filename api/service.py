@@ -121,6 +121,9 @@ class Service:
         it has no rows) in the producer's seq order, so each shard's mark for
         the producer moves with every batch and a resend is recognised.
         """
+        registry = self.router.registry
+        if len(batch) and (batch.gn is None or batch.gn_epoch != registry.epoch):
+            batch.gn, batch.gn_epoch = registry.numbers(batch.sids), registry.epoch
         parts = self.router.split(batch)
         if producer is None:
             applied = await self._apply(parts, list(parts), None, None, None)
@@ -163,7 +166,8 @@ class Service:
                         st.last_seq is None or seq > st.last_seq):
                     st.last_seq = seq
         if applied.fresh:  # (a resend's rows are not applied: its series may not exist)
-            self.index.saw(batch.sids)  # before the ack: a query must find these series
+            # before the ack: a query must find these series
+            self.index.saw(batch.sids, batch.gn, batch.gn_epoch)
             await self.peers.saw(applied.new)  # ... whichever gateway it asks
         self.increments += batch.increments
         self.batches += 1

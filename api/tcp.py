@@ -26,6 +26,7 @@ from tally.api.access import OPEN, AccessList, Denied, Grant
 from tally.api.durability import ShardRestarted, Token
 from tally.api.ingest import Incoming, build_batch, build_event_batch, check_ack
 from tally.api.rules import BUILTIN, Rules
+from tally.api.series_table import ConnectionTable
 from tally.api.service import IngestError, Service
 from tally.wire import stream
 from tally.wire.batches import KnownSeries
@@ -38,6 +39,7 @@ from tally.wire.frames import (
     Inc,
     Ping,
     ProtocolError,
+    SeriesTable,
     encode_frame,
     parse_message,
 )
@@ -49,7 +51,7 @@ READ_SIZE = 1 << 20
 # A connection's batches in the works at once: one waiting for the shards, the next
 # decoded, validated and queued behind it for its producer's turn.
 PIPELINE = 2
-PIPELINED_OPS = ("inc", "event")  # (after hello; anything else waits for those before)
+PIPELINED_OPS = ("inc", "event")  # (after hello; anything else, series too, waits for those)
 # A client cut off again and again (a producer in a reconnect loop, a scanner) is
 # logged once per reason per this many seconds; the metric counts every one.
 CUT_OFF_LOG_SECONDS = 10.0
@@ -72,6 +74,7 @@ class Connection:
         self.rules = rules
         self.grant: Grant = OPEN
         self.series_cache = KnownSeries()  # a producer sends the same series frame after frame
+        self.table = ConnectionTable()  # the ``series`` op's entries, for ``inc`` without series
         self.hello: Hello | None = None
         self.epoch: int | None = None
         self.close_after = False
@@ -94,6 +97,8 @@ class Connection:
                         "hello was already received on this connection")
             if isinstance(parsed, Events):
                 return await self.event(parsed)
+            if isinstance(parsed, SeriesTable):
+                return self.table.define(parsed, self.service.router.registry)
             assert isinstance(parsed, Inc)
             return await self.inc(parsed)
         except ProtocolError as e:
@@ -122,6 +127,10 @@ class Connection:
         return {"op": "welcome", "v": 1, "durable_seq": durable_seq}
 
     async def inc(self, m: Inc) -> dict[str, Any]:
+        if m.rows is None and m.series is None:
+            table, registry = self.table, self.service.router.registry
+            return await self._ingest(m.seq, m.ack, _increments_in(m), lambda now: Incoming(
+                table.batch(registry, m.i, m.ts, m.v, now)))
         return await self._ingest(m.seq, m.ack, _increments_in(m), lambda now: Incoming(
             build_batch(m.rows, m.series, m.i, m.ts, m.v, now, self.series_cache)))
 

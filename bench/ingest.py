@@ -8,11 +8,14 @@ import socket
 import threading
 import time
 import uuid
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
 from tally.bench.workload import Chunk, frame
 from tally.wire.frames import FrameDecoder, encode_frame
+
+RESEND_BACKOFF = 0.02  # seconds before resending a batch refused `overloaded`
 
 
 @dataclass
@@ -29,6 +32,10 @@ class Stream:
     stop: Any = None  # an Event (threading or multiprocessing): when set, stop early
     rate: float | None = None  # increments per second to pace at (background streams)
     sent: int = 0
+    table: list | None = None  # a series table to define on the connection first
+    # resend what is refused `overloaded` (backpressure), as a producer must; counted
+    resend: bool = True
+    refused: int = 0
 
     def connect(self) -> socket.socket:
         sock = socket.create_connection(("127.0.0.1", self.port))
@@ -36,11 +43,14 @@ class Stream:
         sock.sendall(encode_frame({"op": "hello", "v": 1, "token": None,
                                    "producer": self.producer}))
         decoder = FrameDecoder()
-        while True:
-            msgs = decoder.feed(sock.recv(65536))
-            if msgs:
-                assert msgs[0]["op"] == "welcome", msgs[0]
-                return sock
+        expect = ["welcome"]
+        if self.table is not None:
+            sock.sendall(encode_frame({"op": "series", "base": 0, "series": self.table}))
+            expect.append("defined")
+        while expect:
+            for msg in decoder.feed(sock.recv(65536)):
+                assert msg["op"] == expect.pop(0), msg
+        return sock
 
     def run(self) -> None:
         sock = self.connect()
@@ -51,6 +61,9 @@ class Stream:
 
         window = threading.Semaphore(16)  # frames in flight: a bounded pipeline
         failed: list[BaseException] = []
+        lock = threading.Lock()
+        outstanding = [0]  # frames sent and not yet acknowledged or refused for good
+        self.resends = deque()
 
         def send() -> None:
             try:
@@ -62,18 +75,32 @@ class Stream:
 
         def sending() -> None:
             started, increments = time.perf_counter(), 0
-            for seq in range(1, self.frames + 1):
+            seq = 1
+            while seq <= self.frames or self.resends or outstanding[0]:
                 window.acquire()
                 if self.stop is not None and self.stop.is_set():
                     break
+                if self.resends:  # refused `overloaded`: back off, resend in seq order
+                    time.sleep(RESEND_BACKOFF)
+                    again = self.resends.popleft()
+                    sock.sendall(frame(chunk_of(again), again))
+                    self.sent += 1
+                    continue
+                if seq > self.frames:  # only answers to wait for: they may bring resends
+                    window.release()
+                    time.sleep(0.005)
+                    continue
                 if self.rate:
                     ahead = increments / self.rate - (time.perf_counter() - started)
                     if ahead > 0:
                         time.sleep(ahead)
                 chunk = chunk_of(seq)
+                with lock:
+                    outstanding[0] += 1
                 sock.sendall(frame(chunk, seq))
                 increments += chunk.increments
                 self.sent += 1
+                seq += 1
 
         self.sending_done = False
         sender = threading.Thread(target=send, daemon=True)
@@ -93,13 +120,20 @@ class Stream:
                 if msg.get("op") == "durable":
                     continue
                 answered += 1
-                window.release()
                 if msg.get("op") == "ack":
                     chunk = chunk_of(msg["seq"])
                     self.acked_increments += chunk.increments
                     self.acked_total += chunk.total
+                    with lock:
+                        outstanding[0] -= 1
+                elif msg.get("code") == "overloaded" and self.resend:
+                    self.refused += 1
+                    self.resends.append(msg["seq"])
                 else:
                     self.errors.append(msg)
+                    with lock:
+                        outstanding[0] -= 1
+                window.release()
         sender.join()
         sock.close()
         if failed:

@@ -77,16 +77,29 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser(
         "bench",
         help="measure ingest, queries and memory against a service of its own",
-        description="Start a tally serve on free ports with a temporary store, measure "
-        "ingest (row and columnar frames), query latency while ingesting, breakdown latency "
-        "and memory, check every total, and print a table with ratios to baselines measured "
-        "in the same run.",
+        description="Start a tally serve on free ports with a temporary store and measure "
+        "a matrix of cells (active series x how far back timestamps reach), columnar and "
+        "row frames in each, checking each cell's total exactly; then query latency while "
+        "the hardest cell ingests, and memory per series-month. The worst cell is the "
+        "headline.",
     )
     defaults = BenchConfig()
     bench.add_argument("--store", help="store URL (default: SQLite in a temporary folder)")
-    for name in ("shards", "series", "rows", "rows_per_frame", "columnar",
-                 "columnar_per_frame", "connections", "queries", "background_rate",
-                 "memory_series", "gateways_per_node", "http_gateways_per_node"):
+    bench.add_argument("--series", default=defaults.series,
+                       help=f"the matrix's active series, comma-separated (default "
+                       f"{defaults.series})")
+    bench.add_argument("--windows", default=defaults.windows,
+                       help=f"how far back timestamps reach: hour (the current one), 24h, 30d "
+                       f"(default {defaults.windows})")
+    bench.add_argument("--million", action="store_true",
+                       help="also the 1,000,000-series cells")
+    bench.add_argument("--peer", choices=["clickhouse"],
+                       help="send the same batches into ClickHouse (chDB, in-process) and ask "
+                       "it the same questions; needs pip install 'tally[bench]'")
+    for name in ("shards", "rows", "rows_per_frame", "columnar", "columnar_per_frame",
+                 "distinct_frames", "connections", "queries", "breakdown_series",
+                 "memory_series", "memory_hours", "gateways_per_node",
+                 "http_gateways_per_node"):
         bench.add_argument(f"--{name.replace('_', '-')}", type=int,
                            default=getattr(defaults, name),
                            help=f"(default {getattr(defaults, name):,})")
@@ -307,7 +320,8 @@ def query(args: argparse.Namespace) -> int:
 
 
 def bench(args: argparse.Namespace) -> int:
-    from tally.bench.run import report, run, to_json
+    from tally.bench.report import report
+    from tally.bench.run import run, to_json
 
     cfg = BenchConfig(**{k: v for k, v in vars(args).items()
                          if k in BenchConfig.__dataclass_fields__ and v is not None})

@@ -324,7 +324,7 @@ def test_inc_columnar() -> None:
         ({"seq": 4, "rows": {"a": 1}}, "rows must be a list", 4),
         ({"seq": 4, "rows": [], "series": []}, "both rows and columnar series", 4),
         ({"seq": 4, "series": [], "i": b"", "ts": b""}, "lacks v", 4),
-        ({"seq": 4, "i": b"", "ts": b"", "v": b""}, "lacks series", 4),
+        ({"seq": 4, "i": "", "ts": b"", "v": b""}, "i must be msgpack bin", 4),
         ({"seq": 4, "series": {}, "i": b"", "ts": b"", "v": b""}, "series must be a list", 4),
         ({"seq": 4, "series": [], "i": "", "ts": b"", "v": b""}, "i must be msgpack bin", 4),
         ({"seq": 4, "series": [], "i": b"", "ts": b"", "v": [1]}, "v must be msgpack bin", 4),

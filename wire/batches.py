@@ -22,6 +22,7 @@ depend on the order of the input or of the columnar series table.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -79,13 +80,20 @@ _WIRE_INT64 = ("hours", "values", "first_row", "counts")
 class Batch:
     """Sums per (series, UTC hour), pairs unique, ordered by (series, hour)."""
 
-    sids: list[str]  # distinct series ids referenced by the aggregates, sorted
+    # distinct series ids referenced by the aggregates, sorted; a batch over a connection's
+    # series table holds them as an object array, in gateway-number order (see ``gn``)
+    sids: list[str] | np.ndarray
     series: np.ndarray  # uint32 index into sids, one per aggregate
     hours: np.ndarray  # int64 absolute UTC hour (ts // 3600)
     values: np.ndarray  # int64 sum of the increments of that (series, hour)
     first_row: np.ndarray  # int64 index of the first input increment behind the aggregate
     counts: np.ndarray  # int64 number of input increments behind the aggregate
     increments: int  # number of input increments behind all aggregates (= counts.sum())
+    # the gateway numbers of sids (wire/registry.py), once a gateway has them; a batch
+    # built from a connection's series table has them from the start, and its sids are
+    # in gateway-number order rather than sorted
+    gn: np.ndarray | None = None
+    gn_epoch: int = 0  # the registry's epoch those numbers are of
 
     @classmethod
     def empty(cls) -> Batch:
@@ -116,6 +124,8 @@ class Batch:
             self.first_row[mask],
             counts,
             int(counts.sum()),
+            None if self.gn is None else self.gn[used],
+            self.gn_epoch,
         )
 
     def partition(self, owner: np.ndarray) -> dict[int, Batch]:
@@ -138,7 +148,10 @@ class Batch:
         grouped = owner[by_owner]
         local = np.empty(len(owner), np.int64)
         local[by_owner] = np.arange(len(owner)) - np.searchsorted(grouped, grouped)
-        sids = np.array(self.sids, dtype=object)[by_owner]
+        # (an object array stays one: a connection table's batch keeps its sids so)
+        as_array = isinstance(self.sids, np.ndarray)
+        sids = (self.sids if as_array else np.array(self.sids, dtype=object))[by_owner]
+        gn = None if self.gn is None else self.gn[by_owner]
         sid_starts = np.searchsorted(grouped, per_sorted[starts]).tolist()
         sid_ends = np.searchsorted(grouped, per_sorted[starts], side="right").tolist()
         series = local[self.series][order].astype(np.uint32)
@@ -148,14 +161,17 @@ class Batch:
         for a, z, sa, sz in zip(starts, ends, sid_starts, sid_ends, strict=True):
             part_counts = counts[a:z]
             parts[int(per_sorted[a])] = Batch(
-                sids[sa:sz].tolist(), series[a:z], hours[a:z], values[a:z], first_row[a:z],
-                part_counts, int(part_counts.sum()),
+                sids[sa:sz] if as_array else sids[sa:sz].tolist(), series[a:z], hours[a:z],
+                values[a:z], first_row[a:z],
+                part_counts, int(part_counts.sum()), None if gn is None else gn[sa:sz],
+                self.gn_epoch,
             )
         return parts
 
     def to_wire(self) -> dict[str, Any]:
         """The batch as msgpack can carry it (a shard's socket, actors/channel.py)."""
-        return {"sids": self.sids, "series": self.series.astype("<u4").tobytes(),
+        sids = self.sids.tolist() if isinstance(self.sids, np.ndarray) else self.sids
+        return {"sids": sids, "series": self.series.astype("<u4").tobytes(),
                 **{k: getattr(self, k).astype("<i8").tobytes() for k in _WIRE_INT64},
                 "n": self.increments}
 
@@ -183,7 +199,7 @@ class Batch:
         if not isinstance(other, Batch):
             return NotImplemented
         return (
-            self.sids == other.sids
+            list(self.sids) == list(other.sids)
             and self.increments == other.increments
             and all(
                 a.dtype == b.dtype and np.array_equal(a, b)
@@ -468,6 +484,24 @@ def _column_bytes(name: str, buf: Any, width: int, kind: str) -> int:
     return nbytes // width
 
 
+def _arrays(i: Any, ts: Any, v: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The three columns as arrays, once their sizes agree."""
+    n_i, n_t, n_v = (
+        _column_bytes(name, buf, width, kind)
+        for (name, width, kind), buf in zip(_COLUMNS, (i, ts, v), strict=True)
+    )
+    if not n_i == n_t == n_v:
+        raise BadBatch(
+            f"i has {n_i} entries, ts {n_t}, v {n_v}; the columns hold one entry per increment"
+        )
+    if n_i > MAX_INCREMENTS:
+        raise BadBatch(f"{n_i} increments; at most {MAX_INCREMENTS} per batch")
+    ia = np.frombuffer(i, "<u4")
+    ta = np.frombuffer(ts, "<i8").astype(np.int64, copy=False)
+    va = np.frombuffer(v, "<i8").astype(np.int64, copy=False)
+    return ia, ta, va
+
+
 def _first(mask: np.ndarray) -> int | None:
     hit = int(np.argmax(mask)) if len(mask) else 0
     return hit if len(mask) and mask[hit] else None
@@ -490,19 +524,7 @@ def columnar_batch(
     """
     if type(series) is not list:
         raise BadBatch(f"series must be a list, not a {kind_of(series)}")
-    n_i, n_t, n_v = (
-        _column_bytes(name, buf, width, kind)
-        for (name, width, kind), buf in zip(_COLUMNS, (i, ts, v), strict=True)
-    )
-    if not n_i == n_t == n_v:
-        raise BadBatch(
-            f"i has {n_i} entries, ts {n_t}, v {n_v}; the columns hold one entry per increment"
-        )
-    if n_i > MAX_INCREMENTS:
-        raise BadBatch(f"{n_i} increments; at most {MAX_INCREMENTS} per batch")
-    ia = np.frombuffer(i, "<u4")
-    ta = np.frombuffer(ts, "<i8").astype(np.int64, copy=False)
-    va = np.frombuffer(v, "<i8").astype(np.int64, copy=False)
+    ia, ta, va = _arrays(i, ts, v)
 
     # The series table: one Python step per entry, none per increment.
     count = len(series)
@@ -562,3 +584,40 @@ def columnar_batch(
         mapped = renumber[mapped]
         distinct = [s for s, u in zip(distinct, used.tolist(), strict=True) if u]
     return _aggregate(distinct, mapped, ta, va)
+
+
+def table_batch(
+    entries: np.ndarray, distinct: bool, sids_of: Callable[[np.ndarray], list[str]],
+    i: Any, ts: Any, v: Any, now: float,
+) -> Batch:
+    """Validate and aggregate a columnar batch whose ``i`` indexes a connection's table.
+
+    ``entries`` are the gateway numbers (wire/registry.py) of the table's
+    entries, ``distinct`` whether no two name the same series, and ``sids_of``
+    gives the ids of gateway numbers. Every entry was validated when it was
+    defined, so a frame costs numpy alone: no step per series or increment.
+    The batch's sids come in gateway-number order, with ``gn`` set.
+    """
+    ia, ta, va = _arrays(i, ts, v)
+    count = len(entries)
+    limit = ts_limit(now)
+    firsts = [x for x in (_first(ia >= count), _first((ta < 0) | (ta > limit))) if x is not None]
+    if firsts:
+        bad = min(firsts)
+        ahead = entries[ia[:bad]]
+        uniq, local = np.unique(ahead, return_inverse=True)
+        _check_overflow(sids_of(uniq), local.reshape(-1), ta[:bad] // SECONDS_PER_HOUR, va[:bad])
+        if int(ia[bad]) >= count:
+            raise _bad_row(bad, f"i {int(ia[bad])} is out of range: the connection's series "
+                                f"table has {count} entries")
+        raise _bad_row(bad, ts_problem(int(ta[bad]), limit) or "invalid ts")
+    if distinct:
+        used = np.bincount(ia, minlength=count) > 0
+        gn = entries[used]
+        sidx = (np.cumsum(used) - 1)[ia]
+    else:
+        gn, sidx = np.unique(entries[ia], return_inverse=True)
+        sidx = sidx.reshape(-1)
+    batch = _aggregate(sids_of(gn), sidx, ta, va)  # (an object array: no list is built)
+    batch.gn = gn if len(batch) else None
+    return batch

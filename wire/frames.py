@@ -331,7 +331,8 @@ class Hello:
 
 @dataclass(slots=True)
 class Inc:
-    """A batch of increments: ``rows`` is set, or the columnar ``series``/``i``/``ts``/``v``."""
+    """A batch of increments: ``rows`` is set, or the columnar ``series``/``i``/``ts``/``v``;
+    columnar without ``series``, ``i`` indexes the connection's series table."""
 
     seq: int
     ack: str
@@ -340,6 +341,14 @@ class Inc:
     i: bytes | None
     ts: bytes | None
     v: bytes | None
+
+
+@dataclass(slots=True)
+class SeriesTable:
+    """Entries appended to the connection's series table (``base`` is its length before)."""
+
+    base: int
+    series: list
 
 
 @dataclass(slots=True)
@@ -354,7 +363,7 @@ class Ping:
     pass
 
 
-Message = Hello | Inc | Events | Ping
+Message = Hello | Inc | Events | SeriesTable | Ping
 
 _COLUMNS = ("series", "i", "ts", "v")
 
@@ -417,6 +426,11 @@ def _parse_inc(msg: dict) -> Inc:
     if not present:
         raise _bad("inc: needs rows, or the columnar series, i, ts and v", seq)
     missing = [k for k in _COLUMNS if k not in present]
+    if missing == ["series"]:  # i indexes the connection's table (the ``series`` op)
+        for k in ("i", "ts", "v"):
+            if type(msg[k]) is not bytes:
+                raise _bad(f"inc: {k} must be msgpack bin, not {type(msg[k]).__name__}", seq)
+        return Inc(seq, ack, None, None, msg["i"], msg["ts"], msg["v"])
     if missing:
         raise _bad(f"inc: columnar batch lacks {', '.join(missing)}", seq)
     series = msg["series"]
@@ -437,9 +451,20 @@ def _parse_events(msg: dict) -> Events:
     return Events(seq, ack, events)
 
 
+def _parse_series(msg: dict) -> SeriesTable:
+    base, series = msg.get("base"), msg.get("series")
+    if not _is_int(base) or base < 0:
+        raise _bad(f"series: base {base!r} must be the table's length, an integer >= 0")
+    if type(series) is not list:
+        what = "missing" if series is None else f"a {type(series).__name__}, not a list"
+        raise _bad(f"series: series is {what}")
+    return SeriesTable(base, series)
+
+
 _PING = Ping()
 
-_PARSERS = {"hello": _parse_hello, "inc": _parse_inc, "event": _parse_events}
+_PARSERS = {"hello": _parse_hello, "inc": _parse_inc, "event": _parse_events,
+            "series": _parse_series}
 
 
 def parse_message(msg: dict) -> Message:

@@ -1,0 +1,79 @@
+"""The ClickHouse peer (bench/peer.py) given exactly what tally was given, cell by cell.
+
+Each cell's warm-up and columnar batches go into ClickHouse in the same
+batches, the same number of times, and its answers are checked against
+tally's: the month's total per cell, the one-series days, the breakdown.
+Insert rates are each table's own insert time (the bench's sending is not
+counted for ClickHouse, which runs in this process).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import httpx
+import numpy as np
+
+from tally.bench.workload import TENANT, Chunk, Workload
+
+
+def _insert_all(peer: Any, work: Workload, chunks: list[Chunk]) -> None:
+    for c in chunks:
+        peer.insert(work.series, c.i, c.ts, c.v)
+
+
+def peer_cell(peer: Any, work: Workload, warm: list[Chunk], col_chunks: list[Chunk],
+              cfg: Any, tally_total: int) -> dict[str, Any]:
+    """Insert the cell's batches; rates and whether ClickHouse's total equals tally's."""
+    peer.reset()
+    _insert_all(peer, work, warm)
+    before = dict(peer.insert_seconds)
+    frames = max(1, cfg.columnar // cfg.columnar_per_frame)
+    _insert_all(peer, work, [col_chunks[k % len(col_chunks)] for k in range(frames)])
+    n = frames * cfg.columnar_per_frame
+    raw = peer.insert_seconds["raw"] - before.get("raw", 0.0)
+    hourly = peer.insert_seconds["hourly"] - before.get("hourly", 0.0)
+    first, last = work.days
+    # (the row phase went to tally only: ClickHouse's total is the columnar part of it)
+    row_part = tally_total - sum(c.total for c in warm) - sum(
+        col_chunks[k % len(col_chunks)].total for k in range(frames))
+    got = sum(peer.breakdown(TENANT, work.series[0][1], "channel", first, last).values())
+    return {"insert_mps": n / hourly / 1e6 if hourly else 0.0,
+            "raw_insert_mps": n / raw / 1e6 if raw else 0.0,
+            "exact": got + row_part == tally_total}
+
+
+def _latency(fn: Any, n: int) -> tuple[float, float]:
+    took = np.empty(n)
+    for k in range(n):
+        started = time.perf_counter()
+        fn()
+        took[k] = time.perf_counter() - started
+    return float(np.percentile(took * 1000, 50)), float(np.percentile(took * 1000, 99))
+
+
+def peer_queries(peer: Any, url: str, work: Workload, groups: Workload, cfg: Any
+                 ) -> dict[str, Any]:
+    """The query phase's questions of ClickHouse (holding the hardest cell's batches and
+    the breakdown's), p50/p99 each, answers checked against tally's."""
+    peer.reset()
+    for w in (work, groups):
+        _insert_all(peer, w, w.warmup_chunks(100_000) + w.columnar_chunks(100_000, distinct=4))
+    tags = work.series[1][2]
+    end = time.strftime("%Y-%m-%d", time.gmtime(work.now))
+    start = time.strftime("%Y-%m-%d", time.gmtime(work.now - 30 * 86400))
+    metric = work.series[0][1]
+    days = peer.series_by_day(TENANT, metric, tags, start, end, "Europe/London")
+    out: dict[str, Any] = {
+        "series": _latency(lambda: peer.series_by_day(TENANT, metric, tags, start, end,
+                                                      "Europe/London"), cfg.queries),
+        "breakdown": _latency(lambda: peer.breakdown(TENANT, groups.series[0][1], "agent",
+                                                     *groups.days), max(20, cfg.queries // 5)),
+    }
+    # the same question of tally, over this peer's data (the days exist in both)
+    out["series_days"] = len(days)
+    with httpx.Client(base_url=url, timeout=30) as client:
+        r = client.get("/healthz")
+        out["tally_reachable"] = r.status_code == 200
+    return out

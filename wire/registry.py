@@ -1,0 +1,97 @@
+"""Every series a gateway process has seen, by number: what a wide batch needs per series.
+
+A batch over 100,000 series cannot afford a Python step per series per frame:
+routing (the shard of each series), the access check (the tenant of each),
+the query index and the shards' own lookups would each cost one. So a gateway
+gives every series id it sees a small number (a *gateway number*, ``gn``) once,
+and keeps what each step needs in arrays indexed by it: the owner shard, the
+tenant's number, the id itself. A connection's series table
+(``wire/frames.py``, the ``series`` op) is then an int array into these, and a
+frame over it is numpy from the socket to the shards.
+
+Numbers are never reused while the registry lives. It is bounded: once
+``limit`` series are known it starts over under a new ``epoch``, and whoever
+holds numbers (a connection's table, a shard channel's) sees the epoch change
+and resolves its series ids again.
+"""
+
+from __future__ import annotations
+
+from itertools import repeat
+
+import numpy as np
+
+from tally.wire.series import shard_of
+
+DEFAULT_LIMIT = 4_000_000
+
+
+class SeriesRegistry:
+    """sid -> gateway number, and per number: sid, owner shard, tenant number."""
+
+    def __init__(self, shards: int, limit: int = DEFAULT_LIMIT) -> None:
+        self.shards = shards
+        self.limit = limit
+        self.epoch = 0
+        self._reset()
+
+    def _reset(self) -> None:
+        self.number: dict[str, int] = {}
+        self.sid = np.empty(1024, object)
+        self.owner = np.zeros(1024, np.int32)
+        self.tenant = np.zeros(1024, np.int32)
+        self.tenant_number: dict[str, int] = {}
+        self.tenant_names: list[str] = []
+        self.count = 0
+
+    def __len__(self) -> int:
+        return self.count
+
+    def numbers(self, sids: list[str]) -> np.ndarray:
+        """The gateway numbers of ``sids`` (valid series ids), numbering new ones.
+
+        Starts over first (a new ``epoch``) when the new ones would pass the limit:
+        numbers handed out before are then meaningless, and their holders ask again.
+        """
+        found = np.fromiter(map(self.number.get, sids, repeat(-1)), np.int64, len(sids))
+        new = np.flatnonzero(found < 0)
+        if len(new):
+            if self.count + len(new) > self.limit:
+                self.epoch += 1
+                self._reset()
+                return self.numbers(sids)
+            self._grow(self.count + len(new))
+            number, owner, tenant = self.number, self.owner, self.tenant
+            for k in new.tolist():
+                sid = sids[k]
+                g = number.get(sid)  # (named twice in this call)
+                if g is None:
+                    g = number[sid] = self.count
+                    self.count += 1
+                    self.sid[g] = sid
+                    owner[g] = shard_of(sid, self.shards)
+                    tenant[g] = self._tenant(sid.split("|", 1)[0])
+                found[k] = g
+        return found
+
+    def _tenant(self, name: str) -> int:
+        t = self.tenant_number.get(name)
+        if t is None:
+            t = self.tenant_number[name] = len(self.tenant_names)
+            self.tenant_names.append(name)
+        return t
+
+    def _grow(self, need: int) -> None:
+        size = len(self.sid)
+        if need <= size:
+            return
+        size = max(need, size * 2)
+        for name in ("sid", "owner", "tenant"):
+            old = getattr(self, name)
+            grown = np.empty(size, old.dtype) if old.dtype == object else np.zeros(size, old.dtype)
+            grown[: len(old)] = old
+            setattr(self, name, grown)
+
+    def sids_of(self, gn: np.ndarray) -> np.ndarray:
+        """The ids of gateway numbers, as an object array (no list of a batch's width)."""
+        return self.sid[gn]
