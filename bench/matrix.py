@@ -143,6 +143,8 @@ def measure_cell(cell: Cell, url: str, port: int, cfg: Any, peer: Any = None) ->
         from tally.bench.peer_run import peer_cell  # (chdb is an optional extra)
 
         res.peer = peer_cell(peer, work, warm, col_chunks, cfg, res.queried_total)
+        if not res.peer["exact"]:
+            res.exact = False
     return res
 
 

@@ -12,9 +12,6 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import httpx
-import numpy as np
-
 from tally.bench.workload import TENANT, Chunk, Workload
 
 
@@ -44,36 +41,30 @@ def peer_cell(peer: Any, work: Workload, warm: list[Chunk], col_chunks: list[Chu
             "exact": got + row_part == tally_total}
 
 
-def _latency(fn: Any, n: int) -> tuple[float, float]:
-    took = np.empty(n)
-    for k in range(n):
-        started = time.perf_counter()
-        fn()
-        took[k] = time.perf_counter() - started
-    return float(np.percentile(took * 1000, 50)), float(np.percentile(took * 1000, 99))
+def peer_queries(peer: Any, work: Workload, groups: Workload, cfg: Any) -> dict[str, Any]:
+    """The query phase's questions of ClickHouse, holding the hardest cell's batches and
+    the breakdown's: p50/p99 each, every answer checked against the numpy oracle."""
+    from tally.bench.peer import Oracle, latency
 
-
-def peer_queries(peer: Any, url: str, work: Workload, groups: Workload, cfg: Any
-                 ) -> dict[str, Any]:
-    """The query phase's questions of ClickHouse (holding the hardest cell's batches and
-    the breakdown's), p50/p99 each, answers checked against tally's."""
     peer.reset()
+    oracle = Oracle()
     for w in (work, groups):
-        _insert_all(peer, w, w.warmup_chunks(100_000) + w.columnar_chunks(100_000, distinct=4))
+        for c in w.warmup_chunks(100_000) + w.columnar_chunks(100_000, distinct=4):
+            peer.insert(w.series, c.i, c.ts, c.v)
+            oracle.insert(w.series, c.i, c.ts, c.v)
     tags = work.series[1][2]
     end = time.strftime("%Y-%m-%d", time.gmtime(work.now))
     start = time.strftime("%Y-%m-%d", time.gmtime(work.now - 30 * 86400))
-    metric = work.series[0][1]
-    days = peer.series_by_day(TENANT, metric, tags, start, end, "Europe/London")
-    out: dict[str, Any] = {
-        "series": _latency(lambda: peer.series_by_day(TENANT, metric, tags, start, end,
-                                                      "Europe/London"), cfg.queries),
-        "breakdown": _latency(lambda: peer.breakdown(TENANT, groups.series[0][1], "agent",
-                                                     *groups.days), max(20, cfg.queries // 5)),
-    }
-    # the same question of tally, over this peer's data (the days exist in both)
-    out["series_days"] = len(days)
-    with httpx.Client(base_url=url, timeout=30) as client:
-        r = client.get("/healthz")
-        out["tally_reachable"] = r.status_code == 200
-    return out
+    metric, by_metric = work.series[0][1], groups.series[0][1]
+
+    def series() -> Any:
+        return peer.series_by_day(TENANT, metric, tags, start, end, "Europe/London")
+
+    def breakdown() -> Any:
+        return peer.breakdown(TENANT, by_metric, "agent", *groups.days)
+
+    exact = (series() == oracle.series_by_day(TENANT, metric, tags, start, end,
+                                              "Europe/London")
+             and breakdown() == oracle.breakdown(TENANT, by_metric, "agent", *groups.days))
+    return {"series": latency(series, cfg.queries),
+            "breakdown": latency(breakdown, max(20, cfg.queries // 5)), "exact": exact}

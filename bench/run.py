@@ -228,7 +228,9 @@ def _queries(cfg: BenchConfig, service: Spawned, res: Results, say: Any, peer: A
     if peer is not None:
         from tally.bench.peer_run import peer_queries
 
-        res.peer_queries = peer_queries(peer, service.url, work, groups, cfg)
+        res.peer_queries = peer_queries(peer, work, groups, cfg)
+        if not res.peer_queries["exact"]:
+            res.errors.append("ClickHouse's answers differ from the oracle's")
 
 
 def _memory(cfg: BenchConfig, service: Spawned, res: Results) -> None:
