@@ -13,9 +13,15 @@ the shape of ClickHouse's own TimeSeries engine, a tags table beside a data tabl
   id of ``tally.wire.series``), tenant and metric as ``LowCardinality(String)``, the
   canonical id and the tags as a ``Map``; ORDER BY (tenant, metric, sid).
 - ``raw``: a MergeTree of the increments as they came, ORDER BY (tenant, metric, id, ts).
-- ``hourly``: a SummingMergeTree of (tenant, metric, id, hour) slots. It collapses
-  equal keys when a part is written and when parts merge, lazily, so every query
-  ``sum()``s and groups: it never relies on a merge having happened.
+- ``hourly``: the (tenant, metric, id, hour) slots' sums, kept by ClickHouse itself:
+  by default an AggregatingMergeTree of ``SimpleAggregateFunction(sum, Int64)``, which
+  keeps the sums a SummingMergeTree keeps and took half the time to insert into here
+  (``hourly_engine="summing"`` for the SummingMergeTree). Either collapses equal keys
+  when a part is written and when parts merge, lazily, so every query ``sum()``s and
+  groups: it never relies on a merge having happened.
+
+chDB runs one embedded ClickHouse per process, at one path: one peer at a time (close
+it before opening another on another workdir; ``reset`` between cells).
 
 Each batch becomes one Arrow table whose tenant and metric are dictionary arrays over
 the batch's own names (the frame's dictionary encoding, handed over as it is) and whose
@@ -149,6 +155,7 @@ class _Registry:
         self.by_key: dict[Any, int] = {}
         self.by_sid: dict[str, int] = {}
         self.keys: list = []  # index -> SeriesKey
+        self.sids: list[str] = []  # index -> canonical series id
         self.ids = np.empty(0, np.uint64)
         self.tenant_code = np.empty(0, np.int32)
         self.metric_code = np.empty(0, np.int32)
@@ -160,7 +167,10 @@ class _Registry:
     def resolve(self, series: list[list]) -> tuple[np.ndarray, list[int]]:
         """(registry index of each entry, indexes of the series new to the registry)."""
         get = self.by_key.get
-        found = [get(_entry_key(entry)) for entry in series]
+        try:  # _entry_key inlined: this line is the per-entry cost of every batch
+            found = [get((t, m, *tags.items()) if tags else (t, m)) for t, m, tags in series]
+        except (TypeError, ValueError, AttributeError):  # not [tenant, metric, tags]: below
+            found = [None] * len(series)
         new: list[int] = []
         if None in found:
             ids, tcodes, mcodes = [], [], []
@@ -174,6 +184,7 @@ class _Registry:
                     k = len(self.keys)
                     self.by_sid[sid] = k
                     self.keys.append(key)
+                    self.sids.append(sid)
                     new.append(k)
                     digest = hashlib.blake2b(sid.encode(), digest_size=8).digest()
                     ids.append(int.from_bytes(digest, "little"))
@@ -341,7 +352,7 @@ HOURLY_ENGINES = {
 }
 
 
-DEFAULT_HOURLY_ENGINE = "summing"
+DEFAULT_HOURLY_ENGINE = "aggregating"  # measured about twice as fast to insert into
 
 
 def _hourly_ddl(engine: str) -> str:
@@ -404,7 +415,8 @@ class ClickHousePeer:
     def insert(self, series: list[list], i: np.ndarray, ts: np.ndarray, v: np.ndarray) -> None:
         """One batch, as tally receives it in a columnar frame: series[k] = [tenant,
         metric, {tag: value}], i (uint32) indexes series, ts int64 unix seconds, v int64.
-        Inserted into both tables, each timed."""
+        Inserted into BOTH tables (raw MergeTree of increments and the hour slots' table),
+        each timed separately in ``insert_seconds``."""
         pa = self._pa
         started = time.perf_counter()
         entry_index, new = self._registry.resolve(series)
@@ -443,12 +455,19 @@ class ClickHousePeer:
     def _insert_series(self, new: list[int]) -> None:
         pa = self._pa
         keys = [self._registry.keys[k] for k in new]
+        offsets = np.zeros(len(keys) + 1, np.int32)
+        offsets[1:] = np.cumsum([len(k.tags) for k in keys])
+        tags = pa.MapArray.from_arrays(
+            offsets,
+            pa.array([tag for k in keys for tag, _ in k.tags], pa.string()),
+            pa.array([value for k in keys for _, value in k.tags], pa.string()),
+        )
         table = pa.table({  # noqa: F841 (read by name: chDB's Python(table) finds the local)
             "id": self._registry.ids[new],
             "tenant": [k.tenant for k in keys],
             "metric": [k.metric for k in keys],
-            "sid": [k.sid for k in keys],
-            "tags": pa.array([list(k.tags) for k in keys], pa.map_(pa.string(), pa.string())),
+            "sid": [self._registry.sids[k] for k in new],
+            "tags": tags,
         })
         self._session.query("INSERT INTO series SELECT * FROM Python(table)")
 
@@ -492,14 +511,18 @@ class ClickHousePeer:
         """Totals per value of tag ``by`` over the UTC days [first_day, last_day]; series
         without the tag under None; groups totalling zero left out."""
         h0, h1 = utc_day_hours(first_day, last_day)
+        # per series first (one scan of the slots, in key order), then one row per series
+        # joined to its tag: twice as fast here as joining every slot
         rows = self._query(
-            "SELECT s.has, s.value, sum(h.v) AS total FROM hourly AS h"
+            "SELECT s.has, s.value, sum(h.total) AS total FROM ("
+            "   SELECT id, sum(v) AS total FROM hourly"
+            "   WHERE tenant = {tenant:String} AND metric = {metric:String}"
+            "   AND hour >= toDateTime({h0:UInt32}) AND hour < toDateTime({h1:UInt32})"
+            "   GROUP BY id) AS h"
             " INNER JOIN (SELECT id, mapContains(tags, {by:String}) AS has,"
             "   tags[{by:String}] AS value FROM series"
             "   WHERE tenant = {tenant:String} AND metric = {metric:String}) AS s"
             " ON h.id = s.id"
-            " WHERE h.tenant = {tenant:String} AND h.metric = {metric:String}"
-            " AND h.hour >= toDateTime({h0:UInt32}) AND h.hour < toDateTime({h1:UInt32})"
             " GROUP BY s.has, s.value HAVING total != 0",
             {"tenant": tenant, "metric": metric, "by": by, "h0": h0 * 3600, "h1": h1 * 3600},
         )
