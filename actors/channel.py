@@ -43,6 +43,7 @@ from typing import Any
 
 import numpy as np
 
+from tally.actors.channel_table import Known, Sent
 from tally.wire import stream
 from tally.wire.batches import Batch
 from tally.wire.frames import FrameDecoder, FrameError, encode_frame
@@ -60,7 +61,11 @@ RETRY_AFTER = 5.0  # after a failed connect, Ray answers alone this long
 
 Query = Callable[[str, list[str], int, int], Any]  # (method, sids, h0, h1) -> its answer
 # (batch, producer, seq, expect) -> what the shard answers (ShardState.ingest, as a dict)
-Apply = Callable[[Batch, str, int, int | None], dict[str, Any]]
+Apply = Callable[[Batch, str, int, int | None, Known], dict[str, Any]]
+
+
+# a request's fields, or how to build them for the connection that writes it
+Fields = dict[str, Any] | Callable[["_Connection"], dict[str, Any]]
 
 
 class _Fallback:
@@ -88,8 +93,11 @@ def query_fields(sids: list[str], h0: int, h1: int) -> dict[str, Any]:
     return {"sids": sids, "h0": h0, "h1": h1}
 
 
-def apply_fields(batch: Batch, producer: str, seq: int, expect: int | None) -> dict[str, Any]:
-    return {"b": batch.to_wire(), "p": producer, "s": seq, "e": expect}
+def apply_fields(batch: Batch, producer: str, seq: int, expect: int | None,
+                 sent: Sent | None = None) -> dict[str, Any]:
+    """An ``apply``'s fields; with ``sent`` (the socket's), series go by number."""
+    wire = batch.to_wire() if sent is None else sent.fields(batch)
+    return {"b": wire, "p": producer, "s": seq, "e": expect}
 
 
 def _malformed(rid: Any, msg: dict[str, Any]) -> bytes:
@@ -98,17 +106,19 @@ def _malformed(rid: Any, msg: dict[str, Any]) -> bytes:
     return encode_frame({"id": rid, "ray": "malformed request"})
 
 
-def answer_apply(msg: dict[str, Any], apply: Apply) -> bytes:
+def answer_apply(msg: dict[str, Any], apply: Apply, known: Known | None = None) -> bytes:
     """The answer to an ``apply``: what the shard answered, or "ask Ray" when it did not
-    apply (a request it cannot read, an error inside it: the Ray call meets it again)."""
+    apply (a request it cannot read, an error inside it: the Ray call meets it again).
+    ``known``: the socket's numbered series (actors/channel_table.py)."""
     rid = msg.get("id")
     producer, seq, expect = msg.get("p"), msg.get("s"), msg.get("e")
-    batch = Batch.from_wire(msg.get("b"))
+    known = known if known is not None else Known()
+    batch = known.batch(msg.get("b"))
     if (batch is None or type(producer) is not str or type(seq) is not int
             or (expect is not None and type(expect) is not int)):
         return _malformed(rid, msg)
     try:
-        result = apply(batch, producer, seq, expect)
+        result = apply(batch, producer, seq, expect, known)
     except Exception as e:
         return encode_frame({"id": rid, "ray": f"{type(e).__name__}: {e}"[:500]})
     return encode_frame({"id": rid, "ok": result})  # applied: if this raises, the
@@ -183,6 +193,7 @@ class ChannelServer:
     async def _serve(self, reader: stream.ChunkReader, writer: asyncio.StreamWriter) -> None:
         decoder = FrameDecoder(MAX_FRAME)
         greeted = False
+        known = Known()  # this socket's numbered series
         try:
             while True:
                 data = await (reader.read() if greeted else
@@ -198,7 +209,7 @@ class ChannelServer:
                         greeted = True
                         continue
                     if msg.get("m") == "apply" and self.apply is not None:
-                        writer.write(answer_apply(msg, self.apply))
+                        writer.write(answer_apply(msg, self.apply, known))
                     else:
                         writer.write(answer(msg, self.query))
                     self.answered += 1
@@ -222,6 +233,7 @@ class _Connection:
         self.reader, self.writer = reader, writer
         self.waiting: dict[int, tuple[str, asyncio.Future]] = {}
         self.next_id = 0
+        self.sent = Sent()  # the series this socket was told by number
         self.task = asyncio.get_running_loop().create_task(self._read())
         self.task.add_done_callback(self._ended)
 
@@ -229,11 +241,14 @@ class _Connection:
     def open(self) -> bool:
         return not self.task.done()
 
-    async def call(self, method: str, fields: dict[str, Any]) -> Any:
+    async def call(self, method: str, fields: Fields) -> Any:
         """The answer; FALLBACK if it was never sent or the shard says "ask Ray"; a
-        request sent and unanswered when the connection ends gets ``LOST``."""
+        request sent and unanswered when the connection ends gets ``LOST``. ``fields`` may
+        be built for this connection (a callable), just before it is written."""
         if not self.open:  # ended; its callback may not have run yet
             return FALLBACK
+        if callable(fields):
+            fields = fields(self)
         self.next_id += 1
         rid = self.next_id
         done: asyncio.Future = asyncio.get_running_loop().create_future()
@@ -296,7 +311,8 @@ class ShardChannel:
     async def apply(self, batch: Batch, producer: str, seq: int, expect: int | None) -> Any:
         """The shard's answer, or FALLBACK (not applied on this road: ask Ray); raises
         ``AnswerLost`` when the request went out and its answer did not come."""
-        got = await self._call("apply", apply_fields(batch, producer, seq, expect))
+        got = await self._call("apply", lambda conn: apply_fields(
+            batch, producer, seq, expect, conn.sent))
         if got is LOST:
             self.applies_lost += 1
             raise AnswerLost("the shard's socket closed before it answered this batch")
@@ -304,7 +320,7 @@ class ShardChannel:
             self.applied += 1
         return got
 
-    async def _call(self, method: str, fields: dict[str, Any]) -> Any:
+    async def _call(self, method: str, fields: Fields) -> Any:
         conn = self.conn if self.conn is not None and self.conn.open else await self._connect()
         got = FALLBACK if conn is None else await conn.call(method, fields)
         if (got is FALLBACK or got is LOST) and conn is not None and not conn.open:

@@ -33,6 +33,10 @@ class LiveSeries:
         self.sids: list[str | None] = []  # series number -> its sid (None: free)
         self._free: list[int] = []
         self._months_held = np.zeros(0, dtype=np.int32)  # per series: months live
+        # per series number: bumped whenever the number is given to a series or freed, so
+        # a number cached elsewhere with its generation (actors/channel_table.py) is
+        # known stale once the number means another series, or none
+        self.gen = np.zeros(0, dtype=np.int64)
         self.by_metric: dict[tuple[str, str], set[int]] = {}
         self.loaded: dict[int, set[int]] = {}  # month number -> series holding it live
         self._match_cache: dict[tuple, list[int]] = {}
@@ -63,7 +67,9 @@ class LiveSeries:
                 self._months_held = np.concatenate(
                     [self._months_held, np.zeros(max(1024, g), np.int32)]
                 )
+                self.gen = np.concatenate([self.gen, np.zeros(max(1024, g), np.int64)])
         self._months_held[g] = 0
+        self.gen[g] += 1
         self.series[sid] = g
         self.by_metric.setdefault((key.tenant, key.metric), set()).add(g)
         self._match_cache.clear()
@@ -79,6 +85,7 @@ class LiveSeries:
         if not members:
             del self.by_metric[(key.tenant, key.metric)]
         self.keys[g] = self.sids[g] = None
+        self.gen[g] += 1
         self._free.append(g)
         self._match_cache.clear()
 

@@ -23,6 +23,7 @@ import ray
 
 from tally.actors import affinity, logs, memory
 from tally.actors.channel import ChannelServer
+from tally.actors.channel_table import Known
 from tally.actors.metrics import ShardMetrics
 from tally.actors.shard_state import NO_SEQ, Outcome, ShardState
 from tally.checkpoint.remote import open_store_in_actor
@@ -36,6 +37,7 @@ SHARD_NAME = "tally-shard-{}"
 # A checkpoint is slow when its oldest increment waited longer than this past
 # the interval (the contract's bound on lag) or its write alone outlasted the interval.
 LAG_MARGIN = 1.0
+FREEZE_AFTER = 1000  # new series in one batch after which the heap is frozen (gc.freeze)
 
 
 @ray.remote(num_cpus=0, max_restarts=-1, enable_task_events=False)
@@ -106,13 +108,21 @@ class ShardActor:
         return self._apply_now(batch, producer, seq, expect)
 
     def _apply_now(self, batch: Batch, producer: str | None, seq: int | None,
-                   expect: int | None) -> dict[str, Any]:
-        """``apply``, on the event loop, whether it came by Ray or by the socket."""
+                   expect: int | None, known: Known | None = None) -> dict[str, Any]:
+        """``apply``, on the event loop, whether it came by Ray or by the socket (whose
+        numbered series, ``known``, find the series numbers without a lookup by id)."""
         self._start_loop()
+        numbers = None if known is None else known.numbers(batch, self.state.live)
+        series_before = len(self.state.live)
         # load_months runs synchronously on the event loop on purpose: nothing
         # else may touch the state between finding a month missing and
         # installing its base (see ShardState.ingest).
-        result = self.state.ingest(batch, self.store.load_months, producer, seq, expect)
+        result = self.state.ingest(batch, self.store.load_months, producer, seq, expect,
+                                   numbers)
+        if len(self.state.live) - series_before >= FREEZE_AFTER:
+            # Series are long-lived: out of the collector's sight, a collection costs
+            # what the young objects cost, not what the shard holds.
+            gc.freeze()
         if result.outcome is Outcome.STORE_DOWN:
             self._store_failed(RuntimeError(result.message))
         elif result.outcome is Outcome.APPLIED:

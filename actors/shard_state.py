@@ -151,6 +151,7 @@ class ShardState:
         producer: str | None = None,
         seq: int | None = None,
         expect: int | None = None,
+        numbers: np.ndarray | None = None,
     ) -> Ingested:
         """Apply a batch once per (producer, seq); the result says what happened.
 
@@ -186,7 +187,8 @@ class ShardState:
             return Ingested.refused(
                 Outcome.FULL, f"shard {self.shard} holds {self.dirty_slots} slots not yet "
                 f"checkpointed (bound {self.max_dirty}); retry later")
-        numbers: np.ndarray | None = self.live.numbers(batch.sids)
+        if numbers is None:  # (``numbers``: the sids' series numbers, -1 if not held)
+            numbers = self.live.numbers(batch.sids)
         missing = self.missing(batch, numbers)
         new: list[str] = []
         if missing:

@@ -20,6 +20,7 @@ from tally.api.metrics import GatewayMetrics
 from tally.checkpoint.sqlite import SqliteStore
 from tally.wire.batches import INT64_MAX, rows_batch
 from tally.wire.frames import encode_frame
+from tally.wire.registry import SeriesRegistry
 
 NOW = calendar.timegm((2026, 11, 20, 12, 0, 0))
 DAY = calendar.timegm((2026, 11, 2, 0, 0, 0))
@@ -202,7 +203,7 @@ def test_batches_by_socket_are_applied_once_and_answered_as_by_ray(state):
     assert totals() == [2, 0]
 
     async def main() -> None:
-        server, where = await serve(state, lambda b, p, s, e: state.ingest(
+        server, where = await serve(state, lambda b, p, s, e, known=None: state.ingest(
             b, state.load, p, s, e).answer())
 
         async def locate() -> dict[str, Any]:
@@ -232,7 +233,7 @@ def test_an_answer_lost_after_the_batch_was_applied_fails_the_batch(state):
     batch = rows_batch([["acme", "m", None, DAY + 60, 7]], NOW)
     applied: list[int] = []
 
-    def apply(b, p, s, e):
+    def apply(b, p, s, e, known=None):
         answer = state.ingest(b, state.load, p, s, e).answer()
         applied.append(s)
         return {**answer, "unsendable": object()}
@@ -254,3 +255,57 @@ def test_an_answer_lost_after_the_batch_was_applied_fails_the_batch(state):
     asyncio.run(main())
     assert state.ingest(batch, state.load, "prod", 1, None).outcome is Outcome.DUPLICATE
     assert state.totals_of(["acme|m|"], H0, H1, state.load) == [7]
+
+
+def test_series_go_by_number_once_told_and_stale_numbers_are_not_trusted(state):
+    """Batches with gateway numbers: each id crosses the socket once; a shard that
+    forgot a series and gave its number to another still counts each under its own id;
+    a registry that started over (a new epoch) starts the socket's table over."""
+    registry = SeriesRegistry(shards=1)
+    told: list[int] = []
+
+    def numbered(rows: list) -> Any:
+        batch = rows_batch(rows, NOW)
+        batch.gn, batch.gn_epoch = registry.numbers(batch.sids), registry.epoch
+        return batch
+
+    def apply(b, p, s, e, known=None):
+        told.append(len(b.sids))
+        numbers = None if known is None else known.numbers(b, state.live)
+        return state.ingest(b, state.load, p, s, e, numbers).answer()
+
+    async def main() -> None:
+        server, where = await serve(state, apply)
+
+        async def locate() -> dict[str, Any]:
+            return where
+
+        channel = ShardChannel(locate)
+        a = [["acme", "m", {"agent": "x1"}, DAY + 60, 1], ["acme", "m", {"agent": "x2"},
+                                                          DAY + 60, 2]]
+        assert (await channel.apply(numbered(a), "prod", 1, None))["status"] == "applied"
+        sent = channel.conn.sent
+        assert sent.told[registry.numbers(["acme|m|agent=x1", "acme|m|agent=x2"])].all()
+        assert (await channel.apply(numbered(a), "prod", 2, 1))["status"] == "applied"
+        # the shard forgets x1 (as eviction does); its number may go to another series
+        g = state.live.series["acme|m|agent=x1"]
+        for mno in list(state.live.loaded):
+            if g in state.live.loaded[mno]:
+                state.live.release(g, mno)
+        state.live.drop(g)
+        b = [["acme", "m", {"agent": "y9"}, DAY + 60, 100], *a]
+        assert (await channel.apply(numbered(b), "prod", 3, 2))["status"] == "applied"
+        # the registry starts over: numbers mean other series now, the table starts over
+        registry.epoch += 1
+        registry._reset()
+        c = [["acme", "m", {"agent": "x2"}, DAY + 60, 1000]]
+        assert (await channel.apply(numbered(c), "prod", 4, 3))["status"] == "applied"
+        assert channel.applied == 4 and channel.applies_by_ray == 0
+        channel.close()
+        await server.stop()
+
+    asyncio.run(main())
+    got = state.totals_of(["acme|m|agent=x1", "acme|m|agent=x2", "acme|m|agent=y9"], H0, H1,
+                          state.load)
+    assert got[1:] == [1006, 100]  # x2: 2 + 2 + 2 + 1000; y9: 100
+    assert told == [2, 2, 3, 1]

@@ -168,21 +168,27 @@ class Batch:
             )
         return parts
 
-    def to_wire(self) -> dict[str, Any]:
-        """The batch as msgpack can carry it (a shard's socket, actors/channel.py)."""
-        sids = self.sids.tolist() if isinstance(self.sids, np.ndarray) else self.sids
-        return {"sids": sids, "series": self.series.astype("<u4").tobytes(),
+    def to_wire(self, with_sids: bool = True) -> dict[str, Any]:
+        """The batch as msgpack can carry it (a shard's socket, actors/channel.py);
+        ``with_sids=False`` leaves the ids out for a caller that names them otherwise."""
+        wire = {"series": self.series.astype("<u4").tobytes(),
                 **{k: getattr(self, k).astype("<i8").tobytes() for k in _WIRE_INT64},
                 "n": self.increments}
+        if with_sids:
+            wire["sids"] = self.sids.tolist() if isinstance(self.sids, np.ndarray) else self.sids
+        return wire
 
     @classmethod
-    def from_wire(cls, msg: Any) -> Batch | None:
-        """The batch ``to_wire`` made, or None if ``msg`` is not one."""
+    def from_wire(cls, msg: Any, gn: np.ndarray | None = None) -> Batch | None:
+        """The batch ``to_wire`` made, or None if ``msg`` is not one. ``sids`` may be an
+        object array of ids (actors/channel_table.py), with their gateway numbers ``gn``."""
         if type(msg) is not dict or type(msg.get("n")) is not int:
             return None
         sids, series = msg.get("sids"), msg.get("series")
-        if (type(sids) is not list or (sids and set(map(type, sids)) != {str})
-                or type(series) is not bytes or len(series) % 4):
+        if not isinstance(sids, np.ndarray) and (
+                type(sids) is not list or (sids and set(map(type, sids)) != {str})):
+            return None
+        if type(series) is not bytes or len(series) % 4:
             return None
         n = len(series) // 4
         columns = [msg.get(k) for k in _WIRE_INT64]
@@ -193,7 +199,7 @@ class Batch:
             return None
         hours, values, first_row, counts = (np.frombuffer(c, "<i8").astype(np.int64)
                                             for c in columns)
-        return cls(sids, index, hours, values, first_row, counts, msg["n"])
+        return cls(sids, index, hours, values, first_row, counts, msg["n"], gn)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Batch):
