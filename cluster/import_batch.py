@@ -44,6 +44,7 @@ from tally.cluster.import_formats import (
     parse_ts,
 )
 from tally.cluster.import_read import Chunk, Piece, lines_with, read_chunk
+from tally.wire.series import MAX_TAG_VALUE, MAX_TAGS, METRIC_RE, TAG_KEY_RE, TENANT_RE
 from tally.wire.vocabulary import ts_limit
 
 __all__ = ["ChunkBatch", "SeriesTable", "build_batch", "parse_ts_column"]
@@ -59,41 +60,46 @@ _PACKER = msgpack.Packer(use_bin_type=True)
 
 
 class SeriesTable:
-    """Every series the import met: validated once, packed once, numbered.
+    """What the import validated once: CSV ``tags`` cells' series, and tag key names.
 
-    ``by_text`` maps a row's joined key (per set of tag columns) to the
-    series' number, or -1 for an invalid series (its rows go to the per-line
-    path, which names the problem).
+    Most series are validated and packed with pyarrow, column by column
+    (``_packed_series``); a CSV ``tags`` cell (a JSON object) is parsed in
+    Python once per distinct key (``by_text``: its packed entry, or None when
+    the series is invalid and its rows go to the per-line path).
     """
 
     def __init__(self) -> None:
-        self.cache = SeriesCache(limit=1 << 62)
-        self.packed: list[bytes] = []
-        self.by_wire: dict[Any, int] = {}
-        self.by_text: dict[tuple[tuple[str, ...], str], int] = {}
+        self.cache = SeriesCache(limit=1 << 20)
+        self.by_text: dict[tuple[tuple[str, ...], str], bytes | None] = {}
+        self.keys: dict[str, bool] = {}  # tag key -> valid
 
-    def number(self, tenant: Any, metric: Any, tags: Any) -> int:
-        """The series' number; raises what the client's validation raises."""
-        entry = self.cache.lookup(tenant, metric, tags)
-        gid = self.by_wire.get(id(entry))
-        if gid is None:
-            gid = self.by_wire[id(entry)] = len(self.packed)
-            self.packed.append(_PACKER.pack(list(entry.wire)))
-        return gid
+    def packed(self, tenant: Any, metric: Any, tags: Any) -> bytes:
+        """The series' entry, msgpack-packed; raises what the client's validation raises."""
+        return _PACKER.pack(list(self.cache.lookup(tenant, metric, tags).wire))
 
-    def encode(self, gids: np.ndarray) -> tuple[bytes, np.ndarray]:
-        """The packed series table of these rows, and each row's index in it."""
-        uniq, inverse = np.unique(gids, return_inverse=True)
-        packed = self.packed
-        body = b"".join([packed[g] for g in uniq.tolist()])
-        return _PACKER.pack_array_header(len(uniq)) + body, inverse.astype(np.uint32)
+    def key_ok(self, key: str) -> bool:
+        ok = self.keys.get(key)
+        if ok is None:
+            ok = self.keys[key] = TAG_KEY_RE.fullmatch(key) is not None
+        return ok
+
+    @staticmethod
+    def encode(entries: pa.Array) -> tuple[bytes, np.ndarray]:
+        """The packed series table of these rows' entries, and each row's index in it."""
+        enc = pc.dictionary_encode(entries)
+        d = enc.dictionary
+        offsets = np.frombuffer(d.buffers()[1], dtype=np.int32)[d.offset:d.offset + len(d) + 1]
+        data = d.buffers()[2]
+        body = data.to_pybytes()[offsets[0]:offsets[-1]] if data is not None else b""
+        index = enc.indices.to_numpy(zero_copy_only=False).astype(np.uint32)
+        return _PACKER.pack_array_header(len(d)) + body, index
 
 
 @dataclass
 class ChunkBatch:
     """A chunk's accepted rows (file order) and its refused lines."""
 
-    gids: np.ndarray
+    entries: pa.Array  # each row's series, a packed msgpack entry (binary)
     ts: np.ndarray
     values: np.ndarray
     lines: np.ndarray  # each row's line number
@@ -115,10 +121,10 @@ def build_batch(chunk: Chunk, src: Source, table: SeriesTable, *, chunk_bytes: i
     if fmt == "jsonl":
         odd |= lines_with(chunk, b"null") | lines_with(chunk, b"\\u")
     odd |= lines_with(chunk, b"\x00")
-    parts: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
+    parts: list[tuple[pa.Array, np.ndarray, np.ndarray, np.ndarray]] = []
     rejected: list[tuple[int, str]] = []
     rows = 0
-    slow = _Slow(chunk, src, table, now, chunk_bytes, overhead, too_large, rejected)
+    slow = _Slow(chunk, src, table, now, chunk_bytes, overhead, rejected)
     for piece in pieces:
         if piece.records:
             parts.append(slow.records())
@@ -128,28 +134,29 @@ def build_batch(chunk: Chunk, src: Source, table: SeriesTable, *, chunk_bytes: i
         if piece.table is None:
             parts.append(slow.lines(piece.rows))
             continue
-        gids, ts, values, ok = _vectorised(piece, header, table, limit)
+        entries, ts, values, ok = _vectorised(piece, header, table, limit)
         ok &= ~odd[piece.rows]
         if ok.all():
-            parts.append((gids, ts, values, piece.rows))
+            parts.append((entries, ts, values, piece.rows))
             continue
         # Suspect rows take the per-line path; merged back in file order.
         back = slow.lines(piece.rows[~ok])
-        g = np.concatenate([gids[ok], back[0]])
-        t = np.concatenate([ts[ok], back[1]])
-        v = np.concatenate([values[ok], back[2]])
+        keep = pa.array(ok)
+        e = pa.concat_arrays([entries.filter(keep), back[0]])
         r = np.concatenate([piece.rows[ok], back[3]])
         order = np.argsort(r, kind="stable")
-        parts.append((g[order], t[order], v[order], r[order]))
+        parts.append((e.take(pa.array(order)), np.concatenate([ts[ok], back[1]])[order],
+                      np.concatenate([values[ok], back[2]])[order], r[order]))
     if parts:
-        gids = np.concatenate([p[0] for p in parts]).astype(np.int64)
+        entries = pa.concat_arrays([p[0] for p in parts])
         ts = np.concatenate([p[1] for p in parts]).astype(np.int64)
         values = np.concatenate([p[2] for p in parts]).astype(np.int64)
         lines = np.concatenate([p[3] for p in parts]).astype(np.int64) + chunk.first_line
     else:
-        gids = ts = values = lines = np.zeros(0, dtype=np.int64)
+        entries = pa.array([], pa.binary())
+        ts = values = lines = np.zeros(0, dtype=np.int64)
     rejected.sort()
-    return ChunkBatch(gids, ts, values, lines, rejected, rows)
+    return ChunkBatch(entries, ts, values, lines, rejected, rows)
 
 
 class _Slow:
@@ -157,16 +164,14 @@ class _Slow:
     client's validation, exactly as ``tally import`` did row by row."""
 
     def __init__(self, chunk: Chunk, src: Source, table: SeriesTable, now: float,
-                 chunk_bytes: int, overhead: int, too_large: np.ndarray,
-                 rejected: list[tuple[int, str]]) -> None:
+                 chunk_bytes: int, overhead: int, rejected: list[tuple[int, str]]) -> None:
         self.chunk, self.src, self.table, self.now = chunk, src, table, now
         self.chunk_bytes, self.overhead = chunk_bytes, overhead
-        self.too_large = too_large
         self.rejected = rejected
         self.rows = 0
 
     def _one(self, line_no: int, payload: Any, size: int | None,
-             out: list[tuple[int, int, int, int]], row: int) -> None:
+             out: list[tuple[bytes, int, int, int]], row: int) -> None:
         try:
             if size is not None and GROWTH * size + self.overhead > self.chunk_bytes:
                 raise RowError(f"a record of {size:,} bytes is too large for one batch (at "
@@ -174,15 +179,15 @@ class _Slow:
             tenant, metric, value, ts, tags = self.src.parse(payload)  # type: ignore[misc]
             entry, ts, value = prepare_increment(self.table.cache, tenant, metric, value, ts,
                                                  tags, self.now)
-            gid = self.table.number(*entry.wire)
+            packed = _PACKER.pack(list(entry.wire))
         except (RowError, ValueError, TypeError) as e:
             self.rejected.append((line_no, str(e)))
         else:
-            out.append((gid, ts, value, row))
+            out.append((packed, ts, value, row))
 
-    def lines(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    def lines(self, rows: np.ndarray) -> tuple[pa.Array, np.ndarray, np.ndarray, np.ndarray]:
         chunk = self.chunk
-        out: list[tuple[int, int, int, int]] = []
+        out: list[tuple[bytes, int, int, int]] = []
         is_csv = isinstance(self.src, CsvFile)
         for k in rows.tolist():
             raw = chunk.line(k)
@@ -195,10 +200,10 @@ class _Slow:
             self._one(chunk.first_line + k, payload, len(raw), out, k)
         return _columns(out)
 
-    def records(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    def records(self) -> tuple[pa.Array, np.ndarray, np.ndarray, np.ndarray]:
         """The whole chunk by the per-record reader (CSV records over several lines)."""
         chunk = self.chunk
-        out: list[tuple[int, int, int, int]] = []
+        out: list[tuple[bytes, int, int, int]] = []
         prev = 0
         for line_no, end, payload in self.src.records(io.BytesIO(chunk.data), 0,
                                                       chunk.first_line):
@@ -208,106 +213,141 @@ class _Slow:
         return _columns(out)
 
 
-def _columns(out: list[tuple[int, int, int, int]]
-             ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _columns(out: list[tuple[bytes, int, int, int]]
+             ) -> tuple[pa.Array, np.ndarray, np.ndarray, np.ndarray]:
+    entries = pa.array([o[0] for o in out], pa.binary())
     if not out:
         z = np.zeros(0, dtype=np.int64)
-        return z, z, z, z
-    a = np.array(out, dtype=np.int64)
-    return a[:, 0], a[:, 1], a[:, 2], a[:, 3]
+        return entries, z, z, z
+    a = np.array([o[1:] for o in out], dtype=np.int64)
+    return entries, a[:, 0], a[:, 1], a[:, 2]
 
 
 # ------------------------------------------------------------------- vectorised
 
 
 def _vectorised(piece: Piece, header: list[str] | None, table: SeriesTable, limit: int
-                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Series numbers, ts, values and which rows the vectorised path vouches for."""
+                ) -> tuple[pa.Array, np.ndarray, np.ndarray, np.ndarray]:
+    """Series entries, ts, values and which rows the vectorised path vouches for."""
     t = piece.table
     assert t is not None
     n = t.num_rows
-    ok = np.ones(n, dtype=bool)
-    if header is not None:
-        key_cols, tag_keys, tags_col = _csv_keys(t, header)
-        mode = "csv+tags" if tags_col else "csv"
+    if header is not None and "tags" in header:
+        entries, ok = _series_by_key(t, header, table)
     else:
-        key_cols, tag_keys, ok_keys = _json_keys(t)
-        ok &= ok_keys
-        mode = "json"
-    gids = _series(key_cols, tag_keys, mode, table, n)
-    ok &= gids >= 0
+        entries, ok = _packed_series(t, header, table)
     ts, ts_ok = _ts(t, header is not None, n)
     ok &= ts_ok & (ts >= 0) & (ts <= limit)
     values, v_ok = _values(t, header is not None, n)
     ok &= v_ok
-    return gids, ts, values, ok
+    return entries, ts, values, ok
 
 
-def _csv_keys(t: pa.Table, header: list[str]) -> tuple[list[pa.Array], tuple[str, ...], bool]:
-    tag_cols = [c for c in header if c.startswith("tag.")]
-    cols = [t.column("tenant"), t.column("metric"), *(t.column(c) for c in tag_cols)]
-    tags_col = "tags" in header
-    if tags_col:
-        cols.append(t.column("tags"))
-    return cols, tuple(tag_cols), tags_col
+def _str_header(col: pa.Array) -> pa.Array:
+    """msgpack's str16 header of each cell (3 bytes: valid for any length we accept)."""
+    lengths = _np(pc.binary_length(col)).astype(np.int64)
+    h = np.empty((len(col), 3), dtype=np.uint8)
+    h[:, 0] = 0xDA
+    h[:, 1] = (lengths >> 8) & 0xFF
+    h[:, 2] = lengths & 0xFF
+    return pa.FixedSizeBinaryArray.from_buffers(
+        pa.binary(3), len(col), [None, pa.py_buffer(h.tobytes())]).cast(pa.binary())
 
 
-def _json_keys(t: pa.Table) -> tuple[list[pa.Array], tuple[str, ...], np.ndarray]:
+def _packed(col: pa.Array) -> pa.Array:
+    return pc.binary_join_element_wise(_str_header(col), col.cast(pa.binary()), b"")
+
+
+def _packed_series(t: pa.Table, header: list[str] | None, table: SeriesTable
+                   ) -> tuple[pa.Array, np.ndarray]:
+    """Each row's series entry, packed, and whether it is valid -- all with pyarrow.
+
+    The checks are ``tally.wire.series``'s: the tenant and metric patterns
+    (RE2 and ``re`` agree on them), tag keys (per column, once), at most
+    ``MAX_TAGS`` tags, values at most ``MAX_TAG_VALUE`` characters. An absent
+    tag is an empty CSV cell or a JSON null (an empty JSON string went to the
+    per-line path).
+    """
     n = t.num_rows
     ok = np.ones(n, dtype=bool)
-    cols = []
-    for name in ("tenant", "metric"):
-        c = t.column(name).combine_chunks()
-        ok &= ~_np(c.is_null())
-        cols.append(c.fill_null(""))
-    keys: list[str] = []
-    if "tags" in t.column_names:
-        tags = t.column("tags").combine_chunks()
-        if pa.types.is_struct(tags.type):
-            for name, child in zip([tags.type.field(i).name for i in range(tags.type.num_fields)],
-                                   tags.flatten(), strict=True):
+    tenant = t.column("tenant").combine_chunks()
+    metric = t.column("metric").combine_chunks()
+    if header is None:  # JSON: a missing tenant or metric is the per-line path's to name
+        ok &= ~_np(tenant.is_null()) & ~_np(metric.is_null())
+        tenant, metric = tenant.fill_null(""), metric.fill_null("")
+    ok &= _np(pc.match_substring_regex(tenant, "^" + TENANT_RE.pattern + "$")).astype(bool)
+    ok &= _np(pc.match_substring_regex(metric, "^" + METRIC_RE.pattern + "$")).astype(bool)
+    tags: list[tuple[str, pa.Array]] = []
+    if header is not None:
+        tags = [(c[4:], t.column(c).combine_chunks()) for c in header if c.startswith("tag.")]
+    elif "tags" in t.column_names:
+        col = t.column("tags").combine_chunks()
+        if pa.types.is_struct(col.type):
+            for i, child in enumerate(col.flatten()):
                 if pa.types.is_null(child.type):
                     continue
                 ok &= ~_np(pc.fill_null(pc.equal(child, ""), False))
-                keys.append(name)
-                cols.append(child.fill_null(""))
-    return cols, tuple(keys), ok
+                tags.append((col.type.field(i).name, child.fill_null("")))
+    count = np.zeros(n, dtype=np.int64)
+    parts = [pa.array(np.full(n, b"\x93", dtype=object), pa.binary()), _packed(tenant),
+             _packed(metric)]
+    tag_parts = []
+    for key, col in tags:
+        present = _np(pc.not_equal(col, "")).astype(bool)
+        if not table.key_ok(key):
+            ok &= ~present
+        ok &= ~present | (_np(pc.utf8_length(col)) <= MAX_TAG_VALUE)
+        count += present
+        packed_key = _PACKER.pack(key)
+        pair = pc.binary_join_element_wise(
+            pa.array(np.full(n, packed_key, dtype=object), pa.binary()), _packed(col), b"")
+        tag_parts.append(pc.if_else(pa.array(present), pair, pa.scalar(b"", pa.binary())))
+    ok &= count <= MAX_TAGS
+    h = np.empty((n, 3), dtype=np.uint8)
+    h[:, 0] = 0xDE
+    h[:, 1] = 0
+    h[:, 2] = np.minimum(count, 255)
+    map16 = pa.FixedSizeBinaryArray.from_buffers(
+        pa.binary(3), n, [None, pa.py_buffer(h.tobytes())]).cast(pa.binary())
+    parts.append(pc.if_else(pa.array(count > 0), map16, pa.scalar(b"\xc0", pa.binary())))
+    entries = pc.binary_join_element_wise(*parts, *tag_parts, b"")
+    return entries, ok
 
 
-def _series(cols: list[pa.Array], tag_keys: tuple[str, ...], mode: str,
-            table: SeriesTable, n: int) -> np.ndarray:
-    """Each row's series number, -1 where the series is invalid (or unclear)."""
+def _series_by_key(t: pa.Table, header: list[str], table: SeriesTable
+                   ) -> tuple[pa.Array, np.ndarray]:
+    """CSV with a ``tags`` column: each distinct (tenant, metric, tag cells) in Python once."""
+    tag_keys = tuple(c for c in header if c.startswith("tag."))
+    cols = [t.column("tenant"), t.column("metric"), *(t.column(c) for c in tag_keys),
+            t.column("tags")]
     joined = pc.binary_join_element_wise(*cols, SEP)
     if isinstance(joined, pa.ChunkedArray):
         joined = joined.combine_chunks()
     enc = pc.dictionary_encode(joined)
-    indices = enc.indices.to_numpy(zero_copy_only=False)
-    sig = (mode, *tag_keys)
     by_text = table.by_text
-    local = np.empty(len(enc.dictionary), dtype=np.int64)
+    packed: list[bytes] = []
+    valid = np.empty(len(enc.dictionary), dtype=bool)
     for j, key in enumerate(enc.dictionary.to_pylist()):
-        gid = by_text.get((sig, key))
-        if gid is None:
-            gid = by_text[(sig, key)] = _validate(key, tag_keys, mode, table)
-        local[j] = gid
-    return local[indices] if n else np.zeros(0, dtype=np.int64)
+        entry = by_text.get((tag_keys, key), b"")
+        if entry == b"":
+            entry = by_text[(tag_keys, key)] = _validate(key, tag_keys, table)
+        valid[j] = entry is not None
+        packed.append(entry or b"")
+    indices = enc.indices
+    ok = valid[indices.to_numpy(zero_copy_only=False)] if len(indices) else np.zeros(0, bool)
+    return pa.array(packed, pa.binary()).take(indices), ok
 
 
-def _validate(key: str, tag_keys: tuple[str, ...], mode: str, table: SeriesTable) -> int:
-    """The number of the series a joined key names, or -1 (for the per-line path)."""
+def _validate(key: str, tag_keys: tuple[str, ...], table: SeriesTable) -> bytes | None:
+    """The packed entry of the series a joined key names, or None (per-line path)."""
     parts = key.split(SEP)
-    tags_col = mode == "csv+tags"
-    if len(parts) != 2 + len(tag_keys) + tags_col:
-        return -1  # a NUL inside a cell: the per-line path decides
-    tenant, metric, cells = parts[0], parts[1], parts[2:2 + len(tag_keys)]
+    if len(parts) != 3 + len(tag_keys):
+        return None  # a NUL inside a cell: the per-line path decides
     try:
-        if mode != "json":
-            tags = csv_tags(parts[-1] if tags_col else "", zip(tag_keys, cells, strict=True))
-        else:
-            tags = {k: v for k, v in zip(tag_keys, cells, strict=True) if v != ""}
-        return table.number(tenant, metric, tags or None)
+        tags = csv_tags(parts[-1], zip(tag_keys, parts[2:-1], strict=True))
+        return table.packed(parts[0], parts[1], tags or None)
     except (RowError, ValueError, TypeError):
-        return -1
+        return None
 
 
 def _np(a: pa.Array | pa.ChunkedArray) -> np.ndarray:

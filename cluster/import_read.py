@@ -134,10 +134,16 @@ def _cut(buf: bytes, chunk_bytes: int, chunk_rows: int, overhead: int, csv: bool
     bound = np.cumsum(lengths + overhead)
     over = (bound >= chunk_bytes) | (np.arange(1, len(nl) + 1) >= chunk_rows)
     if csv:
-        quotes = np.cumsum(a == 34)[nl]
+        quotes = np.cumsum(_per_line(a, 34, nl))
         over &= (quotes % 2 == 0) | (bound >= 2 * chunk_bytes)
     k = np.flatnonzero(over)
     return int(nl[k[0]]) + 1 if len(k) else None
+
+
+def _per_line(a: np.ndarray, byte: int, ends: np.ndarray) -> np.ndarray:
+    """How many times ``byte`` occurs in each line (``ends``: each line's last byte)."""
+    at = np.flatnonzero(a == byte)
+    return np.bincount(np.searchsorted(ends, at), minlength=len(ends))[:len(ends)]
 
 
 def line_bounds(data: bytes) -> tuple[np.ndarray, np.ndarray]:
@@ -161,8 +167,11 @@ def nonblank(chunk: Chunk, csv: bool) -> np.ndarray:
         body = body - ends_nl
         cr = (body > 0) & (a[np.maximum(chunk.starts + body - 1, 0)] == 13)
         return (body - cr) > 0
-    solid = np.concatenate(([0], np.cumsum(~_WS[a])))
-    return solid[chunk.stops] > solid[chunk.starts]
+    first = a[chunk.starts]
+    keep = ~_WS[first]  # most lines start with "{"; the others are looked at one by one
+    for k in np.flatnonzero(~keep).tolist():
+        keep[k] = bool(chunk.line(k).strip())
+    return keep
 
 
 def lines_with(chunk: Chunk, pattern: bytes) -> np.ndarray:
@@ -198,10 +207,9 @@ def _one_record_per_line(chunk: Chunk, rows: np.ndarray) -> bool:
     a = np.frombuffer(chunk.data, dtype=np.uint8)
     if not len(a):
         return True
-    quotes = np.concatenate(([0], np.cumsum(a == 34)))
-    quoted = rows[(quotes[chunk.stops[rows]] - quotes[chunk.starts[rows]]) > 0]
-    cr = np.concatenate(([0], np.cumsum(a == 13)))
-    crs = rows[(cr[chunk.stops[rows]] - cr[chunk.starts[rows]]) > 0]
+    last = chunk.stops - 1
+    quoted = rows[_per_line(a, 34, last)[rows] > 0]
+    crs = rows[_per_line(a, 13, last)[rows] > 0]
     return (all(_WELL_QUOTED.fullmatch(chunk.line(int(k))) for k in quoted)
             and all(chunk.line(int(k)).endswith(b"\r\n") and chunk.line(int(k)).count(b"\r") == 1
                     for k in crs))

@@ -500,13 +500,13 @@ class _Run:
             res.rows += batch.rows
             for line_no, reason in batch.rejected:
                 self.reject(line_no, reason)
-            n = len(batch.gids)
+            n = len(batch.ts)
             res.sent += n
             if res.increments is not None:
                 res.increments += n
             self._drain(client)
             if n:
-                series, index = table.encode(batch.gids)
+                series, index = table.encode(batch.entries)
                 self.batch_lines[chunk.end] = batch.lines
                 while True:
                     try:
