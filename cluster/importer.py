@@ -5,13 +5,17 @@ acks, like any producer. What this module adds is what makes an import safe to
 interrupt and run again:
 
 **Resume is (producer, seq) dedup, not bookkeeping.** The file is cut into
-chunks at record boundaries, deterministically (a chunk ends after
-``chunk_rows`` records, or once a bound on its frame's bytes reaches
-``chunk_bytes``; both depend on the file's bytes only), and each chunk is sent as
-exactly one batch whose seq is *the byte offset where the chunk ends*. The
-producer name is derived from the file (absolute path, size, mtime, format,
-kind and the chunking), so a given (producer, seq) always carries the same
-increments. On start the server's ``welcome.durable_seq`` for that producer is
+chunks deterministically, from its bytes only (increments: at the first line
+end after ``chunk_rows`` lines or once a bound on the frame reaches
+``chunk_bytes``, see ``import_read``; events: after ``chunk_rows`` records or
+a bound on their frame), and each chunk is sent as exactly one batch whose
+seq is *the byte offset where the chunk ends*. The producer name is derived
+from the file (absolute path, size, mtime, format, kind, the scheme and the
+chunking), so a given (producer, seq) always carries the same increments. An
+increments file half-imported by a tally from before the columnar reader
+(scheme ``import-v1``) is therefore a new producer to this one: run it to
+the end with the tally that began it, or it counts that half twice.
+On start the server's ``welcome.durable_seq`` for that producer is
 therefore the offset up to which the file is durable: the import seeks there
 and sends the rest. Batches after it that a killed run had sent are sent again
 with the same seqs; the server applies each (producer, seq) once, so those
@@ -34,6 +38,11 @@ the same rules the server applies (the built-in ones unless ``--rules``), so a
 bad event cannot take its whole batch down with it (the server refuses a batch
 all or nothing). If the server still refuses a batch, the summary names the
 line the server named, the chunk's lines and how many rows were not applied.
+
+Increments are read columnar (``import_read``: pyarrow's readers over each
+chunk's bytes; ``import_batch``: vectorised checks and packing, the per-line
+path for any row they cannot vouch for) and sent with
+``TallyClient.send_columnar``; events go line by line through ``send``.
 
 File formats (see README, "tally import"):
 
