@@ -5,13 +5,17 @@ acks, like any producer. What this module adds is what makes an import safe to
 interrupt and run again:
 
 **Resume is (producer, seq) dedup, not bookkeeping.** The file is cut into
-chunks at record boundaries, deterministically (a chunk ends after
-``chunk_rows`` records, or once a bound on its frame's bytes reaches
-``chunk_bytes``; both depend on the file's bytes only), and each chunk is sent as
-exactly one batch whose seq is *the byte offset where the chunk ends*. The
-producer name is derived from the file (absolute path, size, mtime, format,
-kind and the chunking), so a given (producer, seq) always carries the same
-increments. On start the server's ``welcome.durable_seq`` for that producer is
+chunks deterministically, from its bytes only (increments: at the first line
+end after ``chunk_rows`` lines or once a bound on the frame reaches
+``chunk_bytes``, see ``import_read``; events: after ``chunk_rows`` records or
+a bound on their frame), and each chunk is sent as exactly one batch whose
+seq is *the byte offset where the chunk ends*. The producer name is derived
+from the file (absolute path, size, mtime, format, kind, the scheme and the
+chunking), so a given (producer, seq) always carries the same increments. An
+increments file half-imported by a tally from before the columnar reader
+(scheme ``import-v1``) is therefore a new producer to this one: run it to
+the end with the tally that began it, or it counts that half twice.
+On start the server's ``welcome.durable_seq`` for that producer is
 therefore the offset up to which the file is durable: the import seeks there
 and sends the rest. Batches after it that a killed run had sent are sent again
 with the same seqs; the server applies each (producer, seq) once, so those
@@ -35,6 +39,11 @@ bad event cannot take its whole batch down with it (the server refuses a batch
 all or nothing). If the server still refuses a batch, the summary names the
 line the server named, the chunk's lines and how many rows were not applied.
 
+Increments are read columnar (``import_read``: pyarrow's readers over each
+chunk's bytes; ``import_batch``: vectorised checks and packing, the per-line
+path for any row they cannot vouch for) and sent with
+``TallyClient.send_columnar``; events go line by line through ``send``.
+
 File formats (see README, "tally import"):
 
 - JSON lines: one object per line. Increments ``{"tenant", "metric", "ts",
@@ -56,20 +65,15 @@ file at once are wasteful but still exact: both send the same seqs.
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import json
 import os
-import re
 import time
-from abc import ABC, abstractmethod
 from array import array
-from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO
 
+import numpy as np
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import (
@@ -92,46 +96,52 @@ from tally.client import (
     TallyError,
     TallyTimeout,
 )
-from tally.wire.frames import MAX_PRODUCER
+from tally.cluster.import_batch import ChunkBatch, SeriesTable, build_batch
+from tally.cluster.import_formats import (  # re-exported: the importer's public names
+    GROWTH,
+    CsvFile,
+    Event,
+    ImportFailed,
+    Increment,
+    JsonLines,
+    RowError,
+    Source,
+    detect_format,
+    open_source,
+    parse_ts,
+)
+from tally.cluster.import_read import CHUNK_BYTES, CHUNK_ROWS, LINE_OVERHEAD, Chunk, chunks
+from tally.wire.frames import DEFAULT_MAX_FRAME, MAX_PRODUCER
 from tally.wire.series import InvalidSeries, series_key
 from tally.wire.vocabulary import INT64_MAX, INT64_MIN
 
 __all__ = [
+    "CsvFile",
+    "Event",
     "FileClient",
     "ImportFailed",
+    "Increment",
+    "JsonLines",
+    "RowError",
+    "Source",
+    "parse_ts",
     "ImportOptions",
     "ImportResult",
     "Rejection",
     "run_import",
 ]
 
-CHUNK_ROWS = 20_000
-# A bound on a chunk's frame: it may overshoot by one record (refused above this size
-# too), so a chunk stays within 2 x 3 MiB, under the client's 8 MiB byte cap, and the
-# client never seals a batch on its own (its seq would not be the chunk's).
-CHUNK_BYTES = 3 << 20
-# What one record can take in a frame, at most: msgpack never spends more than 3 bytes
-# per byte of JSON or CSV text (a float such as 1e1 becomes 9 bytes), plus an
-# increment's 20 bytes of columns and the frame's headers, plus (CSV) the keys that come
-# from the header rather than the line.
-GROWTH = 3
-RECORD_OVERHEAD = 96
+# Events keep the per-record path and its chunking: a chunk ends after EVENT_CHUNK_ROWS
+# records, or once a bound on its frame (GROWTH bytes per byte of text, plus overheads,
+# see import_formats) reaches EVENT_CHUNK_BYTES; it may overshoot by one record (refused
+# above this size too), so a chunk stays within 2 x 3 MiB, under the client's 8 MiB cap.
+EVENT_CHUNK_ROWS = 20_000
+EVENT_CHUNK_BYTES = 3 << 20
 # Part of the producer name: bump it whenever parsing or chunking changes what a seq
-# carries, so an import resumed by a newer tally never mixes the two.
-SCHEME = "import-v1"
-INCREMENT_KEYS = frozenset(("tenant", "metric", "ts", "value", "tags"))
-FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".csv": "csv"}
-SNIFF_RECORDS = 1000
-_INT_RE = re.compile(r"[+-]?[0-9]+")
-_FLOAT_RE = re.compile(r"[+-]?([0-9]+\.[0-9]*|\.[0-9]+|[0-9]+)([eE][+-]?[0-9]+)?")
-
-
-class ImportFailed(Exception):
-    """The import cannot start or go on (file, format, server); the message says why."""
-
-
-class RowError(ValueError):
-    """One record the import refuses; reported with its line number and skipped."""
+# carries, so an import resumed by a newer tally never mixes the two. v2: increments are
+# chunked by lines and bytes (import_read); events still chunk as in v1, so their names
+# are unchanged.
+SCHEME = {"increments": "import-v2", "events": "import-v1"}
 
 
 @dataclass
@@ -147,8 +157,10 @@ class ImportOptions:
     token: str | None = None
     rules: Rules | None = BUILTIN  # None: events are judged by the server only
     timeout: float = 60.0  # for connecting, backpressure and the final durable flush
-    chunk_rows: int = CHUNK_ROWS
-    chunk_bytes: int = CHUNK_BYTES
+    # None: by kind (increments: import_read's CHUNK_*; events: EVENT_CHUNK_*)
+    chunk_rows: int | None = None
+    chunk_bytes: int | None = None
+    threads: bool = True  # let pyarrow parse a chunk on every core
     progress: bool = True
     # Tests only: once this many batches are applied, drop the client as a crash would
     # (whatever is not durable yet is left to the next run), which must resume exactly.
@@ -216,11 +228,11 @@ class FileClient(TallyClient):
 
     def __init__(
         self, host: str, port: int, *, producer: str, token: str | None, first_seq: int,
-        timeout: float,
+        timeout: float, max_batch_bytes: int = DEFAULT_MAX_FRAME,
     ) -> None:
         super().__init__(
             host, port, producer=producer, token=token, batch_size=2**31, linger=None,
-            timeout=timeout, first_seq=first_seq,
+            timeout=timeout, first_seq=first_seq, max_batch_bytes=max_batch_bytes,
         )
         self._batches_seen = 0
 
@@ -255,340 +267,27 @@ class FileClient(TallyClient):
         return durable, self.take_rejections()
 
 
-# ------------------------------------------------------------------------ parsing
+
+def chunking(kind: str, chunk_rows: int | None, chunk_bytes: int | None) -> tuple[int, int]:
+    """The chunk bounds a kind uses, the given ones first."""
+    rows, size = (CHUNK_ROWS, CHUNK_BYTES) if kind == "increments" else (EVENT_CHUNK_ROWS,
+                                                                         EVENT_CHUNK_BYTES)
+    return chunk_rows or rows, chunk_bytes or size
 
 
-def parse_ts(x: Any) -> int:
-    """Integer Unix seconds, from an int, a string of digits or an ISO 8601 datetime."""
-    if type(x) is int:
-        return x
-    if isinstance(x, str):
-        s = x.strip()
-        if _INT_RE.fullmatch(s):
-            return int(s)
-        try:
-            dt = datetime.fromisoformat(s)
-        except ValueError:
-            raise RowError(f"ts {x!r} is neither integer Unix seconds nor an ISO 8601 "
-                           "datetime") from None
-        if dt.tzinfo is None:
-            dt = dt.replace(tzinfo=UTC)
-        return int(dt.timestamp() // 1)
-    if x is None:
-        raise RowError("ts is missing (integer Unix seconds or an ISO 8601 datetime)")
-    raise RowError(f"ts {x!r} is a {type(x).__name__}; expected integer Unix seconds or an "
-                   "ISO 8601 datetime")
-
-
-def _number_or_text(cell: str) -> Any:
-    if _INT_RE.fullmatch(cell):
-        return int(cell)
-    if _FLOAT_RE.fullmatch(cell):
-        return float(cell)
-    return cell
-
-
-def _check_text(cells: list[str]) -> None:
-    """Lone surrogates are the bytes that were not UTF-8 (decoded with surrogateescape)."""
-    for cell in cells:
-        if not cell.isascii():
-            try:
-                cell.encode("utf-8")
-            except UnicodeEncodeError:
-                raise RowError(f"cell {cell!r} is not valid UTF-8") from None
-
-
-Increment = tuple[str, str, int, int, dict[str, str] | None]  # tenant, metric, value, ts, tags
-Event = tuple[str, str, int, dict[str, Any]]  # tenant, type, ts, fields
-
-
-def increment_from(obj: dict[str, Any]) -> Increment:
-    """An increment from a JSON object; the client library checks the series and ranges."""
-    if not obj.keys() <= INCREMENT_KEYS:
-        extra = ", ".join(sorted(map(repr, obj.keys() - INCREMENT_KEYS)))
-        raise RowError(f"unknown key {extra}: an increment has tenant, metric, ts, value, tags")
-    tenant = obj.get("tenant")
-    metric = obj.get("metric")
-    if tenant is None:
-        raise RowError("tenant is missing")
-    if metric is None:
-        raise RowError("metric is missing")
-    value = obj.get("value", 1)
-    return tenant, metric, value, parse_ts(obj.get("ts")), obj.get("tags")
-
-
-def event_from(obj: dict[str, Any]) -> Event:
-    """An event from a JSON object: the envelope apart, every other key is a field."""
-    fields = dict(obj)
-    etype = fields.pop("type", None)
-    tenant = fields.pop("tenant", None)
-    ts = fields.pop("ts", None)
-    if etype is None:
-        raise RowError("type is missing (an event is {type, tenant, ts, ...fields})")
-    if tenant is None:
-        raise RowError("tenant is missing")
-    return tenant, etype, parse_ts(ts), fields
-
-
-class Source(ABC):
-    """A file's records from a byte offset: ``(first line, end offset, payload)``.
-
-    Subclasses know the format; ``parse`` turns a payload into an increment or
-    an event, or raises ``RowError``. Reading and parsing are apart so that the
-    chunk boundaries (which decide the seqs) depend on the bytes only.
-    """
-
-    def __init__(self, path: str, kind: str, rules: Rules | None) -> None:
-        self.path = path
-        self.kind = kind
-        self.rules = rules
-
-    def data_start(self) -> int:
-        """Where records begin (after a header)."""
-        return 0
-
-    def overhead(self) -> int:
-        """Frame bytes a record may take beyond ``GROWTH`` times its own (see there)."""
-        return RECORD_OVERHEAD
-
-    @abstractmethod
-    def records(self, f: BinaryIO, offset: int, line: int) -> Iterator[tuple[int, int, Any]]:
-        """Every record from ``offset`` (which starts line ``line``), in file order."""
-
-    @abstractmethod
-    def parse(self, payload: Any) -> Increment | Event:
-        """The increment or event of one record; ``RowError`` says what is wrong with it."""
-
-    @abstractmethod
-    def sniff(self) -> str | None:
-        """``events`` or ``increments`` from the start of the file, or None if unclear."""
-
-
-_JSON = json.JSONDecoder()  # json.loads without its per-call encoding sniffing
-
-
-class JsonLines(Source):
-    def records(self, f: BinaryIO, offset: int, line: int) -> Iterator[tuple[int, int, Any]]:
-        f.seek(offset)
-        for raw in f:
-            offset += len(raw)
-            if raw.strip():
-                yield line, offset, raw
-            line += 1
-
-    def parse(self, payload: bytes) -> Increment | Event:
-        try:
-            obj = _JSON.decode(payload.decode("utf-8"))
-        except json.JSONDecodeError as e:
-            raise RowError(f"not JSON: {e.msg} (column {e.colno})") from None
-        except UnicodeDecodeError:
-            raise RowError("not valid UTF-8") from None
-        if type(obj) is not dict:
-            raise RowError(f"expected a JSON object, not {type(obj).__name__}")
-        return increment_from(obj) if self.kind == "increments" else event_from(obj)
-
-    def sniff(self) -> str | None:
-        with open(self.path, "rb") as f:
-            for n, (_, _, raw) in enumerate(self.records(f, 0, 1)):
-                if n >= SNIFF_RECORDS:
-                    break
-                try:
-                    obj = json.loads(raw)
-                except ValueError:
-                    continue
-                if type(obj) is dict and "type" in obj:
-                    return "events"
-                if type(obj) is dict and "metric" in obj:
-                    return "increments"
-        return None
-
-
-class _Lines:
-    """Feeds ``csv.reader`` one line at a time, so the offset after each record is known."""
-
-    def __init__(self, f: BinaryIO, offset: int, line: int) -> None:
-        f.seek(offset)
-        self.f = f
-        self.offset = offset
-        self.line = line  # the number of the next line to be read
-
-    def __iter__(self) -> _Lines:
-        return self
-
-    def __next__(self) -> str:
-        raw = self.f.readline()
-        if not raw:
-            raise StopIteration
-        self.offset += len(raw)
-        self.line += 1
-        return raw.decode("utf-8", "surrogateescape")
-
-
-class CsvFile(Source):
-    def __init__(self, path: str, kind: str, rules: Rules | None) -> None:
-        super().__init__(path, kind, rules)
-        with open(path, "rb") as f:
-            lines = _Lines(f, 0, 1)
-            try:
-                self.header = [h.strip() for h in next(csv.reader(lines))]
-            except StopIteration:
-                raise ImportFailed(f"{path}: empty file (a CSV file needs a header row)") from None
-            self._start = lines.offset
-        self._check_header()
-        self.text_fields: dict[str, frozenset[str]] = {}
-        if rules is not None:
-            for etype, type_rules in rules.by_event.items():
-                self.text_fields[etype] = frozenset(f for r in type_rules for _, f in r.tags)
-
-    def sniff(self) -> str | None:
-        if "type" in self.header:
-            return "events"
-        if "metric" in self.header:
-            return "increments"
-        return None
-
-    def _check_header(self) -> None:
-        h = self.header
-        if any(not c for c in h):
-            raise ImportFailed(f"{self.path}: line 1: the header has an empty column name")
-        dup = sorted({c for c in h if h.count(c) > 1})
-        if dup:
-            raise ImportFailed(f"{self.path}: line 1: column {', '.join(dup)} appears twice")
-
-    def check_columns(self) -> None:
-        """The header fits the kind (known after sniffing); refused whole, before sending."""
-        h = set(self.header)
-        need = ("tenant", "metric", "ts") if self.kind == "increments" else ("type", "tenant",
-                                                                              "ts")
-        missing = [c for c in need if c not in h]
-        if missing:
-            raise ImportFailed(f"{self.path}: line 1: {self.kind} need column "
-                               f"{', '.join(missing)} (header: {', '.join(self.header)})")
-        if self.kind == "increments":
-            unknown = [c for c in self.header if c not in INCREMENT_KEYS
-                       and not (c.startswith("tag.") and len(c) > 4)]
-            if unknown:
-                raise ImportFailed(
-                    f"{self.path}: line 1: unknown column {', '.join(unknown)}: increments take "
-                    "tenant, metric, ts, value, tags (a JSON object) and tag.KEY columns"
-                )
-
-    def data_start(self) -> int:
-        return self._start
-
-    def overhead(self) -> int:
-        # Each column's name may become a key (an event field, a tag key) in every record.
-        return RECORD_OVERHEAD + sum(len(c.encode()) + 3 for c in self.header)
-
-    def records(self, f: BinaryIO, offset: int, line: int) -> Iterator[tuple[int, int, Any]]:
-        lines = _Lines(f, offset, line)
-        reader = csv.reader(lines)
-        while True:
-            first = lines.line
-            try:
-                cells = next(reader)
-            except StopIteration:
-                return
-            except csv.Error as e:
-                yield first, lines.offset, RowError(f"not CSV: {e}")
-                continue
-            if cells:
-                yield first, lines.offset, cells
-
-    def parse(self, payload: list[str] | RowError) -> Increment | Event:
-        if isinstance(payload, RowError):
-            raise payload
-        if len(payload) != len(self.header):
-            raise RowError(f"{len(payload)} cells, the header has {len(self.header)}")
-        _check_text(payload)
-        row = dict(zip(self.header, payload, strict=True))
-        return self._increment(row) if self.kind == "increments" else self._event(row)
-
-    def _increment(self, row: dict[str, str]) -> Increment:
-        tags: dict[str, str] = {}
-        raw_tags = row.pop("tags", "").strip()
-        if raw_tags:
-            try:
-                parsed = json.loads(raw_tags)
-            except json.JSONDecodeError as e:
-                raise RowError(f"tags: not JSON: {e.msg}") from None
-            if parsed is not None:
-                if type(parsed) is not dict:
-                    raise RowError(f"tags: expected a JSON object, not {type(parsed).__name__}")
-                tags.update(parsed)
-        for column, cell in row.items():
-            if column.startswith("tag.") and cell != "":
-                key = column[4:]
-                if key in tags:
-                    raise RowError(f"tag {key!r} is both in tags and in column {column}")
-                tags[key] = cell
-        value_cell = row.get("value", "").strip()
-        if value_cell == "":
-            value = 1
-        elif _INT_RE.fullmatch(value_cell):
-            value = int(value_cell)
-        else:
-            raise RowError(f"value {value_cell!r} is not an integer")
-        if not row["tenant"]:
-            raise RowError("tenant is empty")
-        if not row["metric"]:
-            raise RowError("metric is empty")
-        return row["tenant"], row["metric"], value, parse_ts(row["ts"]), tags or None
-
-    def _event(self, row: dict[str, str]) -> Event:
-        etype = row.pop("type")
-        tenant = row.pop("tenant")
-        ts = parse_ts(row.pop("ts"))
-        if not etype:
-            raise RowError("type is empty")
-        if not tenant:
-            raise RowError("tenant is empty")
-        text = self.text_fields.get(etype, frozenset())
-        fields = {k: (v if k in text else _number_or_text(v)) for k, v in row.items() if v != ""}
-        return tenant, etype, ts, fields
-
-
-def detect_format(path: str, given: str | None) -> str:
-    if given is not None:
-        if given not in ("jsonl", "csv"):
-            raise ImportFailed(f"--format {given}: expected jsonl or csv")
-        return given
-    fmt = FORMATS.get(Path(path).suffix.lower())
-    if fmt is None:
-        raise ImportFailed(f"{path}: cannot tell the format from the extension "
-                           f"({', '.join(FORMATS)}); pass --format jsonl or --format csv")
-    return fmt
-
-
-def open_source(path: str, fmt: str, kind: str, rules: Rules | None) -> Source:
-    """The file's reader, with the kind settled (sniffed from the file's start if auto).
-
-    The kind comes from the start of the file, never from where a resumed run
-    begins, so every run of one file reads it the same way.
-    """
-    if kind not in ("auto", "events", "increments"):
-        raise ImportFailed(f"--kind {kind}: expected auto, events or increments")
-    src: Source = CsvFile(path, kind, rules) if fmt == "csv" else JsonLines(path, kind, rules)
-    if kind == "auto":
-        src.kind = src.sniff() or ""
-    if not src.kind:
-        raise ImportFailed(f"{path}: cannot tell events (with a type) from increments (with a "
-                           "metric) from the start of the file; pass --kind")
-    if isinstance(src, CsvFile):
-        src.check_columns()
-    return src
-
-
-def producer_for(path: str, fmt: str, kind: str, chunk_rows: int, chunk_bytes: int) -> str:
+def producer_for(path: str, fmt: str, kind: str, chunk_rows: int | None = None,
+                 chunk_bytes: int | None = None) -> str:
     """A name that is the same in every run over the same, unchanged file.
 
     Size and mtime are in it so that an edited or regrown file is a new import
     rather than a resume into rows that moved; the format, kind and chunking
     are in it because they decide what each seq carries.
     """
+    chunk_rows, chunk_bytes = chunking(kind, chunk_rows, chunk_bytes)
     p = Path(path).resolve()
     st = p.stat()
-    ident = f"{SCHEME}|{p}|{st.st_size}|{st.st_mtime_ns}|{fmt}|{kind}|{chunk_rows}|{chunk_bytes}"
+    ident = (f"{SCHEME[kind]}|{p}|{st.st_size}|{st.st_mtime_ns}|{fmt}|{kind}|{chunk_rows}|"
+             f"{chunk_bytes}")
     digest = hashlib.sha256(ident.encode("utf-8", "surrogateescape")).hexdigest()[:20]
     return f"import:{p.name[:100]}:{digest}"
 
@@ -634,7 +333,9 @@ class _Run:
         if src.kind == "events" and src.rules is None:
             self.result.increments = None
         self.progress = progress
-        self.batch_lines: dict[int, array] = {}  # seq -> line of each row, until durable
+        self.chunk_rows, self.chunk_bytes = chunking(src.kind, opts.chunk_rows, opts.chunk_bytes)
+        # seq -> line of each row, until durable
+        self.batch_lines: dict[int, array | np.ndarray] = {}
         self.valid_series: set[tuple[str, str, tuple[tuple[str, str], ...]]] = set()
 
     # -- rows ---------------------------------------------------------------------------
@@ -721,7 +422,10 @@ class _Run:
                                 token=opts.token, first_seq=start + 1, timeout=opts.timeout)
             began = time.monotonic()
             try:
-                self._stream(f, client, start, res.start_line)
+                if self.src.kind == "increments":
+                    self._stream_columnar(f, client, start, res.start_line)
+                else:
+                    self._stream(f, client, start, res.start_line)
                 if not res.interrupted:
                     self._finish(client)
             except KeyboardInterrupt:
@@ -756,10 +460,10 @@ class _Run:
             size = GROWTH * (end - prev) + overhead  # (blank lines before it included)
             prev = end
             try:
-                if size > opts.chunk_bytes:
+                if size > self.chunk_bytes:
                     raise RowError(f"a record of {(size - overhead) // GROWTH:,} bytes is too "
                                    "large for one batch (at most about "
-                                   f"{(opts.chunk_bytes - overhead) // GROWTH:,})")
+                                   f"{(self.chunk_bytes - overhead) // GROWTH:,})")
                 bound += size
                 made = self.send(client, src.parse(payload))
             except (RowError, ValueError, TypeError) as e:  # the client checks series, ranges
@@ -769,7 +473,7 @@ class _Run:
                 res.sent += 1
                 if res.increments is not None:
                     res.increments += made
-            if in_chunk >= opts.chunk_rows or bound >= opts.chunk_bytes:
+            if in_chunk >= self.chunk_rows or bound >= self.chunk_bytes:
                 batches += self._seal(client, end, lines)
                 in_chunk, bound, lines = 0, 0, array("I")
                 if progress is not None and task is not None:
@@ -786,6 +490,52 @@ class _Run:
         batches += self._seal(client, max(end, f.tell()), lines)
         if progress is not None and task is not None:
             progress.update(task, completed=res.size, description=f"rows {res.rows:,}")
+
+    def _stream_columnar(self, f: BinaryIO, client: FileClient, start: int, line: int) -> None:
+        """Increments: each chunk read columnar (``import_read``, ``import_batch``), one
+        columnar batch per chunk, seq = the offset where the chunk ends."""
+        opts, res, src = self.opts, self.result, self.src
+        table = SeriesTable()
+        progress, task = self.progress, None
+        if progress is not None:
+            task = progress.add_task("rows 0", total=res.size, completed=start)
+        is_csv = isinstance(src, CsvFile)
+        header_keys = sum(len(c.encode()) + 3 for c in src.header) if is_csv else 0
+        batches = 0
+        for chunk in chunks(f, start, line, chunk_bytes=self.chunk_bytes,
+                            chunk_rows=self.chunk_rows, overhead=LINE_OVERHEAD + header_keys,
+                            csv=is_csv):
+            batch = self.batch(chunk, table)
+            res.rows += batch.rows
+            for line_no, reason in batch.rejected:
+                self.reject(line_no, reason)
+            n = len(batch.ts)
+            res.sent += n
+            if res.increments is not None:
+                res.increments += n
+            self._drain(client)
+            if n:
+                series, index = table.encode(batch.entries)
+                self.batch_lines[chunk.end] = batch.lines
+                while True:
+                    try:
+                        client.send_columnar(chunk.end, series, index, batch.ts, batch.values)
+                        break
+                    except BatchRejected as e:  # an earlier batch's; this one is not kept
+                        self.server_rejected(e)
+                batches += 1
+            if progress is not None and task is not None:
+                progress.update(task, completed=chunk.end, description=f"rows {res.rows:,}")
+            if opts.stop_after_batches is not None and batches >= opts.stop_after_batches:
+                client.flush(durable=False, timeout=opts.timeout)
+                res.interrupted = True
+                res.problem = f"stopped after {batches} batches (test hook)"
+                return
+
+    def batch(self, chunk: Chunk, table: SeriesTable) -> ChunkBatch:
+        """One chunk's columnar batch and refused lines (a method: tests interrupt it)."""
+        return build_batch(chunk, self.src, table, chunk_bytes=self.chunk_bytes,
+                           overhead=self.src.overhead(), threads=self.opts.threads)
 
     def _seal(self, client: FileClient, end: int, lines: array) -> int:
         """Close the chunk ending at ``end`` as batch seq ``end``; 1 if it held rows."""

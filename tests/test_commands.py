@@ -356,26 +356,26 @@ def test_import_interrupted_after_some_chunks_are_durable_resumes_from_there(
 
 def test_import_interrupted_mid_chunk_sends_nothing_of_that_chunk(
         tally: InProcessTally, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # Ctrl-C while a chunk is half read: the half chunk must not go out (a flush on the
-    # way out would seal it under a seq that is not its chunk's).
+    # Ctrl-C while a chunk is being read: the half-read chunk must not go out (a flush on
+    # the way out would seal it under a seq that is not its chunk's).
     path, want = increments_file(tmp_path / "hits.jsonl", "imp11", 1000)
     two_chunks = sum(k % 3 + 1 for k in range(200))
-    send = importer._Run.send
+    batch = importer._Run.batch
     calls = []
 
-    def interrupted_at_250(self: importer._Run, client: importer.FileClient, item: Any) -> int:
+    def interrupted_in_the_third(self: importer._Run, chunk: Any, table: Any) -> Any:
         calls.append(1)
-        if len(calls) == 250:
-            deadline = time.monotonic() + 10  # let the two sealed chunks be applied
+        if len(calls) == 3:
+            deadline = time.monotonic() + 10  # let the two sent chunks be applied
             while total(tally, "imp11", "hits") < two_chunks and time.monotonic() < deadline:
                 time.sleep(0.02)
             raise KeyboardInterrupt
-        return send(self, client, item)
+        return batch(self, chunk, table)
 
-    monkeypatch.setattr(importer._Run, "send", interrupted_at_250)
+    monkeypatch.setattr(importer._Run, "batch", interrupted_in_the_third)
     first = run_import(options(tally, path, chunk_rows=100))
     monkeypatch.undo()
-    assert first.interrupted and first.sent == 249
+    assert first.interrupted and first.sent == 200
     producer = producer_for(str(path), "jsonl", "increments", 100, importer.CHUNK_BYTES)
     ends = list(accumulate(len(x) for x in path.read_bytes().splitlines(keepends=True)))
     deadline = time.monotonic() + 10  # the two chunks become durable, and nothing more

@@ -30,6 +30,7 @@ __all__ = [
     "Batches",
     "EventBuilder",
     "SealedBatch",
+    "columnar_frame",
     "decode_event",
     "decode_increment",
     "rejection",
@@ -222,6 +223,31 @@ class Batches:
         second = self._seal_events()
         return second if second is not None else first
 
+    def add_columnar(
+        self, seq: int, series: bytes, index: np.ndarray, ts: np.ndarray, values: np.ndarray
+    ) -> None:
+        """Keep a batch the caller built whole as seq ``seq`` (see ``columnar_frame``).
+
+        For a producer that builds its batches columnar itself (``tally
+        import``): nothing is buffered, no batch may be open, ``seq`` must be
+        above ``last_seq``, and the frame must fit ``max_batch_bytes``
+        (``ValueError`` otherwise, and nothing is kept).
+        """
+        if self.builder.n or self.event_builder.n:
+            raise ValueError("add_columnar: a batch is open; seal it first")
+        if type(seq) is not int or not self.next_seq <= seq <= MAX_SEQ:
+            raise ValueError(f"seq {seq!r} must be above the last seq ({self.last_seq}) "
+                             f"and at most {MAX_SEQ}")
+        n = len(index)
+        if not n or len(ts) != n or len(values) != n:
+            raise ValueError("add_columnar: index, ts and values must have one length, not 0")
+        frame = columnar_frame(seq, series, index, ts, values)
+        if len(frame) > self.max_batch_bytes:
+            raise ValueError(f"add_columnar: a frame of {len(frame)} bytes exceeds "
+                             f"max_batch_bytes={self.max_batch_bytes}")
+        self.next_seq = seq
+        self._keep_frame(frame, n)
+
     def _seal_increments(self) -> int | None:
         builder = self.builder
         if not builder.n:
@@ -249,6 +275,10 @@ class Batches:
                 f"batch frame of {len(frame)} bytes exceeds max_batch_bytes="
                 f"{self.max_batch_bytes} (estimated {bound})"
             )
+        return self._keep_frame(frame, n)
+
+    def _keep_frame(self, frame: bytes, n: int) -> int:
+        seq = self.next_seq
         self.next_seq = seq + 1
         self.kept[seq] = SealedBatch(seq, frame, n)
         self.kept_increments += n
@@ -267,6 +297,28 @@ class Batches:
         """Seal the open batch if its linger ran out; True if a batch was sealed."""
         deadline = self.linger_deadline()
         return deadline is not None and now >= deadline and self.seal() is not None
+
+
+def columnar_frame(
+    seq: int, series: bytes, index: np.ndarray, ts: np.ndarray, values: np.ndarray
+) -> bytes:
+    """An ``inc`` frame (ack durable) from a series table already packed and three columns.
+
+    ``series`` is the msgpack encoding of the table, an array of ``[tenant,
+    metric, tags|nil]`` entries (a caller that meets the same series in many
+    batches packs each once and joins the bytes: packing is most of the cost
+    of a wide batch). The columns become little-endian ``<u4``/``<i8``/``<i8``.
+    """
+    p = msgpack.Packer(use_bin_type=True)
+    body = b"".join((
+        p.pack_map_header(7),
+        p.pack("op"), p.pack("inc"), p.pack("seq"), p.pack(seq), p.pack("ack"),
+        p.pack("durable"), p.pack("series"), series,
+        p.pack("i"), p.pack(np.asarray(index).astype("<u4", copy=False).tobytes()),
+        p.pack("ts"), p.pack(np.asarray(ts).astype("<i8", copy=False).tobytes()),
+        p.pack("v"), p.pack(np.asarray(values).astype("<i8", copy=False).tobytes()),
+    ))
+    return len(body).to_bytes(4, "big") + body
 
 
 def decode_increment(frame: bytes, row: int) -> Increment | None:

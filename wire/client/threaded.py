@@ -113,6 +113,28 @@ class TallyClient(ClientShell):
         if wake:
             self._wake()
 
+    def send_columnar(
+        self, seq: int, series: bytes, index: Any, ts: Any, values: Any
+    ) -> None:
+        """Send a batch built whole by the caller, columnar, as seq ``seq``.
+
+        ``series`` is the msgpack encoding of the series table (an array of
+        ``[tenant, metric, tags|nil]``, validated by the caller, e.g. with
+        ``SeriesCache``: the server refuses the whole batch otherwise);
+        ``index[k]`` is row ``k``'s entry in it, ``ts`` and ``values`` its
+        columns. The batch is kept and resent like a sealed one; ``seq`` must
+        be above ``last_seq`` and no ``inc`` may be buffered (a producer that
+        numbers its batches itself: ``first_seq``, ``linger=None``). Waits for
+        room like ``inc`` and raises what it raises, or ``ValueError``.
+        """
+        core = self._core
+        with self._cond:
+            self._check(rejections=True)
+            if not self._has_room():
+                self._wait(self._has_room, self.timeout, self._describe_full)
+            core.add_columnar(seq, series, index, ts, values)
+        self._wake()
+
     def event(self, tenant: str, type: str, ts: int | None = None, **fields: Any) -> None:
         """Buffer one raw event (``ts`` Unix seconds, default now) for the server's rules.
 
