@@ -41,7 +41,9 @@ def check_month(month: Any) -> str:
 # middle of a checkpoint's short-lived objects: those pinned the allocator's
 # arenas, so a shard's resident memory kept much of what each large checkpoint used.
 _CANONICAL: dict[str, None] = {}
-_CANONICAL_LIMIT = 65536  # then forgotten at once: a re-check is only a few microseconds
+# then forgotten at once (a re-check is a few microseconds): above the series a wide shard
+# holds live, whose every checkpoint would otherwise re-check most of them
+_CANONICAL_LIMIT = 1 << 20
 
 
 def check_canonical(sid: str) -> str:

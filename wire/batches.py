@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from tally.wire.row_blocks import RowBlock
+from tally.wire.row_blocks import SERIES_PER_CONNECTION, RowBlock
 from tally.wire.series import InvalidSeries, series_key
 from tally.wire.timeslots import SECONDS_PER_HOUR, hour_start
 from tally.wire.vocabulary import (  # INT64_*: re-exported, the server's modules import them here
@@ -371,7 +371,7 @@ class KnownSeries:
 
     __slots__ = ("sids", "limit")
 
-    def __init__(self, limit: int = 100_000) -> None:
+    def __init__(self, limit: int = SERIES_PER_CONNECTION) -> None:
         self.sids: dict[Any, str] = {}
         self.limit = limit
 

@@ -30,6 +30,9 @@ from tally.wire.series import InvalidSeries, series_key
 _MAX_TAGS = 32  # a map of more tags goes to the general decoder
 _MAX_HASHED = 256  # series of more bytes are told apart with a dict of their bytes
 _TABLE_WORDS = 16  # series of up to 128 bytes are found again without a Python step
+# Series one connection's caches keep before starting over: well above the 100,000 active
+# series of a wide producer, whose every frame would otherwise start them over.
+SERIES_PER_CONNECTION = 300_000
 # zeros after the array: reads up to 9 bytes past a position, and the hashed windows
 # of a series near the end, stay inside
 _PAD = _MAX_HASHED + 16
@@ -105,7 +108,7 @@ class SeriesBytes:
     orders is as many entries).
     """
 
-    def __init__(self, limit: int = 100_000) -> None:
+    def __init__(self, limit: int = SERIES_PER_CONNECTION) -> None:
         self.limit = limit
         self._clear()
 
