@@ -5,11 +5,10 @@ increment so that an ingest is a handful of numpy operations over the batch
 (find each aggregate's row, add, write back) with no Python step per row, and
 a month the shard forgets (``free_month``) gives its rows back for reuse.
 
-A block's *key* is ``series << DAY_BITS | day``; a dict finds its row. Finding
-rows one dict lookup at a time is what an ingest would otherwise spend its
-time on, so the rows of the most recent days are also kept in an int32 array
-per day indexed by series number (``recent``): a batch of the current hours
-finds its rows with one numpy gather.
+A block's *key* is ``series << DAY_BITS | day``. Each day holding a block has
+an int32 table by series number (``days``) that finds its row: a batch finds
+its rows with one numpy gather per day it touches, however old the day, and
+a (series, day) costs 4 bytes of table rather than a dict entry and two ints.
 
 The changes since the last checkpoint (``pending``, actors/pending.py) are
 indexed by block row, so they grow with the slab.
@@ -17,7 +16,6 @@ indexed by block row, so they grow with the slab.
 
 from __future__ import annotations
 
-from itertools import repeat
 from typing import NamedTuple
 
 import numpy as np
@@ -29,7 +27,6 @@ from tally.wire.timeslots import month_name, months_of_hours
 DAY_BITS = 20  # a block key is series << DAY_BITS | UTC day (days up to year 4840)
 MONTH_BITS = 16  # a (series, month) key is series << MONTH_BITS | months since 1970-01
 FREE = -1  # the block key of a free row (its series, FREE >> DAY_BITS, is no series)
-RECENT_DAYS = 3  # days whose block rows are also kept in an array per series number
 # Below this no 24 hours can add up to more than int64 (24 * 2**58 < 2**63): only a day
 # holding an hour beyond it needs its day total checked.
 BIG = 2**58
@@ -41,7 +38,7 @@ def beyond_big(values: np.ndarray) -> np.ndarray:
 
 
 class DayBlocks:
-    """The slab of day blocks, the table of their keys, and the deltas not yet checkpointed.
+    """The slab of day blocks, the tables that find them, and the deltas not yet checkpointed.
 
     Series numbers are the caller's (actors/live_series.py); ``series_count``
     arguments bound them, so per-series arrays here can be sized.
@@ -49,29 +46,20 @@ class DayBlocks:
 
     def __init__(self) -> None:
         self.counts = np.zeros((1024, 24), dtype=np.int64)  # block row -> its 24 hours
-        self.row_of: dict[int, int] = {}  # block key -> block row
         self.key = np.zeros(1024, dtype=np.int64)  # block row -> its key (FREE: none)
-        # day -> block row by series number (-1: not known here, ask row_of)
-        self.recent: dict[int, np.ndarray] = {}
+        # UTC day -> block row by series number (-1: none), for every day holding a block:
+        # a batch finds its rows with one gather per day, with no step per block, and a
+        # (series, day) costs 4 bytes here rather than a dict entry and two ints
+        self.days: dict[int, np.ndarray] = {}
+        self.day_blocks: dict[int, int] = {}  # UTC day -> blocks it holds (none: no table)
         self.free: list[int] = []
         self.used = 0  # rows ever used: [0, used) are blocks or free
         self.big: set[int] = set()  # rows holding an hour beyond BIG
         self.pending = PendingDeltas(len(self.counts))
 
-    def block(self, key: int) -> int:
-        """The row of a block key, taken (a free row first) if it has none."""
-        row = self.row_of.get(key)
-        if row is None:
-            if self.free:
-                row = self.free.pop()
-            else:
-                row = self.used
-                if row == len(self.counts):
-                    self.reserve(1)
-                self.used += 1
-            self.row_of[key] = row
-            self.key[row] = key
-        return row
+    def __len__(self) -> int:
+        """Blocks held."""
+        return self.used - len(self.free)
 
     def reserve(self, more: int) -> None:
         """Room in the slab for ``more`` new blocks (free rows are taken first).
@@ -94,63 +82,93 @@ class DayBlocks:
         self.counts, self.key = counts, key
         self.pending.reserve(size)
 
-    def rows(self, keys: np.ndarray) -> np.ndarray:
-        """Block rows for block keys, creating missing blocks (a key may repeat: the
-        hours of one series-day). Each key is looked up in C; only the missing ones are
-        made distinct (``np.unique`` costs more than the lookups)."""
-        rows = np.fromiter(map(self.row_of.get, keys.tolist(), repeat(-1)), np.int64,
-                           len(keys))
-        missing = rows < 0
-        if missing.any():
-            uniq, inverse = np.unique(keys[missing], return_inverse=True)
-            self.reserve(len(uniq))
-            block = self.block
-            made = np.fromiter((block(k) for k in uniq.tolist()), np.int64, len(uniq))
-            rows[missing] = made[inverse.reshape(-1)]
-        return rows
+    def _table(self, day: int, series_count: int) -> np.ndarray:
+        """The day's table, made or grown to hold series numbers below ``series_count``."""
+        table = self.days.get(day)
+        if table is None:
+            table = self.days[day] = np.full(max(series_count, 1024), -1, np.int32)
+            self.day_blocks[day] = 0
+        elif len(table) < series_count:
+            grown = np.full(max(series_count, len(table) + len(table) // 2), -1, np.int32)
+            grown[: len(table)] = table
+            table = self.days[day] = grown
+        return table
 
-    def locate(self, g: np.ndarray, days: np.ndarray, series_count: int) -> np.ndarray:
-        """Block rows of (series number, day) pairs, creating missing blocks."""
-        rows = self.recent_rows(g, days, series_count)
-        missed = rows < 0
-        if missed.any():
-            g, days = g[missed], days[missed]
-            found = self.rows(g << DAY_BITS | days)
-            rows[missed] = found
-            for day, table in self.recent.items():  # (known from now on)
-                mine = days == day
-                table[g[mine]] = found[mine]
-        return rows
-
-    def recent_rows(self, g: np.ndarray, days: np.ndarray, series_count: int) -> np.ndarray:
-        """Block rows of (series, day) pairs from the recent days' arrays; -1 where they
-        do not know it. A day newer than those kept gets an array (the oldest goes)."""
+    def find(self, g: np.ndarray, days: np.ndarray) -> np.ndarray:
+        """Block rows of (series number, day) pairs; -1 where there is no block."""
         rows = np.full(len(g), -1, np.int64)
         if not len(g):
             return rows
-        newest = int(days.max())
-        recent = self.recent
-        for day in range(max(int(days.min()), newest - RECENT_DAYS + 1), newest + 1):
-            if day not in recent and (len(recent) < RECENT_DAYS or day > min(recent)):
-                if len(recent) == RECENT_DAYS:
-                    del recent[min(recent)]
-                recent[day] = np.full(max(series_count, 1024), -1, np.int32)
-        for day, table in list(recent.items()):
-            if len(table) < series_count:  # series added since: room for them, unknown yet
-                grown = np.full(max(series_count, len(table) + len(table) // 2), -1, np.int32)
-                grown[:len(table)] = table
-                recent[day] = table = grown
-            mine = days == day
-            rows[mine] = table[g[mine]]
+        first = int(days[0])
+        if (days == first).all():  # the usual batch: one day
+            per_day = [(first, slice(None))]
+        else:
+            per_day = [(int(d), days == d) for d in np.unique(days).tolist()]
+        for day, mine in per_day:
+            table = self.days.get(day)
+            if table is None:
+                continue
+            gs = g[mine]
+            inside = gs < len(table)
+            if inside.all():
+                rows[mine] = table[gs]
+            else:
+                part = np.full(len(gs), -1, np.int64)
+                part[inside] = table[gs[inside]]
+                rows[mine] = part
         return rows
 
-    def set_hours(self, g: int, hours: dict[int, int]) -> None:
+    def locate(self, g: np.ndarray, days: np.ndarray, series_count: int) -> np.ndarray:
+        """Block rows of (series number, day) pairs, creating missing blocks (a pair may
+        repeat: the hours of one series-day)."""
+        rows = self.find(g, days)
+        missed = np.flatnonzero(rows < 0)
+        if len(missed):
+            keys = g[missed] << DAY_BITS | days[missed]
+            uniq, inverse = np.unique(keys, return_inverse=True)
+            made = self._make(uniq, max(series_count, int(g.max()) + 1))
+            rows[missed] = made[inverse.reshape(-1)]
+        return rows
+
+    def rows(self, keys: np.ndarray) -> np.ndarray:
+        """Block rows for block keys, creating missing blocks."""
+        keys = np.asarray(keys, np.int64)
+        g = keys >> DAY_BITS
+        return self.locate(g, keys & ((1 << DAY_BITS) - 1), int(g.max()) + 1 if len(g) else 0)
+
+    def lookup(self, keys: np.ndarray) -> np.ndarray:
+        """Block rows for block keys; -1 where there is none (nothing is created)."""
+        keys = np.asarray(keys, np.int64)
+        return self.find(keys >> DAY_BITS, keys & ((1 << DAY_BITS) - 1))
+
+    def _make(self, keys: np.ndarray, series_count: int) -> np.ndarray:
+        """New blocks for distinct keys that have none: free rows first, then fresh ones."""
+        self.reserve(len(keys))
+        reuse = min(len(self.free), len(keys))
+        rows = np.empty(len(keys), np.int64)
+        if reuse:
+            rows[:reuse] = self.free[len(self.free) - reuse:][::-1]
+            del self.free[len(self.free) - reuse:]
+        rows[reuse:] = np.arange(self.used, self.used + len(keys) - reuse)
+        self.used += len(keys) - reuse
+        self.key[rows] = keys
+        g, days = keys >> DAY_BITS, keys & ((1 << DAY_BITS) - 1)
+        for day in np.unique(days).tolist():
+            mine = days == day
+            table = self._table(day, series_count)
+            table[g[mine]] = rows[mine]
+            self.day_blocks[day] += int(mine.sum())
+        return rows
+
+    def set_hours(self, g: int, hours: dict[int, int], series_count: int = 0) -> None:
         """Write a stored month's ``{absolute hour: total}`` into series ``g``'s blocks."""
-        for hour, total in hours.items():
-            row = self.block(g << DAY_BITS | hour // 24)
-            self.counts[row, hour % 24] = total
-            if abs(total) > BIG:
-                self.big.add(row)
+        if not hours:
+            return
+        at = np.fromiter(hours, np.int64, len(hours))
+        totals = np.fromiter(hours.values(), np.int64, len(hours))  # (stored totals are int64)
+        rows = self.locate(np.full(len(at), g, np.int64), at // 24, max(series_count, g + 1))
+        self.counts[rows, at % 24] = totals
+        self.big.update(rows[beyond_big(totals)].tolist())
 
     def write(self, rows: np.ndarray, hod: np.ndarray, new: np.ndarray,
               values: np.ndarray) -> None:
@@ -167,20 +185,22 @@ class DayBlocks:
     def free_month(self, g: int, first: int, end: int) -> None:
         """Give back series ``g``'s blocks of days [first, end) (a month forgotten).
 
-        The recent days' arrays forget them too: a dropped series' number is
+        A day's table goes with its last block: a dropped series' number is
         reused only once each of its rows was forgotten.
         """
-        base = g << DAY_BITS
         for day in range(first, end):
-            row = self.row_of.pop(base | day, None)
-            if row is not None:
-                table = self.recent.get(day)
-                if table is not None and g < len(table):
-                    table[g] = -1
-                self.counts[row] = 0
-                self.key[row] = FREE  # a scan of the keys must not find it
-                self.big.discard(row)
-                self.free.append(row)
+            table = self.days.get(day)
+            if table is None or g >= len(table) or table[g] < 0:
+                continue
+            row = int(table[g])
+            table[g] = -1
+            self.day_blocks[day] -= 1
+            if not self.day_blocks[day]:
+                del self.days[day], self.day_blocks[day]
+            self.counts[row] = 0
+            self.key[row] = FREE  # a scan of the keys must not find it
+            self.big.discard(row)
+            self.free.append(row)
 
     def changed_keys(self) -> np.ndarray:
         """Keys of the blocks changed since the last checkpoint (even back to nothing)."""

@@ -15,7 +15,6 @@ reads are touched.
 from __future__ import annotations
 
 from collections.abc import Callable
-from itertools import repeat
 from typing import NamedTuple
 
 import numpy as np
@@ -213,9 +212,8 @@ class Reads:
                 rows[at[found] * days + day[found]] = found
                 return rows.reshape(n, days)
         span = np.arange(lo, hi, dtype=np.int64)
-        keys = (np.array(series, np.int64)[:, None] << DAY_BITS | span[None, :]).ravel().tolist()
-        rows = np.fromiter(map(self.blocks.row_of.get, keys, repeat(-1)), np.int64, len(keys))
-        return rows.reshape(n, days)
+        keys = (np.array(series, np.int64)[:, None] << DAY_BITS | span[None, :]).ravel()
+        return self.blocks.lookup(keys).reshape(n, days)
 
     def _day_counts(self, series: list[int], lo: int, hi: int) -> np.ndarray:
         """Counts of days [lo, hi) of each series, one row of (hi - lo) * 24 hours per series."""

@@ -140,7 +140,7 @@ class ShardState:
             self.history.drop((sid, mno))  # live from now on; the copy would go stale
             doc = docs.get((sid, month))
             if doc is not None and doc.hours:
-                self.blocks.set_hours(g, doc.hours)
+                self.blocks.set_hours(g, doc.hours, self.live.count)
 
     # ---- applying ------------------------------------------------------
 
