@@ -30,6 +30,7 @@ FREE = -1  # the block key of a free row (its series, FREE >> DAY_BITS, is no se
 # Below this no 24 hours can add up to more than int64 (24 * 2**58 < 2**63): only a day
 # holding an hour beyond it needs its day total checked.
 BIG = 2**58
+NARROW = 2**15 - 1  # a block whose every hour is within ±NARROW is kept as int16
 
 
 def beyond_big(values: np.ndarray) -> np.ndarray:
@@ -45,7 +46,13 @@ class DayBlocks:
     """
 
     def __init__(self) -> None:
-        self.counts = np.zeros((1024, 24), dtype=np.int64)  # block row -> its 24 hours
+        # block row -> its 24 hours, as int16 while each fits (most series count little
+        # per hour); a block with an hour beyond NARROW moves to the int64 ``wide`` slab
+        self.narrow = np.zeros((1024, 24), dtype=np.int16)
+        self.wide_at = np.full(1024, -1, np.int32)  # block row -> its row of wide (-1: none)
+        self.wide = np.zeros((64, 24), dtype=np.int64)
+        self.wide_free: list[int] = []
+        self.wide_used = 0
         self.key = np.zeros(1024, dtype=np.int64)  # block row -> its key (FREE: none)
         # UTC day -> block row by series number (-1: none), for every day holding a block:
         # a batch finds its rows with one gather per day, with no step per block, and a
@@ -55,7 +62,7 @@ class DayBlocks:
         self.free: list[int] = []
         self.used = 0  # rows ever used: [0, used) are blocks or free
         self.big: set[int] = set()  # rows holding an hour beyond BIG
-        self.pending = PendingDeltas(len(self.counts))
+        self.pending = PendingDeltas(len(self.narrow))
 
     def __len__(self) -> int:
         """Blocks held."""
@@ -71,16 +78,77 @@ class DayBlocks:
         calloc'd from fresh pages: rows not used yet take no resident memory.
         """
         need = self.used + max(0, more - len(self.free))
-        size = len(self.counts)
+        size = len(self.narrow)
         if need <= size:
             return
         size = max(need, size + max(1024, size // 4))
-        counts = np.zeros((size, 24), np.int64)
-        counts[: len(self.counts)] = self.counts
+        narrow = np.zeros((size, 24), np.int16)
+        narrow[: len(self.narrow)] = self.narrow
+        wide_at = np.full(size, -1, np.int32)
+        wide_at[: len(self.wide_at)] = self.wide_at
         key = np.zeros(size, np.int64)
         key[: len(self.key)] = self.key
-        self.counts, self.key = counts, key
+        self.narrow, self.wide_at, self.key = narrow, wide_at, key
         self.pending.reserve(size)
+
+    # ---- counts, narrow or wide --------------------------------------------
+
+    def get(self, rows: np.ndarray, hod: np.ndarray) -> np.ndarray:
+        """The counts of slots (block rows, hours of day), as int64."""
+        values = self.narrow[rows, hod].astype(np.int64)
+        at = self.wide_at[rows]
+        wide = at >= 0
+        if wide.any():
+            values[wide] = self.wide[at[wide], hod[wide]]
+        return values
+
+    def row_counts(self, rows: np.ndarray) -> np.ndarray:
+        """The 24 hours of each block row, as int64 (len(rows) x 24)."""
+        out = self.narrow[rows].astype(np.int64)
+        at = self.wide_at[rows]
+        wide = at >= 0
+        if wide.any():
+            out[wide] = self.wide[at[wide]]
+        return out
+
+    def _put(self, rows: np.ndarray, hod: np.ndarray, values: np.ndarray) -> None:
+        """Set distinct slots to int64 ``values``, widening blocks that need it."""
+        beyond = (values > NARROW) | (values < -NARROW)
+        if beyond.any():
+            self._widen(np.unique(rows[beyond]))
+        at = self.wide_at[rows]
+        wide = at >= 0
+        if wide.any():
+            self.wide[at[wide], hod[wide]] = values[wide]
+            narrow = ~wide
+            self.narrow[rows[narrow], hod[narrow]] = values[narrow]
+        else:
+            self.narrow[rows, hod] = values
+
+    def _widen(self, rows: np.ndarray) -> None:
+        """Move blocks to the wide slab (those not there yet), their hours kept."""
+        rows = rows[self.wide_at[rows] < 0]
+        for row in rows.tolist():
+            if self.wide_free:
+                w = self.wide_free.pop()
+            else:
+                w = self.wide_used
+                if w == len(self.wide):
+                    grown = np.zeros((2 * len(self.wide), 24), np.int64)
+                    grown[: len(self.wide)] = self.wide
+                    self.wide = grown
+                self.wide_used += 1
+            self.wide[w] = self.narrow[row]
+            self.narrow[row] = 0
+            self.wide_at[row] = w
+
+    def _clear(self, row: int) -> None:
+        self.narrow[row] = 0
+        w = int(self.wide_at[row])
+        if w >= 0:
+            self.wide[w] = 0
+            self.wide_free.append(w)
+            self.wide_at[row] = -1
 
     def _table(self, day: int, series_count: int) -> np.ndarray:
         """The day's table, made or grown to hold series numbers below ``series_count``."""
@@ -167,14 +235,14 @@ class DayBlocks:
         at = np.fromiter(hours, np.int64, len(hours))
         totals = np.fromiter(hours.values(), np.int64, len(hours))  # (stored totals are int64)
         rows = self.locate(np.full(len(at), g, np.int64), at // 24, max(series_count, g + 1))
-        self.counts[rows, at % 24] = totals
+        self._put(rows, at % 24, totals)
         self.big.update(rows[beyond_big(totals)].tolist())
 
     def write(self, rows: np.ndarray, hod: np.ndarray, new: np.ndarray,
               values: np.ndarray) -> None:
         """Set slots (block rows, hours of day) to ``new``, which moved them by ``values``
         (distinct slots, checked for int64 by the caller); the move is pending."""
-        self.counts[rows, hod] = new
+        self._put(rows, hod, new)
         self.big.update(rows[beyond_big(new)].tolist())
         nonzero = values != 0
         if not nonzero.all():
@@ -197,7 +265,7 @@ class DayBlocks:
             self.day_blocks[day] -= 1
             if not self.day_blocks[day]:
                 del self.days[day], self.day_blocks[day]
-            self.counts[row] = 0
+            self._clear(row)
             self.key[row] = FREE  # a scan of the keys must not find it
             self.big.discard(row)
             self.free.append(row)

@@ -220,7 +220,7 @@ class Reads:
         rows = self._block_rows(series, lo, hi).ravel()
         present = rows >= 0
         counts = np.zeros((len(rows), 24), np.int64)
-        counts[present] = self.blocks.counts[rows[present]]
+        counts[present] = self.blocks.row_counts(rows[present])
         return counts.reshape(len(series), (hi - lo) * 24)
 
     def _live_hours(self, series: list[int], a: int, b: int) -> np.ndarray:
@@ -239,7 +239,7 @@ class Reads:
         per_day = np.zeros(rows.shape, np.int64)
         if not len(found):
             return per_day.sum(axis=1)
-        blocks = self.blocks.counts[found]
+        blocks = self.blocks.row_counts(found)
         if peak_of(blocks) > limit:
             return None
         sums = np.einsum("ij->i", blocks)  # int64 like .sum(axis=1), and faster on rows of 24

@@ -203,6 +203,8 @@ class ShardActor:
             cp = self.state.begin_checkpoint(settle_later=True)
             if cp is None:
                 self.meters.lag.clean()
+                # (an interval passes for the months a backfill stopped writing, too)
+                self.state.evict(month_of_hour(int(time.time()) // 3600))
                 return None
             self.meters.lag.began(cp.ck)
             started = time.monotonic()

@@ -55,6 +55,12 @@ class DeltaOverflow(ValueError):
     it as one int64 increment); nothing was applied. It fits once that checkpoint began."""
 
 
+# A past month stays live this many checkpoint intervals after a batch last touched it ...
+EVICT_IDLE_CHECKPOINTS = 10
+# ... unless the shard holds more series-months of past months than this (memory bound)
+KEEP_PAST_SERIES_MONTHS = 250_000
+
+
 class ShardState:
     def __init__(
         self, shard: int, record: ShardRecord | None = None, max_dirty: int = 0,
@@ -72,6 +78,11 @@ class ShardState:
         self.blocks = DayBlocks()
         self.reads = Reads(self.live, self.blocks, History(history_bytes))
         self._unsettled: Taken | None = None  # the in-flight checkpoint's slots, not named yet
+        # month number -> ``evict`` calls made when a batch last touched it: a past month
+        # stays live while a backfill keeps writing it, instead of being forgotten after
+        # every checkpoint and loaded again by the next batch
+        self.month_touched: dict[int, int] = {}
+        self.evictions = 0
 
     # ---- what other modules read -----------------------------------------
 
@@ -239,7 +250,7 @@ class ShardState:
         rows, hod = self._locate(batch, numbers)
         blocks = self.blocks
         values = batch.values
-        old = blocks.counts[rows, hod]
+        old = blocks.get(rows, hod)
         with np.errstate(over="ignore"):
             new = old + values
         wrapped = ((values > 0) & (new < old)) | ((values < 0) & (new > old))
@@ -268,6 +279,10 @@ class ShardState:
                     "checkpoint would leave int64; retry after the next checkpoint")
         blocks.write(rows, hod, new, values)
         self.increments += batch.increments
+        first, last = (int(m) for m in months_of_hours(np.array([batch.hours.min(),
+                                                                 batch.hours.max()])))
+        for m in range(first, last + 1):  # (a backfill's months are one range)
+            self.month_touched[m] = self.evictions
 
     def _day_overflows(
         self, batch: Batch, rows: np.ndarray, near: np.ndarray
@@ -276,11 +291,11 @@ class ShardState:
         added: dict[int, int] = {}
         for r, v in zip(rows.tolist(), batch.values.tolist(), strict=True):
             added[r] = added.get(r, 0) + v
-        counts = self.blocks.counts
         bad = []
         for n in near.tolist():
             r = int(rows[n])
-            total = sum(int(x) for x in counts[r].tolist()) + added[r]
+            total = sum(int(x) for x in self.blocks.row_counts(rows[n:n + 1])[0].tolist())
+            total += added[r]
             if not INT64_MIN <= total <= INT64_MAX:
                 day = int(batch.hours[n]) // 24
                 bad.append((n, f"series {batch.sids[int(batch.series[n])]!r} on "
@@ -320,7 +335,7 @@ class ShardState:
         if not len(batch):
             return True
         rows, hod = self._locate(batch)
-        old = self.blocks.counts[rows, hod]
+        old = self.blocks.get(rows, hod)
         values = -batch.values
         with np.errstate(over="ignore"):
             new = old + values
@@ -389,11 +404,30 @@ class ShardState:
         self.inflight = None
         self.inflight_count = 0
 
-    def evict(self, current_month: str) -> int:
-        """Forget clean months other than the current one; the store has them."""
+    def evict(self, current_month: str, idle: int = EVICT_IDLE_CHECKPOINTS,
+              keep: int = KEEP_PAST_SERIES_MONTHS) -> int:
+        """Forget clean months other than the current one; the store has them.
+
+        Called once per checkpoint interval (checkpoint or not): a past month is
+        kept until ``idle`` calls passed since a batch last touched it, so a
+        backfill does not load the same months again after every checkpoint;
+        beyond ``keep`` series-months of past months, the least recently
+        touched go first even so.
+        """
+        self.evictions += 1
         current = month_number(current_month)
         live = self.live
-        others = [m for m in live.loaded if m != current]
+        touched = self.month_touched
+        past = sorted((m for m in live.loaded if m != current),
+                      key=lambda m: touched.get(m, -1))
+        held = sum(len(live.loaded[m]) for m in past)
+        others = []
+        for m in past:
+            if touched.get(m, -1) < self.evictions - idle or held > keep:
+                others.append(m)
+                held -= len(live.loaded[m])
+        for m in [m for m in touched if m not in live.loaded and m != current]:
+            del touched[m]
         if not others:
             return 0
         self.settle_checkpoint()  # its series must be named before a number is reused

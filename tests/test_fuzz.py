@@ -597,7 +597,7 @@ class ConnectionMachine(RuleBasedStateMachine):
         """Past months leave shard memory: queries and overflow checks then use the store."""
         self.checkpoint()
         for state in self.shards.states:
-            state.evict("2026-11")
+            state.evict("2026-11", idle=0)
 
     def check_totals(self) -> None:
         """Live totals (shards and store merged) equal the model's, per hour and per series."""

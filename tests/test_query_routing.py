@@ -153,7 +153,7 @@ def test_a_fresh_gateway_finds_live_series_and_series_only_in_the_store(env):
     ingest(service, [["acme", "m", {"agent": "old"}, OCT, 3]])
     shards.checkpoint()
     for s in shards.states:
-        s.evict("2026-11")  # October is now only in the store
+        s.evict("2026-11", idle=0)  # October is now only in the store
     ingest(service, [["acme", "m", {"agent": "live"}, NOW - 60, 4]])  # not checkpointed
     fresh = Service(shards, store, clock=lambda: NOW)
     assert run(fresh.totals("acme", "m", {}, H0, H1)) == {
@@ -168,7 +168,7 @@ def test_stored_months_are_read_once_then_answered_by_the_owning_shard(env):
                                                             NOW - 60, 4]])
     shards.checkpoint()
     for s in shards.states:
-        s.evict("2026-11")
+        s.evict("2026-11", idle=0)
     store.loaded.clear()
     assert total(service) == 7
     first = list(store.loaded)
@@ -183,13 +183,13 @@ def test_a_backfill_into_a_stored_month_is_counted_after_it_leaves_memory_again(
     ingest(service, [["acme", "m", {"agent": "x"}, OCT, 3]])
     shards.checkpoint()
     for s in shards.states:
-        s.evict("2026-11")
+        s.evict("2026-11", idle=0)
     assert total(service) == 3  # October now in the owning shard's copy
     ingest(service, [["acme", "m", {"agent": "x"}, OCT + 3600, 10]])  # loads October live
     assert total(service) == 13
     shards.checkpoint()
     for s in shards.states:
-        assert s.evict("2026-11") in (0, 1)
+        assert s.evict("2026-11", idle=0) in (0, 1)
     assert sum(s.series_months for s in shards.states) == 0
     assert total(service) == 13  # read again from the store, not the stale copy
 
@@ -202,7 +202,7 @@ def test_the_shards_copy_of_stored_months_is_bounded(tmp_path):
     ingest(service, rows)
     shards.checkpoint()
     state = shards.states[0]
-    state.evict("2026-11")
+    state.evict("2026-11", idle=0)
     state.history = History(max_bytes=10 * (744 * 8 + 200))
     want = sum(range(1, 51))
     assert total(service) == want
@@ -228,7 +228,7 @@ def test_breakdown_and_series_agree_across_shards_and_months(env):
     ingest(service, rows)
     shards.checkpoint()
     for s in shards.states:
-        s.evict("2026-11")
+        s.evict("2026-11", idle=0)
     ingest(service, agents(30, value=5))
     per = run(service.totals("acme", "m", {}, H0, H1))
     assert sorted(set(per.values())) == [8] and len(per) == 30

@@ -71,7 +71,7 @@ def test_counts_are_the_same_live_in_flight_and_after_eviction(env):
     for state, cp in zip(shards.states, cps, strict=True):
         if cp is not None:
             state.finish_checkpoint(cp.ck)
-        state.evict("2026-12")  # every month is past: all answered by the store now
+        state.evict("2026-12", idle=0)  # every month is past: all answered by the store now
     assert all(not s.series for s in shards.states)
     assert day_points(service) == expected
 
@@ -164,7 +164,7 @@ def test_hourly_matches_a_brute_force_oracle(env):
         if k % 1000 == 0:
             shards.checkpoint()
             for s in shards.states:
-                s.evict("2026-11")
+                s.evict("2026-11", idle=0)
     h0, h1 = ts(2026, 9, 1) // 3600, ts(2026, 12, 1) // 3600
     got = run(service.hourly("acme", "m", {}, h0, h1))
     assert {h0 + i: int(v) for i, v in enumerate(got) if v} == {

@@ -134,7 +134,7 @@ def test_a_revert_after_the_month_was_evicted_reloads_it(store):
     state.ingest(batch(5), store.load_months, "p", 1, None)
     state.ingest(batch(7), store.load_months, "p", 2, 1)
     checkpoint(state, store)
-    assert state.evict("2027-01") == 1  # November is clean and past: dropped
+    assert state.evict("2027-01", idle=0) == 1  # November is clean and past: dropped
     assert state.revert(batch(7), store.load_months, "p", 2)
     assert total(state) == 5 and state.applied == {"p": 1}
     checkpoint(state, store)
@@ -263,7 +263,7 @@ def test_rows_freed_by_an_eviction_are_not_found_again_for_their_old_series(stor
     state = ShardState(0, store.open_shard(0))
     state.ingest(rows(("a", 1), ("b", 10)), store.load_months)
     checkpoint(state, store)
-    assert state.evict("2026-11") == 2  # December is not the current month: both go
+    assert state.evict("2026-11", idle=0) == 2  # December is not the current month: both go
     state.ingest(rows(("c", 100)), store.load_months)  # a freed row, maybe b's number
     state.ingest(rows(("a", 2), ("b", 20)), store.load_months)  # loaded again
     assert totals(state) == {"acme|m|k=a": 3, "acme|m|k=b": 30, "acme|m|k=c": 100}
@@ -340,3 +340,28 @@ def test_the_shard_actor_counts_a_store_outage_and_nothing_else(tmp_path, monkey
         actor._writer.shutdown()
 
     asyncio.run(scenario())
+
+
+def test_a_past_month_a_backfill_keeps_writing_stays_live(store):
+    """Evicting a past month after every checkpoint made a backfill load it again with the
+    next batch: it now stays live until it was idle for some checkpoints, or until past
+    months hold more series-months than the shard keeps."""
+    state = ShardState(0, store.open_shard(0))
+    loads: list[int] = []
+
+    def load(keys):  # the store's load, counted
+        loads.append(len(keys))
+        return store.load_months(keys)
+
+    state.ingest(batch(5), load, "p", 1, None)
+    for seq in range(2, 5):  # written again between checkpoints: kept, never reloaded
+        checkpoint(state, store)
+        assert state.evict("2027-01", idle=3) == 0
+        state.ingest(batch(1), load, "p", seq, seq - 1)
+    assert loads == [1] and total(state) == 8
+    checkpoint(state, store)
+    assert [state.evict("2027-01", idle=3) for _ in range(4)] == [0, 0, 0, 1]  # then idle
+    state.ingest(batch(2), load, "p", 5, 4)
+    assert loads == [1, 1] and total(state) == 10
+    checkpoint(state, store)
+    assert state.evict("2027-01", idle=3, keep=0) == 1  # past the bound: goes at once

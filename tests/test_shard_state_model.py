@@ -539,7 +539,7 @@ class ShardStateMachine(RuleBasedStateMachine):
     def evict(self, current: str) -> None:
         held = self.held()
         months_before = self.state.series_months
-        evicted = self.state.evict(current)
+        evicted = self.state.evict(current, idle=0)  # (the idle rule: test_shard_state.py)
         assert type(evicted) is int
         event(f"evict: {'some' if evicted else 'none'}")
         assert self.state.series_months == months_before - evicted
@@ -829,7 +829,7 @@ def test_a_stored_day_near_the_limit_counts_after_a_restart_and_after_an_evictio
     cp = first.begin_checkpoint()
     store.write(cp)
     first.finish_checkpoint(cp.ck)
-    assert first.evict("2027-01") == 1
+    assert first.evict("2027-01", idle=0) == 1
     for state in (first, fresh(store)[0]):
         before = view(state, store)
         answer, batch = ingest(state, store, [big(T + 3600, HALF)])  # the base is loaded first
@@ -878,7 +878,7 @@ def test_a_small_increment_on_a_day_already_at_the_limit_is_refused():
             cp = state.begin_checkpoint()
             store.write(cp)
             state.finish_checkpoint(cp.ck)
-            assert state.evict("2027-01") == 1
+            assert state.evict("2027-01", idle=0) == 1
             state = fresh(store)[0]
         before = view(state, store)
         answer, batch = ingest(state, store, [big(T + 86400, 1), big(T + 3600, 1)])
