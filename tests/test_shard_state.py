@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import calendar
 
+import numpy as np
 import pytest
 
+from tally.actors.day_blocks import NARROW, DayBlocks
 from tally.actors.shard_state import Outcome, ShardState
 from tally.checkpoint.sqlite import SqliteStore
 from tally.wire.batches import rows_batch
@@ -365,3 +367,23 @@ def test_a_past_month_a_backfill_keeps_writing_stays_live(store):
     assert loads == [1, 1] and total(state) == 10
     checkpoint(state, store)
     assert state.evict("2027-01", idle=3, keep=0) == 1  # past the bound: goes at once
+
+
+def test_day_blocks_widen_an_hour_past_int16_and_give_the_row_back_narrow():
+    """Hours are int16 until one outgrows it: that block moves to int64 with its other
+    hours, and a freed row is narrow again for its next owner."""
+    blocks = DayBlocks()
+    g, day = np.array([3, 3, 4], np.int64), np.array([20000, 20000, 20000], np.int64)
+    rows = blocks.locate(g, day, 8)
+    hod = np.array([1, 2, 1])
+    blocks.write(rows, hod, np.array([NARROW, -7, 5]), np.array([NARROW, -7, 5]))
+    assert blocks.get(rows, hod).tolist() == [NARROW, -7, 5]
+    blocks.write(rows[:1], hod[:1], np.array([NARROW + 1]), np.array([1]))
+    assert blocks.get(rows, hod).tolist() == [NARROW + 1, -7, 5]  # the block went wide
+    assert blocks.wide_at[rows[0]] >= 0 and blocks.wide_at[rows[2]] < 0
+    assert blocks.row_counts(rows[:1])[0, :3].tolist() == [0, NARROW + 1, -7]
+    blocks.write(rows[2:], hod[2:], np.array([-(2**40)]), np.array([-(2**40) - 5]))
+    assert blocks.get(rows, hod).tolist() == [NARROW + 1, -7, -(2**40)]
+    blocks.free_month(3, 20000, 20001)
+    again = blocks.locate(np.array([5]), np.array([20000]), 8)
+    assert blocks.wide_at[again[0]] < 0 and blocks.get(again, np.array([1])).tolist() == [0]
