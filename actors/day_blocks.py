@@ -16,7 +16,7 @@ indexed by block row, so they grow with the slab.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -167,9 +167,11 @@ class DayBlocks:
         rows = np.full(len(g), -1, np.int64)
         if not len(g):
             return rows
-        first = int(days[0])
-        if (days == first).all():  # the usual batch: one day
-            per_day = [(first, slice(None))]
+        lo, hi = int(days.min()), int(days.max())
+        if lo == hi:  # the usual batch: one day
+            per_day: list[tuple[int, Any]] = [(lo, slice(None))]
+        elif hi - lo < 64:  # (a mask per day costs less than sorting the days)
+            per_day = [(d, days == d) for d in range(lo, hi + 1) if d in self.days]
         else:
             per_day = [(int(d), days == d) for d in np.unique(days).tolist()]
         for day, mine in per_day:

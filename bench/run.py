@@ -44,7 +44,7 @@ class BenchConfig:
     # the checkpoints ("every guarantee on") and not only the warm-up.
     rows: int = 2_000_000
     rows_per_frame: int = 5_000
-    columnar: int = 10_000_000
+    columnar: int = 30_000_000
     columnar_per_frame: int = 100_000
     distinct_frames: int = 32  # distinct frames per phase, cycled (the slots they reach)
     connections: int = 2
