@@ -35,7 +35,14 @@ from typing import Any
 from tally.actors import logs
 from tally.api.service import IngestError, Service
 from tally.wire.batches import BadBatch, BadRow, KnownSeries, rows_batch
-from tally.wire.statsd import MAX_DATAGRAM, MAX_LINE, Parsed, Rejection, StatsdParser
+from tally.wire.statsd import (
+    MAX_DATAGRAM,
+    MAX_LINE,
+    Rejection,
+    StatsdFolder,
+    StatsdParser,
+    Window,
+)
 from tally.wire.vocabulary import ErrorCode
 
 log = logging.getLogger("tally.statsd")
@@ -87,15 +94,17 @@ class StatsdStats:
     accepted_lines: int = 0
     rejected: Tally[str] = field(default_factory=Tally)
     batches: int = 0
+    rcvbuf: int = 0  # bytes of UDP receive buffer the kernel granted (it reports twice the ask)
 
     def as_dict(self) -> dict[str, Any]:
         return {"datagrams": self.datagrams, "tcp_connections": self.tcp_connections,
                 "lines": self.lines, "accepted_lines": self.accepted_lines,
-                "rejected": dict(self.rejected), "batches": self.batches}
+                "rejected": dict(self.rejected), "batches": self.batches,
+                "rcvbuf": self.rcvbuf}
 
 
 class StatsdIngress:
-    """The StatsD listeners of one gateway, and the buffer between them and Service.ingest."""
+    """The StatsD listeners of one gateway, and the window between them and Service.ingest."""
 
     def __init__(
         self, service: Service, default_tenant: str | None = None, *,
@@ -104,24 +113,32 @@ class StatsdIngress:
     ) -> None:
         self.service = service
         self.parser = StatsdParser(default_tenant)
+        self.folder = StatsdFolder(self.parser, max_pending)
         self.flush_rows = flush_rows
         self.flush_interval = flush_interval
-        self.max_pending = max_pending
         self.clock = clock
         self.stats = StatsdStats()
         self.logs = RateLimitedLog()
         self.known = KnownSeries()
-        self._rows: list[list[Any]] = []
-        self._lines: list[int] = []  # the buffered line number of each row
-        self._line_no = 0  # buffered lines get numbers, so a refused batch can name one
-        self._peers: dict[int, Any] = {}
+        self._line_no = 0  # lines get numbers, so a refused batch can name one
         self._wake = asyncio.Event()
+        self._flushing = asyncio.Lock()  # one flush at a time: flush() waits for the timed one
         self._flusher: asyncio.Task | None = None
         self._closing = False
         self._udp: socket.socket | None = None
         self._tcp: asyncio.Server | None = None
         self._tcp_tasks: set[asyncio.Task] = set()
         self.port = 0
+
+    @property
+    def max_pending(self) -> int:
+        """Rows the window holds at most (a timer line is three); beyond, lines are refused
+        as ``overloaded``."""
+        return self.folder.max_rows
+
+    @max_pending.setter
+    def max_pending(self, rows: int) -> None:
+        self.folder.max_rows = rows
 
     # ---- listening -----------------------------------------------------
 
@@ -134,8 +151,7 @@ class StatsdIngress:
             sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET,
                                  socket.SOCK_DGRAM)
             try:
-                with contextlib.suppress(OSError):
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_BUFFER)
+                self.stats.rcvbuf = udp_buffer(sock)
                 sock.bind((host, chosen))
             except OSError:
                 sock.close()
@@ -152,6 +168,10 @@ class StatsdIngress:
             break
         else:
             raise OSError(f"no port free for both TCP and UDP on {host}")
+        if self.stats.rcvbuf < 2 * UDP_BUFFER:
+            log.info(json.dumps({
+                "event": "statsd_rcvbuf", "asked": UDP_BUFFER, "granted": self.stats.rcvbuf,
+                "why": "net.core.rmem_max caps SO_RCVBUF; raise it for bursts to fit"}))
         self._flusher = loop.create_task(self._flush_loop())
         return self.port
 
@@ -178,20 +198,38 @@ class StatsdIngress:
 
         Not a DatagramProtocol: asyncio's datagram transport reads one datagram
         per readiness event, and that per-datagram round through the selector
-        was most of the cost of a one-line datagram (measured with
-        ``tally bench-statsd --lines-per-datagram 1``).
+        was most of the cost of a one-line datagram. The loop body is the
+        receive and the fold, nothing else: counting and logging wait for the
+        end of the burst.
         """
         recv = sock.recvfrom
-        for _ in range(UDP_BURST):
-            try:
+        fold = self.folder.fold
+        clock = self.clock
+        line_no = self._line_no
+        datagrams = 0
+        try:
+            for _ in range(UDP_BURST):
                 data, addr = recv(RECV_SIZE)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as e:  # e.g. ICMP errors surfacing on the socket
-                log.debug("statsd udp error: %r", e)
-                return
-            self.stats.datagrams += 1
-            self.received(data, addr)
+                datagrams += 1
+                line_no += fold(data, clock(), line_no, True, addr)
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError as e:  # e.g. ICMP errors surfacing on the socket
+            log.debug("statsd udp error: %r", e)
+        self.stats.datagrams += datagrams
+        self._folded(line_no)
+
+    def _folded(self, line_no: int) -> None:
+        """After a fold: count its lines, record its refusals, wake the flusher if due."""
+        self.stats.lines += line_no - self._line_no
+        self._line_no = line_no
+        if self.folder.refused:
+            refused, self.folder.refused = self.folder.refused, []
+            for r, peer in refused:
+                self.logs.rejected(r.reason, r.message, peer, r.line)
+            self._count(0, Tally(r.reason for r, _ in refused))
+        if self.folder.rows >= self.flush_rows:
+            self._wake.set()
 
     async def _tcp_client(self, reader: asyncio.StreamReader,
                           writer: asyncio.StreamWriter) -> None:
@@ -222,8 +260,9 @@ class StatsdIngress:
                 else:
                     pending = data
                 if len(pending) > MAX_LINE:
-                    self._refuse_raw(
-                        Rejection(0, "too_long", f"line over {MAX_LINE} bytes"), peer)
+                    self.folder.refused.append((Rejection(
+                        self._line_no, "too_long", f"line over {MAX_LINE} bytes"), peer))
+                    self._folded(self._line_no + 1)
                     pending, skipping = b"", True
             if pending and not skipping:
                 self.received(pending, peer, datagram=False)  # a last line without its newline
@@ -233,37 +272,13 @@ class StatsdIngress:
             self._tcp_tasks.discard(asyncio.current_task())  # type: ignore[arg-type]
             writer.close()
 
-    # ---- parsing and buffering -----------------------------------------
+    # ---- folding -------------------------------------------------------
 
     def received(self, data: bytes, peer: Any, datagram: bool = True) -> None:
-        """Parse and buffer; refusals are counted and logged here, good lines wait for a flush."""
-        parsed = self.parser.parse(data, self.clock(), self._line_no, datagram)
-        self.stats.lines += parsed.lines
-        self._line_no += parsed.lines
-        if parsed.rejections or len(self._rows) + len(parsed.rows) > self.max_pending:
-            rejected = Tally(r.reason for r in parsed.rejections)
-            for r in parsed.rejections:
-                self.logs.rejected(r.reason, r.message, peer, r.line)
-            if parsed.rows and len(self._rows) + len(parsed.rows) > self.max_pending:
-                lines = len(set(parsed.row_lines))
-                rejected[ErrorCode.OVERLOADED] += lines
-                self.logs.rejected(ErrorCode.OVERLOADED,
-                        f"{len(self._rows)} rows wait for the shards; "
-                                   f"{lines} lines refused", peer, parsed.row_lines[0])
-                parsed = Parsed(lines=parsed.lines)
-            self._count(0, rejected)
-        if parsed.rows:
-            self._rows.extend(parsed.rows)
-            self._lines.extend(parsed.row_lines)
-            self._peers[parsed.row_lines[0]] = peer
-            if len(self._rows) >= self.flush_rows:
-                self._wake.set()
-
-    def _refuse_raw(self, rejection: Rejection, peer: Any) -> None:
-        self.stats.lines += 1
-        self._line_no += 1
-        self._count(0, Tally({rejection.reason: 1}))
-        self.logs.rejected(rejection.reason, rejection.message, peer, rejection.line)
+        """Fold a datagram (or complete TCP lines) into the window; refusals are counted and
+        logged here, good lines wait for a flush."""
+        self._folded(self._line_no + self.folder.fold(
+            data, self.clock(), self._line_no, datagram, peer))
 
     def _count(self, accepted: int, rejected: Tally[str]) -> None:
         self.stats.accepted_lines += accepted
@@ -272,8 +287,7 @@ class StatsdIngress:
 
     @staticmethod
     def _peer_of(peers: dict[int, Any], line: int) -> Any:
-        """The peer of a buffered line (for log lines only): the datagram that started at or
-        before it."""
+        """The peer of a line (for log lines only): the datagram that started at or before it."""
         starts = [k for k in peers if k <= line]
         return peers[max(starts)] if starts else "?"
 
@@ -291,11 +305,44 @@ class StatsdIngress:
                                       "error": repr(e)}))
 
     async def flush(self) -> int:
-        """Apply the buffered rows; returns the lines applied. Never raises on bad lines."""
-        if not self._rows:
-            return 0
-        rows, lines, peers = self._rows, self._lines, self._peers
-        self._rows, self._lines, self._peers = [], [], {}
+        """Apply every line received so far; returns the lines this call applied.
+
+        A flush already in progress (the timed one) is waited for first, so
+        that everything received before this call is applied when it returns.
+        Never raises on bad lines. The window is taken at once, so lines that
+        arrive while the shards answer fold into the next one: a flush never
+        holds up receiving.
+        """
+        async with self._flushing:
+            window = self.folder.take()
+            if not window.lines:
+                return 0
+            try:
+                batch = rows_batch(window.batch_rows(), self.clock(), self.known)
+                await self.service.ingest(batch)
+            except (BadRow, BadBatch):
+                return await self._apply_lines(window)
+            except IngestError as e:
+                if e.code == ErrorCode.BAD_ROW:
+                    return await self._apply_lines(window)
+                self._lost(window.lines, e, window.received[0].peer, window.received[0].first_line)
+                return 0
+            self.stats.batches += 1
+            self.service.metrics.batch_accepted(INGRESS, batch.increments)
+            self._count(window.lines, Tally())
+            return window.lines
+
+    def _lost(self, lines: int, e: IngestError, peer: Any, line: int) -> None:
+        """Overloaded, a shard restarting: at most once, these lines are lost (and counted)."""
+        self.service.metrics.batch_rejected(INGRESS, e.code, lines)
+        self._count(0, Tally({ErrorCode.OVERLOADED: lines}))
+        self.logs.rejected(ErrorCode.OVERLOADED, f"{lines} lines lost: {e.message}", peer, line)
+
+    async def _apply_lines(self, window: Window) -> int:
+        """A window whose folded batch was refused for a row (an hour's sum leaving int64):
+        its lines, one row per line value again, so that the line to blame is refused alone
+        and the rest retried, as if nothing had been folded."""
+        rows, lines, peers = self.folder.replay(window)
         applied = 0
         while rows:
             now = self.clock()
@@ -310,12 +357,8 @@ class StatsdIngress:
             except IngestError as e:
                 if e.code == ErrorCode.BAD_ROW and e.row is not None:
                     blamed, message = e.row, e.message
-                else:  # overloaded, a shard restarting: at most once, these lines are lost
-                    n = len(set(lines))
-                    self.service.metrics.batch_rejected(INGRESS, e.code, len(rows))
-                    self._count(0, Tally({ErrorCode.OVERLOADED: n}))
-                    self.logs.rejected(ErrorCode.OVERLOADED, f"{n} lines lost: {e.message}",
-                                       self._peer_of(peers, lines[0]), lines[0])
+                else:
+                    self._lost(len(set(lines)), e, self._peer_of(peers, lines[0]), lines[0])
                     return applied
             if blamed is None:
                 n = len(set(lines))
@@ -332,3 +375,21 @@ class StatsdIngress:
             keep = [k for k, ln in enumerate(lines) if ln != line]
             rows, lines = [rows[k] for k in keep], [lines[k] for k in keep]
         return applied
+
+
+def udp_buffer(sock: socket.socket, size: int = 0) -> int:
+    """Ask for a ``size`` (default UDP_BUFFER) receive buffer; returns what the kernel granted.
+
+    SO_RCVBUFFORCE passes net.core.rmem_max but needs CAP_NET_ADMIN; without it
+    SO_RCVBUF is capped at rmem_max. Linux reports twice the size set (the
+    other half is its bookkeeping), which is what is returned: what it holds.
+    """
+    size = size or UDP_BUFFER
+    force = getattr(socket, "SO_RCVBUFFORCE", None)
+    try:
+        if force is None:
+            raise PermissionError
+        sock.setsockopt(socket.SOL_SOCKET, force, size)
+    except PermissionError:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
+    return sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
