@@ -108,7 +108,7 @@ class StatsdIngress:
 
     def __init__(
         self, service: Service, default_tenant: str | None = None, *,
-        flush_rows: int = 20_000, flush_interval: float = 0.1, max_pending: int = 2_000_000,
+        flush_rows: int = 100_000, flush_interval: float = 0.1, max_pending: int = 2_000_000,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.service = service
@@ -325,10 +325,11 @@ class StatsdIngress:
             except IngestError as e:
                 if e.code == ErrorCode.BAD_ROW:
                     return await self._apply_lines(window)
-                self._lost(window.lines, e, window.received[0].peer, window.received[0].first_line)
+                _data, _now, first_line, _datagram, peer = window.received[0]
+                self._lost(window.lines, e, peer, first_line)
                 return 0
             self.stats.batches += 1
-            self.service.metrics.batch_accepted(INGRESS, batch.increments)
+            self.service.metrics.batch_accepted(INGRESS, window.increments)
             self._count(window.lines, Tally())
             return window.lines
 

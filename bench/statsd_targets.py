@@ -251,7 +251,8 @@ class EtsyTarget:
         return data.decode()
 
     def counted(self, metric: str, expect: int) -> int:
-        pattern = re.compile(rf"'{re.escape(metric)}': (\d+)")
+        # (node prints a key quoted unless it is an identifier: 'bench.r0', but m0)
+        pattern = re.compile(rf"(?:'{re.escape(metric)}'|\b{re.escape(metric)}): (\d+)")
 
         def read() -> int:
             m = pattern.search(self._counters())

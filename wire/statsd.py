@@ -376,16 +376,11 @@ class Series:
         self.tenant, self.metric, self.tags = tenant, metric, tags
 
 
-@dataclass(slots=True)
-class Received:
-    """One datagram (or run of TCP lines) as it came, kept until its window is applied, so
-    that a window the shards refuse can be parsed again line by line (``StatsdFolder.replay``)."""
-
-    data: bytes
-    now: float
-    first_line: int
-    datagram: bool
-    peer: Any
+# One datagram (or run of TCP lines) as it came: (data, receive time, its first line's
+# number, datagram or TCP, peer). Kept until its window is applied, so that a window the
+# shards refuse can be parsed again line by line (``StatsdFolder.replay``); a tuple, as it
+# costs least to make.
+Received = tuple[bytes, float, int, bool, Any]
 
 
 @dataclass(slots=True)
@@ -395,12 +390,14 @@ class Window:
     ``sums``: hour -> series -> sum of the values of its lines (an exact Python
     int, which may be outside int64: the batch then names it); ``rows``: rows of
     lines that were not folded (``|T`` timestamps, a buffer near its bound), as
-    the parser gives them; ``lines``: the good lines behind both.
+    the parser gives them; ``lines``: the good lines behind both, and
+    ``increments`` their rows before folding (what the metrics count).
     """
 
     sums: dict[int, dict[Series, int]] = field(default_factory=dict)
     rows: list[list[Any]] = field(default_factory=list)
     lines: int = 0
+    increments: int = 0  # rows of those lines, before folding (a timer line is three)
     received: list[Received] = field(default_factory=list)
 
     def batch_rows(self) -> list[list[Any]]:
@@ -445,14 +442,14 @@ class StatsdFolder:
         self._series: dict[tuple[Any, ...], Series] = {}
         self._window = Window()
         self.lines = 0  # good lines of the window so far
-        self._received: list[tuple[bytes, float, int, bool, Any]] = []  # Received, as tuples
+        self._received: list[Received] = []
         self._hour_from = self._hour_to = 0.0  # the hour that ``_sums`` adds up
         self._sums: dict[Series, int] = {}
 
     def take(self) -> Window:
         """The window so far; the next one starts empty."""
         window, self._window = self._window, Window()
-        window.lines, window.received = self.lines, [Received(*r) for r in self._received]
+        window.lines, window.increments, window.received = self.lines, self.rows, self._received
         self._hour_from = self._hour_to = 0.0
         self._sums, self.rows, self.lines, self._received = {}, 0, 0, []
         return window
@@ -567,9 +564,9 @@ class StatsdFolder:
         rows: list[list[Any]] = []
         lines: list[int] = []
         peers: dict[int, Any] = {}
-        for r in window.received:
-            parsed = self.parser.parse(r.data, r.now, r.first_line, r.datagram)
+        for data, now, first_line, datagram, peer in window.received:
+            parsed = self.parser.parse(data, now, first_line, datagram)
             rows += parsed.rows
             lines += parsed.row_lines
-            peers[r.first_line] = r.peer
+            peers[first_line] = peer
         return rows, lines, peers
