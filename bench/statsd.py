@@ -72,8 +72,10 @@ class Ramp:
 
     @property
     def done(self) -> bool:
-        """Two lossy steps: past the knee, no need to go on."""
-        return self.error is not None or sum(not s.lossless for s in self.steps) >= 2
+        """Two lossy steps in a row: past the knee, no need to go on. (One lossy step
+        alone is often a moment when a busy machine left the server unscheduled.)"""
+        last = self.steps[-2:]
+        return self.error is not None or (len(last) == 2 and not any(s.lossless for s in last))
 
 
 # ---- the sender ------------------------------------------------------------------
