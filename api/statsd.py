@@ -1,6 +1,6 @@
-"""StatsD ingress: UDP and TCP listeners on one port, batching parsed lines into Service.ingest.
+"""StatsD ingress: UDP and TCP listeners on one port, folding parsed lines into Service.ingest.
 
-The parsing is wire/statsd.py's (sans I/O); this shell moves bytes, batches
+The parsing and folding are wire/statsd.py's (sans I/O); this shell moves bytes, flushes
 rows and counts. StatsD's contract is at most once: UDP has no answer, and a
 StatsD client neither numbers nor resends what it sends, so there is no
 producer/seq here. A line is counted once it is applied to the shards (and
@@ -9,14 +9,16 @@ datagram the kernel dropped, a line refused, or lines buffered when the
 gateway stops uncleanly are lost, and every refusal is counted by reason in
 ``tally_statsd_rejected_lines_total`` and logged (rate-limited).
 
-Batching: lines are parsed as they arrive and their rows buffered; a flusher
-task sends the buffer to ``Service.ingest`` when it holds ``flush_rows`` rows
-or ``flush_interval`` seconds after the first row, so one Ray call carries
-thousands of lines. Each line was checked on its own by the parser, so a
-batch is refused only for what a single line cannot show (an hour's sum
-leaving int64); the line blamed is then refused alone and the rest retried.
-The buffer is bounded (``max_pending`` rows): beyond it lines are refused as
-``overloaded`` rather than held without limit.
+Folding: each datagram is folded as it arrives (wire/statsd.py's
+``StatsdFolder``: a distinct line is parsed once, then costs a lookup and an
+add) into one sum per (series, UTC hour); a flusher task sends the window to
+``Service.ingest`` every ``flush_interval`` seconds (or once it holds
+``flush_rows`` rows), so one Ray call per shard carries every line of the
+window. Each line was checked on its own by the parser, so a window is
+refused only for what a single line cannot show (an hour's sum leaving
+int64); the window is then replayed line by line, the line blamed refused
+alone and the rest retried. The window is bounded (``max_pending`` rows):
+beyond it lines are refused as ``overloaded`` rather than held without limit.
 """
 
 from __future__ import annotations
