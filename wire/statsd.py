@@ -440,6 +440,7 @@ class StatsdFolder:
         self._entries: dict[bytes, tuple[Series, int] | list[tuple[Series, int]]] = {
             b"": _BLANK}
         self._series: dict[tuple[Any, ...], Series] = {}
+        self._once: set[bytes] = set()  # lines parsed once, cached when seen again
         self._window = Window()
         self.lines = 0  # good lines of the window so far
         self._received: list[Received] = []
@@ -473,7 +474,7 @@ class StatsdFolder:
         for line in pieces:
             e = get(line)
             if e is None:
-                e = self._miss(line, now, first_line + good + refused, datagram, peer)
+                e = self._miss(line, now, first_line + good + refused, peer)
                 if e is None:
                     refused += 1
                     continue
@@ -501,23 +502,39 @@ class StatsdFolder:
         self._hour_from, self._hour_to = hour * 3600, hour * 3600 + 3600
         self._sums = self._window.sums.setdefault(hour, {})
 
-    def _miss(self, line: bytes, now: float, index: int, datagram: bool,
+    def _miss(self, line: bytes, now: float, index: int,
               peer: Any) -> tuple[Series, int] | list[tuple[Series, int]] | int | None:
-        """A line not in the cache: parse it. Its entry when its rows hold at any receive
-        time (cached; ``_BLANK`` for whitespace); the number of rows kept when it has its
-        own ``|T`` timestamp (checked against each receive time, so not cached); None when
-        it is refused (recorded in ``refused``)."""
-        parsed = self.parser.parse(line, now, index, datagram)
-        if parsed.rejections:
-            self.refused.append((parsed.rejections[0], peer))
+        """A line not in the cache: parse it. Its entry when it is seen a second time and
+        its rows hold at any receive time (cached; ``_BLANK`` for whitespace); the number
+        of rows kept as they are when it is new, or has its own ``|T`` timestamp (checked
+        against each receive time, so never cached); None when it is refused (recorded in
+        ``refused``)."""
+        # (parse()'s steps for one line, without its per-call costs)
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError:
+            self.refused.append((Rejection(index, "not_utf8", "line is not UTF-8"), peer))
             return None
-        if not parsed.lines:  # whitespace only
+        if not text or text.isspace():
             self._cache(line, _BLANK)
             return _BLANK
-        if b"|T" in line:  # (no name or tag holds a |: this is the timestamp field)
-            self._window.rows.extend(parsed.rows)
-            return len(parsed.rows)
-        pairs = [(self._series_of(r[0], r[1], r[2]), r[4]) for r in parsed.rows]
+        try:
+            rows = self.parser._line(text.strip(), int(now))
+        except _Refused as e:
+            self.refused.append((Rejection(index, e.reason, e.message), peer))
+            return None
+        # Kept as rows, not cached: a |T line (no name or tag holds a |: this is the
+        # timestamp field), and a line seen for the first time; a client that never
+        # repeats a line (a timer's every value distinct) would fill the cache for nothing.
+        if b"|T" in line or line not in self._once:
+            if b"|T" not in line:
+                if len(self._once) >= self.cache_limit:
+                    self._once.clear()
+                self._once.add(line)
+            self._window.rows.extend(rows)
+            return len(rows)
+        self._once.discard(line)
+        pairs = [(self._series_of(r[0], r[1], r[2]), r[4]) for r in rows]
         entry: tuple[Series, int] | list[tuple[Series, int]] = (
             pairs[0] if len(pairs) == 1 else pairs)
         self._cache(line, entry)
