@@ -130,6 +130,7 @@ class StatsdIngress:
         self._closing = False
         self._udp: socket.socket | None = None
         self._receiver: asyncio.Task | None = None
+        self._errors = logs.Throttle(1.0)  # receive-loop errors: logged at most once a second
         self._tcp: asyncio.Server | None = None
         self._tcp_tasks: set[asyncio.Task] = set()
         self.port = 0
@@ -214,7 +215,14 @@ class StatsdIngress:
         loop = asyncio.get_running_loop()
         fd = sock.fileno()
         while True:
-            read = self._drain_udp(sock)
+            try:
+                read = self._drain_udp(sock)
+            except Exception as e:  # the listener outlives any one datagram
+                left_out = self._errors.admit("receive")
+                if left_out is not None:
+                    log.error(json.dumps({"event": "error", "where": "statsd receive",
+                                          "error": repr(e), "count": left_out + 1}))
+                read = 1
             if read == UDP_BURST:
                 await asyncio.sleep(0)  # more waiting: other tasks get a turn first
             elif read:
@@ -428,6 +436,9 @@ def udp_buffer(sock: socket.socket, size: int = 0) -> int:
         if force is None:
             raise PermissionError
         sock.setsockopt(socket.SOL_SOCKET, force, size)
-    except PermissionError:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
+    except PermissionError:  # no CAP_NET_ADMIN: the capped way
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
+        except OSError as e:  # the default buffer still works; what it is gets logged
+            log.warning(json.dumps({"event": "statsd_rcvbuf", "error": repr(e)}))
     return sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)

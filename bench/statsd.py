@@ -177,8 +177,8 @@ def report(res: StatsdResults, say: Any = print) -> None:
         if r.error:
             return f"{r.name}: {r.error}"
         lossy = next((s for s in r.steps if not s.lossless), None)
-        knee = (f" ({1 - lossy.counted / lossy.sent:.2%} lost at {lossy.sent_rate:,.0f})"
-                if lossy else "")
+        knee = (f" ({lossy.sent - lossy.counted:,} of {lossy.sent:,} lines lost at "
+                f"{lossy.sent_rate:,.0f})" if lossy else "")
         return f"{r.name}: {r.best:,.0f} lines/s with zero loss{knee}"
 
     say(line(res.tally))

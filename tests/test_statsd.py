@@ -511,6 +511,30 @@ def test_an_hour_filled_by_an_earlier_flush_refuses_the_line_past_it(tally: InPr
     assert tally.statsd.stats.accepted_lines == 4
 
 
+def test_an_error_in_the_receive_loop_is_logged_and_receiving_goes_on(
+        tally: InProcessTally, caplog) -> None:
+    assert tally.statsd is not None
+    fold = tally.statsd.folder.fold
+    calls = []
+
+    def failing_once(*args):  # type: ignore[no-untyped-def]
+        calls.append(args[0])
+        if len(calls) == 1:
+            raise RuntimeError("a bug in the fold")
+        return fold(*args)
+
+    tally.statsd.folder.fold = failing_once  # type: ignore[method-assign]
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+        u.sendto(b"lost:1|c\n", ("127.0.0.1", tally.statsd_port))
+        deadline = time.monotonic() + 30
+        while not calls and time.monotonic() < deadline:
+            time.sleep(0.01)
+        u.sendto(b"kept:1|c\n", ("127.0.0.1", tally.statsd_port))
+        settle(tally, 1)
+    assert total(tally, "kept") == 1 and total(tally, "lost") == 0
+    assert "a bug in the fold" in caplog.text and "statsd receive" in caplog.text
+
+
 def test_dogstatsd_over_udp_with_tags(tally: InProcessTally) -> None:
     """A paced send on loopback, so exact: every 10 pairs of datagrams the sender waits
     until the listener has read them. (Paced by a sleep instead, a busy machine can leave
