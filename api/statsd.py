@@ -1,6 +1,6 @@
-"""StatsD ingress: UDP and TCP listeners on one port, batching parsed lines into Service.ingest.
+"""StatsD ingress: UDP and TCP listeners on one port, folding parsed lines into Service.ingest.
 
-The parsing is wire/statsd.py's (sans I/O); this shell moves bytes, batches
+The parsing and folding are wire/statsd.py's (sans I/O); this shell moves bytes, flushes
 rows and counts. StatsD's contract is at most once: UDP has no answer, and a
 StatsD client neither numbers nor resends what it sends, so there is no
 producer/seq here. A line is counted once it is applied to the shards (and
@@ -9,14 +9,16 @@ datagram the kernel dropped, a line refused, or lines buffered when the
 gateway stops uncleanly are lost, and every refusal is counted by reason in
 ``tally_statsd_rejected_lines_total`` and logged (rate-limited).
 
-Batching: lines are parsed as they arrive and their rows buffered; a flusher
-task sends the buffer to ``Service.ingest`` when it holds ``flush_rows`` rows
-or ``flush_interval`` seconds after the first row, so one Ray call carries
-thousands of lines. Each line was checked on its own by the parser, so a
-batch is refused only for what a single line cannot show (an hour's sum
-leaving int64); the line blamed is then refused alone and the rest retried.
-The buffer is bounded (``max_pending`` rows): beyond it lines are refused as
-``overloaded`` rather than held without limit.
+Folding: each datagram is folded as it arrives (wire/statsd.py's
+``StatsdFolder``: a distinct line is parsed once, then costs a lookup and an
+add) into one sum per (series, UTC hour); a flusher task sends the window to
+``Service.ingest`` every ``flush_interval`` seconds (or once it holds
+``flush_rows`` rows), so one Ray call per shard carries every line of the
+window. Each line was checked on its own by the parser, so a window is
+refused only for what a single line cannot show (an hour's sum leaving
+int64); the window is then replayed line by line, the line blamed refused
+alone and the rest retried. The window is bounded (``max_pending`` rows):
+beyond it lines are refused as ``overloaded`` rather than held without limit.
 """
 
 from __future__ import annotations
@@ -35,12 +37,20 @@ from typing import Any
 from tally.actors import logs
 from tally.api.service import IngestError, Service
 from tally.wire.batches import BadBatch, BadRow, KnownSeries, rows_batch
-from tally.wire.statsd import MAX_DATAGRAM, MAX_LINE, Parsed, Rejection, StatsdParser
+from tally.wire.statsd import (
+    MAX_DATAGRAM,
+    MAX_LINE,
+    Rejection,
+    StatsdFolder,
+    StatsdParser,
+    Window,
+)
 from tally.wire.vocabulary import ErrorCode
 
 log = logging.getLogger("tally.statsd")
 UDP_BUFFER = 8 * 1024 * 1024  # asked of the kernel; it caps it at net.core.rmem_max
-UDP_BURST = 512  # datagrams read per wake-up before other tasks get a turn
+UDP_BURST = 1024  # datagrams read per wake-up before other tasks get a turn
+UDP_GATHER = 0.001  # seconds datagrams gather after a burst that emptied the socket
 RECV_SIZE = MAX_DATAGRAM + 1  # one byte more than allowed, so an oversize one is seen as such
 INGRESS = "statsd"
 
@@ -87,41 +97,53 @@ class StatsdStats:
     accepted_lines: int = 0
     rejected: Tally[str] = field(default_factory=Tally)
     batches: int = 0
+    rcvbuf: int = 0  # bytes of UDP receive buffer the kernel granted (it reports twice the ask)
 
     def as_dict(self) -> dict[str, Any]:
         return {"datagrams": self.datagrams, "tcp_connections": self.tcp_connections,
                 "lines": self.lines, "accepted_lines": self.accepted_lines,
-                "rejected": dict(self.rejected), "batches": self.batches}
+                "rejected": dict(self.rejected), "batches": self.batches,
+                "rcvbuf": self.rcvbuf}
 
 
 class StatsdIngress:
-    """The StatsD listeners of one gateway, and the buffer between them and Service.ingest."""
+    """The StatsD listeners of one gateway, and the window between them and Service.ingest."""
 
     def __init__(
         self, service: Service, default_tenant: str | None = None, *,
-        flush_rows: int = 20_000, flush_interval: float = 0.1, max_pending: int = 2_000_000,
+        flush_rows: int = 100_000, flush_interval: float = 0.1, max_pending: int = 2_000_000,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.service = service
         self.parser = StatsdParser(default_tenant)
+        self.folder = StatsdFolder(self.parser, max_pending)
         self.flush_rows = flush_rows
         self.flush_interval = flush_interval
-        self.max_pending = max_pending
         self.clock = clock
         self.stats = StatsdStats()
         self.logs = RateLimitedLog()
         self.known = KnownSeries()
-        self._rows: list[list[Any]] = []
-        self._lines: list[int] = []  # the buffered line number of each row
-        self._line_no = 0  # buffered lines get numbers, so a refused batch can name one
-        self._peers: dict[int, Any] = {}
+        self._line_no = 0  # lines get numbers, so a refused batch can name one
         self._wake = asyncio.Event()
+        self._flushing = asyncio.Lock()  # one flush at a time: flush() waits for the timed one
         self._flusher: asyncio.Task | None = None
         self._closing = False
         self._udp: socket.socket | None = None
+        self._receiver: asyncio.Task | None = None
+        self._errors = logs.Throttle(1.0)  # receive-loop errors: logged at most once a second
         self._tcp: asyncio.Server | None = None
         self._tcp_tasks: set[asyncio.Task] = set()
         self.port = 0
+
+    @property
+    def max_pending(self) -> int:
+        """Rows the window holds at most (a timer line is three); beyond, lines are refused
+        as ``overloaded``."""
+        return self.folder.max_rows
+
+    @max_pending.setter
+    def max_pending(self, rows: int) -> None:
+        self.folder.max_rows = rows
 
     # ---- listening -----------------------------------------------------
 
@@ -134,8 +156,7 @@ class StatsdIngress:
             sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET,
                                  socket.SOCK_DGRAM)
             try:
-                with contextlib.suppress(OSError):
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_BUFFER)
+                self.stats.rcvbuf = udp_buffer(sock)
                 sock.bind((host, chosen))
             except OSError:
                 sock.close()
@@ -146,19 +167,26 @@ class StatsdIngress:
                     raise
                 continue  # the free TCP port is taken for UDP: try another
             sock.setblocking(False)
-            loop.add_reader(sock.fileno(), self._drain_udp, sock)
             self._udp = sock
+            self._receiver = loop.create_task(self._receive_udp(sock))
             self.port = chosen
             break
         else:
             raise OSError(f"no port free for both TCP and UDP on {host}")
+        if self.stats.rcvbuf < 2 * UDP_BUFFER:
+            log.info(json.dumps({
+                "event": "statsd_rcvbuf", "asked": UDP_BUFFER, "granted": self.stats.rcvbuf,
+                "why": "net.core.rmem_max caps SO_RCVBUF; raise it for bursts to fit"}))
         self._flusher = loop.create_task(self._flush_loop())
         return self.port
 
     async def stop(self) -> None:
         """Stop listening, then apply what is buffered."""
+        if self._receiver is not None:
+            self._receiver.cancel()  # (it only ever waits between bursts: none is cut short)
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._receiver
         if self._udp is not None:
-            asyncio.get_running_loop().remove_reader(self._udp.fileno())
             self._udp.close()
         if self._tcp is not None:
             self._tcp.close()
@@ -173,25 +201,80 @@ class StatsdIngress:
             await self._flusher
         await self.flush()
 
-    def _drain_udp(self, sock: socket.socket) -> None:
-        """Read every datagram waiting, up to UDP_BURST, in one wake-up of the loop.
+    async def _receive_udp(self, sock: socket.socket) -> None:
+        """Drain the socket in bursts; between bursts let datagrams gather for UDP_GATHER.
 
-        Not a DatagramProtocol: asyncio's datagram transport reads one datagram
-        per readiness event, and that per-datagram round through the selector
-        was most of the cost of a one-line datagram (measured with
-        ``tally bench-statsd --lines-per-datagram 1``).
+        Not a DatagramProtocol, nor a reader called at every readiness: either
+        wakes the loop for about one datagram when traffic is steady, and the
+        wake-up (the selector, a task step, the failed read that ends a burst)
+        then costs more than the datagram. A short pause after a burst that
+        emptied the socket lets the next burst hold the datagrams of a whole
+        millisecond, which the receive buffer (UDP_BUFFER) holds many times
+        over. An idle socket is waited on, not polled.
+        """
+        loop = asyncio.get_running_loop()
+        fd = sock.fileno()
+        while True:
+            try:
+                read = self._drain_udp(sock)
+            except Exception as e:  # the listener outlives any one datagram
+                left_out = self._errors.admit("receive")
+                if left_out is not None:
+                    log.error(json.dumps({"event": "error", "where": "statsd receive",
+                                          "error": repr(e), "count": left_out + 1}))
+                read = 1
+            if read == UDP_BURST:
+                await asyncio.sleep(0)  # more waiting: other tasks get a turn first
+            elif read:
+                await asyncio.sleep(UDP_GATHER)
+            else:
+                ready = loop.create_future()
+
+                def wake(ready: asyncio.Future = ready) -> None:
+                    loop.remove_reader(fd)
+                    ready.set_result(None)
+
+                loop.add_reader(fd, wake)
+                try:
+                    await ready
+                finally:
+                    loop.remove_reader(fd)
+
+    def _drain_udp(self, sock: socket.socket) -> int:
+        """Read the datagrams waiting, up to UDP_BURST; returns how many.
+
+        The loop body is the receive and the fold, nothing else: counting and
+        logging wait for the end of the burst.
         """
         recv = sock.recvfrom
-        for _ in range(UDP_BURST):
-            try:
+        fold = self.folder.fold
+        clock = self.clock
+        line_no = self._line_no
+        datagrams = 0
+        try:
+            for _ in range(UDP_BURST):
                 data, addr = recv(RECV_SIZE)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as e:  # e.g. ICMP errors surfacing on the socket
-                log.debug("statsd udp error: %r", e)
-                return
-            self.stats.datagrams += 1
-            self.received(data, addr)
+                datagrams += 1
+                line_no += fold(data, clock(), line_no, True, addr)
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError as e:  # e.g. ICMP errors surfacing on the socket
+            log.debug("statsd udp error: %r", e)
+        self.stats.datagrams += datagrams
+        self._folded(line_no)
+        return datagrams
+
+    def _folded(self, line_no: int) -> None:
+        """After a fold: count its lines, record its refusals, wake the flusher if due."""
+        self.stats.lines += line_no - self._line_no
+        self._line_no = line_no
+        if self.folder.refused:
+            refused, self.folder.refused = self.folder.refused, []
+            for r, peer in refused:
+                self.logs.rejected(r.reason, r.message, peer, r.line)
+            self._count(0, Tally(r.reason for r, _ in refused))
+        if self.folder.rows >= self.flush_rows:
+            self._wake.set()
 
     async def _tcp_client(self, reader: asyncio.StreamReader,
                           writer: asyncio.StreamWriter) -> None:
@@ -222,8 +305,9 @@ class StatsdIngress:
                 else:
                     pending = data
                 if len(pending) > MAX_LINE:
-                    self._refuse_raw(
-                        Rejection(0, "too_long", f"line over {MAX_LINE} bytes"), peer)
+                    self.folder.refused.append((Rejection(
+                        self._line_no, "too_long", f"line over {MAX_LINE} bytes"), peer))
+                    self._folded(self._line_no + 1)
                     pending, skipping = b"", True
             if pending and not skipping:
                 self.received(pending, peer, datagram=False)  # a last line without its newline
@@ -233,37 +317,13 @@ class StatsdIngress:
             self._tcp_tasks.discard(asyncio.current_task())  # type: ignore[arg-type]
             writer.close()
 
-    # ---- parsing and buffering -----------------------------------------
+    # ---- folding -------------------------------------------------------
 
     def received(self, data: bytes, peer: Any, datagram: bool = True) -> None:
-        """Parse and buffer; refusals are counted and logged here, good lines wait for a flush."""
-        parsed = self.parser.parse(data, self.clock(), self._line_no, datagram)
-        self.stats.lines += parsed.lines
-        self._line_no += parsed.lines
-        if parsed.rejections or len(self._rows) + len(parsed.rows) > self.max_pending:
-            rejected = Tally(r.reason for r in parsed.rejections)
-            for r in parsed.rejections:
-                self.logs.rejected(r.reason, r.message, peer, r.line)
-            if parsed.rows and len(self._rows) + len(parsed.rows) > self.max_pending:
-                lines = len(set(parsed.row_lines))
-                rejected[ErrorCode.OVERLOADED] += lines
-                self.logs.rejected(ErrorCode.OVERLOADED,
-                        f"{len(self._rows)} rows wait for the shards; "
-                                   f"{lines} lines refused", peer, parsed.row_lines[0])
-                parsed = Parsed(lines=parsed.lines)
-            self._count(0, rejected)
-        if parsed.rows:
-            self._rows.extend(parsed.rows)
-            self._lines.extend(parsed.row_lines)
-            self._peers[parsed.row_lines[0]] = peer
-            if len(self._rows) >= self.flush_rows:
-                self._wake.set()
-
-    def _refuse_raw(self, rejection: Rejection, peer: Any) -> None:
-        self.stats.lines += 1
-        self._line_no += 1
-        self._count(0, Tally({rejection.reason: 1}))
-        self.logs.rejected(rejection.reason, rejection.message, peer, rejection.line)
+        """Fold a datagram (or complete TCP lines) into the window; refusals are counted and
+        logged here, good lines wait for a flush."""
+        self._folded(self._line_no + self.folder.fold(
+            data, self.clock(), self._line_no, datagram, peer))
 
     def _count(self, accepted: int, rejected: Tally[str]) -> None:
         self.stats.accepted_lines += accepted
@@ -272,8 +332,7 @@ class StatsdIngress:
 
     @staticmethod
     def _peer_of(peers: dict[int, Any], line: int) -> Any:
-        """The peer of a buffered line (for log lines only): the datagram that started at or
-        before it."""
+        """The peer of a line (for log lines only): the datagram that started at or before it."""
         starts = [k for k in peers if k <= line]
         return peers[max(starts)] if starts else "?"
 
@@ -291,11 +350,45 @@ class StatsdIngress:
                                       "error": repr(e)}))
 
     async def flush(self) -> int:
-        """Apply the buffered rows; returns the lines applied. Never raises on bad lines."""
-        if not self._rows:
-            return 0
-        rows, lines, peers = self._rows, self._lines, self._peers
-        self._rows, self._lines, self._peers = [], [], {}
+        """Apply every line received so far; returns the lines this call applied.
+
+        A flush already in progress (the timed one) is waited for first, so
+        that everything received before this call is applied when it returns.
+        Never raises on bad lines. The window is taken at once, so lines that
+        arrive while the shards answer fold into the next one: a flush never
+        holds up receiving.
+        """
+        async with self._flushing:
+            window = self.folder.take()
+            if not window.lines:
+                return 0
+            try:
+                batch = rows_batch(window.batch_rows(), self.clock(), self.known)
+                await self.service.ingest(batch)
+            except (BadRow, BadBatch):
+                return await self._apply_lines(window)
+            except IngestError as e:
+                if e.code == ErrorCode.BAD_ROW:
+                    return await self._apply_lines(window)
+                _data, _now, first_line, _datagram, peer = window.received[0]
+                self._lost(window.lines, e, peer, first_line)
+                return 0
+            self.stats.batches += 1
+            self.service.metrics.batch_accepted(INGRESS, window.increments)
+            self._count(window.lines, Tally())
+            return window.lines
+
+    def _lost(self, lines: int, e: IngestError, peer: Any, line: int) -> None:
+        """Overloaded, a shard restarting: at most once, these lines are lost (and counted)."""
+        self.service.metrics.batch_rejected(INGRESS, e.code, lines)
+        self._count(0, Tally({ErrorCode.OVERLOADED: lines}))
+        self.logs.rejected(ErrorCode.OVERLOADED, f"{lines} lines lost: {e.message}", peer, line)
+
+    async def _apply_lines(self, window: Window) -> int:
+        """A window whose folded batch was refused for a row (an hour's sum leaving int64):
+        its lines, one row per line value again, so that the line to blame is refused alone
+        and the rest retried, as if nothing had been folded."""
+        rows, lines, peers = self.folder.replay(window)
         applied = 0
         while rows:
             now = self.clock()
@@ -310,12 +403,8 @@ class StatsdIngress:
             except IngestError as e:
                 if e.code == ErrorCode.BAD_ROW and e.row is not None:
                     blamed, message = e.row, e.message
-                else:  # overloaded, a shard restarting: at most once, these lines are lost
-                    n = len(set(lines))
-                    self.service.metrics.batch_rejected(INGRESS, e.code, len(rows))
-                    self._count(0, Tally({ErrorCode.OVERLOADED: n}))
-                    self.logs.rejected(ErrorCode.OVERLOADED, f"{n} lines lost: {e.message}",
-                                       self._peer_of(peers, lines[0]), lines[0])
+                else:
+                    self._lost(len(set(lines)), e, self._peer_of(peers, lines[0]), lines[0])
                     return applied
             if blamed is None:
                 n = len(set(lines))
@@ -332,3 +421,24 @@ class StatsdIngress:
             keep = [k for k, ln in enumerate(lines) if ln != line]
             rows, lines = [rows[k] for k in keep], [lines[k] for k in keep]
         return applied
+
+
+def udp_buffer(sock: socket.socket, size: int = 0) -> int:
+    """Ask for a ``size`` (default UDP_BUFFER) receive buffer; returns what the kernel granted.
+
+    SO_RCVBUFFORCE passes net.core.rmem_max but needs CAP_NET_ADMIN; without it
+    SO_RCVBUF is capped at rmem_max. Linux reports twice the size set (the
+    other half is its bookkeeping), which is what is returned: what it holds.
+    """
+    size = size or UDP_BUFFER
+    force = getattr(socket, "SO_RCVBUFFORCE", None)
+    try:
+        if force is None:
+            raise PermissionError
+        sock.setsockopt(socket.SOL_SOCKET, force, size)
+    except PermissionError:  # no CAP_NET_ADMIN: the capped way
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
+        except OSError as e:  # the default buffer still works; what it is gets logged
+            log.warning(json.dumps({"event": "statsd_rcvbuf", "error": repr(e)}))
+    return sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)

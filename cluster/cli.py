@@ -109,10 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
     bstatsd = sub.add_parser(
         "bench-statsd",
         help="StatsD lines/s accepted over UDP with zero loss, beside Etsy's statsd",
-        description="Ramp a paced UDP send of StatsD counter lines at tally's StatsD listener "
-        "(its own process, in-process shards over SQLite, no Ray) until lines go missing, "
-        "and report the highest rate with zero loss; the same ramp against Etsy's statsd "
-        "(npm install statsd into a temporary folder) when npm is available, with the ratio.",
+        description="Ramp a paced UDP send of StatsD counter lines at a tally serve of its "
+        "own (--statsd-port, SQLite in a temporary folder; totals read back through "
+        "/v1/series) until lines go missing, and report the highest rate with zero loss; "
+        "the same ramp against Etsy's statsd (npm install statsd into a temporary folder) "
+        "when npm is available, step for step in turn with tally's, with the ratio.",
     )
     bstatsd.add_argument("--duration", type=float, default=2.0,
                          help="seconds per step of the ramp (default 2)")
@@ -120,6 +121,13 @@ def build_parser() -> argparse.ArgumentParser:
                          help="StatsD lines packed in one datagram (default 10)")
     bstatsd.add_argument("--max-rate", type=int, default=1_600_000,
                          help="highest lines/s to try (default 1,600,000)")
+    bstatsd.add_argument("--min-rate", type=int, default=0,
+                         help="lowest lines/s to try (default: the ramp's first step)")
+    bstatsd.add_argument("--shards", type=int, default=2,
+                         help="tally serve --shards (default 2)")
+    bstatsd.add_argument("--listener", action="store_true",
+                         help="measure the StatsD listener alone (its own process, "
+                         "in-process shards over SQLite, no Ray) instead of tally serve")
     bstatsd.add_argument("--no-etsy", dest="etsy", action="store_false",
                          help="do not measure Etsy's statsd")
     bstatsd.add_argument("--json", metavar="FILE", help="also write the results as JSON")
@@ -337,7 +345,8 @@ def bench_statsd(args: argparse.Namespace) -> int:
     from tally.bench.statsd import StatsdBenchConfig, report, run_statsd, to_json
 
     cfg = StatsdBenchConfig(duration=args.duration, lines_per_datagram=args.lines_per_datagram,
-                            max_rate=args.max_rate, etsy=args.etsy)
+                            max_rate=args.max_rate, min_rate=args.min_rate, etsy=args.etsy,
+                            shards=args.shards, listener=args.listener)
     results = run_statsd(cfg, say=lambda m: print(f"tally bench-statsd: {m}", flush=True))
     report(results)
     if args.json:

@@ -4,6 +4,7 @@ read back through the HTTP query API."""
 
 from __future__ import annotations
 
+import asyncio
 import random
 import socket
 import time
@@ -18,9 +19,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from inproc import InProcessTally
 
-from tally.api.statsd import RateLimitedLog
+from tally.api.statsd import RateLimitedLog, StatsdIngress
 from tally.cluster.config import ConfigError, load_config
-from tally.wire.statsd import MAX_DATAGRAM, MAX_LINE, REASONS, Parsed, StatsdParser, round_half_even
+from tally.wire.statsd import (
+    MAX_DATAGRAM,
+    MAX_LINE,
+    REASONS,
+    Parsed,
+    StatsdFolder,
+    StatsdParser,
+    Window,
+    round_half_even,
+)
 
 NOW = 1_800_000_000
 
@@ -214,6 +224,141 @@ def test_never_raises_on_near_statsd_text(lines: list[str]) -> None:
     assert (again.rows, again.rejections) == (p.rows, p.rejections)
 
 
+# ---- folding: datagrams into sums per (series, hour) ----------------------------------
+
+
+def sums_of(rows: list[list]) -> dict[tuple, int]:
+    """Rows summed per (tenant, metric, tags, hour), zero sums left out: what the shards keep."""
+    out: dict[tuple, int] = {}
+    for tenant, metric, tags, ts, v in rows:
+        key = (tenant, metric, tuple(sorted((tags or {}).items())), ts // 3600)
+        out[key] = out.get(key, 0) + v
+    return {k: v for k, v in out.items() if v}
+
+
+def fold_all(datagrams: list[bytes], times: list[float], folder: StatsdFolder
+             ) -> tuple[Window, int, list[tuple[int, str]]]:
+    line = 0
+    for data, now in zip(datagrams, times, strict=True):
+        line += folder.fold(data, now, line)
+    refused = [(r.line, r.reason) for r, _peer in folder.refused]
+    return folder.take(), line, refused
+
+
+def parse_all(datagrams: list[bytes], times: list[float]
+              ) -> tuple[list[list], int, list[tuple[int, str]], int]:
+    parser, line, rows, refused, good = StatsdParser("acme"), 0, [], [], 0
+    for data, now in zip(datagrams, times, strict=True):
+        p = parser.parse(data, now, line)
+        line += p.lines
+        rows += p.rows
+        refused += reasons(p)
+        good += p.accepted_lines
+    return rows, line, refused, good
+
+
+MIXED = [
+    b"a:1|c\na:1|c\nb:2|c|#k:v\n", b"a:1|c\n", b"t:120|ms|@0.5\nt:120|ms|@0.5\n",
+    b"bad line\na:1|c\n\n  \nx:1|g\n", f"old:5|c|T{NOW - 7200}\na:-3|c\n".encode(),
+    b"p:1:2:3|c\nc:1|c|#tenant:globex\n", b"m:\xff|c\na:1|c", b"a:1|c\n",
+]
+
+
+def test_fold_gives_what_parse_gives_summed_per_series_and_hour() -> None:
+    """Same lines, same refusals at the same line numbers, same sums: folding only moves
+    the adding forward. The last datagram comes in the next hour, a second before the
+    others' lines would have been folded into the same sums."""
+    times = [NOW + 0.5] * (len(MIXED) - 1) + [NOW - NOW % 3600 + 3600.0]
+    folder = StatsdFolder(StatsdParser("acme"))
+    first, _lines, _refused = fold_all(MIXED, times, folder)  # lines seen once: kept as rows
+    assert len(first.batch_rows()) > len(first.sums.get(NOW // 3600, {}))
+    folder.refused.clear()
+    window, lines, refused = fold_all(MIXED, times, folder)  # seen again: folded
+    rows, plines, prefused, good = parse_all(MIXED, times)
+    assert (lines, refused) == (plines, prefused)
+    assert refused == [(6, "malformed"), (8, "unsupported_type"), (13, "not_utf8")]
+    assert window.lines == good == 13
+    assert sums_of(window.batch_rows()) == sums_of(rows)
+    hour = NOW // 3600
+    assert sums_of(window.batch_rows())[("acme", "a", (), hour)] == 2 + 1 + 1 - 3 + 1
+    assert sums_of(window.batch_rows())[("acme", "a", (), hour + 1)] == 1
+    # one row per (series, hour), and the |T line's row as it was parsed
+    assert len(window.batch_rows()) == len(sums_of(rows)) == 9
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.lists(st.sampled_from([
+    "a:1|c", "a:2|c|@0.5", "b:1|c|#k:v", "b:1|c|#k:w,tenant:globex", "t:30|ms", "t:7|h|@0.1",
+    "c:1:2|c", "x:1|g", "y:1|c|#K:v", "bad", "", " ", f"o:1|c|T{NOW - 86400}",
+    f"f:1|c|T{NOW + 7200}",
+]), max_size=6), max_size=8), st.integers(0, 3))
+def test_fold_equals_parse_on_any_mix(datagrams: list[list[str]], hour_turn: int) -> None:
+    data = ["\n".join(d).encode() for d in datagrams]
+    times = [NOW + (3600.0 if k >= hour_turn else 0.0) for k in range(len(data))]
+    folder = StatsdFolder(StatsdParser("acme"))
+    for _ in range(2):  # the second time from the folder's cache of lines
+        window, lines, refused = fold_all(data, times, folder)
+        folder.refused.clear()
+        rows, plines, prefused, good = parse_all(data, times)
+        assert (lines, refused, window.lines) == (plines, prefused, good)
+        assert sums_of(window.batch_rows()) == sums_of(rows)
+        replayed, row_lines, _peers = folder.replay(window)
+        assert sums_of(replayed) == sums_of(rows) and len(row_lines) == len(rows)
+
+
+def test_fold_bound_refuses_whole_datagrams_as_overloaded() -> None:
+    folder = StatsdFolder(StatsdParser("acme"), max_rows=5)
+    assert folder.fold(b"a:1|c\na:1|c\n", NOW, 0) == 2
+    assert folder.fold(b"t:1|ms\nb:1|c\nbad\n", NOW, 2) == 3  # 2 + 4 rows > 5
+    assert [(r.line, r.reason) for r, _ in folder.refused] == [
+        (4, "malformed"), (2, "overloaded"), (3, "overloaded")]
+    assert folder.fold(b"b:1|c\n", NOW, 5) == 1  # 2 + 1 rows: room
+    window = folder.take()
+    assert window.lines == 3 and sums_of(window.batch_rows()) == {
+        ("acme", "a", (), NOW // 3600): 2, ("acme", "b", (), NOW // 3600): 1}
+    assert folder.rows == 0 and folder.take().lines == 0
+
+
+class _SlowService:
+    """Service.ingest that holds the first batch until released: a flush in progress."""
+
+    def __init__(self) -> None:
+        from tally.api.metrics import GatewayMetrics
+
+        self.metrics = GatewayMetrics()
+        self.increments = 0
+        self.release = asyncio.Event()
+        self.calls = 0
+
+    async def ingest(self, batch) -> None:  # type: ignore[no-untyped-def]
+        self.calls += 1
+        if self.calls == 1:
+            await self.release.wait()
+        self.increments += batch.increments
+
+
+def test_flush_waits_for_a_flush_in_progress() -> None:
+    """flush() returns once everything received before it is applied, even while the timed
+    flush holds a window in Service.ingest."""
+    service = _SlowService()
+    ingress = StatsdIngress(service, "acme")  # type: ignore[arg-type]
+
+    async def scenario() -> list[int]:
+        ingress.received(b"a:1|c\na:1|c\n", "udp:test")
+        timed = asyncio.create_task(ingress.flush())  # as the flusher does
+        await asyncio.sleep(0)  # it takes the window and waits in ingest
+        ingress.received(b"b:5|c\n", "udp:test")
+        mine = asyncio.create_task(ingress.flush())
+        await asyncio.sleep(0.01)
+        early = [ingress.stats.accepted_lines, int(mine.done())]
+        service.release.set()
+        return [*early, await mine, await timed, ingress.stats.accepted_lines]
+
+    assert asyncio.run(scenario()) == [0, 0, 1, 2, 3]
+    assert service.calls == 2
+    assert ingress.stats.batches == 2 and ingress.stats.accepted_lines == 3
+
+
 def test_rate_limited_log() -> None:
     clock = [0.0]
     logged: list[str] = []
@@ -348,6 +493,46 @@ def test_overflowing_hour_refuses_only_that_line(tally: InProcessTally) -> None:
     assert total(tally, "fine") == 2
     assert total(tally, "o") == big  # 2**62 + 2**62 is 2**63: one past int64
     assert tally.statsd.stats.rejected == {"overflow": 2}
+
+
+def test_an_hour_filled_by_an_earlier_flush_refuses_the_line_past_it(tally: InProcessTally
+                                                                      ) -> None:
+    """The shard refuses a folded sum that takes the stored hour past int64: the window is
+    replayed line by line, and only the line that overflows is refused."""
+    big = 2**62
+    with socket.create_connection(("127.0.0.1", tally.statsd_port)) as s:
+        s.sendall(f"o:{big}|c\no:{big - 1}|c\n".encode())
+        settle(tally, 2)
+        s.sendall(b"fine:1|c\no:1|c\nfine:2|c\n")
+        settle(tally, 5)
+    assert total(tally, "o") == 2**63 - 1
+    assert total(tally, "fine") == 3
+    assert tally.statsd.stats.rejected == {"overflow": 1}
+    assert tally.statsd.stats.accepted_lines == 4
+
+
+def test_an_error_in_the_receive_loop_is_logged_and_receiving_goes_on(
+        tally: InProcessTally, caplog) -> None:
+    assert tally.statsd is not None
+    fold = tally.statsd.folder.fold
+    calls = []
+
+    def failing_once(*args):  # type: ignore[no-untyped-def]
+        calls.append(args[0])
+        if len(calls) == 1:
+            raise RuntimeError("a bug in the fold")
+        return fold(*args)
+
+    tally.statsd.folder.fold = failing_once  # type: ignore[method-assign]
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+        u.sendto(b"lost:1|c\n", ("127.0.0.1", tally.statsd_port))
+        deadline = time.monotonic() + 30
+        while not calls and time.monotonic() < deadline:
+            time.sleep(0.01)
+        u.sendto(b"kept:1|c\n", ("127.0.0.1", tally.statsd_port))
+        settle(tally, 1)
+    assert total(tally, "kept") == 1 and total(tally, "lost") == 0
+    assert "a bug in the fold" in caplog.text and "statsd receive" in caplog.text
 
 
 def test_dogstatsd_over_udp_with_tags(tally: InProcessTally) -> None:

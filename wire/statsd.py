@@ -361,3 +361,229 @@ class StatsdParser:
         if len(tags) > MAX_TAGS:
             raise _Refused("bad_tag", f"{len(tags)} tags; at most {MAX_TAGS}")
         return tenant, tags
+
+
+# ---- folding: many datagrams into one sum per (series, hour) ---------------------------
+
+
+class Series:
+    """One series of folded lines. Hashed by identity: the fold's dicts key on the object
+    the line cache hands out, which costs no tuple hashing per line."""
+
+    __slots__ = ("metric", "tags", "tenant")
+
+    def __init__(self, tenant: str, metric: str, tags: dict[str, str] | None) -> None:
+        self.tenant, self.metric, self.tags = tenant, metric, tags
+
+
+# One datagram (or run of TCP lines) as it came: (data, receive time, its first line's
+# number, datagram or TCP, peer). Kept until its window is applied, so that a window the
+# shards refuse can be parsed again line by line (``StatsdFolder.replay``); a tuple, as it
+# costs least to make.
+Received = tuple[bytes, float, int, bool, Any]
+
+
+@dataclass(slots=True)
+class Window:
+    """What a listener received between two flushes, folded.
+
+    ``sums``: hour -> series -> sum of the values of its lines (an exact Python
+    int, which may be outside int64: the batch then names it); ``rows``: rows of
+    lines that were not folded (``|T`` timestamps, a buffer near its bound), as
+    the parser gives them; ``lines``: the good lines behind both, and
+    ``increments`` their rows before folding (what the metrics count).
+    """
+
+    sums: dict[int, dict[Series, int]] = field(default_factory=dict)
+    rows: list[list[Any]] = field(default_factory=list)
+    lines: int = 0
+    increments: int = 0  # rows of those lines, before folding (a timer line is three)
+    received: list[Received] = field(default_factory=list)
+
+    def batch_rows(self) -> list[list[Any]]:
+        """One row per (series, hour) with a folded sum, then the unfolded rows."""
+        out = [[s.tenant, s.metric, s.tags, hour * 3600, v]
+               for hour, sums in self.sums.items() for s, v in sums.items()]
+        out += self.rows
+        return out
+
+
+_BLANK: list[tuple[Series, int]] = []  # a blank line: no row, not counted as a line
+
+
+class StatsdFolder:
+    """Folds datagrams into sums per (series, hour) as they arrive: bytes in, a Window out.
+
+    Why: a StatsD client sends the same lines over and over (``hits:1|c``), and
+    the cost that matters is per line. Each distinct line, value included, is
+    parsed once (by ``StatsdParser``, with its own per-shape cache) and its rows
+    kept as ``(Series, value)`` pairs; afterwards a line costs one dict lookup
+    and one add, and a window of a million lines crosses to the shards as one
+    row per series and hour. Lines with a ``|T`` timestamp are parsed each time
+    (the future check depends on the receive time) and kept as rows.
+
+    The semantics are the parser's: a line is refused or accepted exactly as
+    ``StatsdParser.parse`` would at the same receive second. ``max_rows``
+    bounds the rows a window holds (a timer line is three): the good lines of a
+    datagram that would pass it are refused as ``overloaded``, whole datagrams
+    at a time. Refusals collect in ``refused`` with the peer given, for the
+    caller to count and log.
+    """
+
+    def __init__(self, parser: StatsdParser, max_rows: int = 2_000_000,
+                 cache_limit: int = 100_000) -> None:
+        self.parser = parser
+        self.max_rows = max_rows
+        self.cache_limit = cache_limit
+        self.refused: list[tuple[Rejection, Any]] = []
+        self.rows = 0  # rows of the window so far
+        self._entries: dict[bytes, tuple[Series, int] | list[tuple[Series, int]]] = {
+            b"": _BLANK}
+        self._series: dict[tuple[Any, ...], Series] = {}
+        self._once: set[bytes] = set()  # lines parsed once, cached when seen again
+        self._window = Window()
+        self.lines = 0  # good lines of the window so far
+        self._received: list[Received] = []
+        self._hour_from = self._hour_to = 0.0  # the hour that ``_sums`` adds up
+        self._sums: dict[Series, int] = {}
+
+    def take(self) -> Window:
+        """The window so far; the next one starts empty."""
+        window, self._window = self._window, Window()
+        window.lines, window.increments, window.received = self.lines, self.rows, self._received
+        self._hour_from = self._hour_to = 0.0
+        self._sums, self.rows, self.lines, self._received = {}, 0, 0, []
+        return window
+
+    def fold(self, data: bytes, now: float, first_line: int = 0, datagram: bool = True,
+             peer: Any = None) -> int:
+        """Fold one datagram (or complete TCP lines); returns its non-empty lines.
+
+        ``first_line`` numbers its first line, as in ``StatsdParser.parse``. The
+        loop is kept to a lookup and an add per line: it is the listener's cost.
+        """
+        pieces = data.split(b"\n")
+        if self.rows + 3 * len(pieces) > self.max_rows or (datagram and len(data) > MAX_DATAGRAM):
+            return self._unfolded(data, now, first_line, datagram, peer)
+        if not self._hour_from <= now < self._hour_to:
+            self._enter_hour(now)
+        sums = self._sums
+        add = sums.get
+        get = self._entries.get
+        good = extra = refused = 0
+        for line in pieces:
+            e = get(line)
+            if e is None:
+                e = self._miss(line, now, first_line + good + refused, peer)
+                if e is None:
+                    refused += 1
+                    continue
+                if e.__class__ is int:  # a |T line, kept as its rows
+                    good += 1
+                    extra += e - 1  # type: ignore[operator]
+                    continue
+            if e.__class__ is tuple:
+                s, v = e  # type: ignore[misc]
+                sums[s] = add(s, 0) + v
+                good += 1
+            elif e:
+                for s, v in e:  # type: ignore[union-attr]
+                    sums[s] = add(s, 0) + v
+                good += 1
+                extra += len(e) - 1  # type: ignore[arg-type]
+        if good:
+            self.lines += good
+            self.rows += good + extra
+            self._received.append((data, now, first_line, datagram, peer))
+        return good + refused
+
+    def _enter_hour(self, now: float) -> None:
+        hour = int(now) // 3600
+        self._hour_from, self._hour_to = hour * 3600, hour * 3600 + 3600
+        self._sums = self._window.sums.setdefault(hour, {})
+
+    def _miss(self, line: bytes, now: float, index: int,
+              peer: Any) -> tuple[Series, int] | list[tuple[Series, int]] | int | None:
+        """A line not in the cache: parse it. Its entry when it is seen a second time and
+        its rows hold at any receive time (cached; ``_BLANK`` for whitespace); the number
+        of rows kept as they are when it is new, or has its own ``|T`` timestamp (checked
+        against each receive time, so never cached); None when it is refused (recorded in
+        ``refused``)."""
+        # (parse()'s steps for one line, without its per-call costs)
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError:
+            self.refused.append((Rejection(index, "not_utf8", "line is not UTF-8"), peer))
+            return None
+        if not text or text.isspace():
+            self._cache(line, _BLANK)
+            return _BLANK
+        try:
+            rows = self.parser._line(text.strip(), int(now))
+        except _Refused as e:
+            self.refused.append((Rejection(index, e.reason, e.message), peer))
+            return None
+        # Kept as rows, not cached: a |T line (no name or tag holds a |: this is the
+        # timestamp field), and a line seen for the first time; a client that never
+        # repeats a line (a timer's every value distinct) would fill the cache for nothing.
+        if b"|T" in line or line not in self._once:
+            if b"|T" not in line:
+                if len(self._once) >= self.cache_limit:
+                    self._once.clear()
+                self._once.add(line)
+            self._window.rows.extend(rows)
+            return len(rows)
+        self._once.discard(line)
+        pairs = [(self._series_of(r[0], r[1], r[2]), r[4]) for r in rows]
+        entry: tuple[Series, int] | list[tuple[Series, int]] = (
+            pairs[0] if len(pairs) == 1 else pairs)
+        self._cache(line, entry)
+        return entry
+
+    def _cache(self, line: bytes, entry: Any) -> None:
+        if len(self._entries) >= self.cache_limit:
+            self._entries.clear()
+            self._entries[b""] = _BLANK
+        self._entries[line] = entry
+
+    def _series_of(self, tenant: str, metric: str, tags: dict[str, str] | None) -> Series:
+        key = (tenant, metric, *(tags.items() if tags else ()))
+        s = self._series.get(key)
+        if s is None:
+            if len(self._series) >= self.cache_limit:
+                self._series.clear()
+            s = self._series[key] = Series(tenant, metric, tags)
+        return s
+
+    def _unfolded(self, data: bytes, now: float, first_line: int, datagram: bool,
+                  peer: Any) -> int:
+        """Parse as rows (a window near its bound, an oversize datagram): the bound is
+        checked against the datagram's exact rows before any is kept."""
+        parsed = self.parser.parse(data, now, first_line, datagram)
+        self.refused.extend((r, peer) for r in parsed.rejections)
+        if parsed.rows:
+            if self.rows + len(parsed.rows) > self.max_rows:
+                message = (f"{self.rows} rows wait for the shards; at most {self.max_rows}: "
+                           "the datagram's good lines are refused")
+                self.refused.extend((Rejection(line, "overloaded", message), peer)
+                                    for line in sorted(set(parsed.row_lines)))
+            else:
+                self._window.rows.extend(parsed.rows)
+                self.lines += parsed.accepted_lines
+                self._received.append((data, now, first_line, datagram, peer))
+                self.rows += len(parsed.rows)
+        return parsed.lines
+
+    def replay(self, window: Window) -> tuple[list[list[Any]], list[int], dict[int, Any]]:
+        """A window's good lines parsed again one row per line value, as the parser gives
+        them: (rows, the line number of each, the peer of each datagram by first line).
+        Its refusals were recorded when it was folded and are not repeated."""
+        rows: list[list[Any]] = []
+        lines: list[int] = []
+        peers: dict[int, Any] = {}
+        for data, now, first_line, datagram, peer in window.received:
+            parsed = self.parser.parse(data, now, first_line, datagram)
+            rows += parsed.rows
+            lines += parsed.row_lines
+            peers[first_line] = peer
+        return rows, lines, peers
