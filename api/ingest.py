@@ -17,7 +17,8 @@ import numpy as np
 from tally.api.access import Denied
 from tally.api.rules import Rules
 from tally.api.service import IngestError
-from tally.wire.batches import BadBatch, BadRow, Batch, KnownSeries, columnar_batch, rows_batch
+from tally.wire.batches import BadBatch, BadRow, Batch, KnownSeries, rows_batch
+from tally.wire.columnar import columnar_batch
 from tally.wire.vocabulary import ErrorCode
 
 ACKS = ("received", "durable")

@@ -21,7 +21,8 @@ from typing import Any
 import numpy as np
 
 from tally.api.service import IngestError
-from tally.wire.batches import BadBatch, BadRow, Batch, table_batch
+from tally.wire.batches import BadBatch, BadRow, Batch
+from tally.wire.columnar import table_batch
 from tally.wire.frames import SeriesTable
 from tally.wire.registry import SeriesRegistry
 from tally.wire.series import InvalidSeries, series_key

@@ -26,9 +26,9 @@ from tally.wire.batches import (
     BadRow,
     Batch,
     KnownSeries,
-    columnar_batch,
     rows_batch,
 )
+from tally.wire.columnar import columnar_batch
 from tally.wire.series import series_id, shard_of
 from tally.wire.timeslots import FUTURE_TOLERANCE
 
@@ -582,8 +582,8 @@ def test_columnar_series_tables_are_validated_once_per_connection(monkeypatch):
     KnownSeries the second frame validates none of it, and answers the same."""
     import numpy as np
 
-    import tally.wire.batches as batches
-    from tally.wire.batches import KnownSeries, columnar_batch
+    import tally.wire.columnar as columnar
+    from tally.wire.batches import KnownSeries
 
     now = 1_795_000_000
     series = [["acme", "m", {"b": "2", "a": "1"}], ["acme", "m", None], ["acme", "n", {}]]
@@ -598,7 +598,7 @@ def test_columnar_series_tables_are_validated_once_per_connection(monkeypatch):
     def no_validation(*args):  # type: ignore[no-untyped-def]
         raise AssertionError("validated again")
 
-    monkeypatch.setattr(batches, "series_key", no_validation)
+    monkeypatch.setattr(columnar, "series_key", no_validation)
     second = columnar_batch(series, i, ts, v, now, known)
     for b in (first, second):
         assert b.sids == plain.sids and b.values.tolist() == plain.values.tolist()

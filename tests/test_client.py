@@ -56,7 +56,8 @@ from tally.client.batching import FRAME_OVERHEAD
 from tally.client.core import ProducerCore, backoff_delay, initial_seq
 from tally.client.errors import Broken
 from tally.client.validation import SeriesCache, prepare_event, prepare_increment
-from tally.wire.batches import BadBatch, BadRow, columnar_batch
+from tally.wire.batches import BadBatch, BadRow
+from tally.wire.columnar import columnar_batch
 from tally.wire.frames import (
     DEFAULT_MAX_FRAME,
     FrameDecoder,

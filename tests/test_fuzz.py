@@ -43,7 +43,8 @@ from tally.actors.clients import LocalShards
 from tally.api.service import Service
 from tally.api.tcp import Connection
 from tally.checkpoint.sqlite import SqliteStore
-from tally.wire.batches import BadBatch, BadRow, Batch, columnar_batch, rows_batch
+from tally.wire.batches import BadBatch, BadRow, Batch, rows_batch
+from tally.wire.columnar import columnar_batch
 from tally.wire.series import parse_series_id
 
 NOW = calendar.timegm((2026, 11, 20, 12, 0, 0))

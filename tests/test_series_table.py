@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from inproc import InProcessTally, RawConnection
 
-from tally.wire.batches import columnar_batch, table_batch
+from tally.wire.columnar import columnar_batch, table_batch
 from tally.wire.frames import SeriesTable, parse_message
 from tally.wire.registry import SeriesRegistry
 from tally.wire.series import series_key
