@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from inproc import InProcessTally, RawConnection
 
+from tally.client import Connection, ServerError
 from tally.wire.columnar import columnar_batch, table_batch
 from tally.wire.frames import SeriesTable, parse_message
 from tally.wire.registry import SeriesRegistry
@@ -107,6 +108,21 @@ def test_each_connection_has_its_own_table(tally: InProcessTally) -> None:
     day = time.strftime("%Y-%m-%d", time.gmtime(now))
     assert tally.total("acme", "msgs", day, where="agent:a0") == 9
     assert tally.total("acme", "msgs", day, where="agent:a3") == 1
+
+
+def test_the_client_connection_defines_and_indexes_its_table(tally: InProcessTally) -> None:
+    now = int(time.time())
+    with Connection("127.0.0.1", tally.tcp_port, producer="script") as conn:
+        assert conn.define_series(SERIES[:3])["count"] == 3
+        assert conn.define_series(SERIES[3:])["count"] == 6
+        assert conn.send_columnar(None, [5, 0, 5], [now] * 3, [1, 2, 3])["rows"] == 3
+        with pytest.raises(ServerError) as refused:  # a bad entry: the table stays as it was
+            conn.define_series([["acme", "msgs", {"Bad": "x"}]])
+        assert refused.value.code == "bad_row" and conn.table_size == 6
+        assert conn.send_columnar([SERIES[2]], [0], [now], [10])["rows"] == 1  # its own table
+    day = time.strftime("%Y-%m-%d", time.gmtime(now))
+    assert tally.total("acme", "msgs", day) == 16
+    assert tally.total("acme", "msgs", day, where="agent:a5") == 4
 
 
 @settings(max_examples=60, deadline=None)

@@ -58,6 +58,7 @@ class Connection:
         self.decoder = FrameDecoder()
         self.pending: list[dict[str, Any]] = []
         self.seq = first_seq - 1  # the last seq sent
+        self.table_size = 0  # entries of this connection's series table (define_series)
         self.welcome = self.request(
             {"op": "hello", "v": PROTOCOL_VERSION, "token": token, "producer": producer}
         )
@@ -96,24 +97,36 @@ class Connection:
         """One row ``inc`` frame (``[tenant, metric, tags|None, ts, value]`` each); the ack."""
         return self.request({"op": "inc", "seq": self._next_seq(), "rows": [list(r) for r in rows]})
 
+    def define_series(
+        self, series: Sequence[tuple[str, str, dict[str, str] | None]]
+    ) -> dict[str, Any]:
+        """Append entries to this connection's series table (the ``series`` op); the
+        ``defined`` answer. ``send_columnar(None, ...)`` then indexes the table: a wide
+        producer names each series once per connection instead of in every frame."""
+        reply = self.request({"op": "series", "base": self.table_size,
+                              "series": [list(s) for s in series]})
+        self.table_size = reply["count"]
+        return reply
+
     def send_columnar(
         self,
-        series: Sequence[tuple[str, str, dict[str, str] | None]],
+        series: Sequence[tuple[str, str, dict[str, str] | None]] | None,
         index: Sequence[int] | np.ndarray,
         ts: Sequence[int] | np.ndarray,
         values: Sequence[int] | np.ndarray,
     ) -> dict[str, Any]:
-        """One columnar ``inc`` frame: ``index[k]`` names row ``k``'s series; the ack."""
-        return self.request(
-            {
-                "op": "inc",
-                "seq": self._next_seq(),
-                "series": [list(s) for s in series],
-                "i": np.asarray(index, dtype="<u4").tobytes(),
-                "ts": np.asarray(ts, dtype="<i8").tobytes(),
-                "v": np.asarray(values, dtype="<i8").tobytes(),
-            }
-        )
+        """One columnar ``inc`` frame: ``index[k]`` names row ``k``'s series (in
+        ``series``, or in the connection's table when ``series`` is None); the ack."""
+        msg: dict[str, Any] = {
+            "op": "inc",
+            "seq": self._next_seq(),
+            "i": np.asarray(index, dtype="<u4").tobytes(),
+            "ts": np.asarray(ts, dtype="<i8").tobytes(),
+            "v": np.asarray(values, dtype="<i8").tobytes(),
+        }
+        if series is not None:
+            msg["series"] = [list(s) for s in series]
+        return self.request(msg)
 
     def send_events(self, events: Iterable[dict[str, Any]]) -> dict[str, Any]:
         """One ``event`` frame; the ack's ``rows`` counts the increments the rules made."""
