@@ -151,7 +151,10 @@ def test_sigkill_of_the_whole_service_twice_mid_stream(tmp_path):
             served.start()
         feeder.join(300)
         assert not feeder.is_alive() and feeder.error is None, feeder.error
-        assert feeder.client.stats["resends"] > 0
+        # Both kills cut the client off mid-stream. (Whether it then resends depends on
+        # whether the killed service's workers, which outlive it by a second or two,
+        # checkpointed what was in flight before dying: not something to assert.)
+        assert feeder.client.stats["reconnects"] >= 2, feeder.client.stats
         assert feeder.durable_seen == sorted(feeder.durable_seen)
         check_totals(served, oracle, start, end)
     finally:
