@@ -381,7 +381,8 @@ def parse_ts_column(col: pa.Array) -> tuple[np.ndarray, np.ndarray]:
         ok[:] = ~_np(col.is_null())
         return out, ok
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-        pass
+        pass  # not all integers: each cell is tried by shape below; what none parses is
+        # left not ok, and the per-line path names its line (nothing is dropped)
     for pattern, unit in ((_INT, None), (_NAIVE, pa.timestamp("s")),
                           (_AWARE, pa.timestamp("s", tz="UTC"))):
         mask = _np(pc.fill_null(pc.match_substring_regex(col, pattern), False)).astype(bool)

@@ -251,7 +251,7 @@ def _parse(chunk: Chunk, rows: np.ndarray, csv: bool, header: list[str] | None,
         else:
             table = _read_json(data, threads, block)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
-        return None
+        return None  # the caller splits the part and, at the end, reads it line by line
     if table is None or table.num_rows != len(rows):
         return None
     return table
