@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from tally.actors.pending import PendingDeltas
-from tally.checkpoint.store import MonthKey
+from tally.checkpoint.slots import Slots
 from tally.wire.timeslots import month_name, months_of_hours
 
 DAY_BITS = 20  # a block key is series << DAY_BITS | UTC day (days up to year 4840)
@@ -294,41 +294,33 @@ class Taken(NamedTuple):
     vals: np.ndarray
     keys: np.ndarray
 
-    def deltas(self, sids: list[str | None]) -> dict[MonthKey, dict[int, int]]:
-        """The slots as ``(sid, month) -> {absolute hour: delta}``, built per document;
+    def slots(self, sids: list[str | None]) -> Slots:
+        """The slots by document (checkpoint/slots.py), each document's hours in order;
         ``sids``: the sid of each series number.
 
-        A checkpoint can hold hundreds of thousands of slots. Grouping them by
-        document with numpy and sharing one int object per distinct hour keeps
-        the per-slot Python work to a dict entry: a loop per slot would make
-        several int objects per slot (series, month, hour), and that churn of
-        small objects is what leaves the allocator's arenas pinned (resident)
-        after the checkpoint is gone.
+        A checkpoint can hold hundreds of thousands of slots: grouped with numpy,
+        they cost a Python step per document (its sid and month name) and none per
+        slot, here or in the store that takes them by column.
         """
         keys, hod, summed = self.keys, self.hod, self.vals
-        deltas: dict[MonthKey, dict[int, int]] = {}
         if not len(keys):
-            return deltas
+            return Slots.empty()
         hours = (keys & ((1 << DAY_BITS) - 1)) * 24 + hod
         docs = (keys >> DAY_BITS) << MONTH_BITS | months_of_hours(hours)
         order = np.lexsort((hours, docs))
         docs, hours, summed = docs[order], hours[order], summed[order]
         starts = np.flatnonzero(np.r_[True, docs[1:] != docs[:-1]])
-        ends = np.r_[starts[1:], len(docs)]
-        distinct, which = np.unique(hours, return_inverse=True)
-        shared = np.empty(len(distinct), dtype=object)
-        shared[:] = distinct.tolist()
-        hour_objs = shared[which.reshape(-1)].tolist()  # references to the shared ints
-        values = summed.tolist()
+        counts = np.diff(np.r_[starts, len(docs)]).astype(np.int64)
+        first = docs[starts]
         low = (1 << MONTH_BITS) - 1
         names: dict[int, str] = {}
-        for doc, a, b in zip(docs[starts].tolist(), starts.tolist(), ends.tolist(), strict=True):
-            m = doc & low
+        months = []
+        for m in (first & low).tolist():
             name = names.get(m)
             if name is None:
                 name = names[m] = month_name(m)
-            deltas[(sids[doc >> MONTH_BITS], name)] = dict(  # type: ignore[index]
-                zip(hour_objs[a:b], values[a:b], strict=True)
-            )
-        return deltas
+            months.append(name)
+        doc_sids = [sids[g] for g in (first >> MONTH_BITS).tolist()]
+        return Slots(doc_sids, months, counts,  # type: ignore[arg-type]
+                     hours.astype(np.int64, copy=False), summed)
 

@@ -222,8 +222,8 @@ class ShardActor:
             evicted = self.state.evict(now_month)
             self.checkpoints += 1
             seconds = self.last_checkpoint_seconds = time.monotonic() - started
-            ck, documents = cp.ck, len(cp.deltas)
-            slots = sum(len(h) for h in cp.deltas.values())
+            ck = cp.ck
+            documents, slots = (0, 0) if cp.slots is None else (len(cp.slots.sids), len(cp.slots))
             lag = self.meters.checkpoint_written(
                 ck, seconds, slots=slots, documents=documents, new_series=len(cp.new_series),
                 evicted=evicted,

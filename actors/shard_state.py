@@ -395,7 +395,7 @@ class ShardState:
 
     def _settle(self, taken: Taken) -> None:
         assert self.inflight is not None
-        self.inflight.deltas = taken.deltas(self.live.sids)
+        self.inflight.slots = taken.slots(self.live.sids)
 
     def finish_checkpoint(self, ck: int) -> None:
         if self.inflight is None or self.inflight.ck != ck:
@@ -436,8 +436,10 @@ class ShardState:
             keys = self.blocks.changed_keys()
             mnos = months_of_hours((keys & ((1 << DAY_BITS) - 1)) * 24)
             busy.update(zip((keys >> DAY_BITS).tolist(), mnos.tolist(), strict=True))
-        if self.inflight is not None:
-            busy.update((live.series[sid], month_number(m)) for sid, m in self.inflight.deltas
+        if self.inflight is not None and self.inflight.slots is not None:
+            held = self.inflight.slots
+            busy.update((live.series[sid], month_number(m))
+                        for sid, m in zip(held.sids, held.months, strict=True)
                         if sid in live.series)
         evicted = 0
         for m in others:

@@ -16,8 +16,10 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from bson.int64 import Int64
 
+from tally.checkpoint.slots import Slots, nonzero, plainly_valid
 from tally.checkpoint.store import Checkpoint, MonthDoc, MonthKey
 from tally.wire.frames import MAX_PRODUCER
 from tally.wire.series import SeriesKey, check_tag_key, check_tag_value, parse_series_id, series_key
@@ -125,16 +127,6 @@ def _checked_pairs(key: MonthKey, hours: dict[int, int]) -> Iterator[tuple[int, 
                 f"checkpoint deltas for {sid!r} in {month}: day {day} adds up to {total}, "
                 "outside int64"
             )
-
-
-def month_pairs(hours: dict[int, int]) -> Iterator[tuple[int, int]]:
-    """A checked document's non-zero pairs as plain ints, in its order, one at a time.
-
-    For a store that writes from the checkpoint itself after ``check_streamed``.
-    """
-    for hour, delta in hours.items():
-        if delta:
-            yield operator.index(hour), operator.index(delta)
 
 
 def check_where(where: dict[str, str]) -> dict[str, str]:
@@ -265,28 +257,72 @@ class CheckedCheckpoint:
 def check_checkpoint(cp: Checkpoint) -> CheckedCheckpoint:
     """Validate all of a checkpoint before any write: ValueError leaves a store as it was."""
     shard, ck = _checked_ids(cp)
-    months = [
-        (key, pairs) for key, hours in cp.deltas.items() if (pairs := month_deltas(key, hours))
-    ]
+    if cp.slots is not None:
+        months = list(_checked_slots(cp).documents())
+    else:
+        months = [
+            (key, pairs) for key, hours in cp.deltas.items() if (pairs := month_deltas(key, hours))
+        ]
     return CheckedCheckpoint(shard, ck, months, *_checked_series_and_marks(cp))
 
 
-def check_streamed(cp: Checkpoint) -> tuple[CheckedCheckpoint, list[MonthKey]]:
-    """What ``check_checkpoint`` checks, for a store that then writes each document's
-    deltas straight from ``cp.deltas`` (with ``month_pairs``): the checked checkpoint
-    without ``months``, and the keys of the documents with a non-zero delta.
-
-    A tuple per slot, kept for the whole write, is the largest short-lived part of
-    a large checkpoint (~60 bytes a slot); objects the shard made beside them then
-    pinned Python's allocator arenas, resident long after the write was done.
-    """
+def check_columns(cp: Checkpoint) -> tuple[CheckedCheckpoint, Slots]:
+    """What ``check_checkpoint`` checks, for a store that writes by column: the checked
+    checkpoint without ``months``, and its documents with a non-zero delta as ``Slots``
+    (each document's hours increasing), which cost no Python object per slot when the
+    checkpoint came by column (as shards send it)."""
     shard, ck = _checked_ids(cp)
-    keys = [key for key, hours in cp.deltas.items() if _count(_checked_pairs(key, hours))]
-    return CheckedCheckpoint(shard, ck, [], *_checked_series_and_marks(cp)), keys
+    if cp.slots is not None:
+        slots = _checked_slots(cp)
+    else:
+        slots = _slots_of([
+            (key, pairs) for key, hours in cp.deltas.items() if (pairs := month_deltas(key, hours))
+        ])
+    return CheckedCheckpoint(shard, ck, [], *_checked_series_and_marks(cp)), slots
 
 
-def _count(pairs: Iterator[tuple[int, int]]) -> int:
-    return sum(1 for _ in pairs)
+def _checked_slots(cp: Checkpoint) -> Slots:
+    """``cp.slots`` checked as the dict form is; the non-zero slots and their documents.
+
+    The common case is proved valid with numpy and a cached check per document. Any
+    doubt sends the slots through the dict form's checks, which name the first
+    problem exactly as they would for the same deltas given as a dict.
+    """
+    slots = cp.slots
+    assert slots is not None
+    if cp.deltas:
+        raise ValueError(f"checkpoint {cp.ck} of shard {cp.shard} carries its deltas both as "
+                         "a dict and as slots")
+    try:
+        for sid in slots.sids:
+            check_canonical(sid)
+        bounds = {m: month_hours(check_month(m)) for m in dict.fromkeys(slots.months)}
+    except (ValueError, TypeError, AttributeError):
+        pass  # named below, in the dict form's order
+    else:
+        if plainly_valid(slots, bounds):
+            return nonzero(slots)
+    starts = slots.starts().tolist()
+    for k, key in enumerate(slots.doc_keys()):
+        hours = slots.hours[starts[k]:starts[k + 1]].tolist()
+        if len(set(hours)) != len(hours):
+            raise ValueError(f"checkpoint deltas for {key[0]!r} in {key[1]}: an hour is "
+                             "listed twice")
+    return _slots_of([
+        (key, pairs) for key, hours in slots.to_deltas().items()
+        if (pairs := month_deltas(key, hours))
+    ])
+
+
+def _slots_of(months: list[tuple[MonthKey, list[tuple[int, int]]]]) -> Slots:
+    """Checked documents (sorted non-zero pairs of plain ints) by column."""
+    if not months:
+        return Slots.empty()
+    hours = [h for _, pairs in months for h, _ in pairs]
+    values = [v for _, pairs in months for _, v in pairs]
+    return Slots([sid for (sid, _), _ in months], [month for (_, month), _ in months],
+                 np.array([len(pairs) for _, pairs in months], np.int64),
+                 np.array(hours, np.int64), np.array(values, np.int64))
 
 
 def _checked_ids(cp: Checkpoint) -> tuple[int, int]:

@@ -22,6 +22,7 @@ none of it is, and ``open_shard`` has nothing to finish.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import sqlite3
@@ -30,13 +31,15 @@ from collections.abc import Container, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import numpy as np
+
 from tally.checkpoint.layout import (
+    check_columns,
     check_month,
     check_sid,
-    check_streamed,
     check_where,
-    month_pairs,
 )
+from tally.checkpoint.slots import Slots
 from tally.checkpoint.store import (
     Checkpoint,
     LayoutMismatch,
@@ -111,9 +114,19 @@ _UPSERT_MONTH = (
     "INSERT INTO months (sid, month, ck) VALUES (?, ?, ?) "
     "ON CONFLICT (sid, month) DO UPDATE SET ck = excluded.ck"
 )
+_CHUNK = 1 << 16  # slot rows built at a time
 _MONTH_SLOTS = (
     "SELECT hour, value FROM slots WHERE sid = ? AND hour >= ? AND hour < ? AND value != 0"
 )
+
+
+def _write_slots(conn: sqlite3.Connection, slots: Slots) -> None:
+    """Add the slots' deltas, ``_CHUNK`` rows at a time."""
+    sid_of_slot = np.repeat(np.array(slots.sids, dtype=object), slots.counts)
+    for a in range(0, len(slots), _CHUNK):
+        conn.executemany(_UPSERT_SLOT, zip(sid_of_slot[a:a + _CHUNK].tolist(),
+                                           slots.hours[a:a + _CHUNK].tolist(),
+                                           slots.values[a:a + _CHUNK].tolist(), strict=True))
 
 
 class SqliteStore:
@@ -218,11 +231,10 @@ class SqliteStore:
         checkpoint never overrides a newer one.
         """
         # Validate everything before the transaction: a bad checkpoint raises
-        # ValueError and leaves the store as it was. The deltas are then read
-        # from the checkpoint itself, a row at a time as SQLite takes them: rows
-        # (or checked pairs) built for a large checkpoint all at once would leave
-        # the shard's memory resident long after the write (see check_streamed).
-        checked, keys = check_streamed(cp)
+        # ValueError and leaves the store as it was. The deltas go in by column,
+        # a chunk of rows at a time (rows built for a large checkpoint all at once
+        # would leave the shard's memory resident long after the write).
+        checked, slots = check_columns(cp)
         series_rows = []
         for sid in checked.series:
             key = check_sid(sid)
@@ -244,22 +256,16 @@ class SqliteStore:
                                (checked.shard,)).fetchone()
             conn.execute(_CLAIM, (checked.shard, checked.ck))
             conn.executemany(_UPSERT_SERIES, series_rows)
-            todo: list[MonthKey] = list(keys)
             if row is not None and row[0] >= checked.ck:
-                todo = []
-                for key in keys:
-                    done = conn.execute(
-                        "SELECT ck FROM months WHERE sid = ? AND month = ?", key
-                    ).fetchone()
-                    if done is not None and done[0] >= checked.ck:
-                        continue  # this document already took this checkpoint or a newer one
-                    todo.append(key)
-            deltas = cp.deltas
-            conn.executemany(
-                _UPSERT_SLOT,
-                ((key[0], hour, delta) for key in todo for hour, delta in month_pairs(deltas[key])),
-            )
-            conn.executemany(_UPSERT_MONTH, ((sid, month, checked.ck) for sid, month in todo))
+                taken = [
+                    (done := conn.execute("SELECT ck FROM months WHERE sid = ? AND month = ?",
+                                          key).fetchone()) is not None and done[0] >= checked.ck
+                    for key in slots.doc_keys()
+                ]  # a document that took this checkpoint or a newer one is left alone
+                slots = slots.select(~np.array(taken, dtype=bool).reshape(-1))
+            _write_slots(conn, slots)
+            conn.executemany(_UPSERT_MONTH, zip(slots.sids, slots.months,
+                                                itertools.repeat(checked.ck)))
             conn.executemany(_UPSERT_MARK, mark_rows)
 
     def ensure_layout(self, shards: int) -> None:

@@ -18,6 +18,7 @@ from collections.abc import Container
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from tally.checkpoint.slots import Slots
 from tally.wire.series import SeriesKey
 
 MonthKey = tuple[str, str]  # (series id, "YYYY-MM")
@@ -42,6 +43,13 @@ class Checkpoint:
     # producer -> highest seq this shard had applied when the checkpoint was
     # taken; durable together with the deltas, never one without the other
     producers: dict[str, int] = field(default_factory=dict)
+    # The same deltas by column (checkpoint/slots.py), as shards hand them over: a
+    # checkpoint carries ``deltas`` or ``slots``, never both.
+    slots: Slots | None = None
+
+    def documents(self) -> dict[MonthKey, dict[int, int]]:
+        """The deltas per document, whichever form the checkpoint carries."""
+        return self.slots.to_deltas() if self.slots is not None else self.deltas
 
 
 @dataclass(slots=True)

@@ -161,10 +161,10 @@ def test_a_checkpoint_summed_later_holds_exactly_what_was_taken(store):
     state.ingest(batch(5), store.load_months, "p", 1, None)
     state.ingest(batch(7), store.load_months, "p", 2, 1)
     cp = state.begin_checkpoint(settle_later=True)
-    assert cp is not None and cp.deltas == {}  # taken, not summed yet
+    assert cp is not None and cp.slots is None  # taken, not named yet
     state.ingest(batch(11), store.load_months, "p", 3, 2)  # while the writer sums
     state.settle_checkpoint()
-    assert cp.deltas == {(SID, "2026-11"): {HOUR // 3600: 12}}
+    assert cp.documents() == {(SID, "2026-11"): {HOUR // 3600: 12}}
     assert state.dirty_slots == 2  # one summed slot in flight, one entry since
     store.write_checkpoint(cp)
     state.finish_checkpoint(cp.ck)
@@ -182,7 +182,7 @@ def test_a_log_that_sums_to_nothing_is_still_written_when_summed_later(store):
     cp = state.begin_checkpoint(settle_later=True)
     assert cp is not None  # the undo's entries were taken before anyone summed them
     state.settle_checkpoint()
-    assert cp.deltas == {}
+    assert cp.documents() == {}
     store.write_checkpoint(cp)
     state.finish_checkpoint(cp.ck)
     assert stored(store) == 5 and store.open_shard(0).producers == {"p": 1}

@@ -144,10 +144,15 @@ def by_month(slots: dict[tuple[str, int], int]) -> dict[MonthKey, dict[int, int]
 
 
 def plain_checkpoint(cp: Checkpoint) -> tuple:
-    """A checkpoint's content as plain values, its types checked: stores bind ints, not numpy."""
+    """A checkpoint's content as plain values, its types checked: stores bind ints, not numpy
+    (the columns are int64 arrays, whose ``tolist`` gives ints)."""
     assert type(cp.shard) is int and type(cp.ck) is int, cp
+    if cp.slots is not None:
+        assert cp.deltas == {}, "both forms at once"
+        assert cp.slots.hours.dtype == np.int64 and cp.slots.values.dtype in (np.int64, object)
+        assert cp.slots.counts.dtype == np.int64 and (cp.slots.counts > 0).all()
     deltas = {}
-    for (sid, month), hours in cp.deltas.items():
+    for (sid, month), hours in cp.documents().items():
         assert type(sid) is str and type(month) is str, (sid, month)
         assert hours, f"an empty delta document for {(sid, month)}"
         for h, v in hours.items():
@@ -200,13 +205,14 @@ class FakeStore:
         cp = copy.deepcopy(cp)
         self.ck = max(self.ck, cp.ck)
         self.journal = cp
-        for n, key in enumerate(sorted(cp.deltas)):
+        deltas = cp.documents()
+        for n, key in enumerate(sorted(deltas)):
             if limit is not None and n >= limit:
                 return  # the writer died half way; the commit stands
             if self.doc_ck.get(key, 0) >= cp.ck:
                 continue  # this document already took this checkpoint
             hours = self.docs.setdefault(key, {})
-            for h, v in cp.deltas[key].items():
+            for h, v in deltas[key].items():
                 add(hours, h, v)
             self.doc_ck[key] = cp.ck
         self.catalog.update(cp.new_series)

@@ -13,6 +13,7 @@ the same database must then finish it or drop it, whole.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 import subprocess
@@ -33,6 +34,7 @@ from secantus import REPO_ROOT, SecantusServer
 from tally.checkpoint.layout import JOURNAL_PART_BYTES, check_checkpoint, journal_documents
 from tally.checkpoint.memory import MemoryStore
 from tally.checkpoint.mongo import MongoStore
+from tally.checkpoint.slots import Slots
 from tally.checkpoint.sqlite import SqliteStore
 from tally.checkpoint.store import (
     Checkpoint,
@@ -92,20 +94,40 @@ class Backend:
 _database_numbers = itertools.count()
 
 
-@pytest.fixture(params=["sqlite", "memory", "secantus"])
+def by_columns(cp: Checkpoint) -> Checkpoint:
+    """The same checkpoint with its deltas by column, as shards hand them over."""
+    if cp.slots is not None or not cp.deltas:
+        return cp
+    return dataclasses.replace(cp, deltas={}, slots=Slots.from_deltas(cp.deltas))
+
+
+class SqliteByColumns(SqliteStore):
+    def write_checkpoint(self, cp: Checkpoint) -> None:
+        super().write_checkpoint(by_columns(cp))
+
+
+class MemoryByColumns(MemoryStore):
+    def write_checkpoint(self, cp: Checkpoint) -> None:
+        super().write_checkpoint(by_columns(cp))
+
+
+# "-columns": every checkpoint the suite writes goes by column (checkpoint/slots.py)
+@pytest.fixture(params=["sqlite", "sqlite-columns", "memory", "memory-columns", "secantus"])
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
     clients: list[pymongo.MongoClient] = []
-    if request.param == "sqlite":
+    if request.param.startswith("sqlite"):
         path = tmp_path / "nested" / "dir" / "tally.db"  # parents do not exist yet
-        b = Backend("sqlite", lambda: SqliteStore(str(path)), persistent=True)
-    elif request.param == "memory":
+        sqlite = SqliteByColumns if request.param.endswith("columns") else SqliteStore
+        b = Backend(request.param, lambda: sqlite(str(path)), persistent=True)
+    elif request.param.startswith("memory"):
         memory = MemoryStore()
+        kind = MemoryByColumns if request.param.endswith("columns") else MemoryStore
         b = Backend(
-            "memory",
-            lambda: MemoryStore(shared_with=memory),
+            request.param,
+            lambda: kind(shared_with=memory),
             persistent=True,
             raw_db=lambda: memory.database,
-            open_mongo=lambda part_bytes: MemoryStore(part_bytes, shared_with=memory),
+            open_mongo=lambda part_bytes: kind(part_bytes, shared_with=memory),
         )
     else:
         server: SecantusServer = request.getfixturevalue("secantus")
