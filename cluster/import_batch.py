@@ -84,15 +84,12 @@ class SeriesTable:
         return ok
 
     @staticmethod
-    def encode(entries: pa.Array) -> tuple[bytes, np.ndarray]:
-        """The packed series table of these rows' entries, and each row's index in it."""
+    def encode(entries: pa.Array) -> tuple[list[bytes], np.ndarray]:
+        """The distinct packed entries of these rows, and each row's index among them
+        (the client numbers them in its series table: TallyClient.send_columnar)."""
         enc = pc.dictionary_encode(entries)
-        d = enc.dictionary
-        offsets = np.frombuffer(d.buffers()[1], dtype=np.int32)[d.offset:d.offset + len(d) + 1]
-        data = d.buffers()[2]
-        body = data.to_pybytes()[offsets[0]:offsets[-1]] if data is not None else b""
         index = enc.indices.to_numpy(zero_copy_only=False).astype(np.uint32)
-        return _PACKER.pack_array_header(len(d)) + body, index
+        return enc.dictionary.to_pylist(), index
 
 
 @dataclass

@@ -8,7 +8,6 @@ same words, for any mix of good and bad lines.
 
 from __future__ import annotations
 
-import io
 import json
 import random
 import re
@@ -124,7 +123,7 @@ def columnar(src: Source, path: Path, chunk_bytes: int, chunk_rows: int
             if not len(b.ts):
                 continue
             series, index = table.encode(b.entries)
-            entries = list(msgpack.Unpacker(io.BytesIO(series), raw=False))[0]
+            entries = [msgpack.unpackb(e, raw=False) for e in series]
             assert len(b.lines) == len(b.ts) and np.all(np.diff(b.lines) > 0)
             for i, ts, v in zip(index.tolist(), b.ts.tolist(), b.values.tolist(), strict=True):
                 got[(*_norm(entries[i]), ts)] += v

@@ -20,6 +20,7 @@ import msgpack
 import numpy as np
 
 from tally.client.errors import BatchRejected, Increment, Tags
+from tally.client.table import ProducerTable
 from tally.client.validation import SeriesEntry
 from tally.wire.frames import MAX_SEQ, encode_frame
 
@@ -41,6 +42,8 @@ BYTES_PER_INCREMENT = 4 + 8 + 8  # i, ts, v
 # columns: length prefix, map header, keys, "inc", seq, "durable", the array
 # and bin headers. Checked against the real frame at every seal.
 FRAME_OVERHEAD = 128
+
+_PACKER = msgpack.Packer(use_bin_type=True)
 
 assert array("I").itemsize == 4 and array("q").itemsize == 8, "unsupported platform"
 
@@ -103,6 +106,7 @@ class SealedBatch:
     acked: bool = False  # acknowledged at least once: applied, visible to queries
     unsent: bool = True  # must go out (again) on the current connection
     sends: int = 0
+    need: int = 0  # entries of the producer's series table its frame indexes (table.py)
 
 
 
@@ -127,6 +131,7 @@ class Batches:
         self.next_seq = first_seq
         self.builder = BatchBuilder()
         self.event_builder = EventBuilder()  # events are batched beside increments
+        self.table = ProducerTable()  # series numbered for columnar batches (table.py)
         self.kept: OrderedDict[int, SealedBatch] = OrderedDict()  # seq order
         self.kept_increments = 0
         self._unsent: list[int] = []  # min-heap of seqs to (re)send; stale entries skipped
@@ -224,14 +229,17 @@ class Batches:
         return second if second is not None else first
 
     def add_columnar(
-        self, seq: int, series: bytes, index: np.ndarray, ts: np.ndarray, values: np.ndarray
+        self, seq: int, series: bytes | list[bytes], index: np.ndarray, ts: np.ndarray,
+        values: np.ndarray,
     ) -> None:
         """Keep a batch the caller built whole as seq ``seq`` (see ``columnar_frame``).
 
         For a producer that builds its batches columnar itself (``tally
         import``): nothing is buffered, no batch may be open, ``seq`` must be
         above ``last_seq``, and the frame must fit ``max_batch_bytes``
-        (``ValueError`` otherwise, and nothing is kept).
+        (``ValueError`` otherwise, and nothing is kept). ``series`` is the packed
+        table (bytes), or its packed entries (a list): those are numbered in the
+        producer's table, defined once per connection, and the frame carries none.
         """
         if self.builder.n or self.event_builder.n:
             raise ValueError("add_columnar: a batch is open; seal it first")
@@ -241,12 +249,24 @@ class Batches:
         n = len(index)
         if not n or len(ts) != n or len(values) != n:
             raise ValueError("add_columnar: index, ts and values must have one length, not 0")
-        frame = columnar_frame(seq, series, index, ts, values)
+        need = 0
+        if isinstance(series, list):
+            index = np.asarray(index)
+            if len(index) and (int(index.min()) < 0 or int(index.max()) >= len(series)):
+                raise ValueError(f"add_columnar: index must be below len(series) = {len(series)}")
+            numbers = self.table.numbers(series)
+            if numbers is not None:
+                index, need = numbers[index], len(self.table)
+                series = b""
+            else:  # (the table is full: this batch names its series itself)
+                series = _PACKER.pack_array_header(len(series)) + b"".join(series)
+        frame = columnar_frame(seq, series if not need else None, index, ts, values)
         if len(frame) > self.max_batch_bytes:
             raise ValueError(f"add_columnar: a frame of {len(frame)} bytes exceeds "
                              f"max_batch_bytes={self.max_batch_bytes}")
         self.next_seq = seq
         self._keep_frame(frame, n)
+        self.kept[seq].need = need
 
     def _seal_increments(self) -> int | None:
         builder = self.builder
@@ -300,20 +320,22 @@ class Batches:
 
 
 def columnar_frame(
-    seq: int, series: bytes, index: np.ndarray, ts: np.ndarray, values: np.ndarray
+    seq: int, series: bytes | None, index: np.ndarray, ts: np.ndarray, values: np.ndarray
 ) -> bytes:
     """An ``inc`` frame (ack durable) from a series table already packed and three columns.
 
     ``series`` is the msgpack encoding of the table, an array of ``[tenant,
     metric, tags|nil]`` entries (a caller that meets the same series in many
     batches packs each once and joins the bytes: packing is most of the cost
-    of a wide batch). The columns become little-endian ``<u4``/``<i8``/``<i8``.
+    of a wide batch), or None for a frame that indexes the connection's table.
+    The columns become little-endian ``<u4``/``<i8``/``<i8``.
     """
     p = msgpack.Packer(use_bin_type=True)
+    table = (p.pack("series"), series) if series is not None else ()
     body = b"".join((
-        p.pack_map_header(7),
+        p.pack_map_header(7 if series is not None else 6),
         p.pack("op"), p.pack("inc"), p.pack("seq"), p.pack(seq), p.pack("ack"),
-        p.pack("durable"), p.pack("series"), series,
+        p.pack("durable"), *table,
         p.pack("i"), p.pack(np.asarray(index).astype("<u4", copy=False).tobytes()),
         p.pack("ts"), p.pack(np.asarray(ts).astype("<i8", copy=False).tobytes()),
         p.pack("v"), p.pack(np.asarray(values).astype("<i8", copy=False).tobytes()),
@@ -321,15 +343,23 @@ def columnar_frame(
     return len(body).to_bytes(4, "big") + body
 
 
-def decode_increment(frame: bytes, row: int) -> Increment | None:
-    """Row ``row`` of an encoded batch, to name the bad increment in an error (slow path)."""
+def decode_increment(frame: bytes, row: int, table: ProducerTable | None = None
+                     ) -> Increment | None:
+    """Row ``row`` of an encoded batch, to name the bad increment in an error (slow path);
+    ``table``: the producer's, for a frame that indexes it."""
     msg = msgpack.unpackb(frame[4:], raw=False)
     if msg.get("op") != "inc":
         return None
     i = np.frombuffer(msg["i"], "<u4")
     if not 0 <= row < len(i):
         return None
-    tenant, metric, tags = msg["series"][int(i[row])]
+    if "series" in msg:
+        entry = msg["series"][int(i[row])]
+    else:
+        entry = table.entry(int(i[row])) if table is not None else None
+    if entry is None:
+        return None
+    tenant, metric, tags = entry
     ts = int(np.frombuffer(msg["ts"], "<i8")[row])
     value = int(np.frombuffer(msg["v"], "<i8")[row])
     return tenant, metric, tags, ts, value
@@ -342,12 +372,13 @@ def decode_event(frame: bytes, index: int) -> dict[str, Any] | None:
     return events[index] if isinstance(events, list) and 0 <= index < len(events) else None
 
 
-def rejection(msg: dict[str, Any], batch: SealedBatch) -> BatchRejected:
+def rejection(msg: dict[str, Any], batch: SealedBatch, table: ProducerTable | None = None
+              ) -> BatchRejected:
     """The error for a batch the server refused for good, naming the row it named."""
     row = msg.get("row")
     named = type(row) is int
     return BatchRejected(
         msg, seq=batch.seq, increments=batch.increments,
-        increment=decode_increment(batch.frame, row) if named else None,
+        increment=decode_increment(batch.frame, row, table) if named else None,
         event=decode_event(batch.frame, row) if named else None,
     )

@@ -73,6 +73,7 @@ def checked_first_seq(first_seq: int | None) -> int:
 
 
 _HELLO = -1  # the hello's place in the queue of answers expected
+_SERIES = -2  # a series frame's (the producer's table, client/table.py)
 # Codes that refuse a batch for good: the same bytes would be refused again.
 _PERMANENT = frozenset((ErrorCode.BAD_ROW, ErrorCode.BAD_REQUEST, ErrorCode.UNAUTHORIZED))
 
@@ -180,6 +181,7 @@ class ProducerCore(Batches):
         self.inflight.clear()
         self.inflight.append((_HELLO, now))
         self.stats["connections"] += 1
+        self.table.defined = 0  # a new connection holds no table
         return encode_frame(
             {"op": "hello", "v": PROTOCOL_VERSION, "token": self.token, "producer": self.producer}
         )
@@ -219,6 +221,10 @@ class ProducerCore(Batches):
             batch = self.kept.get(seq)
             if batch is None or not batch.unsent:
                 continue  # durable, refused, or already re-queued: a stale heap entry
+            if batch.need > self.table.defined:  # tell the connection the series first
+                for frame in self.table.definitions(self.max_batch_bytes):
+                    self.inflight.append((_SERIES, now))
+                    frames.append(frame)
             batch.unsent = False
             if batch.sends:
                 self.stats["resends"] += 1
@@ -273,6 +279,8 @@ class ProducerCore(Batches):
         head = self.inflight[0][0]
         if head == _HELLO:
             self._handshake(msg)
+        elif head == _SERIES:
+            self._defined(msg)
         elif op == "ack":
             self._ack(msg, head)
         elif op == "error":
@@ -308,6 +316,17 @@ class ProducerCore(Batches):
         self._durable(durable_seq)
         if self.fatal is None:
             self.ready = True
+
+    def _defined(self, msg: dict[str, Any]) -> None:
+        """The answer to a ``series`` frame. Every entry was validated before it was
+        numbered, so a refusal means a server without the series table (or a bug)."""
+        if msg.get("op") != "defined":
+            self.fail(ProtocolMismatch(
+                f"the server refused this producer's series table: {short(msg)}; it may "
+                "predate the series op (docs/protocol.md): send batches with their own "
+                "series table (a packed table as bytes) to it"))
+            return
+        self.inflight.popleft()
 
     def _durable(self, seq: int) -> None:
         if seq > self.max_sent and seq >= self.first_seq:
@@ -368,7 +387,7 @@ class ProducerCore(Batches):
             if batch is not None:
                 del self.kept[seq]
                 self.kept_increments -= batch.increments
-                self.rejections.append(rejection(msg, batch))
+                self.rejections.append(rejection(msg, batch, self.table))
                 self.stats["rejected"] += 1
             return
         # retriable (overloaded, internal), or a code this client does not know: not

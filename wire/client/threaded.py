@@ -114,15 +114,18 @@ class TallyClient(ClientShell):
             self._wake()
 
     def send_columnar(
-        self, seq: int, series: bytes, index: Any, ts: Any, values: Any
+        self, seq: int, series: bytes | list[bytes], index: Any, ts: Any, values: Any
     ) -> None:
         """Send a batch built whole by the caller, columnar, as seq ``seq``.
 
-        ``series`` is the msgpack encoding of the series table (an array of
-        ``[tenant, metric, tags|nil]``, validated by the caller, e.g. with
-        ``SeriesCache``: the server refuses the whole batch otherwise);
-        ``index[k]`` is row ``k``'s entry in it, ``ts`` and ``values`` its
-        columns. The batch is kept and resent like a sealed one; ``seq`` must
+        ``series`` is the series table, its entries ``[tenant, metric, tags|nil]``
+        validated by the caller (e.g. with ``SeriesCache``: the server refuses
+        the whole batch otherwise): a list of msgpack-packed entries, which the
+        client numbers once in the producer's series table and defines on each
+        connection (the ``series`` op), so a frame carries none of them: what a
+        producer over many series wants; or the packed table itself (bytes),
+        which goes in the frame. ``index[k]`` is row ``k``'s entry in it, ``ts``
+        and ``values`` its columns. The batch is kept and resent like a sealed one; ``seq`` must
         be above ``last_seq`` and no ``inc`` may be buffered (a producer that
         numbers its batches itself: ``first_seq``, ``linger=None``). Waits for
         room like ``inc`` and raises what it raises, or ``ValueError``.
