@@ -38,6 +38,10 @@ def beyond_big(values: np.ndarray) -> np.ndarray:
     return (values > BIG) | (values < -BIG)
 
 
+# a block's bytes: its row of the int16 slab, its key, its wide and pending rows' entries
+BLOCK_BYTES = 24 * 2 + 8 + 4 + 4
+
+
 class DayBlocks:
     """The slab of day blocks, the tables that find them, and the deltas not yet checkpointed.
 
@@ -271,6 +275,16 @@ class DayBlocks:
             self.key[row] = FREE  # a scan of the keys must not find it
             self.big.discard(row)
             self.free.append(row)
+
+    def days_bytes(self, first: int, end: int) -> int:
+        """What the blocks of days [first, end) and those days' tables hold, in bytes."""
+        blocks = tables = 0
+        for day in range(first, end):
+            table = self.days.get(day)
+            if table is not None:
+                blocks += self.day_blocks[day]
+                tables += table.nbytes
+        return blocks * BLOCK_BYTES + tables
 
     def changed_keys(self) -> np.ndarray:
         """Keys of the blocks changed since the last checkpoint (even back to nothing)."""

@@ -57,8 +57,11 @@ class DeltaOverflow(ValueError):
 
 # A past month stays live this many checkpoint intervals after a batch last touched it ...
 EVICT_IDLE_CHECKPOINTS = 10
-# ... unless the shard holds more series-months of past months than this (memory bound)
-KEEP_PAST_SERIES_MONTHS = 250_000
+# ... unless the shard's past months hold more bytes than this (their day blocks and day
+# tables): the least recently touched go first. A bound in memory, not in series-months:
+# a backfill scattered over a year touches many months of few blocks each, and reloading
+# them from the store for every batch would cost it most of its time.
+KEEP_PAST_BYTES = 256 << 20
 
 
 class ShardState:
@@ -405,14 +408,14 @@ class ShardState:
         self.inflight_count = 0
 
     def evict(self, current_month: str, idle: int = EVICT_IDLE_CHECKPOINTS,
-              keep: int = KEEP_PAST_SERIES_MONTHS) -> int:
+              keep: int = KEEP_PAST_BYTES) -> int:
         """Forget clean months other than the current one; the store has them.
 
         Called once per checkpoint interval (checkpoint or not): a past month is
         kept until ``idle`` calls passed since a batch last touched it, so a
         backfill does not load the same months again after every checkpoint;
-        beyond ``keep`` series-months of past months, the least recently
-        touched go first even so.
+        beyond ``keep`` bytes of past months, the least recently touched go
+        first even so.
         """
         self.evictions += 1
         current = month_number(current_month)
@@ -420,12 +423,13 @@ class ShardState:
         touched = self.month_touched
         past = sorted((m for m in live.loaded if m != current),
                       key=lambda m: touched.get(m, -1))
-        held = sum(len(live.loaded[m]) for m in past)
+        cost = {m: self.blocks.days_bytes(*month_days(m)) for m in past}
+        held = sum(cost.values())
         others = []
         for m in past:
             if touched.get(m, -1) < self.evictions - idle or held > keep:
                 others.append(m)
-                held -= len(live.loaded[m])
+                held -= cost[m]
         for m in [m for m in touched if m not in live.loaded and m != current]:
             del touched[m]
         if not others:

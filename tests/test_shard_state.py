@@ -7,10 +7,11 @@ import calendar
 import numpy as np
 import pytest
 
-from tally.actors.day_blocks import NARROW, DayBlocks
+from tally.actors.day_blocks import BLOCK_BYTES, NARROW, DayBlocks
 from tally.actors.shard_state import Outcome, ShardState
 from tally.checkpoint.sqlite import SqliteStore
 from tally.wire.batches import rows_batch
+from tally.wire.timeslots import month_days, month_number
 
 NOW = calendar.timegm((2026, 11, 20, 12, 0, 0))
 HOUR = calendar.timegm((2026, 11, 2, 5, 0, 0))
@@ -366,7 +367,11 @@ def test_a_past_month_a_backfill_keeps_writing_stays_live(store):
     state.ingest(batch(2), load, "p", 5, 4)
     assert loads == [1, 1] and total(state) == 10
     checkpoint(state, store)
-    assert state.evict("2027-01", idle=3, keep=0) == 1  # past the bound: goes at once
+    held = state.blocks.days_bytes(*month_days(month_number("2026-11")))
+    assert held >= BLOCK_BYTES  # its block, and its day's table
+    assert state.evict("2027-01", idle=3, keep=held) == 0  # within the bound in bytes
+    assert state.evict("2027-01", idle=3, keep=held - 1) == 1  # past it: goes at once
+    assert state.blocks.days_bytes(*month_days(month_number("2026-11"))) == 0
 
 
 def test_day_blocks_widen_an_hour_past_int16_and_give_the_row_back_narrow():
