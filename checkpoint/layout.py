@@ -16,7 +16,6 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 from bson.int64 import Int64
 
 from tally.checkpoint.slots import Slots, nonzero, plainly_valid
@@ -275,9 +274,10 @@ def check_columns(cp: Checkpoint) -> tuple[CheckedCheckpoint, Slots]:
     if cp.slots is not None:
         slots = _checked_slots(cp)
     else:
-        slots = _slots_of([
-            (key, pairs) for key, hours in cp.deltas.items() if (pairs := month_deltas(key, hours))
-        ])
+        slots = Slots.from_deltas({
+            key: dict(pairs) for key, hours in cp.deltas.items()
+            if (pairs := month_deltas(key, hours))
+        })
     return CheckedCheckpoint(shard, ck, [], *_checked_series_and_marks(cp)), slots
 
 
@@ -308,21 +308,10 @@ def _checked_slots(cp: Checkpoint) -> Slots:
         if len(set(hours)) != len(hours):
             raise ValueError(f"checkpoint deltas for {key[0]!r} in {key[1]}: an hour is "
                              "listed twice")
-    return _slots_of([
-        (key, pairs) for key, hours in slots.to_deltas().items()
+    return Slots.from_deltas({
+        key: dict(pairs) for key, hours in slots.to_deltas().items()
         if (pairs := month_deltas(key, hours))
-    ])
-
-
-def _slots_of(months: list[tuple[MonthKey, list[tuple[int, int]]]]) -> Slots:
-    """Checked documents (sorted non-zero pairs of plain ints) by column."""
-    if not months:
-        return Slots.empty()
-    hours = [h for _, pairs in months for h, _ in pairs]
-    values = [v for _, pairs in months for _, v in pairs]
-    return Slots([sid for (sid, _), _ in months], [month for (_, month), _ in months],
-                 np.array([len(pairs) for _, pairs in months], np.int64),
-                 np.array(hours, np.int64), np.array(values, np.int64))
+    })
 
 
 def _checked_ids(cp: Checkpoint) -> tuple[int, int]:

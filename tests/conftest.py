@@ -6,6 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 from hypothesis import HealthCheck, settings
+from inproc import InProcessTally
 from secantus import SecantusServer, find_secantusd
 
 # Every property test's defaults (an explicit @settings overrides only what it names).
@@ -28,5 +29,14 @@ def secantus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecantusServe
         )
     server = SecantusServer(executable, tmp_path_factory.mktemp("secantus"))
     server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def tally(tmp_path) -> Iterator[InProcessTally]:
+    """A tally with in-process shards over SQLite, its TCP and HTTP servers on free ports
+    (a test file may define its own ``tally`` with other options)."""
+    server = InProcessTally(tmp_path).start()
     yield server
     server.stop()

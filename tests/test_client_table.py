@@ -13,12 +13,10 @@ import contextlib
 import socket
 import threading
 import time
-from collections.abc import Iterator
 
 import msgpack
 import numpy as np
 import pytest
-from inproc import InProcessTally
 
 from tally.client import TallyClient
 from tally.client.core import ProducerCore
@@ -148,6 +146,16 @@ class CuttingProxy:
             with contextlib.suppress(OSError):  # (already shut)
                 s.shutdown(socket.SHUT_RDWR)
 
+    def wait_open(self, timeout: float = 30) -> None:
+        """Until the client connected again since the last cut (however slow the machine)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self.lock:
+                if self.open:
+                    return
+            time.sleep(0.005)
+        raise AssertionError("the client did not connect through the proxy")
+
     def cut(self) -> None:
         with self.lock:
             for s in self.open:
@@ -158,13 +166,6 @@ class CuttingProxy:
     def close(self) -> None:
         self.cut()
         self.listener.close()
-
-
-@pytest.fixture
-def tally(tmp_path) -> Iterator[InProcessTally]:
-    server = InProcessTally(tmp_path).start()
-    yield server
-    server.stop()
 
 
 def test_batches_over_the_table_count_exactly_across_cut_connections(tally) -> None:
@@ -184,6 +185,7 @@ def test_batches_over_the_table_count_exactly_across_cut_connections(tally) -> N
                 want += int(values.sum())
                 if seq % 10 == 5:
                     time.sleep(0.05)
+                    proxy.wait_open()  # (so that each cut ends a connection)
                     proxy.cut()  # whatever is in flight, acked or not
             client.flush(durable=True, timeout=60)
             stats = client.stats

@@ -34,13 +34,6 @@ def row(tenant: str = "acme", value: int = 1, metric: str = "m") -> list:
     return [tenant, metric, {"k": "v"}, TS, value]
 
 
-@pytest.fixture
-def tally(tmp_path) -> Iterator[InProcessTally]:
-    server = InProcessTally(tmp_path).start()
-    yield server
-    server.stop()
-
-
 def slow_ingest(monkeypatch, service, seconds: float, seq: int | None = None) -> None:
     """The service takes ``seconds`` more to apply each batch (only seq ``seq``'s)."""
     ingest = service.ingest

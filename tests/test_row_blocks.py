@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from inproc import InProcessTally, RawConnection
+from inproc import RawConnection
 
 from tally.bench.workload import Workload, frame
 from tally.wire import frames as wire_frames
@@ -478,13 +478,6 @@ def test_small_frames_and_other_ops_are_decoded_as_they_were() -> None:
 
 
 # -- through a server ---------------------------------------------------------------------
-
-
-@pytest.fixture
-def tally(tmp_path) -> Iterator[InProcessTally]:
-    server = InProcessTally(tmp_path).start()
-    yield server
-    server.stop()
 
 
 def test_a_server_counts_scanned_frames_exactly_and_names_a_bad_row(tally) -> None:

@@ -8,7 +8,6 @@ documents, with the table unchanged after a refused definition.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -24,13 +23,6 @@ from tally.wire.series import series_key
 
 NOW = 1_800_000_000
 SERIES = [["acme", "msgs", {"agent": f"a{k}", "channel": "chat"}] for k in range(6)]
-
-
-@pytest.fixture
-def tally(tmp_path) -> Iterator[InProcessTally]:
-    server = InProcessTally(tmp_path).start()
-    yield server
-    server.stop()
 
 
 def hello(conn: RawConnection, producer: str = "p1") -> None:
