@@ -19,6 +19,7 @@ from tally.api.rules import Rules
 from tally.api.service import IngestError
 from tally.wire.batches import BadBatch, BadRow, Batch, KnownSeries, rows_batch
 from tally.wire.columnar import columnar_batch
+from tally.wire.registry import SeriesRegistry
 from tally.wire.vocabulary import ErrorCode
 
 ACKS = ("received", "durable")
@@ -35,15 +36,16 @@ def check_ack(ack: Any) -> str:
 
 def build_batch(
     rows: Any, series: Any, i: Any, ts: Any, v: Any, now: float,
-    known: KnownSeries | None = None,
+    known: KnownSeries | None = None, registry: SeriesRegistry | None = None,
 ) -> Batch:
-    """Validate either form; BadRow becomes ``bad_row`` with the row index."""
+    """Validate either form; BadRow becomes ``bad_row`` with the row index. ``registry``:
+    the gateway's, for rows a TCP decoder read as a block (``rows_batch``)."""
     try:
         if rows is not None:
             if series is not None:
                 raise IngestError(ErrorCode.BAD_REQUEST,
                         "send either rows or series/i/ts/v, not both")
-            return rows_batch(rows, now, known)
+            return rows_batch(rows, now, known, registry)
         if series is None:
             raise IngestError(ErrorCode.BAD_REQUEST, "missing rows (or the columnar series/i/ts/v)")
         return columnar_batch(series, i, ts, v, now, known)

@@ -24,7 +24,7 @@ from tally.api.service import IngestError
 from tally.wire.batches import BadBatch, BadRow, Batch
 from tally.wire.columnar import table_batch
 from tally.wire.frames import SeriesTable
-from tally.wire.registry import SeriesRegistry
+from tally.wire.registry import SeriesNumbers, SeriesRegistry
 from tally.wire.series import InvalidSeries, series_key
 from tally.wire.vocabulary import ErrorCode, short_repr
 
@@ -32,23 +32,22 @@ MAX_ENTRIES = 1 << 21  # per connection: a wider producer opens more connections
 
 
 class ConnectionTable:
-    """The entries' series ids, and their gateway numbers in the registry's epoch."""
+    """The entries' series ids, numbered in order, and their gateway numbers."""
 
     def __init__(self) -> None:
-        self.sids: list[str] = []
-        self.gn = np.empty(0, np.int64)
-        self.epoch = 0
+        self.entries = SeriesNumbers()
         self.distinct = True  # no two entries name the same series
 
     def __len__(self) -> int:
-        return len(self.sids)
+        return len(self.entries)
 
     def define(self, m: SeriesTable, registry: SeriesRegistry) -> dict[str, Any]:
         """Append the frame's entries (all or nothing); the ``defined`` answer."""
-        if m.base != len(self.sids):
+        count = len(self.entries)
+        if m.base != count:
             return _error(ErrorCode.BAD_REQUEST, f"series: base {m.base} is not the length of "
-                          f"this connection's table ({len(self.sids)} entries)")
-        if len(self.sids) + len(m.series) > MAX_ENTRIES:
+                          f"this connection's table ({count} entries)")
+        if count + len(m.series) > MAX_ENTRIES:
             return _error(ErrorCode.BAD_REQUEST, f"series: the table would pass {MAX_ENTRIES} "
                           "entries; spread the series over more connections")
         new: list[str] = []
@@ -60,29 +59,19 @@ class ConnectionTable:
                 new.append(series_key(*entry).sid)
             except InvalidSeries as e:
                 return _error(ErrorCode.BAD_ROW, f"series[{k}] is invalid: {e}", row=k)
-        self._resolve(registry)
-        gn = registry.numbers(new)
-        if registry.epoch != self.epoch:  # (it started over while numbering these)
-            self._resolve(registry)
-        self.sids += new
-        self.gn = np.concatenate([self.gn, gn])
-        self.distinct = self.distinct and len(np.unique(self.gn)) == len(self.gn)
-        return {"op": "defined", "base": m.base, "count": len(self.sids)}
-
-    def _resolve(self, registry: SeriesRegistry) -> None:
-        """Numbers of the current epoch (the registry starts over when full)."""
-        if registry.epoch != self.epoch:
-            self.gn = registry.numbers(self.sids) if self.sids else np.empty(0, np.int64)
-            self.epoch = registry.epoch
+        self.entries.sids += new
+        gn = self.entries.gateway_numbers(registry)
+        self.distinct = self.distinct and len(np.unique(gn)) == len(gn)
+        return {"op": "defined", "base": m.base, "count": len(self.entries)}
 
     def batch(self, registry: SeriesRegistry, i: Any, ts: Any, v: Any, now: float) -> Batch:
         """A columnar batch over this table; ``bad_row``/``bad_request`` as ``build_batch``."""
-        self._resolve(registry)
-        if not self.sids:
+        if not len(self.entries):
             raise IngestError(ErrorCode.BAD_REQUEST, "inc: columnar batch lacks series, and "
                               "this connection defined no series table (the series op)")
         try:
-            batch = table_batch(self.gn, self.distinct, registry.sids_of, i, ts, v, now)
+            batch = table_batch(self.entries.gateway_numbers(registry), self.distinct,
+                                registry.sids_of, i, ts, v, now)
         except BadRow as e:
             raise IngestError(ErrorCode.BAD_ROW, str(e), row=e.row) from None
         except BadBatch as e:

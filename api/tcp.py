@@ -127,12 +127,13 @@ class Connection:
         return {"op": "welcome", "v": 1, "durable_seq": durable_seq}
 
     async def inc(self, m: Inc) -> dict[str, Any]:
+        registry = self.service.router.registry
         if m.rows is None and m.series is None:
-            table, registry = self.table, self.service.router.registry
+            table = self.table
             return await self._ingest(m.seq, m.ack, _increments_in(m), lambda now: Incoming(
                 table.batch(registry, m.i, m.ts, m.v, now)))
         return await self._ingest(m.seq, m.ack, _increments_in(m), lambda now: Incoming(
-            build_batch(m.rows, m.series, m.i, m.ts, m.v, now, self.series_cache)))
+            build_batch(m.rows, m.series, m.i, m.ts, m.v, now, self.series_cache, registry)))
 
     async def event(self, m: Events) -> dict[str, Any]:
         """Fan the events out, then exactly what ``inc`` does; ``rows`` counts increments."""

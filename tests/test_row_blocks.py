@@ -28,6 +28,7 @@ from tally.wire import frames as wire_frames
 from tally.wire import row_blocks as wire_row_blocks
 from tally.wire.batches import BadBatch, BadRow, KnownSeries, rows_batch
 from tally.wire.frames import FrameDecoder, FrameError
+from tally.wire.registry import SeriesRegistry
 from tally.wire.row_blocks import RowBlock
 from tally.wire.timeslots import FUTURE_TOLERANCE
 
@@ -152,10 +153,35 @@ def decode(data: bytes, scan: bool, chunk: int | None = None) -> Any:
         return e
 
 
+def by_series(msg_or_error: Any, registry: SeriesRegistry | None = None, now: float = NOW
+              ) -> Any:
+    """What a server makes of a decoded frame, in an order-free form: the envelope and
+    each (series, hour)'s value, first row and count; or the error. ``registry``: as a
+    gateway builds it (series by gateway number, in the connection's order)."""
+    if isinstance(msg_or_error, FrameError):
+        return ("frame", msg_or_error.code, msg_or_error.message)
+    msg = dict(msg_or_error)
+    rows = msg.pop("rows", None)
+    try:
+        batch = rows_batch(rows, now, KnownSeries(), registry)
+    except (BadRow, BadBatch) as e:
+        return (msg, type(e).__name__, e.message, getattr(e, "row", None))
+    if registry is not None and batch.gn is not None:
+        assert list(batch.sids) == list(registry.sids_of(batch.gn))
+    sids = list(batch.sids)
+    assert len(set(sids)) == len(sids)
+    return (msg, batch.increments, {
+        (sids[s], h): (v, f, c) for s, h, v, f, c in zip(
+            batch.series.tolist(), batch.hours.tolist(), batch.values.tolist(),
+            batch.first_row.tolist(), batch.counts.tolist(), strict=True)})
+
+
 def same_answer(data: bytes, chunk: int | None = None) -> Any:
-    """Decode both ways; assert the same outcome; the scanner's message."""
+    """Decode both ways; assert the same outcome, and the same aggregates when the
+    gateway's registry names the series; the scanner's message."""
     scanned, plain = decode(data, True, chunk), decode(data, False)
     assert outcome(scanned) == outcome(plain)
+    assert by_series(scanned, SeriesRegistry(4)) == by_series(plain)
     return scanned
 
 
@@ -303,6 +329,8 @@ def test_tags_in_another_order_are_one_series(scan_every_frame) -> None:
     block = msg["rows"]
     assert type(block) is RowBlock and block.sids == ["acme|m|a=1,b=2"]
     assert rows_batch(block, NOW).values.tolist() == [3]
+    numbered = rows_batch(block, NOW, registry=SeriesRegistry(4))
+    assert list(numbered.sids) == ["acme|m|a=1,b=2"] and numbered.values.tolist() == [3]
 
 
 def test_the_bench_frames_are_blocks_and_agree(scan_every_frame) -> None:
@@ -398,12 +426,17 @@ def test_series_seen_before_and_equal_hashes_of_other_bytes(monkeypatch,
         assert rows_batch(msg["rows"], NOW, known).sids == [f"acme|m|k={value}"]
 
 
-def test_series_new_to_a_connection_sort_among_those_it_knows(scan_every_frame) -> None:
-    # the connection keeps its series in sid order across frames; frames that bring
-    # series sorting before, between and after known ones give the general path's batch
+def test_series_new_to_a_connection_come_out_as_the_general_path_gives_them(
+        scan_every_frame) -> None:
+    # frames that bring series sorting before, between and after known ones give the
+    # general path's batch, and by gateway number the same aggregates, while the
+    # registry, filled by other connections too, starts over (its holders number their
+    # series again)
     decoder = FrameDecoder(scan_rows=True)
+    registry = SeriesRegistry(4, limit=600)
     rnd = np.random.default_rng(5)
     for seq in range(1, 9):
+        registry.numbers([f"other|m|k=v{seq}-{n}" for n in range(90)])
         names = rnd.choice(400, 60, replace=False) * 7 % 401
         rows = [["acme", "m", {"k": f"v{n}", "z": "1" if n % 3 else "2"}, T, int(n % 5)]
                 for n in names.tolist() * 2]
@@ -412,6 +445,11 @@ def test_series_new_to_a_connection_sort_among_those_it_knows(scan_every_frame) 
         batch = rows_batch(msg["rows"], NOW)
         assert batch.sids == sorted(batch.sids)
         assert batch == rows_batch(rows, NOW)
+        assert by_series(msg, registry) == by_series({**msg, "rows": rows})
+        numbered = rows_batch(msg["rows"], NOW, registry=registry)
+        assert numbered.gn_epoch == registry.epoch
+        assert list(registry.sids_of(numbered.gn)) == list(numbered.sids)
+    assert registry.epoch >= 2
 
 
 class CountingDict(dict):
@@ -439,6 +477,7 @@ def test_known_series_are_found_by_the_table_without_a_python_step(scan_every_fr
 def test_long_series_and_a_full_cache(scan_every_frame) -> None:
     decoder = FrameDecoder(scan_rows=True)
     decoder._series.limit = 3  # noqa: SLF001 - start over mid-stream
+    registry = SeriesRegistry(4)
     for seq in range(1, 5):
         # series of ~10, ~130 (hashed, not kept in the table) and ~310 bytes (by dict)
         rows = [["acme", "m", {"k": "v" * n, "j": "w" * n}, T, 1]
@@ -446,6 +485,7 @@ def test_long_series_and_a_full_cache(scan_every_frame) -> None:
         (msg,) = decoder.feed(inc_frame(msgpack.packb(rows)))
         assert type(msg["rows"]) is RowBlock
         assert rows_batch(msg["rows"], NOW) == rows_batch(rows, NOW)
+        assert by_series(msg, registry) == by_series({**msg, "rows": rows})
 
 
 def test_one_series_in_ever_new_tag_orders_does_not_grow_the_cache(scan_every_frame) -> None:

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from tally.wire.registry import SeriesRegistry
 from tally.wire.row_blocks import SERIES_PER_CONNECTION, RowBlock
 from tally.wire.series import InvalidSeries, series_key
 from tally.wire.timeslots import SECONDS_PER_HOUR, hour_start
@@ -379,7 +380,8 @@ class KnownSeries:
         self.sids[key] = sid
 
 
-def rows_batch(rows: Any, now: float, known: KnownSeries | None = None) -> Batch:
+def rows_batch(rows: Any, now: float, known: KnownSeries | None = None,
+               registry: SeriesRegistry | None = None) -> Batch:
     """Validate and aggregate ``[[tenant, metric, tags|nil, ts, value], ...]``.
 
     ``now`` is the server clock (Unix seconds). The loop body is kept to type
@@ -387,11 +389,12 @@ def rows_batch(rows: Any, now: float, known: KnownSeries | None = None) -> Batch
     connection with ``known``) and afterwards costs one dict lookup keyed by
     its raw parts, and error messages are only built once the loop has
     stopped at a bad row. A ``RowBlock`` (rows read by the frame decoder without a
-    Python object per row) is aggregated with numpy; one holding any bad row is
-    decoded and goes through the loop, which names it.
+    Python object per row) is aggregated with numpy, over ``registry``'s gateway
+    numbers when there is one; one holding any bad row is decoded and goes through
+    the loop, which names it.
     """
     if type(rows) is RowBlock:
-        batch = _block_batch(rows, now)
+        batch = _block_batch(rows, now, registry)
         if batch is not None:
             return batch
         rows = rows.rows()
@@ -459,10 +462,23 @@ def rows_batch(rows: Any, now: float, known: KnownSeries | None = None) -> Batch
     return _aggregate(sids, sarr, tarr, varr)
 
 
-def _block_batch(block: RowBlock, now: float) -> Batch | None:
+def _block_batch(block: RowBlock, now: float, registry: SeriesRegistry | None
+                 ) -> Batch | None:
     """The batch of a block whose rows are all good, or None (the loop finds the bad one).
-    Its series were validated as it was read."""
+    Its series were validated as it was read. With ``registry``, the batch names its
+    series by gateway number, in the connection's order (as ``table_batch`` does)."""
     ts = block.ts
     if len(block) > MAX_INCREMENTS or int(ts.min()) < 0 or int(ts.max()) > ts_limit(now):
         return None
-    return _aggregate(block.sids, block.index, ts, block.v)
+    if registry is None:
+        sids, index = block.by_sid()
+        return _aggregate(sids, index, ts, block.v)
+    gn = block.table.gateway_numbers(registry)[block.numbers]
+    index = block.group
+    if block.aliased:  # two byte strings of one series: one entry
+        gn, back = np.unique(gn, return_inverse=True)
+        index = back.reshape(-1)[index]
+    batch = _aggregate(registry.sids_of(gn), index, ts, block.v)
+    batch.gn = gn if len(batch) else None
+    batch.gn_epoch = registry.epoch
+    return batch

@@ -95,3 +95,37 @@ class SeriesRegistry:
     def sids_of(self, gn: np.ndarray) -> np.ndarray:
         """The ids of gateway numbers, as an object array (no list of a batch's width)."""
         return self.sid[gn]
+
+
+class SeriesNumbers:
+    """Series ids a connection numbered 0, 1, 2, ... (its series table, or the series
+    its row frames named), and their gateway numbers, resolved once per new id.
+
+    A frame over such a table is then numpy from the socket to the shards: its
+    increments name table entries, and the entries' gateway numbers give owner
+    shards and ids without a dict lookup per series. After the registry starts
+    over (a new epoch) every id is resolved again, on the next frame that asks.
+    """
+
+    __slots__ = ("sids", "_gn", "_of")
+
+    def __init__(self) -> None:
+        self.sids: list[str] = []
+        self._gn = np.empty(0, np.int64)
+        self._of: tuple[SeriesRegistry, int] | None = None  # the registry and epoch of _gn
+
+    def __len__(self) -> int:
+        return len(self.sids)
+
+    def gateway_numbers(self, registry: SeriesRegistry) -> np.ndarray:
+        """Each entry's gateway number in ``registry``'s current epoch."""
+        while True:
+            epoch = registry.epoch
+            if self._of is None or self._of[0] is not registry or self._of[1] != epoch:
+                self._gn, self._of = np.empty(0, np.int64), (registry, epoch)
+            if len(self._gn) == len(self.sids):
+                return self._gn
+            new = registry.numbers(self.sids[len(self._gn):])
+            if registry.epoch == epoch:
+                self._gn = np.concatenate((self._gn, new))
+            # (else it started over while numbering these: all of them again)

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import msgpack
 import numpy as np
 
+from tally.wire.registry import SeriesNumbers
 from tally.wire.series import InvalidSeries, series_key
 
 _MAX_TAGS = 32  # a map of more tags goes to the general decoder
@@ -77,18 +78,36 @@ _MASKS = _masks()
 
 @dataclass(slots=True, eq=False)
 class RowBlock:
-    """The ``rows`` of one frame, read and every series validated: ``index`` says which
-    of ``sids`` (distinct, sorted) each row names; ``ts`` and ``v`` are int64."""
+    """The ``rows`` of one frame, read and every series validated. Row ``k`` names the
+    series numbered ``numbers[group[k]]`` in ``table`` (the connection's numbering when
+    the block was read); ``ts`` and ``v`` are int64. ``aliased``: two entries of
+    ``numbers`` may be one series (its tags sent in two orders)."""
 
-    sids: list[str]
-    index: np.ndarray
+    table: SeriesNumbers
+    numbers: np.ndarray
+    group: np.ndarray
+    aliased: bool
     ts: np.ndarray
     v: np.ndarray
     data: np.ndarray  # the bytes the scanner read, holding the msgpack array at ``span``
     span: tuple[int, int]
 
     def __len__(self) -> int:
-        return len(self.index)
+        return len(self.group)
+
+    def by_sid(self) -> tuple[list[str], np.ndarray]:
+        """The distinct series ids, sorted, and each row's index among them: the rows as
+        a ``Batch`` built without a gateway's registry wants them."""
+        used, back = np.unique(self.numbers, return_inverse=True)
+        names = [self.table.sids[k] for k in used.tolist()]
+        order = sorted(range(len(names)), key=names.__getitem__)
+        rank = np.empty(len(names), np.int64)
+        rank[order] = np.arange(len(names))
+        return [names[k] for k in order], rank[back.reshape(-1)][self.group]
+
+    @property
+    def sids(self) -> list[str]:
+        return self.by_sid()[0]
 
     def rows(self) -> list:
         """The rows as the general decoder gives them (the slow path's input)."""
@@ -100,7 +119,9 @@ class RowBlock:
 class SeriesBytes:
     """The valid series one connection has sent, known by their msgpack bytes.
 
-    Each distinct series id gets a number. Series bytes map to it twice: in a dict
+    Each distinct series id gets a number in ``table``, whose gateway numbers a
+    gateway resolves once per series (``SeriesNumbers``), so a block goes from here
+    to the shards without a step per series. Series bytes map to it twice: in a dict
     (every series), and in numpy arrays sorted by the hash ``_distinct`` computes,
     holding each entry's words so a frame's series are found and checked without a
     Python step each (series of up to ``_TABLE_WORDS`` words). Bounded: it starts
@@ -113,12 +134,9 @@ class SeriesBytes:
         self._clear()
 
     def _clear(self) -> None:
-        self.sids: list[str] = []
-        # the sids as an array, their numbers in sid order, and each number's place in
-        # it: a frame's sids come out sorted without a sort of strings per frame
-        self._sid_array = np.empty(0, object)
-        self._by_sid = np.empty(0, np.int64)
-        self._rank = np.empty(0, np.int64)
+        # a new numbering: blocks read before keep theirs, which stays as it was
+        self.table = SeriesNumbers()
+        self.aliased = False  # some series is known by more than one byte string
         self.number: dict[str, int] = {}
         self.by_bytes: dict[bytes, int] = {}
         self.hashes = np.empty(0, np.uint64)
@@ -156,8 +174,10 @@ class SeriesBytes:
                     return None
                 num = self.number.get(sid)
                 if num is None:
-                    num = self.number[sid] = len(self.sids)
-                    self.sids.append(sid)
+                    num = self.number[sid] = len(self.table.sids)
+                    self.table.sids.append(sid)
+                else:
+                    self.aliased = True
                 self.by_bytes[prefix] = num
             nums[j] = num
         if tabled and len(missed):
@@ -179,29 +199,10 @@ class SeriesBytes:
         self.lengths = np.concatenate((self.lengths, length[new]))[order]
         self.words = np.concatenate((self.words, words))[order]
 
-    def _ranked(self) -> None:
-        """Place the sids numbered since the last call into the sid order: a binary
-        search per new sid and a copy of the arrays, not a sort of them all."""
-        fresh = sorted(range(len(self._sid_array), len(self.sids)), key=self.sids.__getitem__)
-        self._sid_array = np.array(self.sids, dtype=object)
-        at = np.searchsorted(self._sid_array[self._by_sid],
-                             np.array([self.sids[n] for n in fresh], dtype=object))
-        self._by_sid = np.insert(self._by_sid, at, fresh)
-        self._rank = np.empty(len(self.sids), np.int64)
-        self._rank[self._by_sid] = np.arange(len(self.sids))
-
     def block(self, nums: np.ndarray, group: np.ndarray, ts: np.ndarray, v: np.ndarray,
               data: np.ndarray, span: tuple[int, int]) -> RowBlock:
-        """The block of rows naming series ``nums[group]``, sids sorted as a Batch wants
-        (one series may be more than one entry of ``nums``: its tags in other orders)."""
-        if len(self._rank) < len(self.sids):
-            self._ranked()
-        present = np.zeros(len(self.sids), np.bool_)
-        present[self._rank[nums]] = True
-        order = self._by_sid[present]  # their numbers in sid order, each once
-        lut = np.empty(len(self.sids), np.int64)
-        lut[order] = np.arange(len(order))
-        return RowBlock(self._sid_array[order].tolist(), lut[nums][group], ts, v, data, span)
+        """The block of rows naming series ``nums[group]`` (numbers of this connection)."""
+        return RowBlock(self.table, nums, group, self.aliased, ts, v, data, span)
 
 
 def _strings(b: np.ndarray, q: np.ndarray, ok: np.ndarray, end: int) -> np.ndarray:
