@@ -61,6 +61,7 @@ class Known:
     def __init__(self) -> None:
         self.epoch = -1
         self.sid = np.empty(0, object)
+        self.told = np.zeros(0, np.bool_)  # which numbers have an id (a gather, not a scan)
         self.g = np.zeros(0, np.int64)  # series number last resolved (-1: none)
         self.gen = np.zeros(0, np.int64)  # LiveSeries.gen of that number then
 
@@ -80,26 +81,29 @@ class Known:
         if ep != self.epoch:
             self.epoch = ep
             self.sid = np.empty(0, object)
+            self.told = np.zeros(0, np.bool_)
             self.g = self.gen = np.zeros(0, np.int64)
         if len(gn) and int(gn.max()) >= len(self.sid):
             self._grow(int(gn.max()) + 1)
         if len(pos):
             self.sid[gn[pos]] = defs
+            self.told[gn[pos]] = True
             self.g[gn[pos]] = -1
-        sids = self.sid[gn]
-        if np.equal(sids, None).any():
+        if not self.told[gn].all():
             return None  # a number this socket was never told: the caller asks Ray
-        return Batch.from_wire({**wire, "sids": sids}, gn=gn)
+        return Batch.from_wire({**wire, "sids": self.sid[gn]}, gn=gn)
 
     def _grow(self, need: int) -> None:
         size = max(need, 2 * len(self.sid), 1024)
         sid = np.empty(size, object)
         sid[: len(self.sid)] = self.sid
+        told = np.zeros(size, np.bool_)
+        told[: len(self.told)] = self.told
         g = np.full(size, -1, np.int64)
         g[: len(self.g)] = self.g
         gen = np.zeros(size, np.int64)
         gen[: len(self.gen)] = self.gen
-        self.sid, self.g, self.gen = sid, g, gen
+        self.sid, self.told, self.g, self.gen = sid, told, g, gen
 
     def numbers(self, batch: Batch, live: LiveSeries) -> np.ndarray | None:
         """The series numbers of the batch's sids (-1: not held), from the cache where it

@@ -39,6 +39,9 @@ class LiveSeries:
         self.gen = np.zeros(0, dtype=np.int64)
         self.by_metric: dict[tuple[str, str], set[int]] = {}
         self.loaded: dict[int, set[int]] = {}  # month number -> series holding it live
+        # the same as a bool per series number, for a batch's check without a Python
+        # step per aggregate (``_all_loaded``)
+        self._held: dict[int, np.ndarray] = {}
         self._match_cache: dict[tuple, list[int]] = {}
 
     def __len__(self) -> int:
@@ -97,6 +100,13 @@ class LiveSeries:
         if g in holders:
             return False
         holders.add(g)
+        held = self._held.get(mno)
+        if held is None or g >= len(held):
+            grown = np.zeros(max(1024, 2 * g + 1, len(self.keys)), np.bool_)
+            if held is not None:
+                grown[:len(held)] = held
+            held = self._held[mno] = grown
+        held[g] = True
         self._months_held[g] += 1
         return True
 
@@ -104,8 +114,10 @@ class LiveSeries:
         """Series ``g`` no longer holds month ``mno`` live; how many months it still holds."""
         holders = self.loaded[mno]
         holders.discard(g)
+        self._held[mno][g] = False
         if not holders:
             del self.loaded[mno]
+            del self._held[mno]
         self._months_held[g] -= 1
         return int(self._months_held[g])
 
@@ -136,19 +148,22 @@ class LiveSeries:
         return out
 
     def _all_loaded(self, batch: Batch, numbers: np.ndarray) -> bool:
-        """Whether every (series, month) of the batch is live: set containment in C, a
-        month at a time, rather than a Python step per pair (the usual batch: yes)."""
+        """Whether every (series, month) of the batch is live: a gather of bools per
+        month, not a Python step per pair (the usual batch: yes)."""
         if len(numbers) and int(numbers.min()) < 0:
             return False
-        held = numbers[batch.series.astype(np.intp)]
+        g = numbers[batch.series.astype(np.intp)]
         months = months_of_hours(batch.hours)
         first = int(months[0])
         if (months == first).all():  # the usual batch: the current month only
-            per_month = [(first, held)]
+            per_month = [(first, g)]
         else:
-            per_month = [(m, held[months == m]) for m in np.unique(months).tolist()]
-        loaded = self.loaded
-        return all(m in loaded and loaded[m].issuperset(g.tolist()) for m, g in per_month)
+            per_month = [(m, g[months == m]) for m in np.unique(months).tolist()]
+        for m, gm in per_month:
+            held = self._held.get(m)
+            if held is None or int(gm.max()) >= len(held) or not held[gm].all():
+                return False
+        return True
 
     # ---- lookups ---------------------------------------------------------
 
