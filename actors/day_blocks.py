@@ -16,7 +16,7 @@ indexed by block row, so they grow with the slab.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 
@@ -168,28 +168,36 @@ class DayBlocks:
 
     def find(self, g: np.ndarray, days: np.ndarray) -> np.ndarray:
         """Block rows of (series number, day) pairs; -1 where there is no block."""
-        rows = np.full(len(g), -1, np.int64)
         if not len(g):
-            return rows
+            return np.full(0, -1, np.int64)
         lo, hi = int(days.min()), int(days.max())
         if lo == hi:  # the usual batch: one day
-            per_day: list[tuple[int, Any]] = [(lo, slice(None))]
-        elif hi - lo < 64:  # (a mask per day costs less than sorting the days)
-            per_day = [(d, days == d) for d in range(lo, hi + 1) if d in self.days]
-        else:
-            per_day = [(int(d), days == d) for d in np.unique(days).tolist()]
-        for day, mine in per_day:
-            table = self.days.get(day)
-            if table is None:
-                continue
-            gs = g[mine]
-            inside = gs < len(table)
-            if inside.all():
-                rows[mine] = table[gs]
-            else:
-                part = np.full(len(gs), -1, np.int64)
-                part[inside] = table[gs[inside]]
-                rows[mine] = part
+            return self._find_in(lo, g)
+        # The pairs grouped by day with one sort (of 16-bit keys, a radix sort, when the
+        # days span less than 65,536), then a slice per day: no mask per day.
+        span = days - lo
+        order = np.argsort(span.astype(np.uint16) if hi - lo < 1 << 16 else span,
+                           kind="stable")
+        by_day = days[order]
+        cuts = (np.flatnonzero(by_day[1:] != by_day[:-1]) + 1).tolist()
+        gs = g[order]
+        found = np.empty(len(g), np.int64)
+        for a, z in zip([0, *cuts], [*cuts, len(g)], strict=True):
+            found[a:z] = self._find_in(int(by_day[a]), gs[a:z])
+        rows = np.empty(len(g), np.int64)
+        rows[order] = found
+        return rows
+
+    def _find_in(self, day: int, g: np.ndarray) -> np.ndarray:
+        """Block rows of series numbers ``g`` on ``day``; -1 where there is no block."""
+        table = self.days.get(day)
+        if table is None:
+            return np.full(len(g), -1, np.int64)
+        if len(g) and int(g.max()) < len(table):
+            return table[g].astype(np.int64)
+        rows = np.full(len(g), -1, np.int64)
+        inside = g < len(table)
+        rows[inside] = table[g[inside]]
         return rows
 
     def locate(self, g: np.ndarray, days: np.ndarray, series_count: int) -> np.ndarray:

@@ -154,12 +154,13 @@ class LiveSeries:
             return False
         g = numbers[batch.series.astype(np.intp)]
         months = months_of_hours(batch.hours)
-        first = int(months[0])
-        if (months == first).all():  # the usual batch: the current month only
-            per_month = [(first, g)]
-        else:
-            per_month = [(m, g[months == m]) for m in np.unique(months).tolist()]
+        lo, hi = int(months.min()), int(months.max())
+        # a mask per month of the range when it is short (a sort costs more)
+        present = range(lo, hi + 1) if hi - lo < 64 else np.unique(months).tolist()
+        per_month = [(lo, g)] if lo == hi else [(m, g[months == m]) for m in present]
         for m, gm in per_month:
+            if not len(gm):
+                continue
             held = self._held.get(m)
             if held is None or int(gm.max()) >= len(held) or not held[gm].all():
                 return False

@@ -74,7 +74,7 @@ class PendingDeltas:
         at = self.at[rows]
         fresh = at < 0
         if fresh.any():
-            new = np.unique(rows[fresh])
+            new = _distinct(rows[fresh], self.at)
             n, m = self.rows, self.rows + len(new)
             if m > len(self.table):
                 size = max(m, 2 * len(self.table))
@@ -87,13 +87,16 @@ class PendingDeltas:
             self.at[new] = np.arange(n, m, dtype=np.int32)
             self.rows = m
             at = self.at[rows]
-        before = self.table[at, hod]
+        flat = at.astype(np.int64) * 24 + hod  # (one gather and one scatter, not 2-D ones)
+        cells = self.table.reshape(-1)
+        before = cells[flat]
         with np.errstate(over="ignore"):
             after = before + values
-        wrapped = ((values > 0) & (after < before)) | ((values < 0) & (after > before))
+        # an int64 sum wrapped where its sign differs from both operands' signs
+        wrapped = ((before ^ after) & (values ^ after)) < 0
         if self.wide or wrapped.any():
-            self._widen(at.astype(np.int64) * 24 + hod, before, values, after, wrapped)
-        self.table[at, hod] = after
+            self._widen(flat, before, values, after, wrapped)
+        cells[flat] = after
         self.slots += int(np.count_nonzero(after)) - int(np.count_nonzero(before))
 
     def _widen(self, keys: np.ndarray, before: np.ndarray, values: np.ndarray,
@@ -136,3 +139,13 @@ class PendingDeltas:
         self.rows = self.slots = 0
         self.wide = {}
         return rows, hod.astype(np.int64), vals
+
+
+def _distinct(keys: np.ndarray, scratch: np.ndarray) -> np.ndarray:
+    """The distinct values of ``keys`` (non-negative indexes into ``scratch``, whose
+    entries there are -1 and are left so), in no particular order, without a sort: each
+    key's entry takes the position of one of its occurrences, and that one is kept."""
+    scratch[keys] = np.arange(len(keys), dtype=scratch.dtype)
+    kept = keys[scratch[keys] == np.arange(len(keys), dtype=scratch.dtype)]
+    scratch[keys] = -1
+    return kept
