@@ -71,12 +71,21 @@ def json_column(name: str, values: Any, dtype: str) -> bytes:
     return np.asarray(values, dtype=dtype).tobytes()
 
 
-def batch_tenants(batch: Batch) -> list[tuple[str, int]]:
-    """Each tenant of a batch with the first input row that names it (for access checks)."""
+def batch_tenants(batch: Batch, registry: SeriesRegistry | None = None
+                  ) -> list[tuple[str, int]]:
+    """Each tenant of a batch with the first input row that names it (for access checks).
+    With ``registry`` and a batch named by its gateway numbers, the tenants come from the
+    registry's tenant numbers: no step per series."""
     if not len(batch.sids):
         return []
     first = np.full(len(batch.sids), np.iinfo(np.int64).max, dtype=np.int64)
     np.minimum.at(first, batch.series.astype(np.intp), batch.first_row)
+    if registry is not None and batch.gn is not None and batch.gn_epoch == registry.epoch:
+        tenant = registry.tenant[batch.gn]
+        per = np.full(len(registry.tenant_names), np.iinfo(np.int64).max, dtype=np.int64)
+        np.minimum.at(per, tenant, first)
+        named = np.flatnonzero(per < np.iinfo(np.int64).max)
+        return [(registry.tenant_names[t], int(per[t])) for t in named.tolist()]
     rows: dict[str, int] = {}
     for sid, row in zip(batch.sids, first.tolist(), strict=True):
         tenant = sid.split("|", 1)[0]
@@ -104,10 +113,11 @@ class Incoming:
     batch: Batch
     origin: list[int] | None = None  # events: the event index of each fan-out row
     rule: list[str] | None = None  # events: the rule that made each fan-out row
+    registry: SeriesRegistry | None = None  # whose gateway numbers the batch may carry
 
     def tenants(self) -> list[tuple[str, int]]:
         """Each tenant with its first row, for the access check (inside ``blamed``)."""
-        return batch_tenants(self.batch)
+        return batch_tenants(self.batch, self.registry)
 
     def event_of(self, row: int | None, message: str, rule: bool = True) -> tuple[int | None, str]:
         """The event behind fan-out row ``row``, and ``message`` reworded to name it.

@@ -131,9 +131,10 @@ class Connection:
         if m.rows is None and m.series is None:
             table = self.table
             return await self._ingest(m.seq, m.ack, _increments_in(m), lambda now: Incoming(
-                table.batch(registry, m.i, m.ts, m.v, now)))
+                table.batch(registry, m.i, m.ts, m.v, now), registry=registry))
         return await self._ingest(m.seq, m.ack, _increments_in(m), lambda now: Incoming(
-            build_batch(m.rows, m.series, m.i, m.ts, m.v, now, self.series_cache, registry)))
+            build_batch(m.rows, m.series, m.i, m.ts, m.v, now, self.series_cache, registry),
+            registry=registry))
 
     async def event(self, m: Events) -> dict[str, Any]:
         """Fan the events out, then exactly what ``inc`` does; ``rows`` counts increments."""

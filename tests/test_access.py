@@ -90,3 +90,33 @@ def test_a_bad_tokens_file_is_refused_naming_the_entry(text: str, complaint: str
 def test_an_unreadable_tokens_file_names_the_path(tmp_path) -> None:
     with pytest.raises(AccessFileError, match="tokens file .*nope.toml: No such file"):
         load_access(str(tmp_path / "nope.toml"))
+
+
+def test_a_batch_by_gateway_number_names_each_tenant_at_its_first_row() -> None:
+    # the registry's tenant numbers give what a pass over the batch's ids gives
+    import time
+
+    import numpy as np
+
+    from tally.api.ingest import batch_tenants
+    from tally.api.series_table import ConnectionTable
+    from tally.wire.frames import SeriesTable
+    from tally.wire.registry import SeriesRegistry
+
+    registry = SeriesRegistry(4)
+    registry.numbers(["zeta|m|"])  # a tenant the batch does not name
+    table = ConnectionTable()
+    entries = [[f"t{k % 7}", "m", {"k": str(k)}] for k in range(300)]
+    assert table.define(SeriesTable(0, entries), registry)["op"] == "defined"
+    rng = np.random.default_rng(3)
+    now = time.time()
+    for _ in range(20):
+        i = rng.integers(0, 300, 2000).astype("<u4")
+        ts = np.full(2000, int(now) - 60, "<i8")
+        batch = table.batch(registry, i.tobytes(), ts.tobytes(), np.ones(2000, "<i8").tobytes(),
+                            now)
+        by_number = batch_tenants(batch, registry)
+        assert sorted(by_number) == sorted(batch_tenants(batch))
+        firsts = {f"t{k}": int(np.flatnonzero(i % 7 == k)[0]) for k in range(7)
+                  if (i % 7 == k).any()}
+        assert dict(by_number) == firsts

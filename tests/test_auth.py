@@ -177,6 +177,24 @@ def test_tcp_batches_for_a_tenant_outside_the_token_are_refused_at_their_row(tal
     assert (total(tally, "acme"), total(tally, "globex")) == (before[0] + 2, before[1])
 
 
+def test_a_large_row_frame_naming_a_tenant_outside_the_token_is_refused_at_its_row(
+        tally) -> None:
+    # a frame past 4 KiB is read by the scanner and goes by gateway number: the refusal
+    # still names the first row of the forbidden tenant, and nothing of it counts
+    before = (total(tally, "acme"), total(tally, "globex"))
+    rows = [["acme", "m", {"k": f"v{n % 40}"}, TS, 1] for n in range(400)]
+    rows[150] = ["globex", "m", {"k": "v1"}, TS, 1]
+    rows[300] = ["globex", "m", None, TS, 1]
+    with RawConnection(tally.tcp_port) as conn:
+        hello = {"op": "hello", "v": 1, "token": SECRETS["ingest_acme"], "producer": "tcp-big"}
+        assert conn.request(hello)["op"] == "welcome"
+        answer = conn.request({"op": "inc", "seq": 1, "rows": rows})
+        assert (answer["code"], answer["row"]) == ("unauthorized", 150)
+        ok = conn.request({"op": "inc", "seq": 2, "rows": rows[:150]})
+        assert ok == {"op": "ack", "seq": 2, "rows": 150}
+    assert (total(tally, "acme"), total(tally, "globex")) == (before[0] + 150, before[1])
+
+
 def test_the_client_library_raises_unauthorized_for_a_bad_token(tally) -> None:
     before = total(tally, "acme")
     client = TallyClient("127.0.0.1", tally.tcp_port, token="not-a-token-0123456789")
