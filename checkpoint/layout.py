@@ -21,7 +21,14 @@ from bson.int64 import Int64
 from tally.checkpoint.slots import Slots, nonzero, plainly_valid
 from tally.checkpoint.store import Checkpoint, MonthDoc, MonthKey
 from tally.wire.frames import MAX_PRODUCER
-from tally.wire.series import SeriesKey, check_tag_key, check_tag_value, parse_series_id, series_key
+from tally.wire.series import (
+    SeriesKey,
+    check_tag_key,
+    check_tag_value,
+    parse_series_id,
+    plainly_canonical,
+    series_key,
+)
 from tally.wire.timeslots import day_and_hour, month_hours
 from tally.wire.vocabulary import INT64_MAX, INT64_MIN  # re-exported: checkpoint.memory uses them
 
@@ -54,7 +61,8 @@ def check_canonical(sid: str) -> str:
     under a key that no query computes, so it is refused before any write.
     """
     if type(sid) is not str or sid not in _CANONICAL:
-        _check_sid(sid)
+        if not plainly_canonical(sid):
+            _check_sid(sid)
         if len(_CANONICAL) >= _CANONICAL_LIMIT:
             _CANONICAL.clear()
         _CANONICAL[sid] = None

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tally.checkpoint.layout import check_checkpoint, check_columns, check_sid
 from tally.checkpoint.slots import Slots
 from tally.checkpoint.store import Checkpoint
-from tally.wire.series import series_id
+from tally.wire.series import plainly_canonical, series_id
 from tally.wire.timeslots import month_hours
 
 NOV = "2026-11"
@@ -111,3 +113,49 @@ def test_check_sid_cached_validity_still_refuses_and_returns_keys():
         for _ in range(2):  # a refusal is never remembered as valid
             with pytest.raises(ValueError):
                 check_sid(bad)
+
+
+# -- the quick canonical check ---------------------------------------------------------
+
+def _canonical_by_parsing(sid: str) -> bool:
+    try:
+        from tally.checkpoint.layout import _check_sid
+
+        _check_sid(sid)
+    except ValueError:
+        return False
+    return True
+
+
+_ID_PARTS = st.lists(st.sampled_from(
+    ["acme", "a", "A", "t-1", "_x", "|", ",", "=", "%", "%25", "%2C", "%3D", "%7C", "%41",
+     "%2", "m.x:y", "k", "b", "z9", "\u00e9", "\n", "", "v" * 60, "w" * 199]), max_size=12)
+
+
+@settings(max_examples=600, deadline=None)
+@given(_ID_PARTS)
+def test_the_quick_check_never_passes_an_id_that_parsing_refuses(parts: list[str]) -> None:
+    sid = "".join(parts)
+    if plainly_canonical(sid):
+        assert _canonical_by_parsing(sid), sid
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.from_regex(r"[a-z_][a-z0-9_]{0,5}", fullmatch=True),
+                       st.text(max_size=200), max_size=16),
+       st.sampled_from(["acme", "t" * 64]), st.sampled_from(["m", "orders.created"]))
+def test_the_quick_check_passes_every_id_a_series_has(tags, tenant, metric) -> None:
+    assert plainly_canonical(series_id(tenant, metric, tags))
+
+
+@pytest.mark.parametrize("sid", [
+    "acme|m|b=1,a=2",  # out of order
+    "acme|m|a=1,a=1",  # twice
+    "acme|m|a=%41",  # not an escape tally makes
+    "acme|m|a=" + "x" * 201,
+    "acme|m|" + ",".join(f"k{n:02d}=v" for n in range(17)),
+    "Acme|m|", "acme||", "acme|m", "acme|m|a", "acme|m|a=1,", "acme|m|=1",
+])
+def test_the_quick_check_leaves_doubtful_ids_to_parsing(sid: str) -> None:
+    assert not plainly_canonical(sid)
+    assert not _canonical_by_parsing(sid)
