@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import inspect
 import json
 import logging
 import secrets
@@ -61,7 +62,8 @@ RETRY_AFTER = 5.0  # after a failed connect, Ray answers alone this long
 
 Query = Callable[[str, list[str], int, int], Any]  # (method, sids, h0, h1) -> its answer
 # (batch, producer, seq, expect) -> what the shard answers (ShardState.ingest, as a dict)
-Apply = Callable[[Batch, str, int, int | None, Known], dict[str, Any]]
+Apply = Callable[[Batch, str, int, int | None, Known],
+                 dict[str, Any] | Awaitable[dict[str, Any]]]
 
 
 # a request's fields, or how to build them for the connection that writes it
@@ -106,7 +108,8 @@ def _malformed(rid: Any, msg: dict[str, Any]) -> bytes:
     return encode_frame({"id": rid, "ray": "malformed request"})
 
 
-def answer_apply(msg: dict[str, Any], apply: Apply, known: Known | None = None) -> bytes:
+async def answer_apply(msg: dict[str, Any], apply: Apply, known: Known | None = None
+                       ) -> bytes:
     """The answer to an ``apply``: what the shard answered, or "ask Ray" when it did not
     apply (a request it cannot read, an error inside it: the Ray call meets it again).
     ``known``: the socket's numbered series (actors/channel_table.py)."""
@@ -119,6 +122,8 @@ def answer_apply(msg: dict[str, Any], apply: Apply, known: Known | None = None) 
         return _malformed(rid, msg)
     try:
         result = apply(batch, producer, seq, expect, known)
+        if inspect.isawaitable(result):  # (a shard writes a batch in slices: see shard.py)
+            result = await result
     except Exception as e:
         return encode_frame({"id": rid, "ray": f"{type(e).__name__}: {e}"[:500]})
     return encode_frame({"id": rid, "ok": result})  # applied: if this raises, the
@@ -209,7 +214,7 @@ class ChannelServer:
                         greeted = True
                         continue
                     if msg.get("m") == "apply" and self.apply is not None:
-                        writer.write(answer_apply(msg, self.apply, known))
+                        writer.write(await answer_apply(msg, self.apply, known))
                     else:
                         writer.write(answer(msg, self.query))
                     self.answered += 1

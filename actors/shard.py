@@ -25,7 +25,7 @@ from tally.actors import affinity, logs, memory
 from tally.actors.channel import ChannelServer
 from tally.actors.channel_table import Known
 from tally.actors.metrics import ShardMetrics
-from tally.actors.shard_state import NO_SEQ, Outcome, ShardState
+from tally.actors.shard_state import NO_SEQ, Applying, Outcome, ShardState
 from tally.checkpoint.remote import open_store_in_actor
 from tally.checkpoint.store import Checkpoint
 from tally.wire.batches import Batch
@@ -38,6 +38,8 @@ SHARD_NAME = "tally-shard-{}"
 # the interval (the contract's bound on lag) or its write alone outlasted the interval.
 LAG_MARGIN = 1.0
 FREEZE_AFTER = 1000  # new series in one batch after which the heap is frozen (gc.freeze)
+# aggregates a shard writes before it answers waiting queries (then goes on with the batch)
+SLICE = 4096
 
 
 @ray.remote(num_cpus=0, max_restarts=-1, enable_task_events=False)
@@ -62,6 +64,7 @@ class ShardActor:
         self._writer = ThreadPoolExecutor(1, thread_name_prefix=f"checkpoint-{shard}")
         self._loop_task: asyncio.Task | None = None
         self._ck_lock: asyncio.Lock | None = None
+        self._state_lock: asyncio.Lock | None = None  # held by whatever changes the state
         self._channel: asyncio.Future | None = None  # the query socket's start
         self.checkpoints = 0
         self.store_errors = 0
@@ -80,6 +83,7 @@ class ShardActor:
     def _start_loop(self) -> None:
         if self._loop_task is None:
             self._ck_lock = asyncio.Lock()
+            self._state_lock = asyncio.Lock()
             self._checkpointed = asyncio.Event()
             self._loop_task = asyncio.get_running_loop().create_task(self._checkpoint_loop())
             self._loop_task.add_done_callback(self._loop_ended)
@@ -105,20 +109,35 @@ class ShardActor:
         expect: int | None = None,
     ) -> dict[str, Any]:
         """What ShardState.ingest answers (``Ingested.answer``), with this incarnation's id."""
-        return self._apply_now(batch, producer, seq, expect)
+        return await self._apply_now(batch, producer, seq, expect)
 
-    def _apply_now(self, batch: Batch, producer: str | None, seq: int | None,
-                   expect: int | None, known: Known | None = None) -> dict[str, Any]:
+    async def _apply_now(self, batch: Batch, producer: str | None, seq: int | None,
+                         expect: int | None, known: Known | None = None) -> dict[str, Any]:
         """``apply``, on the event loop, whether it came by Ray or by the socket (whose
-        numbered series, ``known``, find the series numbers without a lookup by id)."""
+        numbered series, ``known``, find the series numbers without a lookup by id).
+
+        The batch is written ``SLICE`` aggregates at a time, and queries are answered
+        between slices (a wide batch part is many milliseconds of work, and a query
+        waited behind all of it). Nothing else that changes the state runs meanwhile:
+        other batches, undos and checkpoints wait for ``_state_lock``.
+        """
         self._start_loop()
-        numbers = None if known is None else known.numbers(batch, self.state.live)
-        series_before = len(self.state.live)
-        # load_months runs synchronously on the event loop on purpose: nothing
-        # else may touch the state between finding a month missing and
-        # installing its base (see ShardState.ingest).
-        result = self.state.ingest(batch, self.store.load_months, producer, seq, expect,
-                                   numbers)
+        assert self._state_lock is not None
+        async with self._state_lock:
+            numbers = None if known is None else known.numbers(batch, self.state.live)
+            series_before = len(self.state.live)
+            # load_months runs synchronously on the event loop on purpose: nothing
+            # else may touch the state between finding a month missing and
+            # installing its base (see ShardState.ingest).
+            started = self.state.begin_ingest(batch, self.store.load_months, producer, seq,
+                                              expect, numbers)
+            if isinstance(started, Applying):
+                while started.step(SLICE):
+                    await asyncio.sleep(0)  # queries waiting on this loop go now
+                assert started.result is not None
+                result = started.result
+            else:
+                result = started
         if len(self.state.live) - series_before >= FREEZE_AFTER:
             # Series are long-lived: out of the collector's sight, a collection costs
             # what the young objects cost, not what the shard holds.
@@ -134,7 +153,10 @@ class ShardActor:
     async def revert(
         self, batch: Batch, producer: str | None = None, seq: int | None = None
     ) -> bool:
-        undone = self.state.revert(batch, self.store.load_months, producer, seq)
+        self._start_loop()
+        assert self._state_lock is not None
+        async with self._state_lock:
+            undone = self.state.revert(batch, self.store.load_months, producer, seq)
         if undone:
             self.meters.lag.applied()  # the undo is a delta to checkpoint like any other
         return undone
@@ -199,13 +221,15 @@ class ShardActor:
 
     async def _checkpoint_once(self) -> int | None:
         assert self._ck_lock is not None
+        assert self._state_lock is not None
         async with self._ck_lock:
-            cp = self.state.begin_checkpoint(settle_later=True)
-            if cp is None:
-                self.meters.lag.clean()
-                # (an interval passes for the months a backfill stopped writing, too)
-                self.state.evict(month_of_hour(int(time.time()) // 3600))
-                return None
+            async with self._state_lock:  # (never with half a batch written)
+                cp = self.state.begin_checkpoint(settle_later=True)
+                if cp is None:
+                    self.meters.lag.clean()
+                    # (an interval passes for the months a backfill stopped writing, too)
+                    self.state.evict(month_of_hour(int(time.time()) // 3600))
+                    return None
             self.meters.lag.began(cp.ck)
             started = time.monotonic()
             loop = asyncio.get_running_loop()
@@ -214,12 +238,13 @@ class ShardActor:
             except Exception as e:
                 self._checkpoint_failed(cp.ck, e)
                 raise
-            self.state.finish_checkpoint(cp.ck)
-            assert self._checkpointed is not None
-            self._checkpointed.set()  # wake every waiter, then arm for the next one
-            self._checkpointed = asyncio.Event()
-            now_month = month_of_hour(int(time.time()) // 3600)
-            evicted = self.state.evict(now_month)
+            async with self._state_lock:
+                self.state.finish_checkpoint(cp.ck)
+                assert self._checkpointed is not None
+                self._checkpointed.set()  # wake every waiter, then arm for the next one
+                self._checkpointed = asyncio.Event()
+                now_month = month_of_hour(int(time.time()) // 3600)
+                evicted = self.state.evict(now_month)
             self.checkpoints += 1
             seconds = self.last_checkpoint_seconds = time.monotonic() - started
             ck = cp.ck

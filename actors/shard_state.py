@@ -86,6 +86,7 @@ class ShardState:
         # every checkpoint and loaded again by the next batch
         self.month_touched: dict[int, int] = {}
         self.evictions = 0
+        self.applying: Applying | None = None  # a batch checked and being written
 
     # ---- what other modules read -----------------------------------------
 
@@ -167,7 +168,26 @@ class ShardState:
         expect: int | None = None,
         numbers: np.ndarray | None = None,
     ) -> Ingested:
-        """Apply a batch once per (producer, seq); the result says what happened.
+        """``begin_ingest``, and the whole batch written at once."""
+        started = self.begin_ingest(batch, load, producer, seq, expect, numbers)
+        if isinstance(started, Ingested):
+            return started
+        while started.step(len(batch)):
+            pass
+        assert started.result is not None
+        return started.result
+
+    def begin_ingest(
+        self,
+        batch: Batch,
+        load: Load,
+        producer: str | None = None,
+        seq: int | None = None,
+        expect: int | None = None,
+        numbers: np.ndarray | None = None,
+    ) -> Ingested | Applying:
+        """Apply a batch once per (producer, seq); the result says what happened, or, for
+        a batch to apply, what writes it (``Applying``, a slice at a time).
 
         Accepted (applied now, or a duplicate), it names the checkpoint that
         makes the batch durable (an applied batch that brought series this
@@ -181,8 +201,10 @@ class ShardState:
 
         Callers must not let other calls touch this state between the load and
         the apply (the shard actor calls ``load`` synchronously), or a stale
-        base could be installed over newer counts.
+        base could be installed over newer counts; nor, until the ``Applying`` is
+        done, anything but reads (``applying`` says so).
         """
+        self._not_applying("ingest")
         marks = self.marks
         if producer is not None:
             assert seq is not None
@@ -215,14 +237,26 @@ class ShardState:
             new = list(dict.fromkeys(sid for sid, _ in missing if sid not in known))
             self.install(missing, docs)
         try:
-            self.apply(batch, numbers)
+            rows, hod, sums = self._checked(batch, numbers)
         except SlotOverflow as e:
             return Ingested.refused(Outcome.BAD_ROW, str(e), e.aggregate)
         except DeltaOverflow as e:
             return Ingested.refused(Outcome.DELTA_OVERFLOW, str(e))
-        if producer is not None:
-            marks.applied_now(producer, seq)  # type: ignore[arg-type]
-        return Ingested.applied(self._holding_ck(producer), new)
+        self.applying = Applying(self, batch, rows, hod, sums, producer, seq, new)
+        return self.applying
+
+    def _not_applying(self, what: str) -> None:
+        if self.applying is not None:
+            raise RuntimeError(f"shard {self.shard}: {what} while a batch is half written")
+
+    def _applied(self, applying: Applying) -> Ingested:
+        """The end of an ``Applying``: the batch counts as applied from here."""
+        self.applying = None
+        batch = applying.batch
+        self._touched(batch)
+        if applying.producer is not None:
+            self.marks.applied_now(applying.producer, applying.seq)  # type: ignore[arg-type]
+        return Ingested.applied(self._holding_ck(applying.producer), applying.new)
 
     def _over_bound(self, size: int) -> bool:
         used = self.dirty_slots
@@ -250,13 +284,24 @@ class ShardState:
         ``numbers``: the series numbers of the batch's sids, if known."""
         if not len(batch):
             return
+        rows, hod, new = self._checked(batch, numbers)
+        self.blocks.write(rows, hod, new, batch.values)
+        self._touched(batch)
+
+    def _checked(self, batch: Batch, numbers: np.ndarray | None = None
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The batch's slots (block rows, hours of day) and their totals with it, once no
+        slot, day or pending delta would leave int64 (SlotOverflow, DeltaOverflow)."""
+        if not len(batch):
+            empty = np.empty(0, np.int64)
+            return empty, empty, empty
         rows, hod = self._locate(batch, numbers)
         blocks = self.blocks
         values = batch.values
         old = blocks.get(rows, hod)
         with np.errstate(over="ignore"):
             new = old + values
-        wrapped = ((values > 0) & (new < old)) | ((values < 0) & (new > old))
+        wrapped = ((old ^ new) & (values ^ new)) < 0  # (the sum's sign differs from both)
         bad: list[tuple[int, str]] = []
         for n in np.flatnonzero(wrapped).tolist():
             total = int(old[n]) + int(values[n])
@@ -280,8 +325,13 @@ class ShardState:
                     f"shard {self.shard}: series {batch.sids[int(batch.series[n])]!r} at "
                     f"{_utc(int(batch.hours[n]))}: the hour's change since the last "
                     "checkpoint would leave int64; retry after the next checkpoint")
-        blocks.write(rows, hod, new, values)
+        return rows, hod, new
+
+    def _touched(self, batch: Batch) -> None:
+        """Count the batch's increments, and note its months as written now."""
         self.increments += batch.increments
+        if not len(batch):
+            return
         first, last = (int(m) for m in months_of_hours(np.array([batch.hours.min(),
                                                                  batch.hours.max()])))
         for m in range(first, last + 1):  # (a backfill's months are one range)
@@ -328,6 +378,7 @@ class ShardState:
         changes, mark included: the batch then stays applied here, and the
         producer's resend of it is a duplicate here while other shards apply it.
         """
+        self._not_applying("an undo")
         if producer is not None and not self.marks.undoable(producer, seq):
             return False
         missing = self.missing(batch)
@@ -359,6 +410,7 @@ class ShardState:
         document (a dict entry per slot) is left to ``settle_checkpoint`` on the
         writer thread, so queries do not wait for it on the event loop.
         """
+        self._not_applying("beginning a checkpoint")
         if self.inflight is not None:
             return self.inflight
         taken = self.blocks.take()
@@ -417,6 +469,7 @@ class ShardState:
         beyond ``keep`` bytes of past months, the least recently touched go
         first even so.
         """
+        self._not_applying("evicting months")
         self.evictions += 1
         current = month_number(current_month)
         live = self.live
@@ -485,3 +538,45 @@ class ShardState:
 
 def _utc(hour: int) -> str:
     return hour_start(hour).isoformat(timespec="minutes")
+
+
+class Applying:
+    """A batch that passed every check, written a slice at a time (``step``), so that a
+    shard's event loop can answer queries between slices instead of after the whole
+    batch. Slices end where a series' aggregates end: a query of one series sees all
+    of the batch's increments for it, or none. Until the last slice nothing but reads
+    may touch the state (``ShardState.applying``): no checkpoint may begin with half a
+    batch in it and the producer's mark not yet moved, or a crash after it would count
+    that half twice when the batch is resent.
+    """
+
+    __slots__ = ("state", "batch", "rows", "hod", "sums", "producer", "seq", "new", "done",
+                 "result")
+
+    def __init__(self, state: ShardState, batch: Batch, rows: np.ndarray, hod: np.ndarray,
+                 sums: np.ndarray, producer: str | None, seq: int | None, new: list[str]
+                 ) -> None:
+        self.state, self.batch = state, batch
+        self.rows, self.hod, self.sums = rows, hod, sums  # each slot and its total with it
+        self.producer, self.seq, self.new = producer, seq, new
+        self.done = 0  # aggregates written
+        self.result: Ingested | None = None  # once the last slice is written
+
+    def step(self, size: int) -> bool:
+        """Write the next slice of at least ``size`` aggregates (to its series' end);
+        whether slices remain. After the last one the batch is applied (``result``)."""
+        n = len(self.sums)
+        a = self.done
+        z = n
+        if a + max(size, 1) < n:
+            series = self.batch.series
+            z = int(np.searchsorted(series, series[a + max(size, 1) - 1], side="right"))
+            z = z if a < z < n else (n if z >= n else a + max(size, 1))
+        if z > a:
+            values = self.batch.values[a:z]
+            self.state.blocks.write(self.rows[a:z], self.hod[a:z], self.sums[a:z], values)
+        self.done = z
+        if z < n:
+            return True
+        self.result = self.state._applied(self)
+        return False

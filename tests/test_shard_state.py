@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from tally.actors.day_blocks import BLOCK_BYTES, NARROW, DayBlocks
-from tally.actors.shard_state import Outcome, ShardState
+from tally.actors.shard_state import Applying, Outcome, ShardState
 from tally.checkpoint.sqlite import SqliteStore
 from tally.wire.batches import rows_batch
 from tally.wire.timeslots import month_days, month_number
@@ -392,3 +392,41 @@ def test_day_blocks_widen_an_hour_past_int16_and_give_the_row_back_narrow():
     blocks.free_month(3, 20000, 20001)
     again = blocks.locate(np.array([5]), np.array([20000]), 8)
     assert blocks.wide_at[again[0]] < 0 and blocks.get(again, np.array([1])).tolist() == [0]
+
+
+def test_a_batch_written_in_slices_shows_whole_series_and_holds_off_checkpoints(store):
+    """A shard writes a wide batch a slice at a time and answers queries between slices:
+    each series' increments of the batch are seen all at once, and nothing that changes
+    the state (a checkpoint above all: the producer's mark moves only at the end) may
+    come in between."""
+    state = ShardState(0, store.open_shard(0))
+    rows = [["acme", "m", {"k": str(k)}, HOUR + h * 3600, 1 + k] for k in range(3)
+            for h in range(4)]  # three series, four hours each
+    wide = rows_batch(rows, NOW)
+    first = state.ingest(batch(1), store.load_months, "p", 1, None)
+    assert first.outcome is Outcome.APPLIED
+    applying = state.begin_ingest(wide, store.load_months, "p", 2, 1)
+    assert isinstance(applying, Applying)
+    assert applying.step(2)  # at least 2 aggregates, to the end of the first series: 4
+
+    def hours_of(k: int) -> list[int]:
+        return state.hourly("acme", "m", {"k": str(k)}, HOUR // 3600,
+                            HOUR // 3600 + 4)[0].tolist()
+
+    assert [hours_of(k) for k in range(3)] == [[1] * 4, [0] * 4, [0] * 4]
+    for refused in (state.begin_checkpoint, lambda: state.ingest(batch(1), store.load_months),
+                    lambda: state.revert(batch(1), store.load_months, "p", 1),
+                    lambda: state.evict("2026-12")):
+        with pytest.raises(RuntimeError, match="half written"):
+            refused()
+    assert state.applied == {"p": 1}  # the mark waits for the last slice
+    assert applying.step(4)  # the second series (4 more), not the third
+    assert [hours_of(k) for k in range(3)] == [[1] * 4, [2] * 4, [0] * 4]
+    assert not applying.step(5)
+    assert applying.result is not None and applying.result.outcome is Outcome.APPLIED
+    assert [hours_of(k) for k in range(3)] == [[1] * 4, [2] * 4, [3] * 4]
+    assert state.applied == {"p": 2}
+    checkpoint(state, store)
+    restarted = ShardState(0, store.open_shard(0))
+    assert restarted.applied == {"p": 2}
+    assert restarted.ingest(wide, store.load_months, "p", 2, 1).outcome is Outcome.DUPLICATE
