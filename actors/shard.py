@@ -14,10 +14,11 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, NoReturn
 
 import ray
 
@@ -132,8 +133,15 @@ class ShardActor:
             started = self.state.begin_ingest(batch, self.store.load_months, producer, seq,
                                               expect, numbers)
             if isinstance(started, Applying):
-                while started.step(SLICE):
-                    await asyncio.sleep(0)  # queries waiting on this loop go now
+                try:
+                    while started.step(SLICE):
+                        await asyncio.sleep(0)  # queries waiting on this loop go now
+                except asyncio.CancelledError:
+                    while started.step(len(batch)):  # never left half written
+                        pass
+                    raise
+                except Exception as e:
+                    self._half_written(e)
                 assert started.result is not None
                 result = started.result
             else:
@@ -149,6 +157,17 @@ class ShardActor:
         answer = result.answer()
         answer["incarnation"] = self.incarnation
         return answer
+
+    def _half_written(self, e: Exception) -> NoReturn:
+        """A slice that failed leaves part of a batch applied and the producer's mark
+        where it was: a resend would count that part twice, and the state refuses
+        everything meanwhile. The process ends instead, as a crash would: Ray starts
+        the shard again from its last checkpoint, and producers resend what was not
+        durable."""
+        logs.event(log, logging.CRITICAL, "error", shard=self.shard, where="apply",
+                   error=f"a batch failed half written, restarting the shard: {e!r}"[:500])
+        logging.shutdown()
+        os._exit(70)
 
     async def revert(
         self, batch: Batch, producer: str | None = None, seq: int | None = None

@@ -430,3 +430,23 @@ def test_a_batch_written_in_slices_shows_whole_series_and_holds_off_checkpoints(
     restarted = ShardState(0, store.open_shard(0))
     assert restarted.applied == {"p": 2}
     assert restarted.ingest(wide, store.load_months, "p", 2, 1).outcome is Outcome.DUPLICATE
+
+
+def test_a_slice_that_fails_leaves_the_state_refusing_everything(store, monkeypatch):
+    """Half a batch applied and the mark not moved: the state refuses every change and
+    checkpoint from then on, never taking the half into a checkpoint (the shard actor
+    ends its process instead, and restarts from its last checkpoint)."""
+    state = ShardState(0, store.open_shard(0))
+    rows = [["acme", "m", {"k": str(k)}, HOUR, 1] for k in range(3)]
+    applying = state.begin_ingest(rows_batch(rows, NOW), store.load_months, "p", 1, None)
+    assert isinstance(applying, Applying)
+    assert applying.step(1)
+    monkeypatch.setattr(state.blocks, "write", lambda *a: (_ for _ in ()).throw(MemoryError))
+    with pytest.raises(MemoryError):
+        applying.step(1)
+    monkeypatch.undo()
+    assert state.applied == {}
+    with pytest.raises(RuntimeError, match="half written"):
+        state.begin_checkpoint()
+    with pytest.raises(RuntimeError, match="half written"):
+        state.ingest(batch(1), store.load_months, "p", 1, None)
