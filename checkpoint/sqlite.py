@@ -147,12 +147,17 @@ def _ids(conn: sqlite3.Connection, sids: list[str]) -> dict[str, int]:
 
 def _write_slots(conn: sqlite3.Connection, slots: Slots, ids: np.ndarray) -> None:
     """Add the slots' deltas (``ids``: each document's series id), ``_CHUNK`` rows at a
-    time."""
-    id_of_slot = np.repeat(ids, slots.counts)
+    time, in key order: a B-tree takes rows in its own order several times faster than
+    scattered (the shard's order is its series numbers', not the ids')."""
+    id_of_slot, hours, values = np.repeat(ids, slots.counts), slots.hours, slots.values
+    key = (id_of_slot << 24) | hours  # (hours since 1970 below 2**24; any others: only an order)
+    if len(key) > 1 and not (key[1:] > key[:-1]).all():
+        order = np.argsort(key, kind="stable")
+        id_of_slot, hours, values = id_of_slot[order], hours[order], values[order]
     for a in range(0, len(slots), _CHUNK):
         conn.executemany(_UPSERT_SLOT, zip(id_of_slot[a:a + _CHUNK].tolist(),
-                                           slots.hours[a:a + _CHUNK].tolist(),
-                                           slots.values[a:a + _CHUNK].tolist(), strict=True))
+                                           hours[a:a + _CHUNK].tolist(),
+                                           values[a:a + _CHUNK].tolist(), strict=True))
 
 
 def _migrate(conn: sqlite3.Connection) -> None:
@@ -329,7 +334,10 @@ class SqliteStore:
                 keep = ~np.array(taken, dtype=bool).reshape(-1)
                 slots, ids = slots.select(keep), ids[keep]
             _write_slots(conn, slots, ids)
-            conn.executemany(_UPSERT_MONTH, zip(ids.tolist(), slots.months,
+            by_id = np.argsort(ids, kind="stable")  # (in key order, as the slots)
+            months = slots.months
+            conn.executemany(_UPSERT_MONTH, zip(ids[by_id].tolist(),
+                                                [months[k] for k in by_id.tolist()],
                                                 itertools.repeat(checked.ck)))
             conn.executemany(_UPSERT_MARK, mark_rows)
         known.update(found)  # committed: the ids are for good
