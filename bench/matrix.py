@@ -123,11 +123,12 @@ def measure_cell(cell: Cell, url: str, port: int, cfg: Any, peer: Any = None) ->
     warmed = Stream(port, warm, len(warm), table=work.series)
     run_streams([warmed])
     res.acked_total += warmed.acked_total
-    col_chunks = work.columnar_chunks(cfg.columnar_per_frame, distinct=cfg.distinct_frames,
-                                      table=True)
-    res.columnar, total = ingest(url, port, col_chunks, cfg.columnar, cfg.columnar_per_frame,
-                                 cfg.connections, work.series)
-    res.acked_total += total
+    if cfg.columnar:
+        col_chunks = work.columnar_chunks(cfg.columnar_per_frame,
+                                          distinct=cfg.distinct_frames, table=True)
+        res.columnar, total = ingest(url, port, col_chunks, cfg.columnar,
+                                     cfg.columnar_per_frame, cfg.connections, work.series)
+        res.acked_total += total
     if cfg.rows:
         row_chunks = work.row_chunks(cfg.rows_per_frame, distinct=cfg.distinct_frames)
         res.rows, total = ingest(url, port, row_chunks, cfg.rows, cfg.rows_per_frame,
@@ -139,7 +140,7 @@ def measure_cell(cell: Cell, url: str, port: int, cfg: Any, peer: Any = None) ->
     r.raise_for_status()
     res.queried_total = r.json()["total"]
     res.exact = res.queried_total == res.acked_total
-    if peer is not None:
+    if peer is not None and cfg.columnar:
         from tally.bench.peer_run import peer_cell  # (chdb is an optional extra)
 
         res.peer = peer_cell(peer, work, warm, col_chunks, cfg, res.queried_total)

@@ -57,13 +57,14 @@ def report(res: Any, console: Console | None = None) -> None:
                 "total exact"):
         table.add_column(col)
     for c in res.cells:
-        ok_c = c.columnar.mps >= _columnar_target(c)
+        ok_c = not c.columnar.increments or c.columnar.mps >= _columnar_target(c)
         ok_r = not c.rows.increments or c.rows.mps >= t["rows_mps"]
         lag = max(c.columnar.drain_s, c.rows.drain_s)
         ch = c.peer.get("insert_mps") if c.peer else None
         table.add_row(
             f"{c.series:,} × {c.window}",
-            f"{c.columnar.mps:.2f}", _met(ok_c, f"≥ {_columnar_target(c):g}"),
+            f"{c.columnar.mps:.2f}" if c.columnar.increments else "-",
+            _met(ok_c, f"≥ {_columnar_target(c):g}"),
             f"{c.rows.mps:.2f}" if c.rows.increments else "-", _met(ok_r, f"≥ {t['rows_mps']:g}"),
             str(c.columnar.refused + c.rows.refused),
             _met(lag <= t["lag_over_interval_s"] + interval, f"{lag:.1f}"),
@@ -88,16 +89,19 @@ def report(res: Any, console: Console | None = None) -> None:
         other.add_row(f"breakdown over {res.config.get('breakdown_series', 0):,} series "
                       "(ms p50 / p99)", f"{b.p50_ms:.2f} / {b.p99_ms:.2f}", "",
                       f"p99 ≤ {t['breakdown_p99_ms']:g}", _yes(b.p99_ms <= t["breakdown_p99_ms"]))
-    other.add_row(f"memory per live series-month, {res.memory_hours} hours each "
-                  "(bytes, private)",
-                  f"{res.bytes_per_series_month:,.0f}",
-                  f"resident {res.resident_bytes_per_series_month:,.0f}",
-                  f"≤ {t['bytes_per_series_month']:g}",
-                  _yes(res.bytes_per_series_month <= t["bytes_per_series_month"]))
-    other.add_row("totals exact (queries phase)", f"{res.totals.get('queried', 0):,}",
-                  f"sent {res.totals.get('sent_and_acked', 0):,}", "equal",
-                  _yes(res.totals.get("queried") == res.totals.get("sent_and_acked")))
-    console.print(other)
+    if res.config.get("memory_series"):
+        other.add_row(f"memory per live series-month, {res.memory_hours} hours each "
+                      "(bytes, private)",
+                      f"{res.bytes_per_series_month:,.0f}",
+                      f"resident {res.resident_bytes_per_series_month:,.0f}",
+                      f"≤ {t['bytes_per_series_month']:g}",
+                      _yes(res.bytes_per_series_month <= t["bytes_per_series_month"]))
+    if res.config.get("queries"):
+        other.add_row("totals exact (queries phase)", f"{res.totals.get('queried', 0):,}",
+                      f"sent {res.totals.get('sent_and_acked', 0):,}", "equal",
+                      _yes(res.totals.get("queried") == res.totals.get("sent_and_acked")))
+    if other.row_count:
+        console.print(other)
     for e in res.errors:
         console.print(f"[red]error:[/red] {e}")
 

@@ -68,6 +68,21 @@ class BenchConfig:
     cpu_affinity: str = "gateways"
     peer: str | None = None  # "clickhouse": the same batches into chDB, side by side
 
+    def problems(self) -> list[str]:
+        """What is wrong with these settings, each naming its flag (none: run)."""
+        out = []
+        for name in ("shards", "rows_per_frame", "columnar_per_frame", "distinct_frames",
+                     "connections", "breakdown_series", "memory_hours"):
+            if getattr(self, name) < 1:
+                out.append(f"--{name.replace('_', '-')} must be at least 1, "
+                           f"not {getattr(self, name)}")
+        for name in ("rows", "columnar", "queries", "memory_series", "gateways_per_node",
+                     "http_gateways_per_node"):
+            if getattr(self, name) < 0:
+                out.append(f"--{name.replace('_', '-')} must not be negative, "
+                           f"not {getattr(self, name)}")
+        return out
+
 
 @dataclass
 class Results:
@@ -158,8 +173,11 @@ def _measure(cfg: BenchConfig, service: Spawned, res: Results, say: Any) -> None
     # checkpoint may give back during this one, which would flatter the figure.
     hours = Workload(1).month_hours(cfg.memory_hours)
     res.memory_hours = hours
-    say(f"memory: {cfg.memory_series:,} series, {hours} hours each of this month")
-    _memory(cfg, service, res)
+    if cfg.memory_series:
+        say(f"memory: {cfg.memory_series:,} series, {hours} hours each of this month")
+        _memory(cfg, service, res)
+    else:
+        say("memory: skipped (--memory-series 0)")
 
     peer = None
     if cfg.peer:
@@ -178,7 +196,10 @@ def _measure(cfg: BenchConfig, service: Spawned, res: Results, say: Any) -> None
         if not got.exact:
             res.errors.append(f"cell {cell.name}: queried {got.queried_total:,}, acknowledged "
                               f"{got.acked_total:,}")
-    _queries(cfg, service, res, say, peer)
+    if cfg.queries:
+        _queries(cfg, service, res, say, peer)
+    else:
+        say("queries: skipped (--queries 0)")
     res.exact = all(c.exact for c in res.cells) and res.totals.get("queried") == res.totals.get(
         "sent_and_acked")
 

@@ -333,6 +333,10 @@ def bench(args: argparse.Namespace) -> int:
 
     cfg = BenchConfig(**{k: v for k, v in vars(args).items()
                          if k in BenchConfig.__dataclass_fields__ and v is not None})
+    if problems := cfg.problems():
+        for problem in problems:
+            print(f"tally bench: {problem}", file=sys.stderr)
+        return 2
     results = run(cfg, say=lambda m: print(f"tally bench: {m}", flush=True))
     report(results)
     if args.json:

@@ -579,3 +579,12 @@ def test_query_errors_show_the_api_code_and_message(
     rc, _, err = run_cli(["query", "--url", "http://127.0.0.1:1", "--tenant", "q",
                           "--metric", "m"], capsys)
     assert rc == 1 and "cannot reach" in err
+
+
+def test_bench_refuses_settings_it_cannot_run_naming_each(capsys) -> None:
+    code = cli.main(["bench", "--queries", "-1", "--rows-per-frame", "0", "--shards", "0"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "--queries must not be negative, not -1" in err
+    assert "--rows-per-frame must be at least 1, not 0" in err
+    assert "--shards must be at least 1, not 0" in err
