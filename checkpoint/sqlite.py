@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from tally.checkpoint.ids import RowIds
 from tally.checkpoint.layout import (
     check_columns,
     check_month,
@@ -208,7 +209,7 @@ class SqliteStore:
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         # sid -> series row id, for the rows this process saw committed (AUTOINCREMENT:
         # an id is never given to another series)
-        self._id: dict[str, int] = {}
+        self._ids = RowIds()
         with self._errors("creating the schema"), self._transaction(write=True) as conn:
             for statement in _SCHEMA:
                 conn.execute(statement)
@@ -316,15 +317,15 @@ class SqliteStore:
                                (checked.shard,)).fetchone()
             conn.execute(_CLAIM, (checked.shard, checked.ck))
             conn.executemany(_UPSERT_SERIES, series_rows)
-            known = self._id
-            unknown = [sid for sid in dict.fromkeys(slots.sids) if sid not in known]
+            ids = self._ids.get(slots.sids)
+            unknown = list(dict.fromkeys(slots.sids[k] for k in np.flatnonzero(ids < 0)))
             found = _ids(conn, unknown)
             if len(found) < len(unknown):  # (a document's series always has its row)
                 conn.executemany(_UPSERT_SERIES, [_series_row(sid) for sid in unknown
                                                   if sid not in found])
                 found = _ids(conn, unknown)
-            ids = np.fromiter((known[sid] if sid in known else found[sid]
-                               for sid in slots.sids), np.int64, len(slots.sids))
+            for k in np.flatnonzero(ids < 0).tolist():
+                ids[k] = found[slots.sids[k]]
             if row is not None and row[0] >= checked.ck:
                 taken = [
                     (done := conn.execute(_MONTH_CK, (int(s), month)).fetchone()) is not None
@@ -340,7 +341,9 @@ class SqliteStore:
                                                 [months[k] for k in by_id.tolist()],
                                                 itertools.repeat(checked.ck)))
             conn.executemany(_UPSERT_MARK, mark_rows)
-        known.update(found)  # committed: the ids are for good
+        # committed: the ids are for good (held by the checkpoint's own id strings, which
+        # the shard keeps anyway, not by the copies SQLite returned)
+        self._ids.add({sid: found[sid] for sid in unknown})
 
     def ensure_layout(self, shards: int) -> None:
         if isinstance(shards, bool) or not isinstance(shards, int) or shards < 1:
