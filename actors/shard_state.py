@@ -279,15 +279,6 @@ class ShardState:
         rows = self.blocks.locate(g, hours // 24, self.live.count)
         return rows, hours % 24
 
-    def apply(self, batch: Batch, numbers: np.ndarray | None = None) -> None:
-        """All or nothing: checks every slot for int64 overflow before changing any.
-        ``numbers``: the series numbers of the batch's sids, if known."""
-        if not len(batch):
-            return
-        rows, hod, new = self._checked(batch, numbers)
-        self.blocks.write(rows, hod, new, batch.values)
-        self._touched(batch)
-
     def _checked(self, batch: Batch, numbers: np.ndarray | None = None
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The batch's slots (block rows, hours of day) and their totals with it, once no
@@ -565,13 +556,11 @@ class Applying:
     def step(self, size: int) -> bool:
         """Write the next slice of at least ``size`` aggregates (to its series' end);
         whether slices remain. After the last one the batch is applied (``result``)."""
-        n = len(self.sums)
-        a = self.done
-        z = n
-        if a + max(size, 1) < n:
+        n, a = len(self.sums), self.done
+        z = min(a + max(size, 1), n)
+        if z < n:  # on to the end of the last series in the slice (series are in order)
             series = self.batch.series
-            z = int(np.searchsorted(series, series[a + max(size, 1) - 1], side="right"))
-            z = z if a < z < n else (n if z >= n else a + max(size, 1))
+            z = max(z, int(np.searchsorted(series, series[z - 1], side="right")))
         if z > a:
             values = self.batch.values[a:z]
             self.state.blocks.write(self.rows[a:z], self.hod[a:z], self.sums[a:z], values)

@@ -22,6 +22,7 @@ depend on the order of the input or of the columnar series table.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -478,7 +479,15 @@ def _block_batch(block: RowBlock, now: float, registry: SeriesRegistry | None
     if block.aliased:  # two byte strings of one series: one entry
         gn, back = np.unique(gn, return_inverse=True)
         index = back.reshape(-1)[index]
-    batch = _aggregate(registry.sids_of(gn), index, ts, block.v)
-    batch.gn = gn if len(batch) else None
+    batch = _aggregate_numbered(gn, index, ts, block.v, registry.sids_of)
     batch.gn_epoch = registry.epoch
+    return batch
+
+
+def _aggregate_numbered(gn: np.ndarray, sidx: np.ndarray, ts: np.ndarray, v: np.ndarray,
+                        sids_of: Callable[[np.ndarray], Any]) -> Batch:
+    """``_aggregate`` over series named by distinct gateway numbers ``gn``: the batch's
+    sids are theirs, in that order (an object array: no list is built), ``gn`` set."""
+    batch = _aggregate(sids_of(gn), sidx, ts, v)
+    batch.gn = gn if len(batch) else None
     return batch

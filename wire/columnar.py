@@ -18,6 +18,7 @@ from tally.wire.batches import (
     Batch,
     KnownSeries,
     _aggregate,
+    _aggregate_numbered,
     _bad_row,
     _check_overflow,
 )
@@ -179,6 +180,4 @@ def table_batch(
     else:
         gn, sidx = np.unique(entries[ia], return_inverse=True)
         sidx = sidx.reshape(-1)
-    batch = _aggregate(sids_of(gn), sidx, ta, va)  # (an object array: no list is built)
-    batch.gn = gn if len(batch) else None
-    return batch
+    return _aggregate_numbered(gn, sidx, ta, va, sids_of)
