@@ -18,6 +18,7 @@ from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from tally.actors.folds import Folds
 from tally.actors.shard_state import ShardState
 
 # From a few slots written to a local SQLite up to a large checkpoint to a slow
@@ -139,6 +140,7 @@ class ShardMetrics:
         self,
         shard: int,
         state: Callable[[], ShardState],
+        folds: Callable[[], Folds | None] = lambda: None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
@@ -244,6 +246,25 @@ class ShardMetrics:
             registry=reg,
         ).labels(shard=label).set_function(private_bytes)
         state_gauges(reg, shard, state)
+        Gauge(
+            "tally_unfolded_slots",
+            "Slots in checkpoint runs not yet folded into the store's slot rows (SQLite: "
+            "durable either way; folded while the shard is idle or past its backlog)",
+            ["shard"],
+            registry=reg,
+        ).labels(shard=label).set_function(lambda: getattr(folds(), "unfolded", 0))
+        self.folded_slots = Counter(
+            "tally_folded_slots_total",
+            "Slots folded from checkpoint runs into slot rows",
+            ["shard"],
+            registry=reg,
+        ).labels(shard=label)
+        self.fold_seconds = Counter(
+            "tally_fold_seconds_total",
+            "Time spent folding checkpoint runs (on the checkpoint writer thread)",
+            ["shard"],
+            registry=reg,
+        ).labels(shard=label)
 
     def applied(self, increments: int) -> None:
         if increments:
@@ -264,6 +285,10 @@ class ShardMetrics:
         waited = self.lag.durable(ck)
         self.wait_seconds.observe(waited)
         return waited
+
+    def folded(self, slots: int, seconds: float) -> None:
+        self.folded_slots.inc(slots)
+        self.fold_seconds.inc(seconds)
 
     def trimmed(self, seconds: float) -> None:
         self.trims.inc()

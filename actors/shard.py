@@ -25,10 +25,11 @@ import ray
 from tally.actors import affinity, logs, memory
 from tally.actors.channel import ChannelServer
 from tally.actors.channel_table import Known
+from tally.actors.folds import Folds
 from tally.actors.metrics import ShardMetrics
 from tally.actors.shard_state import NO_SEQ, Applying, Outcome, ShardState
 from tally.checkpoint.remote import open_store_in_actor
-from tally.checkpoint.store import Checkpoint
+from tally.checkpoint.store import Checkpoint, Folding
 from tally.wire.batches import Batch
 from tally.wire.timeslots import month_of_hour
 
@@ -59,7 +60,13 @@ class ShardActor:
         # A new id per start: the gateway tells a restart (and the loss of
         # what was applied but not yet checkpointed) from a slow answer.
         self.incarnation = uuid.uuid4().hex
-        self.store = open_store_in_actor(store_url)
+        self.store = open_store_in_actor(store_url, runs=True)
+        # checkpoints kept as runs, folded here (actors/folds.py); None: written as they come
+        self.folds: Folds | None = None
+        if isinstance(self.store, Folding) and self.store.runs:
+            self.folds = Folds(unfolded=self.store.unfolded(shard))
+        self._batches = 0  # batches applied, and as many at the last checkpoint interval
+        self._batches_then = 0
         self.state = ShardState(shard, self.store.open_shard(shard), max_dirty=max_dirty)
         self._checkpointed: asyncio.Event | None = None
         self._writer = ThreadPoolExecutor(1, thread_name_prefix=f"checkpoint-{shard}")
@@ -76,7 +83,7 @@ class ShardActor:
         self._failing: tuple[float, int] | None = None  # (since, failures) of an outage
         self._slowest = 0.0  # since the last ``summary`` call
         self._throttle = logs.Throttle()
-        self.meters = ShardMetrics(shard, lambda: self.state)
+        self.meters = ShardMetrics(shard, lambda: self.state, lambda: self.folds)
         gc.freeze()  # start-up objects never need collecting; avoids long gen2 pauses later
 
     # ---- lifecycle -----------------------------------------------------
@@ -153,6 +160,7 @@ class ShardActor:
         if result.outcome is Outcome.STORE_DOWN:
             self._store_failed(RuntimeError(result.message))
         elif result.outcome is Outcome.APPLIED:
+            self._batches += 1
             self.meters.applied(batch.increments)
         answer = result.answer()
         answer["incarnation"] = self.incarnation
@@ -333,6 +341,8 @@ class ShardActor:
         """On the writer thread: name the checkpoint's deltas, then write them."""
         self.state.settle_checkpoint()
         self.store.write_checkpoint(cp)
+        if self.folds is not None and cp.slots is not None:
+            self.folds.written(len(cp.slots))
 
     async def _checkpoint_loop(self) -> None:
         while True:
@@ -341,6 +351,37 @@ class ShardActor:
                 await self._checkpoint_once()
             except Exception:  # kept in last_error and retried next interval; state is intact
                 continue
+            await self._fold(until_done=False)
+            self._batches_then = self._batches
+
+    async def _fold(self, until_done: bool) -> None:
+        """Fold the runs while the shard is idle (no batch since the last interval) or
+        they hold more than their backlog, a step at a time; every step, with
+        ``until_done``. On the writer thread, between checkpoints."""
+        folds = self.folds
+        if folds is None:
+            return
+        loop = asyncio.get_running_loop()
+        while budget := folds.budget(until_done or self._batches == self._batches_then):
+            started = time.monotonic()
+            try:
+                left = await loop.run_in_executor(self._writer, self.store.fold, self.shard,
+                                                  budget)
+            except Exception as e:  # the runs stay, read as they are; folded next interval
+                self._fold_failed(e)
+                return
+            before, seconds = folds.unfolded, time.monotonic() - started
+            folds.done(left)
+            self.meters.folded(max(0, before - left), seconds)
+
+    def _fold_failed(self, e: Exception) -> None:
+        self.store_errors += 1
+        self.meters.store_errors.inc()
+        self.last_error = repr(e)
+        left_out = self._throttle.admit("fold")
+        if left_out is not None:
+            logs.event(log, logging.ERROR, "error", shard=self.shard, where="fold",
+                       error=self.last_error, not_logged=left_out)
 
     def _store_failed(self, e: Exception) -> None:
         """A store read that failed (ingest answers ``overloaded``): counted, and logged
@@ -366,6 +407,7 @@ class ShardActor:
             "store_errors": self.store_errors,
             "last_error": self.last_error,
             "last_checkpoint_seconds": self.last_checkpoint_seconds,
+            "unfolded_slots": 0 if self.folds is None else self.folds.unfolded,
         }
 
     async def summary(self) -> dict[str, Any]:
@@ -382,6 +424,7 @@ class ShardActor:
             "slowest_checkpoint": slowest,
             "lag": self.meters.lag.seconds(),
             "dirty_slots": self.state.dirty_slots,
+            "unfolded_slots": 0 if self.folds is None else self.folds.unfolded,
             "incarnation": self.incarnation,
         }
 
@@ -390,8 +433,11 @@ class ShardActor:
         return self.meters.render()
 
     async def shutdown(self) -> int:
-        """Final checkpoint, then stop the loop; the process may be killed after this."""
+        """Final checkpoint and fold, then stop the loop; the process may be killed after
+        this. (Folded, the store starts the next time without runs to read through, and
+        older tallies can read it.)"""
         ck = await self.checkpoint()
         if self._loop_task is not None:
             self._loop_task.cancel()
+        await self._fold(until_done=True)
         return ck

@@ -97,8 +97,8 @@ class _Shard:
     """One shard fed parts as its socket brings them (numbered series, msgpack), with a
     SQLite checkpoint every ``CHECKPOINT_EVERY`` parts, timed apart."""
 
-    def __init__(self, work: Workload, folder: str) -> None:
-        self.store = SqliteStore(f"{folder}/shard.db")
+    def __init__(self, work: Workload, folder: str, runs: bool = True) -> None:
+        self.store = SqliteStore(f"{folder}/shard.db", runs=runs)
         self.store.ensure_layout(1)
         self.state = ShardState(0, self.store.open_shard(0))
         registry = SeriesRegistry(1)
@@ -147,12 +147,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("hours", type=int, help="timestamps over the last HOURS (0: this hour)")
     parser.add_argument("--seconds", type=float, default=4.0)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--direct", action="store_true",
+                        help="checkpoints written into slot rows at once, not kept as runs "
+                             "for a fold later (which this tool does not time)")
     args = parser.parse_args(argv)
     work = Workload(args.series, args.hours)
     cell = f"{args.series:,} series x {args.hours or 'this'} hour(s)"
     with tempfile.TemporaryDirectory() as folder:
         if args.side == "checkpoint":
-            shard = _Shard(work, folder)
+            shard = _Shard(work, folder, runs=not args.direct)
             for _ in range(CHECKPOINT_EVERY):
                 shard.step(checkpoints=False)
             slots = shard.state.dirty_slots
@@ -167,7 +170,7 @@ def main(argv: list[str] | None = None) -> None:
                   f"{shard.checkpoint_seconds * 1000:.0f} ms "
                   f"({slots / shard.checkpoint_seconds / 1e6:.2f} M slots/s)")
         else:
-            shard = _Shard(work, folder) if args.side == "shard" else None
+            shard = _Shard(work, folder, runs=not args.direct) if args.side == "shard" else None
             step = shard.step if shard else (gateway if args.side == "gateway"
                                              else gateway_rows)(work)
             if shard:

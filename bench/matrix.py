@@ -52,6 +52,7 @@ class Phase:
     seconds: float = 0.0
     refused: int = 0  # batches answered `overloaded` and sent again
     drain_s: float = 0.0  # last ack -> no shard holds an unwritten slot
+    fold_s: float = 0.0  # then -> every checkpoint run folded (actors/folds.py)
     slow_checkpoints: int = 0  # tally_checkpoint_slow_total during the phase
     errors: list[str] = field(default_factory=list)
 
@@ -84,11 +85,12 @@ def _scrape(url: str) -> dict[str, float]:
     return out
 
 
-def drain(url: str, timeout: float = 120.0) -> float:
-    """Seconds until no shard holds an unwritten slot (``timeout`` if never)."""
+def drain(url: str, timeout: float = 120.0, gauge: str = "tally_dirty_slots") -> float:
+    """Seconds until no shard holds an unwritten slot (``timeout`` if never); with
+    ``gauge="tally_unfolded_slots"``, until every checkpoint run is folded."""
     started = time.perf_counter()
     while time.perf_counter() - started < timeout:
-        if not _scrape(url).get("tally_dirty_slots", 0):
+        if not _scrape(url).get(gauge, 0):
             return time.perf_counter() - started
         time.sleep(0.05)
     return timeout
@@ -108,6 +110,8 @@ def ingest(url: str, port: int, chunks: list[Chunk], increments: int, per_frame:
     phase.refused = sum(s.refused for s in streams)
     phase.errors = [f"{e.get('code')}: {e.get('message')}" for s in streams for e in s.errors[:3]]
     phase.drain_s = drain(url)
+    # The shards fold once idle; a phase starts with none left over from the one before.
+    phase.fold_s = drain(url, timeout=600, gauge="tally_unfolded_slots")
     phase.slow_checkpoints = int(_scrape(url).get("tally_checkpoint_slow_total", 0) - slow_before)
     return phase, sum(s.acked_total for s in streams)
 

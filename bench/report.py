@@ -53,7 +53,7 @@ def report(res: Any, console: Console | None = None) -> None:
                   f"in-process ceiling {res.ceiling_mps:.2f} M rows/s")
     peer = any(c.peer for c in res.cells)
     for col in ("cell", "columnar M/s", "target", "rows M/s", "target", "refused",
-                "drain s", "slow ckpt", *(("ClickHouse M/s", "tally / CH") if peer else ()),
+                "drain s", "fold s", "slow ckpt", *(("ClickHouse M/s", "tally / CH") if peer else ()),
                 "total exact"):
         table.add_column(col)
     for c in res.cells:
@@ -68,6 +68,7 @@ def report(res: Any, console: Console | None = None) -> None:
             f"{c.rows.mps:.2f}" if c.rows.increments else "-", _met(ok_r, f"≥ {t['rows_mps']:g}"),
             str(c.columnar.refused + c.rows.refused),
             _met(lag <= t["lag_over_interval_s"] + interval, f"{lag:.1f}"),
+            f"{c.columnar.fold_s:.1f} / {c.rows.fold_s:.1f}",
             str(c.columnar.slow_checkpoints + c.rows.slow_checkpoints),
             *((f"{ch:.2f}" if ch else "-", f"{c.columnar.mps / ch:.2f}x" if ch else "-")
               if peer else ()),

@@ -63,10 +63,11 @@ class RemoteStore:
         """The host owns the store; closing a proxy leaves it open for the others."""
 
 
-def open_store_in_actor(url: str) -> Any:
-    """The store a shard or gateway actor should use for ``url``."""
+def open_store_in_actor(url: str, runs: bool = False) -> Any:
+    """The store a shard or gateway actor should use for ``url`` (``runs``: see
+    ``open_store``)."""
     if url.startswith("memory://"):
         return RemoteStore()
     from tally.checkpoint.urls import open_store
 
-    return open_store(url)
+    return open_store(url, runs=runs)

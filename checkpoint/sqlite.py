@@ -19,12 +19,15 @@ Atomicity needs no journal here, unlike MongoDB: a checkpoint (its claim,
 catalog rows, slot and month rows, and producer marks) is one SQLite
 transaction, so after a crash at any point either all of it is in the file or
 none of it is, and ``open_shard`` has nothing to finish.
+
+With ``runs=True`` (what shards open) a checkpoint is written as one run
+instead of its slot and month rows (checkpoint/runs.py, checkpoint/sqlite_runs.py),
+and ``fold`` writes runs into the rows later; every read adds what runs hold.
 """
 
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import sqlite3
 import threading
@@ -35,13 +38,24 @@ from typing import Any
 import numpy as np
 
 from tally.checkpoint.ids import RowIds
-from tally.checkpoint.layout import (
-    check_columns,
-    check_month,
-    check_sid,
-    check_where,
-)
+from tally.checkpoint.layout import check_columns, check_month, check_where
+from tally.checkpoint.runs import MONTH_BITS, decode_docs, runnable
 from tally.checkpoint.slots import Slots
+from tally.checkpoint.sqlite_runs import Pending, RunLog
+from tally.checkpoint.sqlite_schema import (
+    CLAIM,
+    MONTH_CK,
+    MONTH_SLOTS,
+    PEAK_BOUND,
+    SCHEMA,
+    UPSERT_MARK,
+    UPSERT_MONTH,
+    UPSERT_SERIES,
+    migrate,
+    row_ids,
+    series_row,
+    write_slots,
+)
 from tally.checkpoint.store import (
     Checkpoint,
     LayoutMismatch,
@@ -57,146 +71,18 @@ from tally.wire.series import (
     format_series_id,
     parse_series_id,
 )
-from tally.wire.timeslots import month_hours
-
-# Layout 2: slots and months name their series by the series row's integer ``id``. With
-# the id string as the key (layout 1) every slot row held it and every insert compared
-# it: the rows were four times the size and a checkpoint's inserts nearly twice as slow.
-# A file of layout 1 is migrated when a store opens it (``_migrate``).
-LAYOUT = 2
-_SCHEMA = (
-    """CREATE TABLE IF NOT EXISTS series (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,  -- never reused: processes cache ids
-        sid TEXT NOT NULL UNIQUE,
-        tenant TEXT NOT NULL,
-        metric TEXT NOT NULL,
-        tags TEXT NOT NULL
-    )""",
-    "CREATE INDEX IF NOT EXISTS series_tenant_metric ON series (tenant, metric)",
-    # SQLite silently turns an integer overflow into a float; the CHECK makes
-    # it an error instead, as int64 counters must never wrap or go inexact.
-    """CREATE TABLE IF NOT EXISTS slots (
-        s INTEGER NOT NULL,
-        hour INTEGER NOT NULL,
-        value INTEGER NOT NULL CHECK (typeof(value) = 'integer'),
-        PRIMARY KEY (s, hour)
-    ) WITHOUT ROWID""",
-    """CREATE TABLE IF NOT EXISTS months (
-        s INTEGER NOT NULL,
-        month TEXT NOT NULL,
-        ck INTEGER NOT NULL,
-        PRIMARY KEY (s, month)
-    ) WITHOUT ROWID""",
-    "CREATE TABLE IF NOT EXISTS shards (shard INTEGER PRIMARY KEY, ck INTEGER NOT NULL)",
-    # Each producer's mark on a shard: the highest seq applied there as of
-    # checkpoint ck, the latest checkpoint of the shard that carried it.
-    """CREATE TABLE IF NOT EXISTS producers (
-        shard INTEGER NOT NULL,
-        producer TEXT NOT NULL,
-        seq INTEGER NOT NULL,
-        ck INTEGER NOT NULL,
-        PRIMARY KEY (shard, producer)
-    ) WITHOUT ROWID""",
-    "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value)",
-)
-
-_CLAIM = (
-    "INSERT INTO shards (shard, ck) VALUES (?, ?) "
-    "ON CONFLICT (shard) DO UPDATE SET ck = max(ck, excluded.ck)"
-)
-# Set, not maxed, and guarded like a month (see tally.checkpoint.layout.mark_update).
-_UPSERT_MARK = (
-    "INSERT INTO producers (shard, producer, seq, ck) VALUES (?, ?, ?, ?) "
-    "ON CONFLICT (shard, producer) DO UPDATE SET seq = excluded.seq, ck = excluded.ck "
-    "WHERE producers.ck < excluded.ck"
-)
-_UPSERT_SERIES = (
-    "INSERT INTO series (sid, tenant, metric, tags) VALUES (?, ?, ?, ?) "
-    "ON CONFLICT (sid) DO NOTHING"
-)
-_UPSERT_SLOT = (
-    "INSERT INTO slots (s, hour, value) VALUES (?, ?, ?) "
-    "ON CONFLICT (s, hour) DO UPDATE SET value = value + excluded.value"
-)
-_UPSERT_MONTH = (
-    "INSERT INTO months (s, month, ck) VALUES (?, ?, ?) "
-    "ON CONFLICT (s, month) DO UPDATE SET ck = excluded.ck"
-)
-_MONTH_CK = "SELECT ck FROM months WHERE s = ? AND month = ?"
-_CHUNK = 1 << 16  # slot rows built at a time
-_IN_CHUNK = 500  # ids looked up per statement (SQLite's bound on parameters is far above)
-_MONTH_SLOTS = (
-    "SELECT hour, value FROM slots WHERE s = ? AND hour >= ? AND hour < ? AND value != 0"
-)
-
-
-def _series_row(sid: str) -> tuple[str, str, str, str]:
-    key = check_sid(sid)
-    return (sid, key.tenant, key.metric, json.dumps(dict(key.tags)))
-
-
-def _ids(conn: sqlite3.Connection, sids: list[str]) -> dict[str, int]:
-    """The series rows' ids of ``sids`` (those that have one)."""
-    found: dict[str, int] = {}
-    for a in range(0, len(sids), _IN_CHUNK):
-        part = sids[a:a + _IN_CHUNK]
-        found.update(conn.execute(
-            f"SELECT sid, id FROM series WHERE sid IN ({','.join('?' * len(part))})",
-            part).fetchall())
-    return found
-
-
-def _write_slots(conn: sqlite3.Connection, slots: Slots, ids: np.ndarray) -> None:
-    """Add the slots' deltas (``ids``: each document's series id), ``_CHUNK`` rows at a
-    time, in key order: a B-tree takes rows in its own order several times faster than
-    scattered (the shard's order is its series numbers', not the ids')."""
-    id_of_slot, hours, values = np.repeat(ids, slots.counts), slots.hours, slots.values
-    key = (id_of_slot << 24) | hours  # (hours since 1970 below 2**24; any others: only an order)
-    if len(key) > 1 and not (key[1:] > key[:-1]).all():
-        order = np.argsort(key, kind="stable")
-        id_of_slot, hours, values = id_of_slot[order], hours[order], values[order]
-    for a in range(0, len(slots), _CHUNK):
-        conn.executemany(_UPSERT_SLOT, zip(id_of_slot[a:a + _CHUNK].tolist(),
-                                           hours[a:a + _CHUNK].tolist(),
-                                           values[a:a + _CHUNK].tolist(), strict=True))
-
-
-def _migrate(conn: sqlite3.Connection) -> None:
-    """A file of layout 1 (slots and months keyed by the id string) to layout 2, in the
-    caller's transaction: all of it or, on any failure, none of it."""
-    columns = [row[1] for row in conn.execute("PRAGMA table_info(slots)")]
-    if "sid" not in columns:
-        return
-    conn.execute("ALTER TABLE series RENAME TO series_v1")
-    conn.execute("ALTER TABLE slots RENAME TO slots_v1")
-    conn.execute("ALTER TABLE months RENAME TO months_v1")
-    conn.execute("DROP INDEX IF EXISTS series_tenant_metric")
-    for statement in _SCHEMA:
-        conn.execute(statement)
-    conn.execute("INSERT INTO series (sid, tenant, metric, tags) "
-                 "SELECT sid, tenant, metric, tags FROM series_v1 ORDER BY sid")
-    # (a document's series always has its row: written by the same checkpoint; any that
-    # had not would be given one here rather than lose its counts)
-    orphans = [sid for (sid,) in conn.execute(
-        "SELECT DISTINCT sid FROM months_v1 WHERE sid NOT IN (SELECT sid FROM series) "
-        "UNION SELECT DISTINCT sid FROM slots_v1 WHERE sid NOT IN (SELECT sid FROM series)")]
-    conn.executemany(_UPSERT_SERIES, [_series_row(sid) for sid in orphans])
-    conn.execute("INSERT INTO slots (s, hour, value) SELECT n.id, o.hour, o.value "
-                 "FROM slots_v1 o JOIN series n ON n.sid = o.sid")
-    conn.execute("INSERT INTO months (s, month, ck) SELECT n.id, o.month, o.ck "
-                 "FROM months_v1 o JOIN series n ON n.sid = o.sid")
-    for table in ("series_v1", "slots_v1", "months_v1"):
-        conn.execute(f"DROP TABLE {table}")
+from tally.wire.timeslots import month_hours, month_number
 
 
 class SqliteStore:
     """Store in the SQLite file at ``path``; parent directories are created.
 
     ``busy_timeout`` (seconds) is how long an operation waits for another
-    process's transaction before failing with StoreError.
+    process's transaction before failing with StoreError. ``runs``: checkpoints
+    are written as runs, which the writer folds (``fold``) when it sees fit.
     """
 
-    def __init__(self, path: str, busy_timeout: float = 30.0) -> None:
+    def __init__(self, path: str, busy_timeout: float = 30.0, runs: bool = False) -> None:
         self.path = os.path.abspath(path)
         self._busy_ms = int(busy_timeout * 1000)
         self._local = threading.local()
@@ -210,10 +96,12 @@ class SqliteStore:
         # sid -> series row id, for the rows this process saw committed (AUTOINCREMENT:
         # an id is never given to another series)
         self._ids = RowIds()
+        self.runs = runs
+        self._runs = RunLog()
         with self._errors("creating the schema"), self._transaction(write=True) as conn:
-            for statement in _SCHEMA:
+            for statement in SCHEMA:
                 conn.execute(statement)
-            _migrate(conn)
+            migrate(conn, self.path)
 
     # -- connections and transactions ------------------------------------------
 
@@ -299,7 +187,7 @@ class SqliteStore:
         # a chunk of rows at a time (rows built for a large checkpoint all at once
         # would leave the shard's memory resident long after the write).
         checked, slots = check_columns(cp)
-        series_rows = [_series_row(sid) for sid in checked.series]
+        series_rows = [series_row(sid) for sid in checked.series]
         mark_rows = [
             (checked.shard, name, seq, checked.ck) for name, seq in checked.producers.items()
         ]
@@ -308,42 +196,89 @@ class SqliteStore:
             self._transaction(write=True) as conn,
         ):
             # A shard's documents are written only by its checkpoints, each in one
-            # transaction with the shard's own record (_CLAIM): so when that record is
+            # transaction with the shard's own record (CLAIM): so when that record is
             # below this checkpoint, no document of the shard has taken it or a newer
             # one, and none needs its ck read (a read per document was a fifth of a wide
-            # checkpoint). Otherwise each document is checked, as a retry needs.
-            # (A store whose series could move between shards must read them always.)
+            # checkpoint). Otherwise each document is checked, as a retry needs (a fold
+            # gives its documents the ck of its last run); a retry whose run is still
+            # unfolded writes no deltas at all. (A store whose series could move between
+            # shards must read them always.)
             row = conn.execute("SELECT ck FROM shards WHERE shard = ?",
                                (checked.shard,)).fetchone()
-            conn.execute(_CLAIM, (checked.shard, checked.ck))
-            conn.executemany(_UPSERT_SERIES, series_rows)
+            conn.execute(CLAIM, (checked.shard, checked.ck))
+            conn.executemany(UPSERT_SERIES, series_rows)
             ids = self._ids.get(slots.sids)
             unknown = list(dict.fromkeys(slots.sids[k] for k in np.flatnonzero(ids < 0)))
-            found = _ids(conn, unknown)
+            found = row_ids(conn, unknown)
             if len(found) < len(unknown):  # (a document's series always has its row)
-                conn.executemany(_UPSERT_SERIES, [_series_row(sid) for sid in unknown
+                conn.executemany(UPSERT_SERIES, [series_row(sid) for sid in unknown
                                                   if sid not in found])
-                found = _ids(conn, unknown)
+                found = row_ids(conn, unknown)
             for k in np.flatnonzero(ids < 0).tolist():
                 ids[k] = found[slots.sids[k]]
-            if row is not None and row[0] >= checked.ck:
-                taken = [
-                    (done := conn.execute(_MONTH_CK, (int(s), month)).fetchone()) is not None
-                    and done[0] >= checked.ck
-                    for s, month in zip(ids.tolist(), slots.months, strict=True)
-                ]  # a document that took this checkpoint or a newer one is left alone
-                keep = ~np.array(taken, dtype=bool).reshape(-1)
-                slots, ids = slots.select(keep), ids[keep]
-            _write_slots(conn, slots, ids)
-            by_id = np.argsort(ids, kind="stable")  # (in key order, as the slots)
-            months = slots.months
-            conn.executemany(_UPSERT_MONTH, zip(ids[by_id].tolist(),
-                                                [months[k] for k in by_id.tolist()],
-                                                itertools.repeat(checked.ck)))
-            conn.executemany(_UPSERT_MARK, mark_rows)
+            retried_run = False
+            if row is not None and row[0] >= checked.ck:  # a retry: once is all
+                taken = np.zeros(len(ids), bool)
+                mnos = np.array([month_number(m) for m in slots.months], np.int64)
+                for ck, *run in conn.execute(
+                        "SELECT ck, ids, months FROM runs WHERE shard = ? AND ck >= ?",
+                        (checked.shard, checked.ck)).fetchall():
+                    # (documents in a run of this checkpoint or a newer one took it; any
+                    # others go the direct way, as the run's key is taken)
+                    retried_run = retried_run or ck == checked.ck
+                    taken |= np.isin(ids << MONTH_BITS | mnos, decode_docs(*run))
+                for k, (s, month) in enumerate(zip(ids.tolist(), slots.months, strict=True)):
+                    # a document that took this checkpoint or a newer one is left alone
+                    if not taken[k]:
+                        done = conn.execute(MONTH_CK, (s, month)).fetchone()
+                        taken[k] = done is not None and done[0] >= checked.ck
+                slots, ids = slots.select(~taken), ids[~taken]
+            if (self._bounded(conn, slots) and self.runs and not retried_run
+                    and runnable(slots, ids)):
+                if len(slots.sids):
+                    RunLog.write(conn, checked.shard, checked.ck, slots, ids)
+            else:
+                write_slots(conn, slots, ids)
+                by_id = np.argsort(ids, kind="stable")  # (in key order, as the slots)
+                months = slots.months
+                conn.executemany(UPSERT_MONTH, zip(ids[by_id].tolist(),
+                                                   [months[k] for k in by_id.tolist()],
+                                                   itertools.repeat(checked.ck)))
+            conn.executemany(UPSERT_MARK, mark_rows)
         # committed: the ids are for good (held by the checkpoint's own id strings, which
         # the shard keeps anyway, not by the copies SQLite returned)
         self._ids.add({sid: found[sid] for sid in unknown})
+
+    @staticmethod
+    def _bounded(conn: sqlite3.Connection, slots: Slots) -> bool:
+        """Raise the store's bound on every slot's magnitude by this checkpoint's largest
+        delta; whether it stays below ``PEAK_BOUND``.
+
+        A run is added to its slots only when folded, too late to refuse a checkpoint
+        that takes a slot out of int64 as the contract wants; while the bound holds, no
+        sum of deltas can, and beyond it checkpoints are written the direct way, where
+        SQLite checks each slot.
+        """
+        (peak,) = conn.execute("SELECT value FROM meta WHERE key = 'peak'").fetchone()
+        values = slots.values
+        largest = max(-int(values.min()), int(values.max())) if len(values) else 0
+        peak = min(peak + largest, PEAK_BOUND)
+        conn.execute("UPDATE meta SET value = ? WHERE key = 'peak'", (peak,))
+        return peak < PEAK_BOUND
+
+    def fold(self, shard: int, budget: int) -> int:
+        """Fold about ``budget`` slots of the shard's runs into its slot and month rows, in
+        one transaction; the slots its runs hold afterwards (0: none left)."""
+        with (
+            self._errors(f"folding the runs of shard {shard}"),
+            self._transaction(write=True) as conn,
+        ):
+            return self._runs.fold(conn, shard, budget)
+
+    def unfolded(self, shard: int) -> int:
+        """The slots the shard's runs hold."""
+        with self._errors(f"counting the runs of shard {shard}"):
+            return RunLog.unfolded(self._conn(), shard)
 
     def ensure_layout(self, shards: int) -> None:
         if isinstance(shards, bool) or not isinstance(shards, int) or shards < 1:
@@ -378,7 +313,7 @@ class SqliteStore:
     def _month_doc(conn: sqlite3.Connection, sid: str, s: int, month: str, ck: int
                    ) -> MonthDoc:
         first, end = month_hours(month)
-        hours = dict(conn.execute(_MONTH_SLOTS, (s, first, end)).fetchall())
+        hours = dict(conn.execute(MONTH_SLOTS, (s, first, end)).fetchall())
         return MonthDoc(sid=sid, month=month, hours=hours, ck=ck)
 
     def load_months(self, keys: list[MonthKey]) -> dict[MonthKey, MonthDoc]:
@@ -394,7 +329,35 @@ class SqliteStore:
                 ).fetchone()
                 if row is not None:
                     out[(sid, month)] = self._month_doc(conn, sid, row[0], month, row[1])
+            pending = self._runs.pending(conn)
+            if pending:
+                ids = row_ids(conn, list(dict.fromkeys(sid for sid, _ in keys)))
+                self._add_runs(conn, pending, out, [
+                    (sid, ids[sid], month) for sid, month in dict.fromkeys(keys) if sid in ids])
         return out
+
+    def _add_runs(self, conn: sqlite3.Connection, pending: list[Pending],
+                  out: dict[MonthKey, MonthDoc], wanted: list[tuple[str, int, str]]) -> None:
+        """Add to ``out`` the runs' deltas of the ``wanted`` documents (sid, row id,
+        month), creating those only runs hold."""
+        if not wanted:
+            return
+        by_key = {s << MONTH_BITS | month_number(month): (sid, month) for sid, s, month in wanted}
+        keys = np.array(sorted(by_key), np.int64)
+        for ck, found in self._runs.deltas(conn, pending, keys):
+            for key, deltas in found.items():
+                sid, month = by_key[key]
+                doc = out.get((sid, month))
+                if doc is None:
+                    doc = out[(sid, month)] = MonthDoc(sid=sid, month=month, hours={}, ck=ck)
+                hours = doc.hours
+                for hour, delta in deltas.items():
+                    total = hours.get(hour, 0) + delta
+                    if total:
+                        hours[hour] = total
+                    else:
+                        hours.pop(hour, None)
+                doc.ck = max(doc.ck, ck)
 
     def read_months(
         self, tenant: str, metric: str, where: dict[str, str], months: list[str],
@@ -404,7 +367,8 @@ class SqliteStore:
         # the (tenant, metric) index, and their months by the months key.
         prefix = f"{check_tenant(tenant)}|{check_metric(metric)}|"
         where = check_where(where)
-        out: list[MonthDoc] = []
+        months = [check_month(month) for month in dict.fromkeys(months)]
+        out: dict[MonthKey, MonthDoc] = {}
         with (
             self._errors(f"reading {tenant}/{metric} for {len(months)} months"),
             self._transaction(write=False) as conn,
@@ -416,17 +380,24 @@ class SqliteStore:
             tag_params: list[Any] = []
             for k, v in where.items():
                 tag_params += [len(prefix) + 1, f",{format_series_id('', '', ((k, v),))[2:]},"]
-            for month in dict.fromkeys(months):
+            for month in months:
                 rows = conn.execute(
                     "SELECT n.sid, n.id, m.ck FROM series n JOIN months m ON m.s = n.id "
                     "WHERE n.tenant = ? AND n.metric = ? AND m.month = ?" + tag_filter,
-                    (tenant, metric, check_month(month), *tag_params),
+                    (tenant, metric, month, *tag_params),
                 ).fetchall()
                 for sid, s, ck in rows:
                     if (sid, month) not in exclude:
-                        out.append(self._month_doc(conn, sid, s, month, ck))
-        out.sort(key=lambda d: (d.sid, d.month))
-        return out
+                        out[(sid, month)] = self._month_doc(conn, sid, s, month, ck)
+            pending = self._runs.pending(conn)
+            if pending:
+                series = conn.execute(
+                    "SELECT n.sid, n.id FROM series n WHERE n.tenant = ? AND n.metric = ?"
+                    + tag_filter, (tenant, metric, *tag_params)).fetchall()
+                self._add_runs(conn, pending, out, [
+                    (sid, s, month) for sid, s in series for month in months
+                    if (sid, month) not in exclude])
+        return sorted(out.values(), key=lambda d: (d.sid, d.month))
 
     def catalog(self, tenant: str, metric: str | None = None) -> list[SeriesKey]:
         sql, params = "SELECT sid FROM series WHERE tenant = ?", [check_tenant(tenant)]

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Container
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from tally.checkpoint.slots import Slots
 from tally.wire.series import SeriesKey
@@ -103,3 +103,17 @@ class Store(Protocol):
         """Every series of the tenant (of one metric if given) that a checkpoint has recorded."""
 
     def close(self) -> None: ...
+
+
+@runtime_checkable
+class Folding(Protocol):
+    """A store that keeps checkpoints as runs (checkpoint/runs.py) until the shard that
+    wrote them folds them; reads see runs and folded rows alike."""
+
+    runs: bool  # whether checkpoints are kept as runs (else written as they come)
+
+    def fold(self, shard: int, budget: int) -> int:
+        """Fold about ``budget`` slots of the shard's runs; the slots its runs hold after."""
+
+    def unfolded(self, shard: int) -> int:
+        """The slots the shard's runs hold."""

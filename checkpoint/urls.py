@@ -19,8 +19,11 @@ def _refuse(url: str, why: str) -> ValueError:
     return ValueError(f"store URL {redact_url(url)!r} {why}; accepted forms: {ACCEPTED_FORMS}")
 
 
-def open_store(url: str) -> Store:
+def open_store(url: str, runs: bool = False) -> Store:
     """The store a URL names; ValueError naming the URL and the accepted forms otherwise.
+
+    ``runs``: the caller is a shard, which folds; a store that can keeps its
+    checkpoints as runs (checkpoint/runs.py: SQLite).
 
     Imports are local so that using SQLite needs neither pymongo nor mongomock
     to import, and a relative SQLite path is resolved against the current
@@ -36,7 +39,7 @@ def open_store(url: str) -> Store:
             raise _refuse(url, "has query parameters, which the SQLite store does not take")
         from tally.checkpoint.sqlite import SqliteStore
 
-        return SqliteStore(os.path.abspath(path))
+        return SqliteStore(os.path.abspath(path), runs=runs)
     if url.startswith("sqlite:"):
         raise _refuse(url, "is not a SQLite file URL (in-memory SQLite is not shared or durable)")
     if url.startswith(("mongodb://", "mongodb+srv://")):

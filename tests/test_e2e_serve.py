@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import random
 import socket
+import sqlite3
 import subprocess
 import time
 from datetime import date, timedelta
@@ -160,6 +161,18 @@ def check_queries(served: Served, oracle: Oracle, today: date) -> int:
     return n
 
 
+def metric_sums(url: str, *names: str) -> list[float]:
+    """Samples of /metrics summed over shards, one per name."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    sums = dict.fromkeys(names, 0.0)
+    for family in text_string_to_metric_families(httpx.get(url + "/metrics").text):
+        for sample in family.samples:
+            if sample.name in sums:
+                sums[sample.name] += sample.value
+    return list(sums.values())
+
+
 def test_exact_counts_through_every_ingress_and_a_restart(tmp_path):
     now = int(time.time())
     today = time.gmtime(now)
@@ -176,10 +189,25 @@ def test_exact_counts_through_every_ingress_and_a_restart(tmp_path):
         assert r.status_code == 400
         assert "+05:30" in r.json()["error"]["message"]
         assert "whole" in r.json()["error"]["message"]
+        # Idle, the shards fold their checkpoint runs into slot rows (actors/folds.py).
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            unfolded, folded = metric_sums(served.url, "tally_unfolded_slots",
+                                           "tally_folded_slots_total")
+            if folded and not unfolded:
+                break
+            time.sleep(0.2)
+        assert folded > 0 and unfolded == 0, (folded, unfolded)
+        assert check_queries(served, oracle, today_d) > 100
     finally:
         code = served.stop()
     assert code == 0, served.output()
     assert "final checkpoint written" in served.output()
+    # stopped, every run is folded: the slot rows hold every count
+    raw = sqlite3.connect(tmp_path / "data" / "tally.db")
+    assert raw.execute("SELECT count(*) FROM runs").fetchone() == (0,)
+    assert raw.execute("SELECT sum(value) FROM slots").fetchone() == (sum(r[4] for r in rows),)
+    raw.close()
 
     again = Served(tmp_path, "sqlite:///data/tally.db").start()
     try:

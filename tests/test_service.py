@@ -26,9 +26,11 @@ def ts(y: int, m: int, d: int, h: int = 0) -> int:
     return calendar.timegm((y, m, d, h, 0, 0))
 
 
-@pytest.fixture
-def env(tmp_path):
-    store = SqliteStore(str(tmp_path / "t.db"))
+# "runs": checkpoints kept as runs and never folded, so every read of the store, after an
+# eviction too, goes through them (checkpoint/runs.py)
+@pytest.fixture(params=["direct", "runs"])
+def env(tmp_path, request):
+    store = SqliteStore(str(tmp_path / "t.db"), runs=request.param == "runs")
     shards = LocalShards(store, 3)
     service = Service(shards, store, clock=lambda: NOW)
     yield store, shards, service

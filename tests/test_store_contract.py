@@ -106,18 +106,42 @@ class SqliteByColumns(SqliteStore):
         super().write_checkpoint(by_columns(cp))
 
 
+class SqliteRuns(SqliteStore):
+    """Checkpoints kept as runs, never folded: every read must add what they hold."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path, runs=True)
+
+
+class SqliteFolding(SqliteStore):
+    """Checkpoints kept as runs, then folded two slots at a time, one transaction after
+    each checkpoint: reads meet runs, slot rows and folds half done, all at once."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path, runs=True)
+
+    def write_checkpoint(self, cp: Checkpoint) -> None:
+        super().write_checkpoint(by_columns(cp))
+        self.fold(cp.shard, 2)
+
+
 class MemoryByColumns(MemoryStore):
     def write_checkpoint(self, cp: Checkpoint) -> None:
         super().write_checkpoint(by_columns(cp))
 
 
-# "-columns": every checkpoint the suite writes goes by column (checkpoint/slots.py)
-@pytest.fixture(params=["sqlite", "sqlite-columns", "memory", "memory-columns", "secantus"])
+SQLITE_KINDS = {"sqlite": SqliteStore, "sqlite-columns": SqliteByColumns,
+                "sqlite-runs": SqliteRuns, "sqlite-folding": SqliteFolding}
+
+
+# "-columns": every checkpoint the suite writes goes by column (checkpoint/slots.py);
+# "-runs", "-folding": as runs (checkpoint/runs.py), as shards write them
+@pytest.fixture(params=[*SQLITE_KINDS, "memory", "memory-columns", "secantus"])
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
     clients: list[pymongo.MongoClient] = []
     if request.param.startswith("sqlite"):
         path = tmp_path / "nested" / "dir" / "tally.db"  # parents do not exist yet
-        sqlite = SqliteByColumns if request.param.endswith("columns") else SqliteStore
+        sqlite = SQLITE_KINDS[request.param]
         b = Backend(request.param, lambda: sqlite(str(path)), persistent=True)
     elif request.param.startswith("memory"):
         memory = MemoryStore()
