@@ -53,7 +53,8 @@ def report(res: Any, console: Console | None = None) -> None:
                   f"in-process ceiling {res.ceiling_mps:.2f} M rows/s")
     peer = any(c.peer for c in res.cells)
     for col in ("cell", "columnar M/s", "target", "rows M/s", "target", "refused",
-                "drain s", "fold s", "slow ckpt", *(("ClickHouse M/s", "tally / CH") if peer else ()),
+                "drain s", "fold s", "slow ckpt",
+                *(("ClickHouse M/s", "tally / CH") if peer else ()),
                 "total exact"):
         table.add_column(col)
     for c in res.cells:

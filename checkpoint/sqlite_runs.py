@@ -176,7 +176,10 @@ class RunLog:
                 ids, months = conn.execute("SELECT ids, months FROM runs WHERE shard = ? AND "
                                            "ck = ?", (p.shard, p.ck)).fetchone()
                 docs = self._docs[(p.shard, p.ck)] = decode_docs(ids, months)
-            if not np.isin(wanted, docs, assume_unique=False).any():
+            if not len(docs):
+                continue
+            at = np.minimum(np.searchsorted(docs, wanted), len(docs) - 1)
+            if not (docs[at] == wanted).any():
                 continue
             row = conn.execute("SELECT ids, months, counts, hours, vals FROM runs WHERE "
                                "shard = ? AND ck = ?", (p.shard, p.ck)).fetchone()
