@@ -26,6 +26,7 @@ from tally.wire.timeslots import month_name, months_of_hours
 
 DAY_BITS = 20  # a block key is series << DAY_BITS | UTC day (days up to year 4840)
 MONTH_BITS = 16  # a (series, month) key is series << MONTH_BITS | months since 1970-01
+_HOUR_BITS = 27  # a (series, hour) key: hours since 1970 below 2**27 (to the year 17,000)
 FREE = -1  # the block key of a free row (its series, FREE >> DAY_BITS, is no series)
 # Below this no 24 hours can add up to more than int64 (24 * 2**58 < 2**63): only a day
 # holding an hour beyond it needs its day total checked.
@@ -321,28 +322,26 @@ class Taken(NamedTuple):
         ``sids``: the sid of each series number.
 
         A checkpoint can hold hundreds of thousands of slots: grouped with numpy,
-        they cost a Python step per document (its sid and month name) and none per
-        slot, here or in the store that takes them by column.
+        they cost no Python step per slot, here or in the store that takes them by
+        column, and a step in C per document (its sid and month name).
         """
         keys, hod, summed = self.keys, self.hod, self.vals
         if not len(keys):
             return Slots.empty()
         hours = (keys & ((1 << DAY_BITS) - 1)) * 24 + hod
-        docs = (keys >> DAY_BITS) << MONTH_BITS | months_of_hours(hours)
-        order = np.lexsort((hours, docs))
-        docs, hours, summed = docs[order], hours[order], summed[order]
+        series = keys >> DAY_BITS
+        # (series, hour) order is (series, month, hour) order: one sort, one key
+        order = np.argsort(series << _HOUR_BITS | hours)
+        hours, summed, series = hours[order], summed[order], series[order]
+        months = months_of_hours(hours)
+        docs = series << MONTH_BITS | months
         starts = np.flatnonzero(np.r_[True, docs[1:] != docs[:-1]])
         counts = np.diff(np.r_[starts, len(docs)]).astype(np.int64)
-        first = docs[starts]
-        low = (1 << MONTH_BITS) - 1
-        names: dict[int, str] = {}
-        months = []
-        for m in (first & low).tolist():
-            name = names.get(m)
-            if name is None:
-                name = names[m] = month_name(m)
-            months.append(name)
-        doc_sids = [sids[g] for g in (first >> MONTH_BITS).tolist()]
-        return Slots(doc_sids, months, counts,  # type: ignore[arg-type]
+        present, which = np.unique(months[starts], return_inverse=True)
+        names = np.array([month_name(m) for m in present.tolist()], dtype=object)
+        # (a list per document built in C: no Python step per document)
+        doc_months = names[which.reshape(-1)].tolist()
+        doc_sids = list(map(sids.__getitem__, series[starts].tolist()))
+        return Slots(doc_sids, doc_months, counts,  # type: ignore[arg-type]
                      hours.astype(np.int64, copy=False), summed)
 

@@ -119,8 +119,9 @@ class PendingDeltas:
         Deltas are int64, or Python ints (dtype object) if one left int64."""
         n = self.rows
         used = self.table[:n]
-        at, hod = np.nonzero(used)
-        vals = used[at, hod]
+        flat = np.flatnonzero(used)  # (one index array, not two: half the work of nonzero)
+        at, hod = np.divmod(flat, 24)
+        vals = used.reshape(-1)[flat]
         if self.wide:
             keys = np.fromiter(self.wide, np.int64, len(self.wide))
             at = np.concatenate((at, keys // 24))

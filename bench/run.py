@@ -265,6 +265,8 @@ def _memory(cfg: BenchConfig, service: Spawned, res: Results) -> None:
     res.errors += [f"memory phase: {e.get('message')}" for e in stream.errors[:1]]
     time.sleep(cfg.checkpoint_interval * 2 + 1)  # let checkpoints take the dirty deltas
     drain(service.url, timeout=300)  # (and any still writing: its deltas are memory until done)
+    # (and folding: a fold holds its runs' sums until it ends)
+    drain(service.url, timeout=300, gauge="tally_unfolded_slots")
     after = scrape(service.url)
     added = summed(after, "tally_live_series_months") - summed(before, "tally_live_series_months")
 

@@ -54,6 +54,15 @@ _CANONICAL: dict[str, None] = {}
 _CANONICAL_LIMIT = 1 << 20
 
 
+def check_all_canonical(sids: list[str]) -> None:
+    """``check_canonical`` of each, with one pass in C when every one is a ``str`` known
+    canonical already (a shard's checkpoint names the same series again and again)."""
+    if set(map(type, sids)) <= {str} and all(map(_CANONICAL.__contains__, sids)):
+        return
+    for sid in sids:
+        check_canonical(sid)
+
+
 def check_canonical(sid: str) -> str:
     """``sid`` if it is a canonical series id; ValueError for anything else.
 
@@ -302,8 +311,7 @@ def _checked_slots(cp: Checkpoint) -> Slots:
         raise ValueError(f"checkpoint {cp.ck} of shard {cp.shard} carries its deltas both as "
                          "a dict and as slots")
     try:
-        for sid in slots.sids:
-            check_canonical(sid)
+        check_all_canonical(slots.sids)
         bounds = {m: month_hours(check_month(m)) for m in dict.fromkeys(slots.months)}
     except (ValueError, TypeError, AttributeError):
         pass  # named below, in the dict form's order

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tally.checkpoint.slots import Slots
+from tally.checkpoint.slots import Slots, month_index
 from tally.wire.timeslots import month_number
 
 # Hours since 1970 below 2**27 reach the year 17,000; month names stop at 9999.
@@ -65,8 +65,7 @@ def encode(slots: Slots, ids: np.ndarray) -> tuple[bytes, bytes, bytes, bytes, b
     """The blobs of a run: ids, month numbers, counts, hours (int32) and values (int32
     when every one fits, else int64; the blob's length tells which)."""
     months = np.array([month_number(m) for m in dict.fromkeys(slots.months)], np.int64)
-    index = {m: k for k, m in enumerate(dict.fromkeys(slots.months))}
-    per_doc = months[[index[m] for m in slots.months]] if len(slots.months) else months
+    per_doc = months[month_index(slots.months)]
     values = slots.values
     narrow = len(values) == 0 or (int(values.min()) >= -(2**31) and int(values.max()) < 2**31)
     return (ids.astype(_LE64).tobytes(), per_doc.astype(_LE32).tobytes(),

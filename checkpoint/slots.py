@@ -105,6 +105,13 @@ def _column(items: list) -> np.ndarray:
     return column
 
 
+def month_index(months: list[str]) -> np.ndarray:
+    """Each document's month as its place among the distinct months, in the order they
+    first appear (``dict.fromkeys(months)``): found in C, not a Python step per document."""
+    index = {m: k for k, m in enumerate(dict.fromkeys(months))}
+    return np.fromiter(map(index.__getitem__, months), np.int64, len(months))
+
+
 def plainly_valid(slots: Slots, month_bounds: dict[str, tuple[int, int]]) -> bool:
     """Whether the vectorised checks alone prove the slots valid: int64 columns of
     matching lengths, each document's hours strictly increasing and inside its month,
@@ -127,9 +134,11 @@ def plainly_valid(slots: Slots, month_bounds: dict[str, tuple[int, int]]) -> boo
         step[ends[(ends > 0) & (ends < len(hours))] - 1] = True  # (across documents)
         if not step.all():
             return False
-    bounds = np.array([month_bounds[m] for m in slots.months], np.int64).reshape(-1, 2)
-    first = np.repeat(bounds[:, 0], counts)
-    end = np.repeat(bounds[:, 1], counts)
+    which = month_index(slots.months)
+    bounds = np.array([month_bounds[m] for m in dict.fromkeys(slots.months)],
+                      np.int64).reshape(-1, 2)
+    first = np.repeat(bounds[which, 0], counts)
+    end = np.repeat(bounds[which, 1], counts)
     if ((hours < first) | (hours >= end)).any():
         return False
     # (-INT64_MIN is outside int64: compare without negating)
