@@ -373,6 +373,8 @@ class ShardActor:
             before, seconds = folds.unfolded, time.monotonic() - started
             folds.done(left)
             self.meters.folded(max(0, before - left), seconds)
+            if not left and memory.available():  # (what the fold's sums held, back)
+                self.meters.trimmed(await loop.run_in_executor(self._writer, memory.trim))
 
     def _fold_failed(self, e: Exception) -> None:
         self.store_errors += 1

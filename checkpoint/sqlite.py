@@ -139,25 +139,32 @@ class SqliteStore:
         return conn
 
     @contextmanager
-    def _transaction(self, write: bool) -> Iterator[sqlite3.Connection]:
-        """One transaction on this thread's connection, rolled back on any error.
+    def _transaction(self, write: bool, fresh: bool = False) -> Iterator[sqlite3.Connection]:
+        """One transaction on this thread's connection, rolled back on any error;
+        ``fresh``: on a connection of its own, closed after it.
 
         Writes take the write lock up front (IMMEDIATE): a deferred
         transaction that reads then writes can fail with SQLITE_BUSY at the
         write without the busy timeout helping.
         """
-        conn = self._conn()
-        conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+        if self._closed:
+            raise RuntimeError(f"SqliteStore({self.path!r}) is closed")
+        conn = self._connect() if fresh else self._conn()
         try:
-            yield conn
-            conn.execute("COMMIT")
-        except BaseException as e:
-            if conn.in_transaction:
-                try:
-                    conn.execute("ROLLBACK")
-                except sqlite3.Error as rollback_error:
-                    e.add_note(f"rolling back also failed: {rollback_error}")
-            raise
+            conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+            try:
+                yield conn
+                conn.execute("COMMIT")
+            except BaseException as e:
+                if conn.in_transaction:
+                    try:
+                        conn.execute("ROLLBACK")
+                    except sqlite3.Error as rollback_error:
+                        e.add_note(f"rolling back also failed: {rollback_error}")
+                raise
+        finally:
+            if fresh:
+                conn.close()
 
     @contextmanager
     def _errors(self, operation: str) -> Iterator[None]:
@@ -191,9 +198,11 @@ class SqliteStore:
         mark_rows = [
             (checked.shard, name, seq, checked.ck) for name, seq in checked.producers.items()
         ]
+        # (runs: on a connection of its own, as SQLite keeps the buffers of a statement's
+        # largest row while the statement is cached: a run's size, for each connection)
         with (
             self._errors(f"writing checkpoint {checked.ck} of shard {checked.shard}"),
-            self._transaction(write=True) as conn,
+            self._transaction(write=True, fresh=self.runs) as conn,
         ):
             # A shard's documents are written only by its checkpoints, each in one
             # transaction with the shard's own record (CLAIM): so when that record is
@@ -273,7 +282,10 @@ class SqliteStore:
             self._errors(f"folding the runs of shard {shard}"),
             self._transaction(write=True) as conn,
         ):
-            return self._runs.fold(conn, shard, budget)
+            left = self._runs.fold(conn, shard, budget)
+        if not left:  # the pages a fold read and wrote go back to the heap (then the system)
+            conn.execute("PRAGMA shrink_memory")
+        return left
 
     def unfolded(self, shard: int) -> int:
         """The slots the shard's runs hold."""
