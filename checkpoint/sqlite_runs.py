@@ -53,7 +53,6 @@ class Pending:
 
     shard: int
     ck: int
-    slots: int
     after: int  # slots (and documents) with keys up to this are folded already
 
 
@@ -157,9 +156,9 @@ class RunLog:
         cursors = dict((s, (t, a)) for s, t, a in conn.execute(
             "SELECT shard, through, after FROM folds"))
         out = []
-        for shard, ck, slots in conn.execute("SELECT shard, ck, slots FROM runs"):
+        for shard, ck in conn.execute("SELECT shard, ck FROM runs"):
             through, after = cursors.get(shard, (-1, -1))
-            out.append(Pending(shard, ck, slots, after if ck <= through else -1))
+            out.append(Pending(shard, ck, after if ck <= through else -1))
         alive = {(p.shard, p.ck) for p in out}
         for key in [k for k in self._docs if k not in alive]:
             del self._docs[key]

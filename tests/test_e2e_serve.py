@@ -19,6 +19,7 @@ import pytest
 from oracle import Oracle
 from served import TALLY, Served, free_port
 
+from tally.bench.run import scrape, summed
 from tally.client import Connection, ServerError
 
 pytestmark = pytest.mark.e2e
@@ -161,18 +162,6 @@ def check_queries(served: Served, oracle: Oracle, today: date) -> int:
     return n
 
 
-def metric_sums(url: str, *names: str) -> list[float]:
-    """Samples of /metrics summed over shards, one per name."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    sums = dict.fromkeys(names, 0.0)
-    for family in text_string_to_metric_families(httpx.get(url + "/metrics").text):
-        for sample in family.samples:
-            if sample.name in sums:
-                sums[sample.name] += sample.value
-    return list(sums.values())
-
-
 def test_exact_counts_through_every_ingress_and_a_restart(tmp_path):
     now = int(time.time())
     today = time.gmtime(now)
@@ -192,8 +181,9 @@ def test_exact_counts_through_every_ingress_and_a_restart(tmp_path):
         # Idle, the shards fold their checkpoint runs into slot rows (actors/folds.py).
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            unfolded, folded = metric_sums(served.url, "tally_unfolded_slots",
-                                           "tally_folded_slots_total")
+            shards = scrape(served.url)
+            unfolded = summed(shards, "tally_unfolded_slots")
+            folded = summed(shards, "tally_folded_slots_total")
             if folded and not unfolded:
                 break
             time.sleep(0.2)

@@ -16,7 +16,6 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import numpy as np
@@ -133,7 +132,7 @@ def test_a_file_of_a_newer_layout_is_refused(tmp_path: Path) -> None:
 
 
 FOLDER = textwrap.dedent("""
-    import sys, time
+    import sys
     from tally.checkpoint.sqlite import SqliteStore
     from tally.checkpoint.store import Checkpoint
     from tally.wire.series import series_id
@@ -144,9 +143,10 @@ FOLDER = textwrap.dedent("""
     for ck in range(1, 41):
         store.write_checkpoint(Checkpoint(0, ck, {
             (sid, "2026-11"): {first + h: 1 for h in range(0, 600, 7)} for sid in sids}))
-    print("written", flush=True)
-    while True:
-        store.fold(0, 997)
+    store.fold(0, 997)
+    print("part way", flush=True)  # (a fold cursor is in the file now)
+    while store.fold(0, 1):  # then a slot a transaction: many thousands of them
+        pass
 """)
 
 
@@ -155,17 +155,8 @@ def test_a_fold_killed_midway_leaves_every_count(tmp_path: Path) -> None:
     proc = subprocess.Popen([sys.executable, "-c", FOLDER, str(path)], stdout=subprocess.PIPE,
                             text=True)
     try:
-        assert proc.stdout is not None and proc.stdout.readline() == "written\n"
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:  # until a fold is part way
-            raw = sqlite3.connect(path)
-            under_way = raw.execute("SELECT count(*) FROM folds").fetchone()[0]
-            raw.close()
-            if under_way:
-                break
-            time.sleep(0.01)
-        os.kill(proc.pid, signal.SIGKILL)
-        assert under_way, "the fold was never seen part way"
+        assert proc.stdout is not None and proc.stdout.readline() == "part way\n"
+        os.kill(proc.pid, signal.SIGKILL)  # (wherever it is: every count must survive)
     finally:
         proc.kill()
         proc.wait()
