@@ -23,6 +23,7 @@ import numpy as np
 
 from tally.actors.live_series import LiveSeries
 from tally.wire.batches import Batch
+from tally.wire.registry import Sids
 
 
 class Sent:
@@ -47,8 +48,8 @@ class Sent:
         new = np.flatnonzero(~self.told[gn])
         self.told[gn[new]] = True
         sids = batch.sids
-        defs = (sids[new].tolist() if isinstance(sids, np.ndarray)
-                else [sids[k] for k in new.tolist()])
+        defs = ([sids[k] for k in new.tolist()] if isinstance(sids, list)
+                else sids[new].tolist())
         wire = batch.to_wire(with_sids=False)
         wire.update({"gn": gn.astype("<u4").tobytes(), "ep": self.epoch, "defs": defs,
                      "dpos": new.astype("<u4").tobytes()})
@@ -91,7 +92,7 @@ class Known:
             self.g[gn[pos]] = -1
         if not self.told[gn].all():
             return None  # a number this socket was never told: the caller asks Ray
-        return Batch.from_wire({**wire, "sids": self.sid[gn]}, gn=gn)
+        return Batch.from_wire({**wire, "sids": Sids(self.sid, gn)}, gn=gn)
 
     def _grow(self, need: int) -> None:
         size = max(need, 2 * len(self.sid), 1024)
@@ -122,7 +123,7 @@ class Known:
         ask = np.flatnonzero(g < 0)
         if len(ask):
             sids = batch.sids
-            names = sids[ask] if isinstance(sids, np.ndarray) else [sids[k] for k in ask]
+            names = [sids[k] for k in ask] if isinstance(sids, list) else sids[ask].tolist()
             found = live.numbers(names)
             g[ask] = found
             now_held = found >= 0

@@ -6,9 +6,10 @@ increment so that an ingest is a handful of numpy operations over the batch
 a month the shard forgets (``free_month``) gives its rows back for reuse.
 
 A block's *key* is ``series << DAY_BITS | day``. Each day holding a block has
-an int32 table by series number (``days``) that finds its row: a batch finds
-its rows with one numpy gather per day it touches, however old the day, and
-a (series, day) costs 4 bytes of table rather than a dict entry and two ints.
+an int32 row by series number in one grid (``tables``, actors/day_tables.py)
+that finds its block: a batch finds its blocks with one numpy gather, however
+many days it spans and however old they are, and a (series, day) costs 4 bytes
+of grid rather than a dict entry and two ints.
 
 The changes since the last checkpoint (``pending``, actors/pending.py) are
 indexed by block row, so they grow with the slab.
@@ -20,6 +21,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from tally.actors.day_tables import DayTables
 from tally.actors.pending import PendingDeltas
 from tally.checkpoint.slots import Slots
 from tally.wire.timeslots import month_name, months_of_hours
@@ -59,11 +61,10 @@ class DayBlocks:
         self.wide_free: list[int] = []
         self.wide_used = 0
         self.key = np.zeros(1024, dtype=np.int64)  # block row -> its key (FREE: none)
-        # UTC day -> block row by series number (-1: none), for every day holding a block:
-        # a batch finds its rows with one gather per day, with no step per block, and a
-        # (series, day) costs 4 bytes here rather than a dict entry and two ints
-        self.days: dict[int, np.ndarray] = {}
-        self.day_blocks: dict[int, int] = {}  # UTC day -> blocks it holds (none: no table)
+        # (UTC day, series number) -> block row, for every day holding a block: a batch
+        # finds its rows with one gather, and a (series, day) costs 4 bytes here rather
+        # than a dict entry and two ints
+        self.tables = DayTables()
         self.free: list[int] = []
         self.used = 0  # rows ever used: [0, used) are blocks or free
         self.big: set[int] = set()  # rows holding an hour beyond BIG
@@ -98,9 +99,16 @@ class DayBlocks:
 
     # ---- counts, narrow or wide --------------------------------------------
 
+    @property
+    def wide_blocks(self) -> int:
+        """Blocks kept in the wide slab (none: no lookup of ``wide_at`` is needed)."""
+        return self.wide_used - len(self.wide_free)
+
     def get(self, rows: np.ndarray, hod: np.ndarray) -> np.ndarray:
         """The counts of slots (block rows, hours of day), as int64."""
         values = self.narrow[rows, hod].astype(np.int64)
+        if not self.wide_blocks:
+            return values
         at = self.wide_at[rows]
         wide = at >= 0
         if wide.any():
@@ -110,6 +118,8 @@ class DayBlocks:
     def row_counts(self, rows: np.ndarray) -> np.ndarray:
         """The 24 hours of each block row, as int64 (len(rows) x 24)."""
         out = self.narrow[rows].astype(np.int64)
+        if not self.wide_blocks:
+            return out
         at = self.wide_at[rows]
         wide = at >= 0
         if wide.any():
@@ -121,6 +131,9 @@ class DayBlocks:
         beyond = (values > NARROW) | (values < -NARROW)
         if beyond.any():
             self._widen(np.unique(rows[beyond]))
+        if not self.wide_blocks:
+            self.narrow[rows, hod] = values
+            return
         at = self.wide_at[rows]
         wide = at >= 0
         if wide.any():
@@ -155,51 +168,9 @@ class DayBlocks:
             self.wide_free.append(w)
             self.wide_at[row] = -1
 
-    def _table(self, day: int, series_count: int) -> np.ndarray:
-        """The day's table, made or grown to hold series numbers below ``series_count``."""
-        table = self.days.get(day)
-        if table is None:
-            table = self.days[day] = np.full(max(series_count, 1024), -1, np.int32)
-            self.day_blocks[day] = 0
-        elif len(table) < series_count:
-            grown = np.full(max(series_count, len(table) + len(table) // 2), -1, np.int32)
-            grown[: len(table)] = table
-            table = self.days[day] = grown
-        return table
-
     def find(self, g: np.ndarray, days: np.ndarray) -> np.ndarray:
         """Block rows of (series number, day) pairs; -1 where there is no block."""
-        if not len(g):
-            return np.full(0, -1, np.int64)
-        lo, hi = int(days.min()), int(days.max())
-        if lo == hi:  # the usual batch: one day
-            return self._find_in(lo, g)
-        # The pairs grouped by day with one sort (of 16-bit keys, a radix sort, when the
-        # days span less than 65,536), then a slice per day: no mask per day.
-        span = days - lo
-        order = np.argsort(span.astype(np.uint16) if hi - lo < 1 << 16 else span,
-                           kind="stable")
-        by_day = days[order]
-        cuts = (np.flatnonzero(by_day[1:] != by_day[:-1]) + 1).tolist()
-        gs = g[order]
-        found = np.empty(len(g), np.int64)
-        for a, z in zip([0, *cuts], [*cuts, len(g)], strict=True):
-            found[a:z] = self._find_in(int(by_day[a]), gs[a:z])
-        rows = np.empty(len(g), np.int64)
-        rows[order] = found
-        return rows
-
-    def _find_in(self, day: int, g: np.ndarray) -> np.ndarray:
-        """Block rows of series numbers ``g`` on ``day``; -1 where there is no block."""
-        table = self.days.get(day)
-        if table is None:
-            return np.full(len(g), -1, np.int64)
-        if len(g) and int(g.max()) < len(table):
-            return table[g].astype(np.int64)
-        rows = np.full(len(g), -1, np.int64)
-        inside = g < len(table)
-        rows[inside] = table[g[inside]]
-        return rows
+        return self.tables.find(g, days)
 
     def locate(self, g: np.ndarray, days: np.ndarray, series_count: int) -> np.ndarray:
         """Block rows of (series number, day) pairs, creating missing blocks (a pair may
@@ -235,12 +206,7 @@ class DayBlocks:
         rows[reuse:] = np.arange(self.used, self.used + len(keys) - reuse)
         self.used += len(keys) - reuse
         self.key[rows] = keys
-        g, days = keys >> DAY_BITS, keys & ((1 << DAY_BITS) - 1)
-        for day in np.unique(days).tolist():
-            mine = days == day
-            table = self._table(day, series_count)
-            table[g[mine]] = rows[mine]
-            self.day_blocks[day] += int(mine.sum())
+        self.tables.put(keys >> DAY_BITS, keys & ((1 << DAY_BITS) - 1), rows, series_count)
         return rows
 
     def set_hours(self, g: int, hours: dict[int, int], series_count: int = 0) -> None:
@@ -272,14 +238,9 @@ class DayBlocks:
         reused only once each of its rows was forgotten.
         """
         for day in range(first, end):
-            table = self.days.get(day)
-            if table is None or g >= len(table) or table[g] < 0:
+            row = self.tables.drop(day, g)
+            if row < 0:
                 continue
-            row = int(table[g])
-            table[g] = -1
-            self.day_blocks[day] -= 1
-            if not self.day_blocks[day]:
-                del self.days[day], self.day_blocks[day]
             self._clear(row)
             self.key[row] = FREE  # a scan of the keys must not find it
             self.big.discard(row)
@@ -289,10 +250,9 @@ class DayBlocks:
         """What the blocks of days [first, end) and those days' tables hold, in bytes."""
         blocks = tables = 0
         for day in range(first, end):
-            table = self.days.get(day)
-            if table is not None:
-                blocks += self.day_blocks[day]
-                tables += table.nbytes
+            if day in self.tables:
+                blocks += self.tables.day_blocks(day)
+                tables += self.tables.row_bytes
         return blocks * BLOCK_BYTES + tables
 
     def changed_keys(self) -> np.ndarray:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 PENDING_ROWS = 4096  # rows of pending deltas kept between checkpoints
+SAFE = 2**62  # a delta within this plus a value within it cannot leave int64
 
 
 class PendingDeltas:
@@ -31,7 +32,7 @@ class PendingDeltas:
     checkpoint/layout.py, and the shard reports it until an operator acts).
     """
 
-    __slots__ = ("table", "at", "block", "rows", "slots", "wide")
+    __slots__ = ("table", "at", "block", "rows", "slots", "wide", "bound")
 
     def __init__(self, blocks: int) -> None:
         self.table = np.zeros((PENDING_ROWS, 24), np.int64)
@@ -40,6 +41,9 @@ class PendingDeltas:
         self.rows = 0  # rows of table in use
         self.slots = 0  # nonzero entries of table and of wide
         self.wide: dict[int, int] = {}  # row of table * 24 + hour of day -> delta
+        # no delta in table is beyond this (the values added since ``take``, each batch's
+        # largest): below SAFE, no add can wrap and none needs the check
+        self.bound = 0
 
     def reserve(self, blocks: int) -> None:
         """The block slab grew to ``blocks`` rows."""
@@ -92,10 +96,12 @@ class PendingDeltas:
         before = cells[flat]
         with np.errstate(over="ignore"):
             after = before + values
-        # an int64 sum wrapped where its sign differs from both operands' signs
-        wrapped = ((before ^ after) & (values ^ after)) < 0
-        if self.wide or wrapped.any():
-            self._widen(flat, before, values, after, wrapped)
+        self.bound += max(int(values.max()), -int(values.min())) if len(values) else 0
+        if self.wide or self.bound >= SAFE:
+            # an int64 sum wrapped where its sign differs from both operands' signs
+            wrapped = ((before ^ after) & (values ^ after)) < 0
+            if self.wide or wrapped.any():
+                self._widen(flat, before, values, after, wrapped)
         cells[flat] = after
         self.slots += int(np.count_nonzero(after)) - int(np.count_nonzero(before))
 
@@ -137,7 +143,7 @@ class PendingDeltas:
             self.block = np.zeros(PENDING_ROWS, np.int64)
         else:
             used[:] = 0
-        self.rows = self.slots = 0
+        self.rows = self.slots = self.bound = 0
         self.wide = {}
         return rows, hod.astype(np.int64), vals
 

@@ -225,7 +225,8 @@ class ShardState:
                 f"checkpointed (bound {self.max_dirty}); retry later")
         if numbers is None:  # (``numbers``: the sids' series numbers, -1 if not held)
             numbers = self.live.numbers(batch.sids)
-        missing = self.missing(batch, numbers)
+        rows = self._held_rows(batch, numbers)
+        missing = [] if rows is not None else self.missing(batch, numbers)
         new: list[str] = []
         if missing:
             numbers = None  # series are installed: their numbers change
@@ -237,7 +238,7 @@ class ShardState:
             new = list(dict.fromkeys(sid for sid, _ in missing if sid not in known))
             self.install(missing, docs)
         try:
-            rows, hod, sums = self._checked(batch, numbers)
+            rows, hod, sums = self._checked(batch, numbers, rows)
         except SlotOverflow as e:
             return Ingested.refused(Outcome.BAD_ROW, str(e), e.aggregate)
         except DeltaOverflow as e:
@@ -267,9 +268,23 @@ class ShardState:
         changed = bool(self.blocks.pending.rows or self.unrecorded)  # (may sum to nothing)
         return self.marks.holding_ck(producer, changed, self.inflight)
 
-    def _locate(self, batch: Batch, numbers: np.ndarray | None = None
-                ) -> tuple[np.ndarray, np.ndarray]:
-        """Block rows and hours of day of a batch's aggregates (all months loaded)."""
+    def _held_rows(self, batch: Batch, numbers: np.ndarray) -> np.ndarray | None:
+        """The block rows of a batch's aggregates when each has one already (the usual
+        batch), else None. A block is there only while its series' month is live
+        (``evict`` frees a month's blocks before it releases the month), so such a batch
+        needs nothing loaded: one lookup answers both questions."""
+        if not len(batch) or int(numbers.min()) < 0:
+            return None
+        g = numbers[batch.series.astype(np.intp)]
+        rows = self.blocks.find(g, batch.hours // 24)
+        return rows if int(rows.min()) >= 0 else None
+
+    def _locate(self, batch: Batch, numbers: np.ndarray | None = None,
+                rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Block rows and hours of day of a batch's aggregates (all months loaded);
+        ``rows``: the rows, when the caller found them."""
+        if rows is not None:
+            return rows, batch.hours % 24
         if numbers is None:
             numbers = self.live.numbers(batch.sids)
         g = numbers[batch.series.astype(np.intp)]
@@ -279,14 +294,14 @@ class ShardState:
         rows = self.blocks.locate(g, hours // 24, self.live.count)
         return rows, hours % 24
 
-    def _checked(self, batch: Batch, numbers: np.ndarray | None = None
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _checked(self, batch: Batch, numbers: np.ndarray | None = None,
+                 rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The batch's slots (block rows, hours of day) and their totals with it, once no
         slot, day or pending delta would leave int64 (SlotOverflow, DeltaOverflow)."""
         if not len(batch):
             empty = np.empty(0, np.int64)
             return empty, empty, empty
-        rows, hod = self._locate(batch, numbers)
+        rows, hod = self._locate(batch, numbers, rows)
         blocks = self.blocks
         values = batch.values
         old = blocks.get(rows, hod)

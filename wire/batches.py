@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from tally.wire.registry import SeriesRegistry
+from tally.wire.registry import SeriesRegistry, Sids
 from tally.wire.row_blocks import SERIES_PER_CONNECTION, RowBlock
 from tally.wire.series import InvalidSeries, series_key
 from tally.wire.timeslots import SECONDS_PER_HOUR, hour_start
@@ -81,8 +81,8 @@ class Batch:
     """Sums per (series, UTC hour), pairs unique, ordered by (series, hour)."""
 
     # distinct series ids referenced by the aggregates, sorted; a batch over a connection's
-    # series table holds them as an object array, in gateway-number order (see ``gn``)
-    sids: list[str] | np.ndarray
+    # series table holds them as ``Sids`` (wire/registry.py), in gateway-number order
+    sids: list[str] | np.ndarray | Sids
     series: np.ndarray  # uint32 index into sids, one per aggregate
     hours: np.ndarray  # int64 absolute UTC hour (ts // 3600)
     values: np.ndarray  # int64 sum of the increments of that (series, hour)
@@ -148,8 +148,8 @@ class Batch:
         grouped = owner[by_owner]
         local = np.empty(len(owner), np.int64)
         local[by_owner] = np.arange(len(owner)) - np.searchsorted(grouped, grouped)
-        # (an object array stays one: a connection table's batch keeps its sids so)
-        as_array = isinstance(self.sids, np.ndarray)
+        # (a ``Sids`` stays one: a connection table's batch keeps its sids so)
+        as_array = not isinstance(self.sids, list)
         sids = (self.sids if as_array else np.array(self.sids, dtype=object))[by_owner]
         gn = None if self.gn is None else self.gn[by_owner]
         sid_starts = np.searchsorted(grouped, per_sorted[starts]).tolist()
@@ -175,17 +175,17 @@ class Batch:
                 **{k: getattr(self, k).astype("<i8").tobytes() for k in _WIRE_INT64},
                 "n": self.increments}
         if with_sids:
-            wire["sids"] = self.sids.tolist() if isinstance(self.sids, np.ndarray) else self.sids
+            wire["sids"] = self.sids if isinstance(self.sids, list) else self.sids.tolist()
         return wire
 
     @classmethod
     def from_wire(cls, msg: Any, gn: np.ndarray | None = None) -> Batch | None:
-        """The batch ``to_wire`` made, or None if ``msg`` is not one. ``sids`` may be an
-        object array of ids (actors/channel_table.py), with their gateway numbers ``gn``."""
+        """The batch ``to_wire`` made, or None if ``msg`` is not one. ``sids`` may be
+        ``Sids`` (actors/channel_table.py), with their gateway numbers ``gn``."""
         if type(msg) is not dict or type(msg.get("n")) is not int:
             return None
         sids, series = msg.get("sids"), msg.get("series")
-        if not isinstance(sids, np.ndarray) and (
+        if not isinstance(sids, Sids | np.ndarray) and (
                 type(sids) is not list or (sids and set(map(type, sids)) != {str})):
             return None
         if type(series) is not bytes or len(series) % 4:

@@ -17,7 +17,9 @@ and resolves its series ids again.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from itertools import repeat
+from typing import Any
 
 import numpy as np
 
@@ -92,9 +94,47 @@ class SeriesRegistry:
             grown[: len(old)] = old
             setattr(self, name, grown)
 
-    def sids_of(self, gn: np.ndarray) -> np.ndarray:
-        """The ids of gateway numbers, as an object array (no list of a batch's width)."""
-        return self.sid[gn]
+    def sids_of(self, gn: np.ndarray) -> Sids:
+        """The ids of gateway numbers, read only when asked (``Sids``)."""
+        return Sids(self.sid, gn)
+
+
+class Sids:
+    """Series ids as numbers into a table of ids, each read only when asked.
+
+    A wide batch names tens of thousands of series, and most of the steps it
+    goes through (aggregating, splitting per shard, applying) need their numbers,
+    not their ids. Gathering the ids into an array of their own takes a
+    reference to each string, scattered in memory: a cache miss per series, a
+    large part of a frame's cost. A ``Sids`` indexes like that array (an int
+    gives an id; a slice or an index array gives another ``Sids``) and reads a
+    string only when one is asked for: a definition the first time a socket
+    names a series, an error message, a series a shard does not hold yet.
+
+    The table must not change under the numbers it is read through: a gateway
+    registry's numbers are never reused within an epoch, and it starts over in
+    new arrays (``SeriesRegistry._reset``), as a shard's socket does.
+    """
+
+    __slots__ = ("table", "at")
+
+    def __init__(self, table: np.ndarray, at: np.ndarray) -> None:
+        self.table = table  # object array of ids
+        self.at = at  # each id's index into table
+
+    def __len__(self) -> int:
+        return len(self.at)
+
+    def __getitem__(self, k: Any) -> Any:
+        if isinstance(k, int | np.integer):
+            return self.table[self.at[k]]
+        return Sids(self.table, self.at[k])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.tolist())
+
+    def tolist(self) -> list[str]:
+        return self.table[self.at].tolist()  # type: ignore[no-any-return]
 
 
 class SeriesNumbers:
