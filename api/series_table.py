@@ -71,7 +71,7 @@ class ConnectionTable:
                               "this connection defined no series table (the series op)")
         try:
             batch = table_batch(self.entries.gateway_numbers(registry), self.distinct,
-                                registry.sids_of, i, ts, v, now)
+                                registry, i, ts, v, now)
         except BadRow as e:
             raise IngestError(ErrorCode.BAD_ROW, str(e), row=e.row) from None
         except BadBatch as e:

@@ -612,3 +612,19 @@ def test_columnar_series_tables_are_validated_once_per_connection(monkeypatch):
         columnar_batch([["acme", "m", {"a": ["x"]}]], np.array([0], "<u4").tobytes(),
                        ts[:8], v[:8], now, known)
     assert len(known.sids) == 3
+
+
+@pytest.mark.parametrize("value", [1, -5, 2**31 - 1, 2**31, -(2**31) - 1, 2**62])
+def test_a_batch_crosses_a_shards_socket_exactly(value: int) -> None:
+    """A part goes to its shard with each int column as int32 when it fits, else int64,
+    and comes back equal; a column of neither width is not a batch."""
+    now = 1_800_000_000
+    batch = rows_batch([["t", "m", None, now - 7200, value], ["t", "m", {"a": "b"}, now, 3]],
+                       now)
+    wire = msgpack.unpackb(msgpack.packb(batch.to_wire()), raw=False)
+    assert Batch.from_wire(wire) == batch
+    fits = -(2**31) <= value < 2**31
+    assert len(wire["values"]) == (4 if fits else 8) * len(batch)
+    assert len(wire["hours"]) == 4 * len(batch)
+    wire["hours"] = wire["hours"][:-1]
+    assert Batch.from_wire(wire) is None

@@ -133,7 +133,7 @@ def test_table_batch_equals_the_per_frame_table(table: list[int], incs: list) ->
     expected = columnar_batch(entries, i, ts, v, NOW)
     registry = SeriesRegistry(shards=3)
     gn = registry.numbers([series_key(*e).sid for e in entries])
-    got = table_batch(gn, len(set(gn.tolist())) == len(gn), registry.sids_of, i, ts, v, NOW)
+    got = table_batch(gn, len(set(gn.tolist())) == len(gn), registry, i, ts, v, NOW)
 
     def sums(b) -> dict:
         return {(b.sids[int(s)], int(h)): (int(x), int(c), int(f)) for s, h, x, c, f in
@@ -143,3 +143,8 @@ def test_table_batch_equals_the_per_frame_table(table: list[int], incs: list) ->
     assert got.increments == expected.increments == len(incs)
     if len(got):
         assert registry.sids_of(got.gn).tolist() == list(got.sids)
+        # numbered owner shard by owner shard, so a split is slices, equal to selects
+        owner = registry.owner[got.gn]
+        assert bool((owner[1:] >= owner[:-1]).all())
+        per = owner[got.series]
+        assert got.partition(owner) == {int(k): got.select(per == k) for k in np.unique(per)}

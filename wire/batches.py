@@ -22,7 +22,6 @@ depend on the order of the input or of the columnar series table.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,7 +72,29 @@ class BadBatch(ValueError):
         self.message = message
 
 
-_WIRE_INT64 = ("hours", "values", "first_row", "counts")
+# the int columns of a batch on a shard's socket, each as little-endian int32 when every
+# entry fits (nearly always: hours since 1970, sums of a few increments, rows and counts of
+# fewer than 2**31 increments), else int64; the length of its bytes says which
+_WIRE_INTS = ("hours", "values", "first_row", "counts")
+_I32 = np.iinfo(np.int32)
+
+
+def _int_bytes(a: np.ndarray) -> bytes:
+    """``a`` as little-endian int32 when every entry fits, else int64."""
+    if not len(a) or (int(a.min()) >= _I32.min and int(a.max()) <= _I32.max):
+        return a.astype("<i4").tobytes()
+    return a.astype("<i8").tobytes()
+
+
+def _int_column(c: Any, n: int) -> np.ndarray | None:
+    """An int column ``_int_bytes`` made for ``n`` aggregates, as int64; None if not one."""
+    if type(c) is not bytes:
+        return None
+    if len(c) == 4 * n:
+        return np.frombuffer(c, "<i4").astype(np.int64)
+    if len(c) == 8 * n:
+        return np.frombuffer(c, "<i8").astype(np.int64)
+    return None
 
 
 @dataclass(slots=True, eq=False)
@@ -131,6 +152,11 @@ class Batch:
     def partition(self, owner: np.ndarray) -> dict[int, Batch]:
         """The batch cut by ``owner`` (an int per sid): what ``select`` gives for each
         owner's aggregates, with one sort for all parts rather than a pass per part."""
+        if len(owner) > 1 and bool((owner[1:] >= owner[:-1]).all()):
+            used = np.zeros(len(owner), np.bool_)
+            used[self.series] = True
+            if used.all():  # (``select`` drops a sid no aggregate references)
+                return self._slices(owner)
         if len(owner) and int(owner.min()) >= 0 and int(owner.max()) < 1 << 16:
             owner = owner.astype(np.uint16)  # a stable sort of 16-bit keys is a radix sort
         per = owner[self.series]
@@ -168,11 +194,29 @@ class Batch:
             )
         return parts
 
+    def _slices(self, owner: np.ndarray) -> dict[int, Batch]:
+        """``partition`` of a batch whose sids come owner by owner (``_aggregate_numbered``
+        numbers them so): each part is a slice, with no sort and no copy of a column."""
+        sid_starts = np.flatnonzero(np.r_[True, owner[1:] != owner[:-1]])
+        sid_ends = np.r_[sid_starts[1:], len(owner)]
+        # (aggregates are in series order, so each owner's are a slice too)
+        starts = np.searchsorted(self.series, sid_starts).tolist()
+        ends = np.searchsorted(self.series, sid_ends).tolist()
+        parts = {}
+        for sa, sz, a, z in zip(sid_starts.tolist(), sid_ends.tolist(), starts, ends,
+                                strict=True):
+            counts = self.counts[a:z]
+            parts[int(owner[sa])] = Batch(
+                self.sids[sa:sz], (self.series[a:z] - sa).astype(np.uint32), self.hours[a:z],
+                self.values[a:z], self.first_row[a:z], counts, int(counts.sum()),
+                None if self.gn is None else self.gn[sa:sz], self.gn_epoch)
+        return parts
+
     def to_wire(self, with_sids: bool = True) -> dict[str, Any]:
         """The batch as msgpack can carry it (a shard's socket, actors/channel.py);
         ``with_sids=False`` leaves the ids out for a caller that names them otherwise."""
         wire = {"series": self.series.astype("<u4").tobytes(),
-                **{k: getattr(self, k).astype("<i8").tobytes() for k in _WIRE_INT64},
+                **{k: _int_bytes(getattr(self, k)) for k in _WIRE_INTS},
                 "n": self.increments}
         if with_sids:
             wire["sids"] = self.sids if isinstance(self.sids, list) else self.sids.tolist()
@@ -191,15 +235,14 @@ class Batch:
         if type(series) is not bytes or len(series) % 4:
             return None
         n = len(series) // 4
-        columns = [msg.get(k) for k in _WIRE_INT64]
-        if not all(type(c) is bytes and len(c) == 8 * n for c in columns):
+        columns = [_int_column(msg.get(k), n) for k in _WIRE_INTS]
+        if any(c is None for c in columns):
             return None
         index = np.frombuffer(series, "<u4").astype(np.uint32)
         if n and int(index.max()) >= len(sids):
             return None
-        hours, values, first_row, counts = (np.frombuffer(c, "<i8").astype(np.int64)
-                                            for c in columns)
-        return cls(sids, index, hours, values, first_row, counts, msg["n"], gn)
+        hours, values, first_row, counts = columns
+        return cls(sids, index, hours, values, first_row, counts, msg["n"], gn)  # type: ignore[arg-type]
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Batch):
@@ -328,6 +371,8 @@ def _aggregate(sids: list[str], sidx: np.ndarray, ts: np.ndarray, v: np.ndarray)
         )
     if size <= INT64_MAX:
         key = sidx * span + (hours - hmin)
+        if size <= 1 << 32:
+            key = key.astype(np.uint32)  # (a sort of 4-byte keys is the quicker)
         order = np.argsort(key)
         sk = key[order]
         brk = sk[1:] != sk[:-1]
@@ -335,7 +380,10 @@ def _aggregate(sids: list[str], sidx: np.ndarray, ts: np.ndarray, v: np.ndarray)
         order = np.lexsort((hours, sidx))
         ss, hs = sidx[order], hours[order]
         brk = (ss[1:] != ss[:-1]) | (hs[1:] != hs[:-1])
-    starts = np.concatenate(([0], np.flatnonzero(brk) + 1))
+    starts = np.flatnonzero(np.r_[True, brk])
+    if len(starts) == n:  # every increment a slot of its own (wide batches): nothing to sum
+        return Batch(sids, sidx[order].astype(np.uint32), hours[order], v[order],
+                     order.astype(np.int64), np.ones(n, np.int64), n)
     rep = order[starts]
     return Batch(
         sids,
@@ -479,15 +527,28 @@ def _block_batch(block: RowBlock, now: float, registry: SeriesRegistry | None
     if block.aliased:  # two byte strings of one series: one entry
         gn, back = np.unique(gn, return_inverse=True)
         index = back.reshape(-1)[index]
-    batch = _aggregate_numbered(gn, index, ts, block.v, registry.sids_of)
+    batch = _aggregate_numbered(gn, index, ts, block.v, registry)
     batch.gn_epoch = registry.epoch
     return batch
 
 
 def _aggregate_numbered(gn: np.ndarray, sidx: np.ndarray, ts: np.ndarray, v: np.ndarray,
-                        sids_of: Callable[[np.ndarray], Any]) -> Batch:
-    """``_aggregate`` over series named by distinct gateway numbers ``gn``: the batch's
-    sids are theirs, in that order (an object array: no list is built), ``gn`` set."""
-    batch = _aggregate(sids_of(gn), sidx, ts, v)
+                        registry: SeriesRegistry) -> Batch:
+    """``_aggregate`` over series named by distinct gateway numbers ``gn`` (``sidx``
+    indexes them): the batch's sids are theirs (``Sids``: no list is built), ``gn`` set.
+
+    The sids are numbered owner shard by owner shard first (one radix sort of the
+    distinct series' 16-bit owners), so the aggregates, in series order, come
+    grouped by owner too: ``partition`` then cuts the batch into slices rather
+    than sorting its aggregates again and gathering every column.
+    """
+    if len(gn) > 1 and registry.shards > 1 and registry.shards <= 1 << 16:
+        owner = registry.owner[gn]
+        if bool((owner[1:] < owner[:-1]).any()):
+            order = np.argsort(owner.astype(np.uint16), kind="stable")
+            rank = np.empty(len(gn), np.int64)
+            rank[order] = np.arange(len(gn))
+            gn, sidx = gn[order], rank[sidx]
+    batch = _aggregate(registry.sids_of(gn), sidx, ts, v)
     batch.gn = gn if len(batch) else None
     return batch

@@ -6,7 +6,6 @@ The row form and what both forms aggregate into (``Batch``) are in wire/batches.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -22,6 +21,7 @@ from tally.wire.batches import (
     _bad_row,
     _check_overflow,
 )
+from tally.wire.registry import SeriesRegistry
 from tally.wire.series import InvalidSeries, series_key
 from tally.wire.timeslots import SECONDS_PER_HOUR
 from tally.wire.vocabulary import kind_of, short_repr, ts_limit, ts_problem
@@ -149,16 +149,16 @@ def columnar_batch(
 
 
 def table_batch(
-    entries: np.ndarray, distinct: bool, sids_of: Callable[[np.ndarray], list[str]],
+    entries: np.ndarray, distinct: bool, registry: SeriesRegistry,
     i: Any, ts: Any, v: Any, now: float,
 ) -> Batch:
     """Validate and aggregate a columnar batch whose ``i`` indexes a connection's table.
 
     ``entries`` are the gateway numbers (wire/registry.py) of the table's
-    entries, ``distinct`` whether no two name the same series, and ``sids_of``
-    gives the ids of gateway numbers. Every entry was validated when it was
-    defined, so a frame costs numpy alone: no step per series or increment.
-    The batch's sids come in gateway-number order, with ``gn`` set.
+    entries in ``registry``, ``distinct`` whether no two name the same series.
+    Every entry was validated when it was defined, so a frame costs numpy alone:
+    no step per series or increment. The batch's sids come owner shard by owner
+    shard (``_aggregate_numbered``), with ``gn`` set.
     """
     ia, ta, va = _arrays(i, ts, v)
     count = len(entries)
@@ -168,7 +168,8 @@ def table_batch(
         bad = min(firsts)
         ahead = entries[ia[:bad]]
         uniq, local = np.unique(ahead, return_inverse=True)
-        _check_overflow(sids_of(uniq), local.reshape(-1), ta[:bad] // SECONDS_PER_HOUR, va[:bad])
+        _check_overflow(registry.sids_of(uniq), local.reshape(-1), ta[:bad] // SECONDS_PER_HOUR,
+                        va[:bad])
         if int(ia[bad]) >= count:
             raise _bad_row(bad, f"i {int(ia[bad])} is out of range: the connection's series "
                                 f"table has {count} entries")
@@ -180,4 +181,4 @@ def table_batch(
     else:
         gn, sidx = np.unique(entries[ia], return_inverse=True)
         sidx = sidx.reshape(-1)
-    return _aggregate_numbered(gn, sidx, ta, va, sids_of)
+    return _aggregate_numbered(gn, sidx, ta, va, registry)
