@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-PENDING_ROWS = 4096  # rows of pending deltas kept between checkpoints
+PENDING_ROWS = 4096  # rows of pending deltas kept between checkpoints, at least
 SAFE = 2**62  # a delta within this plus a value within it cannot leave int64
 
 
@@ -81,7 +81,7 @@ class PendingDeltas:
             new = _distinct(rows[fresh], self.at)
             n, m = self.rows, self.rows + len(new)
             if m > len(self.table):
-                size = max(m, 2 * len(self.table))
+                size = max(m, len(self.table) + len(self.table) // 2)
                 table = np.zeros((size, 24), np.int64)
                 table[:n] = self.table[:n]
                 block = np.zeros(size, np.int64)
@@ -138,9 +138,14 @@ class PendingDeltas:
             at, hod, vals = at[keep], hod[keep], vals[keep]
         rows = self.block[at]
         self.at[self.block[:n]] = -1
-        if len(self.table) > PENDING_ROWS:  # (a burst of new series: give its pages back)
-            self.table = np.zeros((PENDING_ROWS, 24), np.int64)
-            self.block = np.zeros(PENDING_ROWS, np.int64)
+        # Room for as many rows as this checkpoint took, and a quarter more: the next
+        # interval of a steady stream needs about as many, and a table regrown from
+        # small by doubling at every interval copies itself over and over. Only a
+        # table far larger than that (a burst is over) gives its pages back.
+        keep = max(PENDING_ROWS, n + n // 4)
+        if len(self.table) > 2 * keep:
+            self.table = np.zeros((keep, 24), np.int64)
+            self.block = np.zeros(keep, np.int64)
         else:
             used[:] = 0
         self.rows = self.slots = self.bound = 0

@@ -102,7 +102,7 @@ class Batch:
     """Sums per (series, UTC hour), pairs unique, ordered by (series, hour)."""
 
     # distinct series ids referenced by the aggregates, sorted; a batch over a connection's
-    # series table holds them as ``Sids`` (wire/registry.py), in gateway-number order
+    # series table holds them as ``Sids`` (wire/registry.py), owner shard by owner shard
     sids: list[str] | np.ndarray | Sids
     series: np.ndarray  # uint32 index into sids, one per aggregate
     hours: np.ndarray  # int64 absolute UTC hour (ts // 3600)
@@ -112,7 +112,7 @@ class Batch:
     increments: int  # number of input increments behind all aggregates (= counts.sum())
     # the gateway numbers of sids (wire/registry.py), once a gateway has them; a batch
     # built from a connection's series table has them from the start, and its sids are
-    # in gateway-number order rather than sorted
+    # grouped by owner shard rather than sorted (``_aggregate_numbered``)
     gn: np.ndarray | None = None
     gn_epoch: int = 0  # the registry's epoch those numbers are of
 
