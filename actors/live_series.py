@@ -125,35 +125,40 @@ class LiveSeries:
     def series_months(self) -> int:
         return sum(len(h) for h in self.loaded.values())
 
-    def missing(self, batch: Batch, numbers: np.ndarray | None = None) -> list[MonthKey]:
+    def missing(self, batch: Batch, numbers: np.ndarray | None = None,
+                at: np.ndarray | None = None) -> list[MonthKey]:
         """(series, month) pairs of the batch not live yet; ``numbers``: the series
-        numbers of its sids, if known."""
+        numbers of its sids, if known; ``at``: only these aggregates, if given."""
         if not len(batch):
             return []
         if numbers is None:
             numbers = self.numbers(batch.sids)
-        if self._all_loaded(batch, numbers):
+        series, hours = batch.series, batch.hours
+        if at is not None:
+            series, hours = series[at], hours[at]
+        if self._all_loaded(series, hours, numbers):
             return []
-        numbers = numbers.tolist()
-        local = batch.series.astype(np.int64)
-        pairs = np.unique(local << MONTH_BITS | months_of_hours(batch.hours))
+        listed = numbers.tolist()
+        pairs = np.unique(series.astype(np.int64) << MONTH_BITS | months_of_hours(hours))
         low = (1 << MONTH_BITS) - 1
         loaded = self.loaded
         out: list[MonthKey] = []
         for p in pairs.tolist():
             s, m = p >> MONTH_BITS, p & low
-            g = numbers[s]
+            g = listed[s]
             if g < 0 or g not in loaded.get(m, ()):
                 out.append((batch.sids[s], month_name(m)))
         return out
 
-    def _all_loaded(self, batch: Batch, numbers: np.ndarray) -> bool:
-        """Whether every (series, month) of the batch is live: a gather of bools per
-        month, not a Python step per pair (the usual batch: yes)."""
+    def _all_loaded(self, series: np.ndarray, hours: np.ndarray, numbers: np.ndarray) -> bool:
+        """Whether every (series, month) of these aggregates is live: a gather of bools
+        per month, not a Python step per pair (the usual batch: yes)."""
+        if not len(series):
+            return True
         if len(numbers) and int(numbers.min()) < 0:
             return False
-        g = numbers[batch.series.astype(np.intp)]
-        months = months_of_hours(batch.hours)
+        g = numbers[series.astype(np.intp)]
+        months = months_of_hours(hours)
         lo, hi = int(months.min()), int(months.max())
         # a mask per month of the range when it is short (a sort costs more)
         present = range(lo, hi + 1) if hi - lo < 64 else np.unique(months).tolist()

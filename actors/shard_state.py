@@ -138,10 +138,12 @@ class ShardState:
         self.unrecorded.add(sid)
         return self.live.add(sid)
 
-    def missing(self, batch: Batch, numbers: np.ndarray | None = None) -> list[MonthKey]:
+    def missing(self, batch: Batch, numbers: np.ndarray | None = None,
+                at: np.ndarray | None = None) -> list[MonthKey]:
         """(series, month) pairs of the batch whose stored base is not loaded yet;
-        ``numbers``: the series numbers of its sids, if known."""
-        return self.live.missing(batch, numbers)
+        ``numbers``: the series numbers of its sids, if known; ``at``: only these
+        aggregates, if given."""
+        return self.live.missing(batch, numbers, at)
 
     def install(self, keys: Iterable[MonthKey], docs: dict[MonthKey, MonthDoc]) -> None:
         """Take stored bases for ``keys``; a key already present is kept (it is newer)."""
@@ -226,10 +228,13 @@ class ShardState:
         if numbers is None:  # (``numbers``: the sids' series numbers, -1 if not held)
             numbers = self.live.numbers(batch.sids)
         rows = self._held_rows(batch, numbers)
-        missing = [] if rows is not None else self.missing(batch, numbers)
+        # only aggregates without a block yet can need a month loaded
+        absent = None if rows is None else np.flatnonzero(rows < 0)
+        missing = ([] if absent is not None and not len(absent)
+                   else self.missing(batch, numbers, absent))
         new: list[str] = []
         if missing:
-            numbers = None  # series are installed: their numbers change
+            numbers = rows = None  # series are installed: their numbers change
             try:
                 docs = load(missing)
             except Exception as e:  # the store is down: refuse, the client backs off and resends
@@ -269,21 +274,26 @@ class ShardState:
         return self.marks.holding_ck(producer, changed, self.inflight)
 
     def _held_rows(self, batch: Batch, numbers: np.ndarray) -> np.ndarray | None:
-        """The block rows of a batch's aggregates when each has one already (the usual
-        batch), else None. A block is there only while its series' month is live
-        (``evict`` frees a month's blocks before it releases the month), so such a batch
-        needs nothing loaded: one lookup answers both questions."""
+        """The block rows of a batch's aggregates (-1: no block yet), or None when a series
+        is not held. A block is there only while its series' month is live (``evict``
+        frees a month's blocks before it releases the month), so only the aggregates
+        without one can need a month loaded: for the usual batch, none."""
         if not len(batch) or int(numbers.min()) < 0:
             return None
         g = numbers[batch.series.astype(np.intp)]
-        rows = self.blocks.find(g, batch.hours // 24)
-        return rows if int(rows.min()) >= 0 else None
+        return self.blocks.find(g, batch.hours // 24)
 
     def _locate(self, batch: Batch, numbers: np.ndarray | None = None,
                 rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Block rows and hours of day of a batch's aggregates (all months loaded);
-        ``rows``: the rows, when the caller found them."""
+        ``rows``: the rows the caller found (``_held_rows``), -1 where a block is made."""
         if rows is not None:
+            absent = np.flatnonzero(rows < 0)
+            if len(absent):
+                assert numbers is not None
+                g = numbers[batch.series[absent].astype(np.intp)]
+                rows = rows.copy()
+                rows[absent] = self.blocks.locate(g, batch.hours[absent] // 24, self.live.count)
             return rows, batch.hours % 24
         if numbers is None:
             numbers = self.live.numbers(batch.sids)
