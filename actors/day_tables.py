@@ -86,13 +86,6 @@ class DayTables:
         found[inside] = cells[start[inside] + g[inside]]
         return found
 
-    def block(self, day: int, g: int) -> int:
-        """The block row of one (series number, day); NONE if none."""
-        r = self.row_of.get(day)
-        if r is None or g >= self.width:
-            return NONE
-        return int(self.rows[r, g])
-
     # ---- changing ----------------------------------------------------------
 
     def put(self, g: np.ndarray, days: np.ndarray, rows: np.ndarray, series_count: int) -> None:

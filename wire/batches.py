@@ -152,11 +152,11 @@ class Batch:
     def partition(self, owner: np.ndarray) -> dict[int, Batch]:
         """The batch cut by ``owner`` (an int per sid): what ``select`` gives for each
         owner's aggregates, with one sort for all parts rather than a pass per part."""
-        if len(owner) > 1 and bool((owner[1:] >= owner[:-1]).all()):
-            used = np.zeros(len(owner), np.bool_)
-            used[self.series] = True
-            if used.all():  # (``select`` drops a sid no aggregate references)
-                return self._slices(owner)
+        used = np.zeros(len(self.sids), np.bool_)
+        used[self.series] = True
+        every = bool(used.all())  # (``select`` drops a sid no aggregate references)
+        if every and len(owner) > 1 and bool((owner[1:] >= owner[:-1]).all()):
+            return self._slices(owner)
         if len(owner) and int(owner.min()) >= 0 and int(owner.max()) < 1 << 16:
             owner = owner.astype(np.uint16)  # a stable sort of 16-bit keys is a radix sort
         per = owner[self.series]
@@ -165,9 +165,7 @@ class Batch:
         cuts = np.flatnonzero(per_sorted[1:] != per_sorted[:-1]) + 1
         starts = np.concatenate(([0], cuts)).tolist()
         ends = [*cuts.tolist(), len(per)]
-        used = np.zeros(len(self.sids), np.bool_)
-        used[self.series] = True
-        if not used.all():  # a sid no aggregate references: ``select`` drops it
+        if not every:  # a sid no aggregate references: ``select`` drops it
             return {int(per_sorted[a]): self.select(per == per_sorted[a]) for a in starts}
         # each sid's index among its owner's sids (kept in sorted order)
         by_owner = np.argsort(owner, kind="stable")
