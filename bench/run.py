@@ -63,9 +63,10 @@ class BenchConfig:
     # tally serve --http-gateways-per-node: queries get a gateway process of their own,
     # so that the query phase measures queries, not waiting behind frame decoding
     http_gateways_per_node: int = 1
-    # tally serve --cpu-affinity: the TCP gateway keeps a core of its own, which is what a
-    # dedicated node would run (actors/affinity.py); "off" measures the kernel's placement
-    cpu_affinity: str = "gateways"
+    # tally serve --cpu-affinity: "off", as tally serve runs by default, the kernel placing
+    # every process; "gateways" gives the TCP gateway a core of its own (actors/affinity.py),
+    # which leaves the shards one core where they are the bound (docs/performance.md)
+    cpu_affinity: str = "off"
     peer: str | None = None  # "clickhouse": the same batches into chDB, side by side
 
     def problems(self) -> list[str]:
