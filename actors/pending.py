@@ -13,6 +13,14 @@ import numpy as np
 
 PENDING_ROWS = 4096  # rows of pending deltas kept between checkpoints, at least
 SAFE = 2**62  # a delta within this plus a value within it cannot leave int64
+# The table's widths, narrowest first, and the largest delta each holds.
+WIDTHS = ((np.dtype(np.int16), 2**15 - 1), (np.dtype(np.int32), 2**31 - 1),
+          (np.dtype(np.int64), 2**63 - 1))
+
+
+def width_for(bound: int) -> np.dtype:
+    """The narrowest of ``WIDTHS`` holding every delta within ``bound``."""
+    return next(dtype for dtype, top in WIDTHS if bound <= top)
 
 
 class PendingDeltas:
@@ -24,7 +32,14 @@ class PendingDeltas:
     slots to write, in fresh arrays whose pages the kernel must zero, and
     summing them took a large share of the shard's time (docs/performance.md).
     Here an aggregate costs one add into a slot, and a checkpoint takes the
-    slots as they are. A slot's delta
+    slots as they are.
+
+    The table is as narrow as its deltas allow (``WIDTHS``): int16 while no
+    delta since the last checkpoint can pass 2**15 (``bound``), widened in one
+    copy when one could. A wide stream changes about one hour of each block it
+    touches, so a checkpoint scans and clears 24 entries per changed slot:
+    narrow entries are a quarter of the bytes to scan, clear and miss in cache.
+    A slot's delta
     that leaves int64 (its hour's total, which stays within int64, moved by
     more than 2**63 since the last checkpoint) refuses the batch (``overflows``),
     but an undo cannot be refused: its delta is kept exactly, as a Python int in
@@ -35,14 +50,15 @@ class PendingDeltas:
     __slots__ = ("table", "at", "block", "rows", "slots", "wide", "bound")
 
     def __init__(self, blocks: int) -> None:
-        self.table = np.zeros((PENDING_ROWS, 24), np.int64)
+        self.table = np.zeros((PENDING_ROWS, 24), WIDTHS[0][0])
         self.at = np.full(blocks, -1, np.int32)  # block row -> its row of table, -1: none
         self.block = np.zeros(PENDING_ROWS, np.int64)  # row of table -> its block row
         self.rows = 0  # rows of table in use
         self.slots = 0  # nonzero entries of table and of wide
         self.wide: dict[int, int] = {}  # row of table * 24 + hour of day -> delta
         # no delta in table is beyond this (the values added since ``take``, each batch's
-        # largest): below SAFE, no add can wrap and none needs the check
+        # largest): within the table's width; below SAFE, no int64 add can wrap and none
+        # needs the check
         self.bound = 0
 
     def reserve(self, blocks: int) -> None:
@@ -60,7 +76,7 @@ class PendingDeltas:
         at = self.at[rows]
         known = at >= 0
         if known.all():
-            return at, self.table[at, hod]
+            return at, self.table[at, hod].astype(np.int64)
         before = np.zeros(len(at), np.int64)
         before[known] = self.table[at[known], hod[known]]
         return at, before
@@ -82,7 +98,7 @@ class PendingDeltas:
             n, m = self.rows, self.rows + len(new)
             if m > len(self.table):
                 size = max(m, len(self.table) + len(self.table) // 2)
-                table = np.zeros((size, 24), np.int64)
+                table = np.zeros((size, 24), self.table.dtype)
                 table[:n] = self.table[:n]
                 block = np.zeros(size, np.int64)
                 block[:n] = self.block[:n]
@@ -92,11 +108,14 @@ class PendingDeltas:
             self.rows = m
             at = self.at[rows]
         flat = at.astype(np.int64) * 24 + hod  # (one gather and one scatter, not 2-D ones)
+        self.bound += max(int(values.max()), -int(values.min())) if len(values) else 0
+        dtype = width_for(min(self.bound, SAFE))
+        if dtype.itemsize > self.table.itemsize:
+            self.table = self.table.astype(dtype)
         cells = self.table.reshape(-1)
-        before = cells[flat]
+        before = cells[flat].astype(np.int64, copy=False)
         with np.errstate(over="ignore"):
             after = before + values
-        self.bound += max(int(values.max()), -int(values.min())) if len(values) else 0
         if self.wide or self.bound >= SAFE:
             # an int64 sum wrapped where its sign differs from both operands' signs
             wrapped = ((before ^ after) & (values ^ after)) < 0
@@ -125,10 +144,8 @@ class PendingDeltas:
         Deltas are int64, or Python ints (dtype object) if one left int64."""
         n = self.rows
         used = self.table[:n]
-        # (one index array, not two; and from a bool mask, which it scans faster than int64)
-        flat = np.flatnonzero(used != 0)
+        flat, vals = _nonzero(used.reshape(-1))
         at, hod = np.divmod(flat, 24)
-        vals = used.reshape(-1)[flat]
         if self.wide:
             keys = np.fromiter(self.wide, np.int64, len(self.wide))
             at = np.concatenate((at, keys // 24))
@@ -142,16 +159,40 @@ class PendingDeltas:
         # Room for as many rows as this checkpoint took, and a quarter more: the next
         # interval of a steady stream needs about as many, and a table regrown from
         # small by doubling at every interval copies itself over and over. Only a
-        # table far larger than that (a burst is over) gives its pages back.
+        # table far larger than that (a burst is over) gives its pages back. The width
+        # starts narrow again: the next interval's deltas may fit.
         keep = max(PENDING_ROWS, n + n // 4)
+        narrow = WIDTHS[0][0]
         if len(self.table) > 2 * keep:
-            self.table = np.zeros((keep, 24), np.int64)
+            self.table = np.zeros((keep, 24), narrow)
             self.block = np.zeros(keep, np.int64)
+        elif self.table.dtype != narrow:
+            self.table = np.zeros(self.table.shape, narrow)
         else:
             used[:] = 0
         self.rows = self.slots = self.bound = 0
         self.wide = {}
         return rows, hod.astype(np.int64), vals
+
+
+def _nonzero(cells: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The indexes and values (as int64) of the nonzero entries of contiguous ``cells``.
+
+    Read 8 bytes at a time: the words holding something first, then their entries. A
+    wide stream's changed blocks hold about one nonzero hour each, so this scans a
+    quarter of the entries an int16 scan would (and from a bool mask, which
+    ``flatnonzero`` scans faster than integers).
+    """
+    lanes = 8 // cells.itemsize
+    if lanes == 1 or len(cells) % lanes:
+        flat = np.flatnonzero(cells != 0)
+        return flat, cells[flat].astype(np.int64, copy=False)
+    whole = cells.view(np.uint64)
+    words = np.flatnonzero(whole != 0)
+    held = whole[words].view(cells.dtype)  # the entries of those words
+    k = np.flatnonzero(held != 0)
+    flat = words[k // lanes] * lanes + k % lanes
+    return flat, held[k].astype(np.int64, copy=False)
 
 
 def _distinct(keys: np.ndarray, scratch: np.ndarray) -> np.ndarray:

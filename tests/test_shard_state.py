@@ -193,7 +193,8 @@ def test_a_log_that_sums_to_nothing_is_still_written_when_summed_later(store):
 def test_pending_deltas_sum_per_slot_exactly_even_past_int64(seed: int) -> None:
     # Batches add at distinct (block row, hour) slots, as aggregates do; a checkpoint takes
     # each slot's sum, zero sums dropped, and the dirty count is the nonzero slots. Sums
-    # that leave int64 (an hour moved by more than 2**63 between checkpoints) stay exact.
+    # that leave int64 (an hour moved by more than 2**63 between checkpoints) stay exact,
+    # and so do sums that pass the table's narrower widths (int16, int32) mid-interval.
     import numpy as np
 
     from tally.actors.pending import PendingDeltas
@@ -201,14 +202,21 @@ def test_pending_deltas_sum_per_slot_exactly_even_past_int64(seed: int) -> None:
     rng = np.random.default_rng(seed)
     pending = PendingDeltas(64)
     pending.reserve(500)
-    for _ in range(3):  # take() leaves nothing behind
+    # take() leaves nothing behind; the first interval's deltas fit int16 all along, the
+    # second's int32, the third's may not even fit int64
+    for interval in range(3):
         expected: dict[tuple[int, int], int] = {}
         for _ in range(int(rng.integers(1, 40))):
             n = int(rng.integers(1, 200))
             slots = rng.choice(500 * 24, size=min(n, 500 * 24), replace=False)
             rows, hod = slots // 24, slots % 24
-            if rng.random() < 0.3:  # values near the int64 edges
+            edge = [1.0, 0.2, rng.random()][interval]
+            if edge < 0.1:  # values near the int64 edges
                 vals = rng.choice([2**62, -(2**62), 2**63 - 1, -(2**63) + 1, 5], size=len(rows))
+            elif edge < 0.15:  # ... near the int32 edges
+                vals = rng.choice([2**31 - 1, 2**31, -(2**31), 5], size=len(rows))
+            elif edge < 0.35:  # ... past int16's
+                vals = rng.choice([2**15 - 1, 2**15, -(2**15), 70_000, -3, 5], size=len(rows))
             else:
                 vals = rng.integers(-3, 4, len(rows))
             vals = vals.astype(np.int64)
@@ -222,7 +230,7 @@ def test_pending_deltas_sum_per_slot_exactly_even_past_int64(seed: int) -> None:
         got = dict(zip(zip(rows.tolist(), hod.tolist(), strict=True), sums.tolist(), strict=True))
         assert got == {k: v for k, v in expected.items() if v}
         assert len(got) == len(rows) and rows.dtype == hod.dtype == np.int64
-        assert sums.dtype == (object if any(abs(v) > 2**63 - 1 for v in got.values())
+        assert sums.dtype == (object if any(not -(2**63) <= v < 2**63 for v in got.values())
                               else np.int64)
         assert pending.slots == pending.rows == 0
 
