@@ -38,6 +38,9 @@ from tally.wire.registry import SeriesRegistry
 
 SHARDS = 4
 PART = 25_000  # a 100,000-increment frame's part for one of four shards
+# distinct frames cycled, as ``tally bench`` does by default (--distinct-frames): the
+# slots a stream reaches between checkpoints, and how much of them a cache holds, follow
+DISTINCT = 32
 CHECKPOINT_EVERY = 20  # parts between a shard's checkpoints (about its interval's worth)
 
 
@@ -54,7 +57,7 @@ def gateway(work: Workload) -> Callable[[], int]:
     router = Router(SHARDS)
     table = ConnectionTable()
     table.define(SeriesTable(0, work.series), router.registry)
-    chunks = work.columnar_chunks(100_000, distinct=8, table=True)
+    chunks = work.columnar_chunks(100_000, distinct=DISTINCT, table=True)
     sent = [Sent() for _ in range(SHARDS)]
     at = [0]
 
@@ -73,7 +76,7 @@ def gateway(work: Workload) -> Callable[[], int]:
 def gateway_rows(work: Workload) -> Callable[[], int]:
     """5,000-row frames as the TCP server reads them: scan, batch, split, encode parts."""
     router = Router(SHARDS)
-    frames = [frame(c, k + 1) for k, c in enumerate(work.row_chunks(5000, distinct=32))]
+    frames = [frame(c, k + 1) for k, c in enumerate(work.row_chunks(5000, distinct=DISTINCT))]
     decoder, known = FrameDecoder(scan_rows=True), KnownSeries()
     sent = [Sent() for _ in range(SHARDS)]
     for f in frames:  # the connection has read its series once, as a long-lived one has
@@ -95,7 +98,13 @@ def gateway_rows(work: Workload) -> Callable[[], int]:
 
 class _Shard:
     """One shard fed parts as its socket brings them (numbered series, msgpack), with a
-    SQLite checkpoint every ``CHECKPOINT_EVERY`` parts, timed apart."""
+    SQLite checkpoint every ``CHECKPOINT_EVERY`` parts, timed apart.
+
+    It holds what one of ``SHARDS`` shards holds of the cell: a share of its series,
+    reached by ``DISTINCT`` distinct parts. (All the cell's series in one shard, cycled
+    through a few parts, kept the slots a checkpoint takes few and in cache, and
+    measured about twice what a shard of the service gets through.)
+    """
 
     def __init__(self, work: Workload, folder: str, runs: bool = True) -> None:
         self.store = SqliteStore(f"{folder}/shard.db", runs=runs)
@@ -104,7 +113,8 @@ class _Shard:
         registry = SeriesRegistry(1)
         now = time.time()
         self.parts = []
-        for c in work.columnar_chunks(PART, distinct=8):
+        work = Workload(max(1, len(work.series) // SHARDS), work.hours)  # (its share)
+        for c in work.columnar_chunks(PART, distinct=DISTINCT):
             assert c.i is not None and c.ts is not None and c.v is not None
             part = columnar_batch(work.series, c.i.tobytes(), c.ts.tobytes(), c.v.tobytes(),
                                   now)
