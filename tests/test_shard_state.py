@@ -458,3 +458,38 @@ def test_a_slice_that_fails_leaves_the_state_refusing_everything(store, monkeypa
         state.begin_checkpoint()
     with pytest.raises(RuntimeError, match="half written"):
         state.ingest(batch(1), store.load_months, "p", 1, None)
+
+
+@pytest.mark.parametrize("far", [False, True])
+def test_a_checkpoints_slots_come_by_document_with_their_hours_in_order(far: bool) -> None:
+    # Taken.slots groups a checkpoint's slots per (series, month) document, the documents
+    # in series then month order and each one's hours in order, whatever order the slots
+    # were taken in. ``far``: hours 50 years apart over many series, beyond what the
+    # 4-byte sort key holds, so the 8-byte one sorts them.
+    import numpy as np
+
+    from tally.actors.day_blocks import DAY_BITS, Taken
+    from tally.wire.timeslots import month_of_hour
+
+    rng = np.random.default_rng(3)
+    n = 5_000
+    series = rng.integers(0, 20_000 if far else 50, n).astype(np.int64)
+    now = 500_000
+    hours = now - rng.integers(0, 24 * 60, n)
+    if far:
+        hours[::7] -= 50 * 8766
+    pairs = dict.fromkeys(zip(series.tolist(), hours.tolist(), strict=True))  # distinct
+    series = np.array([s for s, _ in pairs], np.int64)
+    hours = np.array([h for _, h in pairs], np.int64)
+    values = rng.integers(1, 9, len(hours)).astype(np.int64)
+    taken = Taken(np.arange(len(hours)), hours % 24, values, series << DAY_BITS | hours // 24)
+    sids = [f"s{k:05d}" for k in range(20_000)]
+    got = taken.slots(sids)
+
+    expected: dict[tuple[str, str], dict[int, int]] = {}
+    for s, h, v in zip(series.tolist(), hours.tolist(), values.tolist(), strict=True):
+        expected.setdefault((sids[s], month_of_hour(h)), {})[h] = v
+    assert got.to_deltas() == expected
+    assert got.doc_keys() == sorted(expected)  # (the sids sort as their numbers do)
+    for _, slots in got.documents():
+        assert [h for h, _ in slots] == sorted(h for h, _ in slots)
