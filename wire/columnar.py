@@ -175,8 +175,10 @@ def table_batch(
                                 f"table has {count} entries")
         raise _bad_row(bad, ts_problem(int(ta[bad]), limit) or "invalid ts")
     if distinct:
-        used = np.bincount(ia, minlength=count) > 0
-        gn = entries[used]
+        # (a scatter of True and a gather by index: quicker than a count and a mask)
+        used = np.zeros(count, np.bool_)
+        used[ia] = True
+        gn = entries[np.flatnonzero(used)]
         sidx = (np.cumsum(used) - 1)[ia]
     else:
         gn, sidx = np.unique(entries[ia], return_inverse=True)
