@@ -628,3 +628,17 @@ def test_a_batch_crosses_a_shards_socket_exactly(value: int) -> None:
     assert len(wire["hours"]) == 4 * len(batch)
     wire["hours"] = wire["hours"][:-1]
     assert Batch.from_wire(wire) is None
+
+
+def test_a_wide_batch_with_a_few_repeated_slots_sums_them_exactly() -> None:
+    # Increments spread over years of hours, a few of them landing on a slot another
+    # already holds: the sort path sums only the repeats. Each aggregate's count, sum and
+    # first row must be those of all its increments, whichever of them the sort put first.
+    rnd = random.Random(11)
+    incs = [(rnd.randrange(len(POOL)), T - rnd.randrange(3 * 365 * 24) * 3600, rnd.randrange(-5, 9))
+            for _ in range(3000)]
+    incs += [incs[rnd.randrange(len(incs))] for _ in range(150)]  # repeats, anywhere after
+    rnd.shuffle(incs)
+    got = run_both(incs, NOW, rnd)
+    assert isinstance(got, Batch) and len(got) < len(incs) - 100
+    assert as_dict(got) == oracle(incs, NOW)

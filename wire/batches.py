@@ -383,13 +383,26 @@ def _aggregate(sids: list[str], sidx: np.ndarray, ts: np.ndarray, v: np.ndarray)
         return Batch(sids, sidx[order].astype(np.uint32), hours[order], v[order],
                      order.astype(np.int64), np.ones(n, np.int64), n)
     rep = order[starts]
+    counts = np.diff(np.append(starts, n)).astype(np.int64)
+    if n - len(starts) <= n // 8:
+        # Few slots repeat (a wide frame, nearly always): each aggregate is its first
+        # increment, and only the repeats are added in, rather than reducing every run.
+        # (The sort is not stable: an aggregate's first row is its least index.)
+        vs = v[order]
+        repeat = np.flatnonzero(~brk) + 1
+        of = np.searchsorted(starts, repeat, side="right") - 1
+        sums = vs[starts]
+        np.add.at(sums, of, vs[repeat])
+        first = rep.astype(np.int64)
+        np.minimum.at(first, of, order[repeat])
+        return Batch(sids, sidx[rep].astype(np.uint32), hours[rep], sums, first, counts, n)
     return Batch(
         sids,
         sidx[rep].astype(np.uint32),
         hours[rep],
         np.add.reduceat(v[order], starts),
         np.minimum.reduceat(order, starts).astype(np.int64),
-        np.diff(np.append(starts, n)).astype(np.int64),
+        counts,
         n,
     )
 
