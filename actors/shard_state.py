@@ -29,7 +29,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from tally.actors.day_blocks import DAY_BITS, DayBlocks, Taken, beyond_big
+from tally.actors.day_blocks import BIG, DAY_BITS, NARROW, DayBlocks, Taken, beyond_big
 from tally.actors.history import DEFAULT_BYTES, History
 from tally.actors.live_series import LiveSeries
 from tally.actors.marks import NO_SEQ, Marks
@@ -317,6 +317,11 @@ class ShardState:
         old = blocks.get(rows, hod)
         with np.errstate(over="ignore"):
             new = old + values
+        if (not blocks.wide_blocks and not blocks.big
+                and max(int(values.max()), -int(values.min())) <= BIG - NARROW):
+            # Every hour held is within ±NARROW and no value passes BIG - NARROW: no sum
+            # can wrap or pass BIG, so no slot, day or pending delta needs a check.
+            return rows, hod, new
         wrapped = ((old ^ new) & (values ^ new)) < 0  # (the sum's sign differs from both)
         bad: list[tuple[int, str]] = []
         for n in np.flatnonzero(wrapped).tolist():
