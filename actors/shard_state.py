@@ -234,7 +234,7 @@ class ShardState:
                    else self.missing(batch, numbers, absent))
         new: list[str] = []
         if missing:
-            numbers = rows = None  # series are installed: their numbers change
+            numbers = rows = absent = None  # series are installed: their numbers change
             try:
                 docs = load(missing)
             except Exception as e:  # the store is down: refuse, the client backs off and resends
@@ -243,7 +243,7 @@ class ShardState:
             new = list(dict.fromkeys(sid for sid, _ in missing if sid not in known))
             self.install(missing, docs)
         try:
-            rows, hod, sums = self._checked(batch, numbers, rows)
+            rows, hod, sums = self._checked(batch, numbers, rows, absent)
         except SlotOverflow as e:
             return Ingested.refused(Outcome.BAD_ROW, str(e), e.aggregate)
         except DeltaOverflow as e:
@@ -284,11 +284,14 @@ class ShardState:
         return self.blocks.find(g, batch.hours // 24)
 
     def _locate(self, batch: Batch, numbers: np.ndarray | None = None,
-                rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+                rows: np.ndarray | None = None, absent: np.ndarray | None = None
+                ) -> tuple[np.ndarray, np.ndarray]:
         """Block rows and hours of day of a batch's aggregates (all months loaded);
-        ``rows``: the rows the caller found (``_held_rows``), -1 where a block is made."""
+        ``rows``: the rows the caller found (``_held_rows``), -1 where a block is made,
+        at ``absent`` (found from ``rows`` if not given)."""
         if rows is not None:
-            absent = np.flatnonzero(rows < 0)
+            if absent is None:
+                absent = np.flatnonzero(rows < 0)
             if len(absent):
                 assert numbers is not None
                 g = numbers[batch.series[absent].astype(np.intp)]
@@ -305,13 +308,14 @@ class ShardState:
         return rows, hours % 24
 
     def _checked(self, batch: Batch, numbers: np.ndarray | None = None,
-                 rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                 rows: np.ndarray | None = None, absent: np.ndarray | None = None
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The batch's slots (block rows, hours of day) and their totals with it, once no
         slot, day or pending delta would leave int64 (SlotOverflow, DeltaOverflow)."""
         if not len(batch):
             empty = np.empty(0, np.int64)
             return empty, empty, empty
-        rows, hod = self._locate(batch, numbers, rows)
+        rows, hod = self._locate(batch, numbers, rows, absent)
         blocks = self.blocks
         values = batch.values
         old = blocks.get(rows, hod)
