@@ -17,6 +17,7 @@ indexed by block row, so they grow with the slab.
 
 from __future__ import annotations
 
+import itertools
 from typing import NamedTuple
 
 import numpy as np
@@ -211,11 +212,22 @@ class DayBlocks:
 
     def set_hours(self, g: int, hours: dict[int, int], series_count: int = 0) -> None:
         """Write a stored month's ``{absolute hour: total}`` into series ``g``'s blocks."""
-        if not hours:
+        self.set_many_hours([(g, hours)], series_count)
+
+    def set_many_hours(self, months: list[tuple[int, dict[int, int]]],
+                       series_count: int = 0) -> None:
+        """``set_hours`` for each (series number, stored month's hours), in one step."""
+        months = [(g, hours) for g, hours in months if hours]
+        if not months:
             return
-        at = np.fromiter(hours, np.int64, len(hours))
-        totals = np.fromiter(hours.values(), np.int64, len(hours))  # (stored totals are int64)
-        rows = self.locate(np.full(len(at), g, np.int64), at // 24, max(series_count, g + 1))
+        n = sum(len(hours) for _, hours in months)
+        g = np.fromiter(itertools.chain.from_iterable(
+            itertools.repeat(g, len(hours)) for g, hours in months), np.int64, n)
+        at = np.fromiter(itertools.chain.from_iterable(
+            hours for _, hours in months), np.int64, n)
+        totals = np.fromiter(itertools.chain.from_iterable(  # (stored totals are int64)
+            hours.values() for _, hours in months), np.int64, n)
+        rows = self.locate(g, at // 24, max(series_count, int(g.max()) + 1))
         self._put(rows, at % 24, totals)
         self.big.update(rows[beyond_big(totals)].tolist())
 

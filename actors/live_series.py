@@ -128,7 +128,10 @@ class LiveSeries:
     def missing(self, batch: Batch, numbers: np.ndarray | None = None,
                 at: np.ndarray | None = None) -> list[MonthKey]:
         """(series, month) pairs of the batch not live yet; ``numbers``: the series
-        numbers of its sids, if known; ``at``: only these aggregates, if given."""
+        numbers of its sids, if known; ``at``: only these aggregates, if given.
+
+        A backfill over a year names hundreds of thousands of such pairs in a few
+        batches, so they are found with a mask per month, not a step per pair."""
         if not len(batch):
             return []
         if numbers is None:
@@ -138,17 +141,54 @@ class LiveSeries:
             series, hours = series[at], hours[at]
         if self._all_loaded(series, hours, numbers):
             return []
-        listed = numbers.tolist()
         pairs = np.unique(series.astype(np.int64) << MONTH_BITS | months_of_hours(hours))
-        low = (1 << MONTH_BITS) - 1
-        loaded = self.loaded
-        out: list[MonthKey] = []
-        for p in pairs.tolist():
-            s, m = p >> MONTH_BITS, p & low
-            g = listed[s]
-            if g < 0 or g not in loaded.get(m, ()):
-                out.append((batch.sids[s], month_name(m)))
-        return out
+        s = pairs >> MONTH_BITS
+        m = pairs & ((1 << MONTH_BITS) - 1)
+        g = numbers[s]
+        need = g < 0
+        names = {}
+        for mno in np.unique(m).tolist():
+            names[mno] = month_name(mno)
+            held = self._held.get(mno)
+            if held is None:
+                need[m == mno] = True
+                continue
+            at_m = np.flatnonzero((m == mno) & ~need)
+            gm = g[at_m]
+            live = gm < len(held)
+            live[live] = held[gm[live]]
+            need[at_m[~live]] = True
+        if not need.all():
+            s, m = s[need], m[need]
+        sids = batch.sids
+        named = (list(map(sids.__getitem__, s.tolist())) if isinstance(sids, list)
+                 else sids[s].tolist())
+        return list(zip(named, map(names.__getitem__, m.tolist()), strict=True))
+
+    def hold_many(self, g: np.ndarray, mnos: np.ndarray) -> np.ndarray:
+        """``hold`` for each (series number, month number) pair; which pairs were not
+        held before (a pair named twice counts once, at its first place)."""
+        fresh = np.zeros(len(g), np.bool_)
+        for mno in np.unique(mnos).tolist():
+            at_m = np.flatnonzero(mnos == mno)
+            gm = g[at_m]
+            held = self._held.get(mno)
+            top = int(gm.max())
+            if held is None or top >= len(held):
+                grown = np.zeros(max(1024, 2 * top + 1, len(self.keys)), np.bool_)
+                if held is not None:
+                    grown[:len(held)] = held
+                held = self._held[mno] = grown
+            _, first = np.unique(gm, return_index=True)
+            first = first[~held[gm[first]]]
+            if not len(first):
+                continue
+            new = gm[first]
+            held[new] = True
+            self.loaded.setdefault(mno, set()).update(new.tolist())
+            self._months_held[new] += 1
+            fresh[at_m[first]] = True
+        return fresh
 
     def _all_loaded(self, series: np.ndarray, hours: np.ndarray, numbers: np.ndarray) -> bool:
         """Whether every (series, month) of these aggregates is live: a gather of bools

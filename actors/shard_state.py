@@ -146,18 +146,36 @@ class ShardState:
         return self.live.missing(batch, numbers, at)
 
     def install(self, keys: Iterable[MonthKey], docs: dict[MonthKey, MonthDoc]) -> None:
-        """Take stored bases for ``keys``; a key already present is kept (it is newer)."""
-        for sid, month in keys:
-            g = self.live.series.get(sid)
-            if g is None:
-                g = self._add_series(sid)
-            mno = month_number(month)
-            if not self.live.hold(g, mno):
-                continue
-            self.history.drop((sid, mno))  # live from now on; the copy would go stale
-            doc = docs.get((sid, month))
+        """Take stored bases for ``keys``; a key already present is kept (it is newer).
+
+        A backfill installs hundreds of thousands of months a batch, most of them
+        with no stored document: the months are held per month number, and only the
+        documents found are written into blocks, together."""
+        keys = list(keys)
+        if not keys:
+            return
+        live = self.live
+        sids = [sid for sid, _ in keys]
+        for sid in dict.fromkeys(sids):
+            if sid not in live.series:
+                self._add_series(sid)
+        g = live.numbers(sids)
+        number_of = {month: month_number(month) for month in {month for _, month in keys}}
+        mnos = np.fromiter(map(number_of.__getitem__, (m for _, m in keys)), np.int64,
+                           len(keys))
+        fresh = live.hold_many(g, mnos)
+        history = self.history
+        if not docs and not len(history):
+            return
+        found: list[tuple[int, dict[int, int]]] = []
+        for k in np.flatnonzero(fresh).tolist():
+            key = keys[k]
+            if len(history):
+                history.drop((key[0], int(mnos[k])))  # live from now on; the copy would go stale
+            doc = docs.get(key)
             if doc is not None and doc.hours:
-                self.blocks.set_hours(g, doc.hours, self.live.count)
+                found.append((int(g[k]), doc.hours))
+        self.blocks.set_many_hours(found, live.count)
 
     # ---- applying ------------------------------------------------------
 

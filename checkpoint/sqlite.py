@@ -44,8 +44,8 @@ from tally.checkpoint.slots import Slots
 from tally.checkpoint.sqlite_runs import Pending, RunLog
 from tally.checkpoint.sqlite_schema import (
     CLAIM,
+    IN_CHUNK,
     MONTH_CK,
-    MONTH_SLOTS,
     PEAK_BOUND,
     SCHEMA,
     UPSERT_MARK,
@@ -321,32 +321,59 @@ class SqliteStore:
             ).fetchall()
         return ShardRecord(ck=row[0] if row else 0, producers=dict(marks))
 
-    @staticmethod
-    def _month_doc(conn: sqlite3.Connection, sid: str, s: int, month: str, ck: int
-                   ) -> MonthDoc:
-        first, end = month_hours(month)
-        hours = dict(conn.execute(MONTH_SLOTS, (s, first, end)).fetchall())
-        return MonthDoc(sid=sid, month=month, hours=hours, ck=ck)
-
     def load_months(self, keys: list[MonthKey]) -> dict[MonthKey, MonthDoc]:
+        # A backfill asks for hundreds of thousands of months at once, most of them
+        # never stored: the series' row ids come from the cache or a statement per
+        # ``IN_CHUNK`` series, and the months and their slots from statements per month
+        # and chunk, not a statement per document.
         out: dict[MonthKey, MonthDoc] = {}
+        wanted = list(dict.fromkeys(keys))
+        if not wanted:
+            return out
+        for month in {month for _, month in wanted}:
+            check_month(month)
         with (
-            self._errors(f"loading {len(keys)} month documents"),
+            self._errors(f"loading {len(wanted)} month documents"),
             self._transaction(write=False) as conn,
         ):
-            for sid, month in dict.fromkeys(keys):
-                row = conn.execute(
-                    "SELECT n.id, m.ck FROM series n JOIN months m ON m.s = n.id "
-                    "WHERE n.sid = ? AND m.month = ?", (sid, check_month(month))
-                ).fetchone()
-                if row is not None:
-                    out[(sid, month)] = self._month_doc(conn, sid, row[0], month, row[1])
+            sids = list(dict.fromkeys(sid for sid, _ in wanted))
+            cached = self._ids.get(sids)
+            ids = dict(zip(sids, cached.tolist(), strict=True))
+            ids.update(row_ids(conn, [sids[k] for k in np.flatnonzero(cached < 0).tolist()]))
+            stored = [(sid, ids[sid], month) for sid, month in wanted if ids[sid] >= 0]
+            by_month: dict[str, dict[int, str]] = {}
+            for sid, s, month in stored:
+                by_month.setdefault(month, {})[s] = sid
+            for month, sid_of in by_month.items():
+                self._read_docs(conn, month, sid_of, out)
             pending = self._runs.pending(conn)
             if pending:
-                ids = row_ids(conn, list(dict.fromkeys(sid for sid, _ in keys)))
-                self._add_runs(conn, pending, out, [
-                    (sid, ids[sid], month) for sid, month in dict.fromkeys(keys) if sid in ids])
+                self._add_runs(conn, pending, out, stored)
         return out
+
+    @staticmethod
+    def _read_docs(conn: sqlite3.Connection, month: str, sid_of: dict[int, str],
+                   out: dict[MonthKey, MonthDoc]) -> None:
+        """Add to ``out`` the stored documents of ``month`` of the series ``sid_of``
+        (row id -> sid) that have one."""
+        first, end = month_hours(month)
+        ids = list(sid_of)
+        for a in range(0, len(ids), IN_CHUNK):
+            part = ids[a:a + IN_CHUNK]
+            marks = ",".join("?" * len(part))
+            docs: dict[int, MonthDoc] = {}
+            for s, ck in conn.execute(
+                    f"SELECT s, ck FROM months WHERE month = ? AND s IN ({marks})",
+                    (month, *part)):
+                sid = sid_of[s]
+                docs[s] = out[(sid, month)] = MonthDoc(sid=sid, month=month, hours={}, ck=ck)
+            if not docs:
+                continue
+            held = list(docs)
+            for s, hour, value in conn.execute(
+                    f"SELECT s, hour, value FROM slots WHERE s IN ({','.join('?' * len(held))}) "
+                    "AND hour >= ? AND hour < ? AND value != 0", (*held, first, end)):
+                docs[s].hours[hour] = value
 
     def _add_runs(self, conn: sqlite3.Connection, pending: list[Pending],
                   out: dict[MonthKey, MonthDoc], wanted: list[tuple[str, int, str]]) -> None:
@@ -398,9 +425,8 @@ class SqliteStore:
                     "WHERE n.tenant = ? AND n.metric = ? AND m.month = ?" + tag_filter,
                     (tenant, metric, month, *tag_params),
                 ).fetchall()
-                for sid, s, ck in rows:
-                    if (sid, month) not in exclude:
-                        out[(sid, month)] = self._month_doc(conn, sid, s, month, ck)
+                self._read_docs(conn, month, {s: sid for sid, s, _ in rows
+                                              if (sid, month) not in exclude}, out)
             pending = self._runs.pending(conn)
             if pending:
                 series = conn.execute(

@@ -109,9 +109,6 @@ UPSERT_MONTH = (
 MONTH_CK = "SELECT ck FROM months WHERE s = ? AND month = ?"
 CHUNK = 1 << 16  # slot rows built at a time
 IN_CHUNK = 500  # ids looked up per statement (SQLite's bound on parameters is far above)
-MONTH_SLOTS = (
-    "SELECT hour, value FROM slots WHERE s = ? AND hour >= ? AND hour < ? AND value != 0"
-)
 
 
 def series_row(sid: str) -> tuple[str, str, str, str]:

@@ -10,7 +10,9 @@ import pytest
 from tally.actors.day_blocks import BLOCK_BYTES, NARROW, DayBlocks
 from tally.actors.shard_state import Applying, Outcome, ShardState
 from tally.checkpoint.sqlite import SqliteStore
+from tally.checkpoint.store import MonthDoc
 from tally.wire.batches import rows_batch
+from tally.wire.series import series_id
 from tally.wire.timeslots import month_days, month_number
 
 NOW = calendar.timegm((2026, 11, 20, 12, 0, 0))
@@ -144,6 +146,39 @@ def test_a_revert_after_the_month_was_evicted_reloads_it(store):
     restarted = ShardState(0, store.open_shard(0))
     restarted.ingest(batch(7), store.load_months, "p", 2, None)
     assert total(restarted) == 12
+
+
+def test_a_wide_backfill_installs_stored_months_once_and_counts_exactly(store):
+    """A backfill names hundreds of series-months a batch, some stored, some not, some
+    of series the store never saw; each is loaded once, and one already live keeps its
+    counts whatever a later install brings."""
+    ts = [calendar.timegm((2026, m, 3, 4, 0, 0)) for m in (8, 9, 10)]
+    first = ShardState(0, store.open_shard(0))
+    rows = [["acme", "m", {"n": str(n)}, ts[n % 3], n + 1] for n in range(900)]
+    assert first.ingest(rows_batch(rows, NOW), store.load_months, "p", 1, None).outcome \
+        is Outcome.APPLIED
+    checkpoint(first, store)
+    state = ShardState(0, store.open_shard(0))
+    again = [["acme", "m", {"n": str(n)}, t, 1] for n in range(0, 1200, 2) for t in ts]
+    loads: list[int] = []
+
+    def load(keys):
+        loads.append(len(keys))
+        return store.load_months(keys)
+
+    assert state.ingest(rows_batch(again, NOW), load, "p", 2, 1).outcome is Outcome.APPLIED
+    assert loads == [1800]  # 600 series x 3 months, in one call
+    sids = [series_id("acme", "m", {"n": str(n)}) for n in range(1200)]
+    h0, h1 = ts[0] // 3600, ts[2] // 3600 + 1
+    expected = [(n + 1 if n < 900 else 0) + (3 if n % 2 == 0 else 0) for n in range(1200)]
+    assert state.totals_of(sids, h0, h1, load) == expected
+    august = "2026-08"
+    state.install([(sids[0], august)], {(sids[0], august): MonthDoc(
+        sids[0], august, {ts[0] // 3600: 10**6}, ck=9)})
+    assert state.totals_of(sids, h0, h1, load) == expected
+    checkpoint(state, store)
+    assert ShardState(0, store.open_shard(0)).totals_of(sids, h0, h1, store.load_months) \
+        == expected
 
 
 SID = "acme|m|"

@@ -661,6 +661,35 @@ def test_load_months_returns_existing_documents_only(backend: Backend) -> None:
     assert store.load_months([]) == {}
 
 
+
+def test_a_backfill_loads_many_months_at_once_exactly(backend: Backend) -> None:
+    # A backfill asks for many (series, month) pairs in one call: more series than
+    # one statement names, months stored for some of them only, a second checkpoint
+    # adding to some documents, and series the store never saw.
+    store = backend.store
+    sids = [series_id("acme", "backfill", {"n": str(n)}) for n in range(1_100)]
+    months = ("2026-09", "2026-10", "2026-11")
+    first: dict[tuple[str, str], dict[int, int]] = {}
+    second: dict[tuple[str, str], dict[int, int]] = {}
+    for n, sid in enumerate(sids):
+        for m, month in enumerate(months):
+            if (n + m) % 3:
+                first[(sid, month)] = {hour(month, 1 + n % 28, m): n + 1}
+            if n % 7 == m:
+                second[(sid, month)] = {hour(month, 2 + n % 27, 5): -(n + 2)}
+    store.write_checkpoint(Checkpoint(0, 1, first, sids, {}))
+    store.write_checkpoint(Checkpoint(0, 2, second, [], {}))
+    expected: dict[tuple[str, str], MonthDoc] = {}
+    for key in {*first, *second}:
+        hours = {**first.get(key, {})}
+        for h, v in second.get(key, {}).items():
+            hours[h] = hours.get(h, 0) + v
+        expected[key] = MonthDoc(key[0], key[1], hours, ck=2 if key in second else 1)
+    never = [series_id("acme", "backfill", {"n": f"never-{n}"}) for n in range(600)]
+    asked = [(sid, month) for sid in [*sids, *never] for month in (*months, "2026-12")]
+    assert store.load_months(asked) == expected
+    assert backend.reopen().load_months(asked[::-1]) == expected  # (no ids cached)
+
 def test_catalog_lists_each_tenants_series_only(backend: Backend) -> None:
     store = backend.store
     _write_tenants(store)
