@@ -81,14 +81,17 @@ class DayBlocks:
         It grows by a quarter (at least 1024 rows), or at once to what a batch
         needs when that is more: a batch of many new series then costs one copy,
         not one per quarter, and leaves no quarter of slack behind it (two day
-        blocks are a large part of what a series-month holds). A large slab is
-        calloc'd from fresh pages: rows not used yet take no resident memory.
+        blocks are a large part of what a series-month holds). But never by less
+        than four such batches: a backfill brings new blocks with every batch, and
+        a copy of the whole slab per batch was most of what it cost. A large slab
+        is calloc'd from fresh pages: rows not used yet take no resident memory.
         """
-        need = self.used + max(0, more - len(self.free))
+        new = max(0, more - len(self.free))
+        need = self.used + new
         size = len(self.narrow)
         if need <= size:
             return
-        size = max(need, size + max(1024, size // 4))
+        size = max(need, size + max(1024, size // 4, 4 * new))
         narrow = np.zeros((size, 24), np.int16)
         narrow[: len(self.narrow)] = self.narrow
         wide_at = np.full(size, -1, np.int32)

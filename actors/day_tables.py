@@ -130,11 +130,12 @@ class DayTables:
         r = self.row_of.get(day)
         if r is not None:
             return r
-        if not self.free:
+        if not self.free:  # (by half: a backfill reaches a day more with most batches)
             old = len(self.rows)
-            more = max(8, old // 4)
-            grown = np.full((old + more, self.width), NONE, np.int32)
+            more = max(8, old // 2)
+            grown = np.empty((old + more, self.width), np.int32)
             grown[:old] = self.rows
+            grown[old:] = NONE
             self.rows = grown
             self.blocks += [0] * more
             self.free = list(range(old + more - 1, old - 1, -1))
@@ -148,8 +149,9 @@ class DayTables:
         width = self.width
         if need <= width:
             return
-        grown = np.full((len(self.rows), max(need, width + width // 2)), NONE, np.int32)
+        grown = np.empty((len(self.rows), max(need, width + width // 2)), np.int32)
         grown[:, :width] = self.rows
+        grown[:, width:] = NONE
         self.rows = grown
         self._index()
 

@@ -381,7 +381,8 @@ class SqliteStore:
         month), creating those only runs hold."""
         if not wanted:
             return
-        by_key = {s << MONTH_BITS | month_number(month): (sid, month) for sid, s, month in wanted}
+        number_of = {month: month_number(month) for month in {month for *_, month in wanted}}
+        by_key = {s << MONTH_BITS | number_of[month]: (sid, month) for sid, s, month in wanted}
         keys = np.array(sorted(by_key), np.int64)
         for ck, found in self._runs.deltas(conn, pending, keys):
             for key, deltas in found.items():

@@ -105,9 +105,10 @@ class RunLog:
         write_slot_rows(conn, keys >> HOUR_BITS, keys & _HOURS, values)
         firsts = merged.doc_firsts()
         docs = merged.docs[(firsts > after) & (firsts <= upto)]
+        mnos = (docs & ((1 << MONTH_BITS) - 1)).tolist()
+        names = {m: month_name(m) for m in set(mnos)}  # (a few months, many documents)
         conn.executemany(_FOLD_MONTH, zip(
-            (docs >> MONTH_BITS).tolist(),
-            [month_name(m) for m in (docs & ((1 << MONTH_BITS) - 1)).tolist()],
+            (docs >> MONTH_BITS).tolist(), map(names.__getitem__, mnos),
             [through] * len(docs), strict=True))
         if last:
             conn.execute("DELETE FROM runs WHERE shard = ? AND ck <= ?", (shard, through))
