@@ -5,11 +5,11 @@ them into what the wire's columnar ``inc`` frame carries (a series table
 plus ``i``/``ts``/``v`` columns), with the same verdicts, row by row, as the
 per-line path (``import_formats`` parsing, then the client's validation):
 
-- The series of a row is the tuple of its tenant, metric and tag cells,
-  joined into one string per row and dictionary-encoded by pyarrow, so each
-  *distinct* series of a chunk is looked at once in Python, and each
-  distinct series of the file is validated once (``SeriesCache``, the
-  client's own check) and msgpack-packed once (``SeriesTable``).
+- The series of a row is its number in the import's ``SeriesTable``
+  (``import_series``): each distinct series of the file is validated once
+  (``SeriesCache``, the client's own check) and msgpack-packed once, and a
+  chunk finds its rows' series from pyarrow's dictionary encoding of its
+  columns, without a Python step per row.
 - ``ts`` (integers, or ISO 8601 strings of the common shapes, UTC when they
   have no offset) and ``value`` (default 1) are parsed and range-checked
   with numpy and pyarrow.
@@ -34,22 +34,20 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from tally.client.validation import SeriesCache, prepare_increment
+from tally.client.validation import prepare_increment
 from tally.cluster.import_formats import (
     GROWTH,
     CsvFile,
     RowError,
     Source,
-    csv_tags,
     parse_ts,
 )
 from tally.cluster.import_read import Chunk, Piece, lines_with, read_chunk
-from tally.wire.series import MAX_TAG_VALUE, MAX_TAGS, METRIC_RE, TAG_KEY_RE, TENANT_RE
+from tally.cluster.import_series import SeriesTable, series_numbers
 from tally.wire.vocabulary import ts_limit
 
-__all__ = ["ChunkBatch", "SeriesTable", "build_batch", "parse_ts_column"]
+__all__ = ["ChunkBatch", "build_batch", "parse_ts_column"]
 
-SEP = "\x00"
 _INT = r"^-?[0-9]{1,18}$"
 _DATE = r"[1-9][0-9]{3}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])"
 _TIME = r"[T ]([01][0-9]|2[0-3]):[0-5][0-9](:[0-5][0-9](\.[0-9]{1,6})?)?"
@@ -59,44 +57,11 @@ _AWARE = f"^{_DATE}{_TIME}{_ZONE}$"
 _PACKER = msgpack.Packer(use_bin_type=True)
 
 
-class SeriesTable:
-    """What the import validated once: CSV ``tags`` cells' series, and tag key names.
-
-    Most series are validated and packed with pyarrow, column by column
-    (``_packed_series``); a CSV ``tags`` cell (a JSON object) is parsed in
-    Python once per distinct key (``by_text``: its packed entry, or None when
-    the series is invalid and its rows go to the per-line path).
-    """
-
-    def __init__(self) -> None:
-        self.cache = SeriesCache(limit=1 << 20)
-        self.by_text: dict[tuple[tuple[str, ...], str], bytes | None] = {}
-        self.keys: dict[str, bool] = {}  # tag key -> valid
-
-    def packed(self, tenant: Any, metric: Any, tags: Any) -> bytes:
-        """The series' entry, msgpack-packed; raises what the client's validation raises."""
-        return _PACKER.pack(list(self.cache.lookup(tenant, metric, tags).wire))
-
-    def key_ok(self, key: str) -> bool:
-        ok = self.keys.get(key)
-        if ok is None:
-            ok = self.keys[key] = TAG_KEY_RE.fullmatch(key) is not None
-        return ok
-
-    @staticmethod
-    def encode(entries: pa.Array) -> tuple[list[bytes], np.ndarray]:
-        """The distinct packed entries of these rows, and each row's index among them
-        (the client numbers them in its series table: TallyClient.send_columnar)."""
-        enc = pc.dictionary_encode(entries)
-        index = enc.indices.to_numpy(zero_copy_only=False).astype(np.uint32)
-        return enc.dictionary.to_pylist(), index
-
-
 @dataclass
 class ChunkBatch:
     """A chunk's accepted rows (file order) and its refused lines."""
 
-    entries: pa.Array  # each row's series, a packed msgpack entry (binary)
+    entries: np.ndarray  # each row's series, by its number in the import's SeriesTable
     ts: np.ndarray
     values: np.ndarray
     lines: np.ndarray  # each row's line number
@@ -118,7 +83,7 @@ def build_batch(chunk: Chunk, src: Source, table: SeriesTable, *, chunk_bytes: i
     if fmt == "jsonl":
         odd |= lines_with(chunk, b"null") | lines_with(chunk, b"\\u")
     odd |= lines_with(chunk, b"\x00")
-    parts: list[tuple[pa.Array, np.ndarray, np.ndarray, np.ndarray]] = []
+    parts: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
     rejected: list[tuple[int, str]] = []
     rows = 0
     slow = _Slow(chunk, src, table, now, chunk_bytes, overhead, rejected)
@@ -138,20 +103,18 @@ def build_batch(chunk: Chunk, src: Source, table: SeriesTable, *, chunk_bytes: i
             continue
         # Suspect rows take the per-line path; merged back in file order.
         back = slow.lines(piece.rows[~ok])
-        keep = pa.array(ok)
-        e = pa.concat_arrays([entries.filter(keep), back[0]])
+        e = np.concatenate([entries[ok], back[0]])
         r = np.concatenate([piece.rows[ok], back[3]])
         order = np.argsort(r, kind="stable")
-        parts.append((e.take(pa.array(order)), np.concatenate([ts[ok], back[1]])[order],
+        parts.append((e[order], np.concatenate([ts[ok], back[1]])[order],
                       np.concatenate([values[ok], back[2]])[order], r[order]))
     if parts:
-        entries = pa.concat_arrays([p[0] for p in parts])
+        entries = np.concatenate([p[0] for p in parts]).astype(np.int64)
         ts = np.concatenate([p[1] for p in parts]).astype(np.int64)
         values = np.concatenate([p[2] for p in parts]).astype(np.int64)
         lines = np.concatenate([p[3] for p in parts]).astype(np.int64) + chunk.first_line
     else:
-        entries = pa.array([], pa.binary())
-        ts = values = lines = np.zeros(0, dtype=np.int64)
+        entries = ts = values = lines = np.zeros(0, dtype=np.int64)
     rejected.sort()
     return ChunkBatch(entries, ts, values, lines, rejected, rows)
 
@@ -182,7 +145,7 @@ class _Slow:
         else:
             out.append((packed, ts, value, row))
 
-    def lines(self, rows: np.ndarray) -> tuple[pa.Array, np.ndarray, np.ndarray, np.ndarray]:
+    def lines(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         chunk = self.chunk
         out: list[tuple[bytes, int, int, int]] = []
         is_csv = isinstance(self.src, CsvFile)
@@ -195,9 +158,9 @@ class _Slow:
                 except csv.Error as e:
                     payload = RowError(f"not CSV: {e}")
             self._one(chunk.first_line + k, payload, len(raw), out, k)
-        return _columns(out)
+        return _columns(out, self.table)
 
-    def records(self) -> tuple[pa.Array, np.ndarray, np.ndarray, np.ndarray]:
+    def records(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """The whole chunk by the per-record reader (CSV records over several lines)."""
         chunk = self.chunk
         out: list[tuple[bytes, int, int, int]] = []
@@ -207,12 +170,12 @@ class _Slow:
             self.rows += 1
             self._one(line_no, payload, end - prev, out, line_no - chunk.first_line)
             prev = end
-        return _columns(out)
+        return _columns(out, self.table)
 
 
-def _columns(out: list[tuple[bytes, int, int, int]]
-             ) -> tuple[pa.Array, np.ndarray, np.ndarray, np.ndarray]:
-    entries = pa.array([o[0] for o in out], pa.binary())
+def _columns(out: list[tuple[bytes, int, int, int]], table: SeriesTable
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    entries = table.numbers([o[0] for o in out])
     if not out:
         z = np.zeros(0, dtype=np.int64)
         return entries, z, z, z
@@ -224,127 +187,17 @@ def _columns(out: list[tuple[bytes, int, int, int]]
 
 
 def _vectorised(piece: Piece, header: list[str] | None, table: SeriesTable, limit: int
-                ) -> tuple[pa.Array, np.ndarray, np.ndarray, np.ndarray]:
-    """Series entries, ts, values and which rows the vectorised path vouches for."""
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Series numbers, ts, values and which rows the vectorised path vouches for."""
     t = piece.table
     assert t is not None
     n = t.num_rows
-    if header is not None and "tags" in header:
-        entries, ok = _series_by_key(t, header, table)
-    else:
-        entries, ok = _packed_series(t, header, table)
+    entries, ok = series_numbers(t, header, table)
     ts, ts_ok = _ts(t, header is not None, n)
     ok &= ts_ok & (ts >= 0) & (ts <= limit)
     values, v_ok = _values(t, header is not None, n)
     ok &= v_ok
     return entries, ts, values, ok
-
-
-def _str_header(col: pa.Array) -> pa.Array:
-    """msgpack's str16 header of each cell (3 bytes: valid for any length we accept)."""
-    lengths = _np(pc.binary_length(col)).astype(np.int64)
-    h = np.empty((len(col), 3), dtype=np.uint8)
-    h[:, 0] = 0xDA
-    h[:, 1] = (lengths >> 8) & 0xFF
-    h[:, 2] = lengths & 0xFF
-    return pa.FixedSizeBinaryArray.from_buffers(
-        pa.binary(3), len(col), [None, pa.py_buffer(h.tobytes())]).cast(pa.binary())
-
-
-def _packed(col: pa.Array) -> pa.Array:
-    return pc.binary_join_element_wise(_str_header(col), col.cast(pa.binary()), b"")
-
-
-def _packed_series(t: pa.Table, header: list[str] | None, table: SeriesTable
-                   ) -> tuple[pa.Array, np.ndarray]:
-    """Each row's series entry, packed, and whether it is valid -- all with pyarrow.
-
-    The checks are ``tally.wire.series``'s: the tenant and metric patterns
-    (RE2 and ``re`` agree on them), tag keys (per column, once), at most
-    ``MAX_TAGS`` tags, values at most ``MAX_TAG_VALUE`` characters. An absent
-    tag is an empty CSV cell or a JSON null (an empty JSON string went to the
-    per-line path).
-    """
-    n = t.num_rows
-    ok = np.ones(n, dtype=bool)
-    tenant = t.column("tenant").combine_chunks()
-    metric = t.column("metric").combine_chunks()
-    if header is None:  # JSON: a missing tenant or metric is the per-line path's to name
-        ok &= ~_np(tenant.is_null()) & ~_np(metric.is_null())
-        tenant, metric = tenant.fill_null(""), metric.fill_null("")
-    ok &= _np(pc.match_substring_regex(tenant, "^" + TENANT_RE.pattern + "$")).astype(bool)
-    ok &= _np(pc.match_substring_regex(metric, "^" + METRIC_RE.pattern + "$")).astype(bool)
-    tags: list[tuple[str, pa.Array]] = []
-    if header is not None:
-        tags = [(c[4:], t.column(c).combine_chunks()) for c in header if c.startswith("tag.")]
-    elif "tags" in t.column_names:
-        col = t.column("tags").combine_chunks()
-        if pa.types.is_struct(col.type):
-            for i, child in enumerate(col.flatten()):
-                if pa.types.is_null(child.type):
-                    continue
-                ok &= ~_np(pc.fill_null(pc.equal(child, ""), False))
-                tags.append((col.type.field(i).name, child.fill_null("")))
-    count = np.zeros(n, dtype=np.int64)
-    parts = [pa.array(np.full(n, b"\x93", dtype=object), pa.binary()), _packed(tenant),
-             _packed(metric)]
-    tag_parts = []
-    for key, col in tags:
-        present = _np(pc.not_equal(col, "")).astype(bool)
-        if not table.key_ok(key):
-            ok &= ~present
-        ok &= ~present | (_np(pc.utf8_length(col)) <= MAX_TAG_VALUE)
-        count += present
-        packed_key = _PACKER.pack(key)
-        pair = pc.binary_join_element_wise(
-            pa.array(np.full(n, packed_key, dtype=object), pa.binary()), _packed(col), b"")
-        tag_parts.append(pc.if_else(pa.array(present), pair, pa.scalar(b"", pa.binary())))
-    ok &= count <= MAX_TAGS
-    h = np.empty((n, 3), dtype=np.uint8)
-    h[:, 0] = 0xDE
-    h[:, 1] = 0
-    h[:, 2] = np.minimum(count, 255)
-    map16 = pa.FixedSizeBinaryArray.from_buffers(
-        pa.binary(3), n, [None, pa.py_buffer(h.tobytes())]).cast(pa.binary())
-    parts.append(pc.if_else(pa.array(count > 0), map16, pa.scalar(b"\xc0", pa.binary())))
-    entries = pc.binary_join_element_wise(*parts, *tag_parts, b"")
-    return entries, ok
-
-
-def _series_by_key(t: pa.Table, header: list[str], table: SeriesTable
-                   ) -> tuple[pa.Array, np.ndarray]:
-    """CSV with a ``tags`` column: each distinct (tenant, metric, tag cells) in Python once."""
-    tag_keys = tuple(c for c in header if c.startswith("tag."))
-    cols = [t.column("tenant"), t.column("metric"), *(t.column(c) for c in tag_keys),
-            t.column("tags")]
-    joined = pc.binary_join_element_wise(*cols, SEP)
-    if isinstance(joined, pa.ChunkedArray):
-        joined = joined.combine_chunks()
-    enc = pc.dictionary_encode(joined)
-    by_text = table.by_text
-    packed: list[bytes] = []
-    valid = np.empty(len(enc.dictionary), dtype=bool)
-    for j, key in enumerate(enc.dictionary.to_pylist()):
-        entry = by_text.get((tag_keys, key), b"")
-        if entry == b"":
-            entry = by_text[(tag_keys, key)] = _validate(key, tag_keys, table)
-        valid[j] = entry is not None
-        packed.append(entry or b"")
-    indices = enc.indices
-    ok = valid[indices.to_numpy(zero_copy_only=False)] if len(indices) else np.zeros(0, bool)
-    return pa.array(packed, pa.binary()).take(indices), ok
-
-
-def _validate(key: str, tag_keys: tuple[str, ...], table: SeriesTable) -> bytes | None:
-    """The packed entry of the series a joined key names, or None (per-line path)."""
-    parts = key.split(SEP)
-    if len(parts) != 3 + len(tag_keys):
-        return None  # a NUL inside a cell: the per-line path decides
-    try:
-        tags = csv_tags(parts[-1], zip(tag_keys, parts[2:-1], strict=True))
-        return table.packed(parts[0], parts[1], tags or None)
-    except (RowError, ValueError, TypeError):
-        return None
 
 
 def _np(a: pa.Array | pa.ChunkedArray) -> np.ndarray:

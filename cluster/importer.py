@@ -96,7 +96,7 @@ from tally.client import (
     TallyError,
     TallyTimeout,
 )
-from tally.cluster.import_batch import ChunkBatch, SeriesTable, build_batch
+from tally.cluster.import_batch import ChunkBatch, build_batch
 from tally.cluster.import_formats import (  # re-exported: the importer's public names
     GROWTH,
     CsvFile,
@@ -111,6 +111,7 @@ from tally.cluster.import_formats import (  # re-exported: the importer's public
     parse_ts,
 )
 from tally.cluster.import_read import CHUNK_BYTES, CHUNK_ROWS, LINE_OVERHEAD, Chunk, chunks
+from tally.cluster.import_series import SeriesTable
 from tally.wire.frames import DEFAULT_MAX_FRAME, MAX_PRODUCER
 from tally.wire.series import InvalidSeries, series_key
 from tally.wire.vocabulary import INT64_MAX, INT64_MIN

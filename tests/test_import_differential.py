@@ -25,9 +25,10 @@ import pytest
 from inproc import InProcessTally
 
 from tally.client.validation import SeriesCache, prepare_increment
-from tally.cluster.import_batch import SeriesTable, build_batch
+from tally.cluster.import_batch import build_batch
 from tally.cluster.import_formats import CsvFile, RowError, Source, open_source
 from tally.cluster.import_read import LINE_OVERHEAD, chunks
+from tally.cluster.import_series import SeriesTable
 from tally.cluster.importer import ImportOptions, run_import
 
 NOW = int(time.time())
@@ -155,6 +156,28 @@ def test_the_columnar_path_counts_and_reports_what_the_per_line_path_does(
         assert bad == want_bad
         assert counts == want_counts
     assert want_bad and sum(want_counts.values()) > 0  # the mix had both
+
+
+def test_csv_columns_with_more_distinct_cells_than_their_codes_hold_count_the_same(
+        tmp_path: Path) -> None:
+    # Eleven columns leave each code 5 bits (32 cells): the first chunks' agents fit,
+    # later ones do not, and the import goes on by packing each row's entry instead.
+    r = random.Random(3)
+    keys = [f"k{k}" for k in range(9)]
+    lines = [",".join(["tenant", "metric", "ts", "value", *(f"tag.{k}" for k in keys)])]
+    for n in range(2000):
+        cells = [f"a{r.randrange(1 + n // 20)}", *(r.choice(["", "x", "y"]) for _ in keys[1:])]
+        if n % 97 == 0:
+            cells[1] = "Bad Value" if n % 2 else "z" * 201  # invalid: the per-line path's
+        lines.append(",".join([r.choice(["t1", "t2"]), "m", str(BASE + r.randrange(86400)),
+                               str(r.randrange(1, 5)), *cells]))
+    path = tmp_path / "wide.csv"
+    path.write_text("".join(x + "\n" for x in lines))
+    src = open_source(str(path), "csv", "increments", None)
+    want = per_line(src, path)
+    assert want[1] and len({line.split(",")[4] for line in lines[1:]}) > 32
+    for chunk_bytes, chunk_rows in ((1 << 20, 200_000), (20_000, 300), (20_000, 41)):
+        assert columnar(src, path, chunk_bytes, chunk_rows) == want
 
 
 def test_a_csv_record_over_several_lines_takes_the_per_record_path(tmp_path: Path) -> None:

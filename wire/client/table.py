@@ -13,6 +13,8 @@ See docs/protocol.md ("series").
 
 from __future__ import annotations
 
+from itertools import repeat
+
 import msgpack
 import numpy as np
 
@@ -40,16 +42,19 @@ class ProducerTable:
         all fit under the server's limit (nothing is added then: the batch carries its
         own table instead)."""
         number = self.number
-        out = np.empty(len(entries), np.uint32)
-        new = [e for e in dict.fromkeys(entries) if e not in number]
-        if len(self.entries) + len(new) > self.limit:
-            return None
-        for e in new:
-            number[e] = len(self.entries)
-            self.entries.append(e)
-        for k, e in enumerate(entries):
-            out[k] = number[e]
-        return out
+        # (map() with a default looks each up in C: no Python step per known entry)
+        found = np.fromiter(map(number.get, entries, repeat(-1)), np.int64, len(entries))
+        absent = np.flatnonzero(found < 0)
+        if len(absent):
+            new = list(dict.fromkeys(map(entries.__getitem__, absent.tolist())))
+            if len(self.entries) + len(new) > self.limit:
+                return None
+            start = len(self.entries)
+            number.update(zip(new, range(start, start + len(new)), strict=True))
+            self.entries += new
+            found[absent] = np.fromiter(map(number.__getitem__, map(
+                entries.__getitem__, absent.tolist())), np.int64, len(absent))
+        return found.astype(np.uint32)
 
     def definitions(self, max_bytes: int) -> list[bytes]:
         """The ``series`` frames that tell the connection every entry it lacks, each at
