@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import warnings
 from dataclasses import dataclass, replace
 from typing import Any
@@ -59,6 +60,20 @@ RETRY_AFTER = 10.0  # a gateway that failed to start is tried again after this
 # node affinity ignored (Ray 2.60): the shards and the supervisor
 # ask for this much of the logical ``memory`` resource so that theirs holds.
 PLACEMENT_MEMORY = 1 << 20
+
+
+def shard_runtime_env() -> dict[str, Any]:
+    """The shards' environment: numpy without transparent huge pages.
+
+    numpy asks the kernel for huge pages on every large array. Where the kernel
+    compacts memory to find them on a fault (``defrag`` set to ``madvise``, the
+    common default), a shard that grows its slab and day tables under a
+    backfill stalls in those faults; at steady state its arrays do not grow and
+    gain nothing measurable from huge pages (docs/performance.md, "tally import").
+    A value the operator set for the supervisor's node wins.
+    """
+    return {"env_vars": {"NUMPY_MADVISE_HUGEPAGE": os.environ.get("NUMPY_MADVISE_HUGEPAGE",
+                                                                     "0")}}
 
 # what a call to an actor on a node that is going (or gone) raises
 UNREACHABLE = (
@@ -218,7 +233,7 @@ class Supervisor:
         self.shards = [
             ShardActor.options(
                 name=SHARD_NAME.format(i), get_if_exists=True, lifetime=self.lifetime,
-                memory=PLACEMENT_MEMORY,
+                memory=PLACEMENT_MEMORY, runtime_env=shard_runtime_env(),
                 scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=True),
             ).remote(i, plan.store_url, plan.checkpoint_interval, plan.max_dirty_slots,
                      plan.pinned_gateways)
