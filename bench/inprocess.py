@@ -10,6 +10,7 @@ hours, 0 for the current hour), so a change to it is measured without the rest::
     python -m tally.bench.inprocess gateway-rows 100000 0    # 5,000-row frames
     python -m tally.bench.inprocess shard 100000 720         # 25,000-increment parts
     python -m tally.bench.inprocess checkpoint 100000 720    # one SQLite checkpoint
+    python -m tally.bench.inprocess backfill 100000 8760     # a year's import, from cold
 
 Figures are CPU-bound rates of one core; ``--profile`` adds cProfile's top entries.
 """
@@ -24,6 +25,7 @@ import time
 from collections.abc import Callable
 
 import msgpack
+import numpy as np
 
 from tally.actors.channel_table import Known, Sent
 from tally.actors.router import Router
@@ -35,6 +37,7 @@ from tally.wire.batches import KnownSeries, rows_batch
 from tally.wire.columnar import columnar_batch
 from tally.wire.frames import FrameDecoder, SeriesTable
 from tally.wire.registry import SeriesRegistry
+from tally.wire.timeslots import month_name, months_of_hours
 
 SHARDS = 4
 PART = 25_000  # a 100,000-increment frame's part for one of four shards
@@ -106,7 +109,8 @@ class _Shard:
     measured about twice what a shard of the service gets through.)
     """
 
-    def __init__(self, work: Workload, folder: str, runs: bool = True) -> None:
+    def __init__(self, work: Workload, folder: str, runs: bool = True,
+                 distinct: int = DISTINCT, warm: bool = True) -> None:
         self.store = SqliteStore(f"{folder}/shard.db", runs=runs)
         self.store.ensure_layout(1)
         self.state = ShardState(0, self.store.open_shard(0))
@@ -114,7 +118,7 @@ class _Shard:
         now = time.time()
         self.parts = []
         work = Workload(max(1, len(work.series) // SHARDS), work.hours)  # (its share)
-        for c in work.columnar_chunks(PART, distinct=DISTINCT):
+        for c in work.columnar_chunks(PART, distinct=distinct):
             assert c.i is not None and c.ts is not None and c.v is not None
             part = columnar_batch(work.series, c.i.tobytes(), c.ts.tobytes(), c.v.tobytes(),
                                   now)
@@ -123,9 +127,10 @@ class _Shard:
         self.sent, self.known = Sent(), Known()
         self.seq = 0
         self.checkpoint_seconds = 0.0
-        for _ in self.parts:  # every series and month in place first
-            self.step()
-        self.checkpoint()
+        if warm:
+            for _ in self.parts:  # every series and month in place first
+                self.step()
+            self.checkpoint()
 
     def step(self, checkpoints: bool = True) -> int:
         part = self.parts[self.seq % len(self.parts)]
@@ -149,13 +154,35 @@ class _Shard:
         self.checkpoint_seconds += time.perf_counter() - t0
 
 
+def backfill(work: Workload, folder: str, parts: int) -> tuple[float, float, int, _Shard]:
+    """A shard's share of an import of history, from a cold shard: ``parts`` parts of
+    ``PART`` increments, none repeated (a backfill seldom comes back to a slot), with a
+    checkpoint and an eviction of idle months every ``CHECKPOINT_EVERY`` parts, as the
+    shard actor does. Seconds in all, seconds of checkpoints, increments, the shard."""
+    shard = _Shard(work, folder, distinct=parts, warm=False)
+    now = time.time()
+    month = month_name(int(months_of_hours(np.array([int(now) // 3600]))[0]))
+    n, t0 = 0, time.perf_counter()
+    for k in range(parts):
+        n += shard.step(checkpoints=False)
+        if (k + 1) % CHECKPOINT_EVERY == 0 or k + 1 == parts:
+            shard.checkpoint()
+            t1 = time.perf_counter()
+            shard.state.evict(month)
+            shard.checkpoint_seconds += time.perf_counter() - t1
+    return time.perf_counter() - t0, shard.checkpoint_seconds, n, shard
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m tally.bench.inprocess",
                                      description=__doc__.split("\n\n")[0])
-    parser.add_argument("side", choices=("gateway", "gateway-rows", "shard", "checkpoint"))
+    parser.add_argument("side", choices=("gateway", "gateway-rows", "shard", "checkpoint",
+                                         "backfill"))
     parser.add_argument("series", type=int)
     parser.add_argument("hours", type=int, help="timestamps over the last HOURS (0: this hour)")
     parser.add_argument("--seconds", type=float, default=4.0)
+    parser.add_argument("--parts", type=int, default=100,
+                        help="backfill: parts of 25,000 increments to send (default 100)")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--direct", action="store_true",
                         help="checkpoints written into slot rows at once, not kept as runs "
@@ -164,7 +191,17 @@ def main(argv: list[str] | None = None) -> None:
     work = Workload(args.series, args.hours)
     cell = f"{args.series:,} series x {args.hours or 'this'} hour(s)"
     with tempfile.TemporaryDirectory() as folder:
-        if args.side == "checkpoint":
+        if args.side == "backfill":
+            profile = cProfile.Profile() if args.profile else None
+            if profile:
+                profile.enable()
+            seconds, checkpoints, n, _ = backfill(work, folder, args.parts)
+            if profile:
+                profile.disable()
+            print(f"backfill, {cell}: {n / seconds / 1e6:.2f} M increments/s "
+                  f"({n / (seconds - checkpoints) / 1e6:.2f} applying; checkpoints and "
+                  f"evictions {100 * checkpoints / seconds:.0f} % of the time)")
+        elif args.side == "checkpoint":
             shard = _Shard(work, folder, runs=not args.direct)
             for _ in range(CHECKPOINT_EVERY):
                 shard.step(checkpoints=False)
