@@ -213,13 +213,10 @@ class DayBlocks:
         self.tables.put(keys >> DAY_BITS, keys & ((1 << DAY_BITS) - 1), rows, series_count)
         return rows
 
-    def set_hours(self, g: int, hours: dict[int, int], series_count: int = 0) -> None:
-        """Write a stored month's ``{absolute hour: total}`` into series ``g``'s blocks."""
-        self.set_many_hours([(g, hours)], series_count)
-
     def set_many_hours(self, months: list[tuple[int, dict[int, int]]],
                        series_count: int = 0) -> None:
-        """``set_hours`` for each (series number, stored month's hours), in one step."""
+        """Write stored months' ``{absolute hour: total}`` into their series' blocks:
+        (series number, hours) pairs, in one step."""
         months = [(g, hours) for g, hours in months if hours]
         if not months:
             return

@@ -94,22 +94,6 @@ class LiveSeries:
 
     # ---- live months -----------------------------------------------------
 
-    def hold(self, g: int, mno: int) -> bool:
-        """Series ``g`` holds month ``mno`` live from now on; False if it already did."""
-        holders = self.loaded.setdefault(mno, set())
-        if g in holders:
-            return False
-        holders.add(g)
-        held = self._held.get(mno)
-        if held is None or g >= len(held):
-            grown = np.zeros(max(1024, 2 * g + 1, len(self.keys)), np.bool_)
-            if held is not None:
-                grown[:len(held)] = held
-            held = self._held[mno] = grown
-        held[g] = True
-        self._months_held[g] += 1
-        return True
-
     def release(self, g: int, mno: int) -> int:
         """Series ``g`` no longer holds month ``mno`` live; how many months it still holds."""
         holders = self.loaded[mno]
@@ -166,8 +150,8 @@ class LiveSeries:
         return list(zip(named, map(names.__getitem__, m.tolist()), strict=True))
 
     def hold_many(self, g: np.ndarray, mnos: np.ndarray) -> np.ndarray:
-        """``hold`` for each (series number, month number) pair; which pairs were not
-        held before (a pair named twice counts once, at its first place)."""
+        """Each (series number, month number) pair is held live from now on; which pairs
+        were not held before (a pair named twice counts once, at its first place)."""
         fresh = np.zeros(len(g), np.bool_)
         for mno in np.unique(mnos).tolist():
             at_m = np.flatnonzero(mnos == mno)
