@@ -154,14 +154,18 @@ class _Shard:
         self.checkpoint_seconds += time.perf_counter() - t0
 
 
-def backfill(work: Workload, folder: str, parts: int) -> tuple[float, float, int, _Shard]:
+def backfill(work: Workload, folder: str, parts: int, profile: cProfile.Profile | None = None
+             ) -> tuple[float, float, int, _Shard]:
     """A shard's share of an import of history, from a cold shard: ``parts`` parts of
     ``PART`` increments, none repeated (a backfill seldom comes back to a slot), with a
     checkpoint and an eviction of idle months every ``CHECKPOINT_EVERY`` parts, as the
-    shard actor does. Seconds in all, seconds of checkpoints, increments, the shard."""
+    shard actor does. Seconds in all, seconds of checkpoints, increments, the shard
+    (``profile``: enabled while the parts are sent, not while they are made)."""
     shard = _Shard(work, folder, distinct=parts, warm=False)
     now = time.time()
     month = month_name(int(months_of_hours(np.array([int(now) // 3600]))[0]))
+    if profile:
+        profile.enable()
     n, t0 = 0, time.perf_counter()
     for k in range(parts):
         n += shard.step(checkpoints=False)
@@ -170,7 +174,10 @@ def backfill(work: Workload, folder: str, parts: int) -> tuple[float, float, int
             t1 = time.perf_counter()
             shard.state.evict(month)
             shard.checkpoint_seconds += time.perf_counter() - t1
-    return time.perf_counter() - t0, shard.checkpoint_seconds, n, shard
+    seconds = time.perf_counter() - t0
+    if profile:
+        profile.disable()
+    return seconds, shard.checkpoint_seconds, n, shard
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -193,11 +200,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as folder:
         if args.side == "backfill":
             profile = cProfile.Profile() if args.profile else None
-            if profile:
-                profile.enable()
-            seconds, checkpoints, n, _ = backfill(work, folder, args.parts)
-            if profile:
-                profile.disable()
+            seconds, checkpoints, n, _ = backfill(work, folder, args.parts, profile)
             print(f"backfill, {cell}: {n / seconds / 1e6:.2f} M increments/s "
                   f"({n / (seconds - checkpoints) / 1e6:.2f} applying; checkpoints and "
                   f"evictions {100 * checkpoints / seconds:.0f} % of the time)")

@@ -56,10 +56,12 @@ _CANONICAL_LIMIT = 1 << 20
 
 def check_all_canonical(sids: list[str]) -> None:
     """``check_canonical`` of each, with one pass in C when every one is a ``str`` known
-    canonical already (a shard's checkpoint names the same series again and again)."""
-    if set(map(type, sids)) <= {str} and all(map(_CANONICAL.__contains__, sids)):
+    canonical already (a shard's checkpoint names the same series again and again), and
+    once per distinct id otherwise (a backfill's checkpoint names each in many months)."""
+    strings = set(map(type, sids)) <= {str}
+    if strings and all(map(_CANONICAL.__contains__, sids)):
         return
-    for sid in sids:
+    for sid in dict.fromkeys(sids) if strings else sids:
         check_canonical(sid)
 
 
