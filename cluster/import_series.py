@@ -24,6 +24,9 @@ from tally.wire.series import MAX_TAG_VALUE, MAX_TAGS, METRIC_RE, TAG_KEY_RE, TE
 __all__ = ["NO_SERIES", "SeriesTable", "series_numbers"]
 
 NO_SERIES = -1  # a row whose series the per-line path judges
+# series numbered before the numbering starts over (``SeriesTable.trim``): as many as the
+# client's producer table holds per connection (wire/client/table.py)
+MAX_KNOWN = 1 << 21
 SEP = "\x00"
 _PACKER = msgpack.Packer(use_bin_type=True)
 
@@ -50,7 +53,8 @@ class SeriesTable:
       series is invalid and its rows go to the per-line path).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, limit: int = MAX_KNOWN) -> None:
+        self.limit = limit
         self.cache = SeriesCache(limit=1 << 20)
         self.by_text: dict[tuple[tuple[str, ...], str], bytes | None] = {}
         self.keys: dict[str, bool] = {}  # tag key -> valid
@@ -61,6 +65,15 @@ class SeriesTable:
         # (columns, bits per code) -> the code combinations met (a row's codes as one
         # integer), or None once a column has more distinct cells than its bits hold
         self._combos: dict[tuple[tuple[str, ...], int], Combos | None] = {}
+
+    def trim(self) -> None:
+        """Start the numbering over once it holds more than ``limit`` series, so that a
+        file of ever new series keeps the importer's memory bounded. Call it between
+        chunks: a chunk's numbers mean something until ``encode`` has read them."""
+        if len(self.known) > self.limit:
+            self.known, self._number, self.by_text = [], {}, {}
+            self._combos = {key: None if combos is None else Combos()
+                            for key, combos in self._combos.items()}
 
     def packed(self, tenant: Any, metric: Any, tags: Any) -> bytes:
         """The series' entry, msgpack-packed; raises what the client's validation raises."""

@@ -517,6 +517,7 @@ class _Run:
             self._drain(client)
             if n:
                 series, index = table.encode(batch.entries)
+                table.trim()
                 self.batch_lines[chunk.end] = batch.lines
                 while True:
                     try:

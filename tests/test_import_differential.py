@@ -109,9 +109,9 @@ def _norm(entry: list[Any]) -> tuple[str, str, tuple[tuple[str, str], ...]]:
     return tenant, metric, tuple(sorted((tags or {}).items()))
 
 
-def columnar(src: Source, path: Path, chunk_bytes: int, chunk_rows: int
-             ) -> tuple[Counter, list[tuple[int, str]]]:
-    table = SeriesTable()
+def columnar(src: Source, path: Path, chunk_bytes: int, chunk_rows: int,
+             table: SeriesTable | None = None) -> tuple[Counter, list[tuple[int, str]]]:
+    table = table or SeriesTable()
     got: Counter = Counter()
     bad = []
     header = sum(len(c) + 3 for c in src.header) if isinstance(src, CsvFile) else 0
@@ -124,6 +124,7 @@ def columnar(src: Source, path: Path, chunk_bytes: int, chunk_rows: int
             if not len(b.ts):
                 continue
             series, index = table.encode(b.entries)
+            table.trim()
             entries = [msgpack.unpackb(e, raw=False) for e in series]
             assert len(b.lines) == len(b.ts) and np.all(np.diff(b.lines) > 0)
             for i, ts, v in zip(index.tolist(), b.ts.tolist(), b.values.tolist(), strict=True):
@@ -178,6 +179,10 @@ def test_csv_columns_with_more_distinct_cells_than_their_codes_hold_count_the_sa
     assert want[1] and len({line.split(",")[4] for line in lines[1:]}) > 32
     for chunk_bytes, chunk_rows in ((1 << 20, 200_000), (20_000, 300), (20_000, 41)):
         assert columnar(src, path, chunk_bytes, chunk_rows) == want
+    # a numbering that starts over after every chunk of 41 rows counts the same
+    table = SeriesTable(limit=10)
+    assert columnar(src, path, 20_000, 41, table) == want
+    assert len(table.known) <= 10 + 41
 
 
 def test_a_csv_record_over_several_lines_takes_the_per_record_path(tmp_path: Path) -> None:
