@@ -41,13 +41,14 @@ class SeriesTable:
 
     Series are found three ways:
 
-    - a CSV of ``tag.KEY`` columns (``_coded_series``): each column's distinct
-      cells get codes once per import, a row's codes make one integer, and each
-      distinct integer is validated (``SeriesCache``, the client's own check)
-      and packed once per import, so a chunk costs pyarrow's dictionary
-      encoding of its columns and a lookup per distinct series;
-    - JSON lines (``_packed_series``): checked and packed with pyarrow, column
-      by column, then numbered per distinct entry;
+    - a CSV of ``tag.KEY`` columns, or JSON lines (``_coded_series``): each
+      column's distinct cells get codes once per import, a row's codes make one
+      integer, and each distinct integer is validated (``SeriesCache``, the
+      client's own check) and packed once per import, so a chunk costs
+      pyarrow's dictionary encoding of its columns and a lookup in C;
+    - where a column is not strings, or has more distinct cells than its code's
+      bits hold (``_packed_series``): checked and packed with pyarrow, column by
+      column, then numbered per distinct entry;
     - a CSV ``tags`` cell, a JSON object (``_series_by_key``): parsed in Python
       once per distinct key (``by_text``: its packed entry, or None when the
       series is invalid and its rows go to the per-line path).
@@ -60,8 +61,9 @@ class SeriesTable:
         self.keys: dict[str, bool] = {}  # tag key -> valid
         self.known: list[bytes] = []  # number -> packed entry
         self._number: dict[bytes, int] = {}  # packed entry -> number
-        self._codes: dict[str, dict[str, int]] = {}  # column -> cell -> code
-        self._cells: dict[str, list[str]] = {}  # column -> code -> cell
+        self._codes: dict[str, dict[str | None, int]] = {}  # column -> cell -> code
+        self._cells: dict[str, list[str | None]] = {}  # column -> code -> cell
+        self._valid: dict[str, list[bool]] = {}  # column -> code -> the cell may name a series
         # (columns, bits per code) -> the code combinations met (a row's codes as one
         # integer), or None once a column has more distinct cells than its bits hold
         self._combos: dict[tuple[tuple[str, ...], int], Combos | None] = {}
@@ -121,15 +123,30 @@ class SeriesTable:
         known = self.known
         return [known[k] for k in distinct.tolist()], at[numbers]
 
-    def column_codes(self, name: str, cells: list[str]) -> np.ndarray:
+    def column_codes(self, name: str, cells: list[str | None]) -> np.ndarray:
         """The import's code of each cell of column ``name`` (new cells get the next)."""
         codes = self._codes.setdefault(name, {})
         held = self._cells.setdefault(name, [])
+        valid = self._valid.setdefault(name, [])
         out = np.fromiter(map(codes.get, cells, repeat(-1)), np.int64, len(cells))
         for k in np.flatnonzero(out < 0).tolist():
             out[k] = codes[cells[k]] = len(held)
             held.append(cells[k])
+            valid.append(self._cell_valid(name, cells[k]))
         return out
+
+    def _cell_valid(self, name: str, cell: str | None) -> bool:
+        """Whether a cell of column ``name`` may be part of a valid series: the checks of
+        ``series_key`` that look at one part (a series' tag count is the other)."""
+        if name in ("tenant", "json.tenant"):
+            return isinstance(cell, str) and TENANT_RE.fullmatch(cell) is not None
+        if name in ("metric", "json.metric"):
+            return isinstance(cell, str) and METRIC_RE.fullmatch(cell) is not None
+        if cell is None or (cell == "" and name.startswith("tag.")):
+            return True  # no tag (a JSON null, an empty CSV cell)
+        # (an empty JSON string is the per-line path's to judge)
+        return (cell != "" and self.key_ok(_tag_key(name)) and isinstance(cell, str)
+                and len(cell) <= MAX_TAG_VALUE)
 
     def combos(self, names: tuple[str, ...], bits: int) -> Combos | None:
         """The code combinations met so far over these columns, or None once a column
@@ -144,17 +161,22 @@ class SeriesTable:
 
     def combo_number(self, names: tuple[str, ...], bits: int, combo: int) -> int:
         """The number of the series a code combination names, or NO_SERIES if the
-        per-line path would refuse it (it says why)."""
-        cells = []
-        for name in reversed(names):
-            cells.append(self._cells[name][combo & ((1 << bits) - 1)])
+        per-line path must judge it (it says what is wrong, if anything). The entry is
+        what the client's validation packs (``SeriesCache``): tags sorted by key."""
+        codes = []
+        for _ in names:
+            codes.append(combo & ((1 << bits) - 1))
             combo >>= bits
-        tenant, metric, *tag_cells = reversed(cells)
-        try:
-            tags = csv_tags("", zip(names[2:], tag_cells, strict=True))
-            return self.number(self.packed(tenant, metric, tags or None))
-        except (RowError, ValueError, TypeError):
+        codes.reverse()
+        if not all(self._valid[name][code] for name, code in zip(names, codes, strict=True)):
             return NO_SERIES
+        tenant, metric, *tag_cells = (self._cells[name][code]
+                                      for name, code in zip(names, codes, strict=True))
+        tags = sorted((_tag_key(name), cell) for name, cell in
+                      zip(names[2:], tag_cells, strict=True) if cell)
+        if len(tags) > MAX_TAGS:
+            return NO_SERIES
+        return self.number(_PACKER.pack([tenant, metric, dict(tags) if tags else None]))
 
 
 class Combos:
@@ -188,28 +210,56 @@ def series_numbers(t: pa.Table, header: list[str] | None, table: SeriesTable
     """Each row's series number in ``table``, and whether the row's series is valid."""
     if header is not None and "tags" in header:
         return _series_by_key(t, header, table)
-    if header is not None:
-        coded = _coded_series(t, header, table)
-        if coded is not None:
-            return coded
+    coded = _coded_series(t, header, table)
+    if coded is not None:
+        return coded
     entries, ok = _packed_series(t, header, table)
     numbers = np.full(len(ok), NO_SERIES, np.int64)
     numbers[ok] = table.numbers_of(entries.filter(pa.array(ok)))
     return numbers, ok
 
 
-def _coded_series(t: pa.Table, header: list[str], table: SeriesTable
+def _series_columns(t: pa.Table, header: list[str] | None
+                    ) -> list[tuple[str, pa.Array]] | None:
+    """The columns that name a row's series, by the names ``SeriesTable`` codes them
+    under: ``tenant``, ``metric`` and ``tag.KEY`` of a CSV; ``json.tenant``,
+    ``json.metric`` and ``json.tags.KEY`` of JSON lines (whose cells may be null). None
+    when a column is not strings (the packing path decides then)."""
+    if header is not None:
+        names = ["tenant", "metric", *(c for c in header if c.startswith("tag."))]
+        if len(set(names)) < len(names):
+            return None
+        return [(name, t.column(name).combine_chunks()) for name in names]
+    columns = [(f"json.{name}", t.column(name).combine_chunks()) for name in ("tenant", "metric")]
+    if "tags" in t.column_names:
+        tags = t.column("tags").combine_chunks()
+        if pa.types.is_struct(tags.type):
+            columns += [(f"json.tags.{tags.type.field(i).name}", child)
+                        for i, child in enumerate(tags.flatten())
+                        if not pa.types.is_null(child.type)]
+        elif not pa.types.is_null(tags.type):
+            return None
+    if len({name for name, _ in columns}) < len(columns) or not all(
+            pa.types.is_string(col.type) for _, col in columns):
+        return None  # (a key twice in the tags objects, or cells that are not strings)
+    return columns
+
+
+def _coded_series(t: pa.Table, header: list[str] | None, table: SeriesTable
                   ) -> tuple[np.ndarray, np.ndarray] | None:
-    """CSV of ``tag.KEY`` columns: each row's series from its columns' codes (see
-    ``SeriesTable``), or None when the codes do not fit one integer."""
-    names = ("tenant", "metric", *(c for c in header if c.startswith("tag.")))
+    """Each row's series from its columns' codes (see ``SeriesTable``), or None when the
+    columns are not all strings or their codes do not fit one integer."""
+    columns = _series_columns(t, header)
+    if columns is None:
+        return None
+    names = tuple(name for name, _ in columns)
     bits = 63 // len(names)
     combos = table.combos(names, bits)
     if combos is None:
         return None
     key = np.zeros(t.num_rows, np.int64)
-    for name in names:
-        enc = pc.dictionary_encode(t.column(name).combine_chunks())
+    for name, col in columns:
+        enc = pc.dictionary_encode(col, null_encoding="encode")
         codes = table.column_codes(name, enc.dictionary.to_pylist())
         key = key << bits | codes[_np(enc.indices)]
     if table.combos(names, bits) is None:  # (a column outgrew its bits just now)
@@ -321,6 +371,11 @@ def _validate(key: str, tag_keys: tuple[str, ...], table: SeriesTable) -> bytes 
         return table.packed(parts[0], parts[1], tags or None)
     except (RowError, ValueError, TypeError):
         return None
+
+
+def _tag_key(column: str) -> str:
+    """The tag key of a ``tag.KEY`` or ``json.tags.KEY`` column."""
+    return column[4:] if column.startswith("tag.") else column[len("json.tags."):]
 
 
 def _np(a: pa.Array | pa.ChunkedArray) -> np.ndarray:

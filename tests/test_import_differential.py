@@ -30,6 +30,7 @@ from tally.cluster.import_formats import CsvFile, RowError, Source, open_source
 from tally.cluster.import_read import LINE_OVERHEAD, chunks
 from tally.cluster.import_series import SeriesTable
 from tally.cluster.importer import ImportOptions, run_import
+from tally.wire.series import MAX_TAGS
 
 NOW = int(time.time())
 BASE = NOW - 5 * 86400
@@ -183,6 +184,26 @@ def test_csv_columns_with_more_distinct_cells_than_their_codes_hold_count_the_sa
     table = SeriesTable(limit=10)
     assert columnar(src, path, 20_000, 41, table) == want
     assert len(table.known) <= 10 + 41
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv"])
+def test_rows_with_more_tags_than_a_series_may_have_are_refused_as_per_line(
+        tmp_path: Path, fmt: str) -> None:
+    keys = [f"k{k}" for k in range(MAX_TAGS + 1)]
+    rows = [(n, {k: f"v{n % 3}" for k in keys[:MAX_TAGS + n % 2]}) for n in range(40)]
+    if fmt == "jsonl":
+        lines = [json.dumps({"tenant": "t1", "metric": "m", "ts": BASE + n, "value": 1,
+                             "tags": tags}) for n, tags in rows]
+    else:
+        lines = [",".join(["tenant", "metric", "ts", "value", *(f"tag.{k}" for k in keys)])]
+        lines += [",".join(["t1", "m", str(BASE + n), "1", *(tags.get(k, "") for k in keys)])
+                  for n, tags in rows]
+    path = tmp_path / f"many.{fmt}"
+    path.write_text("".join(x + "\n" for x in lines))
+    src = open_source(str(path), fmt, "increments", None)
+    want = per_line(src, path)
+    assert len(want[1]) == 20 and sum(want[0].values()) == 20  # every other row refused
+    assert columnar(src, path, 1 << 20, 1000) == want
 
 
 def test_a_csv_record_over_several_lines_takes_the_per_record_path(tmp_path: Path) -> None:
