@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from itertools import repeat
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import msgpack
 import numpy as np
@@ -23,6 +23,7 @@ from tally.wire.series import MAX_TAG_VALUE, MAX_TAGS, METRIC_RE, TAG_KEY_RE, TE
 
 __all__ = ["NO_SERIES", "SeriesTable", "series_numbers"]
 
+T = TypeVar("T")
 NO_SERIES = -1  # a row whose series the per-line path judges
 # series numbered before the numbering starts over (``SeriesTable.trim``): as many as the
 # client's producer table holds per connection (wire/client/table.py)
@@ -59,10 +60,8 @@ class SeriesTable:
         self.cache = SeriesCache(limit=1 << 20)
         self.by_text: dict[tuple[tuple[str, ...], str], bytes | None] = {}
         self.keys: dict[str, bool] = {}  # tag key -> valid
-        self.known: list[bytes] = []  # number -> packed entry
-        self._number: dict[bytes, int] = {}  # packed entry -> number
-        self._codes: dict[str, dict[str | None, int]] = {}  # column -> cell -> code
-        self._cells: dict[str, list[str | None]] = {}  # column -> code -> cell
+        self._entries: Numbering[bytes] = Numbering()  # packed entries by number
+        self._cells: dict[str, Numbering[str | None]] = {}  # column -> its cells by code
         self._valid: dict[str, list[bool]] = {}  # column -> code -> the cell may name a series
         # (columns, bits per code) -> the code combinations met (a row's codes as one
         # integer), or None once a column has more distinct cells than its bits hold
@@ -73,7 +72,7 @@ class SeriesTable:
         file of ever new series keeps the importer's memory bounded. Call it between
         chunks: a chunk's numbers mean something until ``encode`` has read them."""
         if len(self.known) > self.limit:
-            self.known, self._number, self.by_text = [], {}, {}
+            self._entries, self.by_text = Numbering(), {}
             self._combos = {key: None if combos is None else Combos()
                             for key, combos in self._combos.items()}
 
@@ -87,20 +86,18 @@ class SeriesTable:
             ok = self.keys[key] = TAG_KEY_RE.fullmatch(key) is not None
         return ok
 
+    @property
+    def known(self) -> list[bytes]:
+        """Packed entries by number."""
+        return self._entries.values
+
     def number(self, entry: bytes) -> int:
         """The number of a packed entry (a new one is added)."""
-        n = self._number.get(entry)
-        if n is None:
-            n = self._number[entry] = len(self.known)
-            self.known.append(entry)
-        return n
+        return self._entries.number(entry)
 
     def numbers(self, entries: list[bytes]) -> np.ndarray:
         """The number of each packed entry (new ones are added)."""
-        found = np.fromiter(map(self._number.get, entries, repeat(-1)), np.int64, len(entries))
-        for k in np.flatnonzero(found < 0).tolist():
-            found[k] = self.number(entries[k])
-        return found
+        return self._entries.numbers(entries)
 
     def numbers_of(self, entries: pa.Array) -> np.ndarray:
         """``numbers`` of a column of packed entries, each distinct one looked up once."""
@@ -125,14 +122,10 @@ class SeriesTable:
 
     def column_codes(self, name: str, cells: list[str | None]) -> np.ndarray:
         """The import's code of each cell of column ``name`` (new cells get the next)."""
-        codes = self._codes.setdefault(name, {})
-        held = self._cells.setdefault(name, [])
+        held = self._cells.setdefault(name, Numbering())
         valid = self._valid.setdefault(name, [])
-        out = np.fromiter(map(codes.get, cells, repeat(-1)), np.int64, len(cells))
-        for k in np.flatnonzero(out < 0).tolist():
-            out[k] = codes[cells[k]] = len(held)
-            held.append(cells[k])
-            valid.append(self._cell_valid(name, cells[k]))
+        out = held.numbers(cells)
+        valid += [self._cell_valid(name, cell) for cell in held.values[len(valid):]]
         return out
 
     def _cell_valid(self, name: str, cell: str | None) -> bool:
@@ -155,7 +148,8 @@ class SeriesTable:
         if key not in self._combos:
             self._combos[key] = Combos()
         combos = self._combos[key]
-        if combos is not None and any(len(self._cells.get(c, ())) > 1 << bits for c in names):
+        if combos is not None and any(len(self._cells[c].values) > 1 << bits
+                                      for c in names if c in self._cells):
             combos = self._combos[key] = None
         return combos
 
@@ -170,13 +164,38 @@ class SeriesTable:
         codes.reverse()
         if not all(self._valid[name][code] for name, code in zip(names, codes, strict=True)):
             return NO_SERIES
-        tenant, metric, *tag_cells = (self._cells[name][code]
+        tenant, metric, *tag_cells = (self._cells[name].values[code]
                                       for name, code in zip(names, codes, strict=True))
         tags = sorted((_tag_key(name), cell) for name, cell in
                       zip(names[2:], tag_cells, strict=True) if cell)
         if len(tags) > MAX_TAGS:
             return NO_SERIES
         return self.number(_PACKER.pack([tenant, metric, dict(tags) if tags else None]))
+
+
+class Numbering(Generic[T]):
+    """Values numbered 0, 1, 2, ... in the order first met."""
+
+    __slots__ = ("values", "_of")
+
+    def __init__(self) -> None:
+        self.values: list[T] = []  # number -> value
+        self._of: dict[T, int] = {}  # value -> number
+
+    def number(self, value: T) -> int:
+        n = self._of.get(value)
+        if n is None:
+            n = self._of[value] = len(self.values)
+            self.values.append(value)
+        return n
+
+    def numbers(self, values: list[T]) -> np.ndarray:
+        """Each value's number (new ones get the next), without a Python step per value
+        met before."""
+        found = np.fromiter(map(self._of.get, values, repeat(-1)), np.int64, len(values))
+        for k in np.flatnonzero(found < 0).tolist():
+            found[k] = self.number(values[k])
+        return found
 
 
 class Combos:
