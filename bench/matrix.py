@@ -50,6 +50,7 @@ class Phase:
     mps: float = 0.0  # acknowledged increments per second, first frame to last ack
     increments: int = 0
     seconds: float = 0.0
+    connect_s: float = 0.0  # before the phase, untimed: connecting and defining the series
     refused: int = 0  # batches answered `overloaded` and sent again
     drain_s: float = 0.0  # last ack -> no shard holds an unwritten slot
     fold_s: float = 0.0  # then -> every checkpoint run folded (actors/folds.py)
@@ -104,7 +105,7 @@ def ingest(url: str, port: int, chunks: list[Chunk], increments: int, per_frame:
                for n in split_frames(frames, connections) if n]
     slow_before = _scrape(url).get("tally_checkpoint_slow_total", 0)
     seconds = run_streams(streams)
-    phase = Phase(seconds=seconds)
+    phase = Phase(seconds=seconds, connect_s=max(s.connect_seconds for s in streams))
     phase.increments = sum(s.acked_increments for s in streams)
     phase.mps = phase.increments / seconds / 1e6
     phase.refused = sum(s.refused for s in streams)

@@ -76,6 +76,11 @@ def report(res: Any, console: Console | None = None) -> None:
             _met(c.exact, f"{c.queried_total:,}"),
         )
     console.print(table)
+    setup = max((c.columnar.connect_s for c in res.cells), default=0.0)
+    if setup:
+        console.print(f"(each phase timed from its first frame to its last answer; the "
+                      f"columnar phases' series tables were defined before, untimed: up to "
+                      f"{setup:.2f} s a connection)")
     q, h, b = res.query, res.healthz, res.breakdown
     other = Table(title=f"while the {res.query_cell} cell ingests ({res.background_mps:.2f} M/s)")
     for col in ("measure", "tally", "baseline", "target", "met"):
