@@ -38,10 +38,12 @@ class LiveSeries:
         # known stale once the number means another series, or none
         self.gen = np.zeros(0, dtype=np.int64)
         self.by_metric: dict[tuple[str, str], set[int]] = {}
-        self.loaded: dict[int, set[int]] = {}  # month number -> series holding it live
-        # the same as a bool per series number, for a batch's check without a Python
-        # step per aggregate (``_all_loaded``)
+        # month number -> a bool per series number: whether it holds that month live
+        # (a batch is checked with a gather, ``_all_loaded``), and how many do. (A set
+        # of numbers per month beside them cost a set entry and an int object per
+        # series-month: see docs/performance.md, Memory.)
         self._held: dict[int, np.ndarray] = {}
+        self._holding: dict[int, int] = {}
         self._match_cache: dict[tuple, list[int]] = {}
 
     def __len__(self) -> int:
@@ -96,18 +98,38 @@ class LiveSeries:
 
     def release(self, g: int, mno: int) -> int:
         """Series ``g`` no longer holds month ``mno`` live; how many months it still holds."""
-        holders = self.loaded[mno]
-        holders.discard(g)
-        self._held[mno][g] = False
-        if not holders:
-            del self.loaded[mno]
-            del self._held[mno]
-        self._months_held[g] -= 1
+        held = self._held[mno]
+        if held[g]:
+            held[g] = False
+            self._holding[mno] -= 1
+            self._months_held[g] -= 1
+            if not self._holding[mno]:
+                del self._held[mno], self._holding[mno]
         return int(self._months_held[g])
 
     @property
     def series_months(self) -> int:
-        return sum(len(h) for h in self.loaded.values())
+        return sum(self._holding.values())
+
+    def months(self) -> list[int]:
+        """The month numbers some series holds live."""
+        return list(self._holding)
+
+    def holders(self, mno: int) -> np.ndarray:
+        """The series numbers holding month ``mno`` live, ascending."""
+        held = self._held.get(mno)
+        return np.zeros(0, np.int64) if held is None else np.flatnonzero(held)
+
+    def holding(self, mno: int, numbers: list[int | None]) -> np.ndarray:
+        """Whether each of ``numbers`` (None: a series not held) holds month ``mno`` live."""
+        out = np.zeros(len(numbers), np.bool_)
+        held = self._held.get(mno)
+        if held is None:
+            return out
+        g = np.fromiter((-1 if n is None else n for n in numbers), np.int64, len(numbers))
+        ok = (g >= 0) & (g < len(held))
+        out[ok] = held[g[ok]]
+        return out
 
     def missing(self, batch: Batch, numbers: np.ndarray | None = None,
                 at: np.ndarray | None = None) -> list[MonthKey]:
@@ -169,7 +191,7 @@ class LiveSeries:
                 continue
             new = gm[first]
             held[new] = True
-            self.loaded.setdefault(mno, set()).update(new.tolist())
+            self._holding[mno] = self._holding.get(mno, 0) + len(new)
             self._months_held[new] += 1
             fresh[at_m[first]] = True
         return fresh

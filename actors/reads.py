@@ -70,16 +70,15 @@ class Reads:
         first_m, last_m = month_of(h0), month_of(h1 - 1)
         covered: list[MonthKey] = []
         held: list[int] = []
-        loaded, sids = self.live.loaded, self.live.sids
+        sids = self.live.sids
         for m in range(first_m, last_m + 1):
-            holders = loaded.get(m)
-            if not holders:
+            holding = self.live.holding(m, series)  # type: ignore[arg-type]
+            if not holding.any():
                 continue
             name = month_name(m)
-            for g in series:
-                if g in holders:
-                    covered.append((sids[g], name))  # type: ignore[arg-type]
-                    held.append(g)
+            for g in np.asarray(series, np.int64)[holding].tolist():
+                covered.append((sids[g], name))  # type: ignore[arg-type]
+                held.append(g)
         if not held:
             return [], np.zeros((0, h1 - h0), np.int64), covered
         uniq = sorted(set(held))
@@ -132,16 +131,16 @@ class Reads:
             span = Span(max(h0, m_first * 24), min(h1, m_end * 24), m_first * 24,
                         (m_end - m_first) * 24, [], [], [])
             spans.append(span)
-            holders = self.live.loaded.get(m)
-            if not holders or holders.isdisjoint(numbers):  # none live: a stored month
+            holding = self.live.holding(m, numbers)
+            if not holding.any():  # none live: a stored month
                 wanted.append((len(spans) - 1, m, None))
-            elif holders.issuperset(numbers):  # all live: the current month, usually
+            elif holding.all():  # all live: the current month, usually
                 span.live_rows.extend(range(len(sids)))
                 span.live_series.extend(numbers)  # type: ignore[arg-type]
             else:
                 rest: set[int] = set()
-                for i, g in enumerate(numbers):
-                    if g in holders:
+                for i, (g, live) in enumerate(zip(numbers, holding.tolist(), strict=True)):
+                    if live:
                         span.live_rows.append(i)
                         span.live_series.append(g)  # type: ignore[arg-type]
                     else:

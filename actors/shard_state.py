@@ -517,7 +517,7 @@ class ShardState:
         current = month_number(current_month)
         live = self.live
         touched = self.month_touched
-        past = sorted((m for m in live.loaded if m != current),
+        past = sorted((m for m in live.months() if m != current),
                       key=lambda m: touched.get(m, -1))
         cost = {m: self.blocks.days_bytes(*month_days(m)) for m in past}
         held = sum(cost.values())
@@ -526,7 +526,8 @@ class ShardState:
             if touched.get(m, -1) < self.evictions - idle or held > keep:
                 others.append(m)
                 held -= cost[m]
-        for m in [m for m in touched if m not in live.loaded and m != current]:
+        months = set(live.months())
+        for m in [m for m in touched if m not in months and m != current]:
             del touched[m]
         if not others:
             return 0
@@ -544,7 +545,7 @@ class ShardState:
         evicted = 0
         for m in others:
             first, end = month_days(m)
-            for g in [g for g in live.loaded[m] if (g, m) not in busy]:
+            for g in [g for g in live.holders(m).tolist() if (g, m) not in busy]:
                 evicted += 1
                 self.blocks.free_month(g, first, end)
                 if not live.release(g, m) and live.sids[g] not in self.unrecorded:

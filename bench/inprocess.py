@@ -11,14 +11,17 @@ hours, 0 for the current hour), so a change to it is measured without the rest::
     python -m tally.bench.inprocess shard 100000 720         # 25,000-increment parts
     python -m tally.bench.inprocess checkpoint 100000 720    # one SQLite checkpoint
     python -m tally.bench.inprocess backfill 100000 8760     # a year's import, from cold
+    python -m tally.bench.inprocess memory 25000 720         # bytes per live series-month
 
-Figures are CPU-bound rates of one core; ``--profile`` adds cProfile's top entries.
+Figures are CPU-bound rates of one core (``memory``: the growth of this process's
+resident anonymous memory); ``--profile`` adds cProfile's top entries.
 """
 
 from __future__ import annotations
 
 import argparse
 import cProfile
+import gc
 import pstats
 import tempfile
 import time
@@ -27,6 +30,7 @@ from collections.abc import Callable
 import msgpack
 import numpy as np
 
+from tally.actors import memory as allocator
 from tally.actors.channel_table import Known, Sent
 from tally.actors.router import Router
 from tally.actors.shard_state import ShardState
@@ -146,11 +150,7 @@ class _Shard:
 
     def checkpoint(self) -> None:
         t0 = time.perf_counter()
-        cp = self.state.begin_checkpoint(settle_later=True)
-        if cp is not None:
-            self.state.settle_checkpoint()
-            self.store.write_checkpoint(cp)
-            self.state.finish_checkpoint(cp.ck)
+        _checkpoint(self.state, self.store)
         self.checkpoint_seconds += time.perf_counter() - t0
 
 
@@ -180,11 +180,62 @@ def backfill(work: Workload, folder: str, parts: int, profile: cProfile.Profile 
     return seconds, shard.checkpoint_seconds, n, shard
 
 
+def _anonymous() -> int:
+    """This process's resident anonymous memory, in bytes (Linux)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no RssAnon in /proc/self/status")
+
+
+def memory(series: int, hours: int, folder: str) -> tuple[float, int]:
+    """Bytes of resident memory per live series-month that a fresh shard gains over
+    ``series`` series, each with every hour of the current month so far (up to
+    ``hours``), checkpointed and folded; and the series-months. ``tally bench``'s
+    memory phase in one process: a shard of its four takes a quarter of its series."""
+    allocator.tune()
+    store = SqliteStore(f"{folder}/shard.db")
+    store.ensure_layout(1)
+    state = ShardState(0, store.open_shard(0))
+    now = time.time()
+
+    # (the frames are made first: what making them leaves in the heap is not the shard's)
+    chunks = Workload(series, seed=7, metric="bench.memory").hourly_chunks(hours, 100_000)
+    gc.collect()
+    allocator.trim()
+    before = _anonymous()
+    for k, c in enumerate(chunks):
+        body = msgpack.unpackb(bytes([0x80 | c.keys]) + c.body, raw=False)
+        state.ingest(columnar_batch(body["series"], body["i"], body["ts"], body["v"], now),
+                     store.load_months)
+        del body
+        if k % 8 == 7:
+            _checkpoint(state, store)
+    _checkpoint(state, store)
+    while store.fold(0, 1 << 18):
+        pass
+    gc.collect()
+    allocator.trim()
+    added = state.live.series_months
+    store.close()
+    return (_anonymous() - before) / added, added
+
+
+def _checkpoint(state: ShardState, store: SqliteStore) -> None:
+    """One checkpoint, as the shard actor writes it (its deltas named, then written)."""
+    cp = state.begin_checkpoint(settle_later=True)
+    if cp is not None:
+        state.settle_checkpoint()
+        store.write_checkpoint(cp)
+        state.finish_checkpoint(cp.ck)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m tally.bench.inprocess",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("side", choices=("gateway", "gateway-rows", "shard", "checkpoint",
-                                         "backfill"))
+                                         "backfill", "memory"))
     parser.add_argument("series", type=int)
     parser.add_argument("hours", type=int, help="timestamps over the last HOURS (0: this hour)")
     parser.add_argument("--seconds", type=float, default=4.0)
@@ -198,7 +249,13 @@ def main(argv: list[str] | None = None) -> None:
     work = Workload(args.series, args.hours)
     cell = f"{args.series:,} series x {args.hours or 'this'} hour(s)"
     with tempfile.TemporaryDirectory() as folder:
-        if args.side == "backfill":
+        profile = None
+        if args.side == "memory":
+            per, months = memory(args.series, args.hours, folder)
+            print(f"memory, {args.series:,} series x {Workload(1).month_hours(args.hours)} "
+                  f"hour(s) of this month: {per:,.0f} bytes per live series-month "
+                  f"({months:,} series-months)")
+        elif args.side == "backfill":
             profile = cProfile.Profile() if args.profile else None
             seconds, checkpoints, n, _ = backfill(work, folder, args.parts, profile)
             print(f"backfill, {cell}: {n / seconds / 1e6:.2f} M increments/s "

@@ -97,12 +97,17 @@ def report(res: Any, console: Console | None = None) -> None:
                       "(ms p50 / p99)", f"{b.p50_ms:.2f} / {b.p99_ms:.2f}", "",
                       f"p99 ≤ {t['breakdown_p99_ms']:g}", _yes(b.p99_ms <= t["breakdown_p99_ms"]))
     if res.config.get("memory_series"):
+        # Early in a month a series-month holds fewer hours than the target's: a figure
+        # below it then says nothing about a full month, which holds more (only one above
+        # it is a verdict).
+        full = res.memory_hours >= t["series_month_hours"]
+        ok = res.bytes_per_series_month <= t["bytes_per_series_month"]
         other.add_row(f"memory per live series-month, {res.memory_hours} hours each "
-                      "(bytes, private)",
+                      f"(bytes, private; the target is for {t['series_month_hours']})",
                       f"{res.bytes_per_series_month:,.0f}",
                       f"resident {res.resident_bytes_per_series_month:,.0f}",
                       f"≤ {t['bytes_per_series_month']:g}",
-                      _yes(res.bytes_per_series_month <= t["bytes_per_series_month"]))
+                      _yes(ok) if full or not ok else "not yet known")
     if res.config.get("queries"):
         other.add_row("totals exact (queries phase)", f"{res.totals.get('queried', 0):,}",
                       f"sent {res.totals.get('sent_and_acked', 0):,}", "equal",

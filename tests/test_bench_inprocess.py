@@ -8,7 +8,7 @@ import re
 import pytest
 
 from tally.actors.shard_state import ShardState
-from tally.bench.inprocess import PART, backfill, main
+from tally.bench.inprocess import PART, backfill, main, memory
 from tally.bench.workload import Workload
 
 
@@ -35,3 +35,13 @@ def test_a_backfill_run_reports_its_rate_and_counts_every_increment_it_sent(
     restarted = ShardState(0, shard.store.open_shard(0))  # (all it has is the store's)
     assert sum(restarted.totals_of(sids, h0, h1, shard.store.load_months)) == sum(
         int(part.values.sum()) for part in shard.parts)
+
+
+def test_the_memory_side_holds_every_series_month_it_sent_and_reports_its_bytes(
+        tmp_path, capsys) -> None:
+    main(["memory", "300", "720"])
+    out = capsys.readouterr().out
+    assert re.match(r"memory, 300 series x \d+ hour\(s\) of this month: [0-9,]+ bytes per "
+                    r"live series-month \(300 series-months\)", out), out
+    _, months = memory(200, 48, str(tmp_path))  # (the figure itself is not asserted)
+    assert months == 200

@@ -289,8 +289,8 @@ def test_series_go_by_number_once_told_and_stale_numbers_are_not_trusted(state):
         assert (await channel.apply(numbered(a), "prod", 2, 1))["status"] == "applied"
         # the shard forgets x1 (as eviction does); its number may go to another series
         g = state.live.series["acme|m|agent=x1"]
-        for mno in list(state.live.loaded):
-            if g in state.live.loaded[mno]:
+        for mno in state.live.months():
+            if state.live.holding(mno, [g])[0]:
                 state.live.release(g, mno)
         state.live.drop(g)
         b = [["acme", "m", {"agent": "y9"}, DAY + 60, 100], *a]

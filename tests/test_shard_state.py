@@ -291,6 +291,32 @@ def test_an_hour_moved_past_int64_since_the_last_checkpoint_waits_for_the_next(s
     assert stored(store) == high == total(state) and store.open_shard(0).producers == {"p": 3}
 
 
+def test_an_eviction_leaves_exactly_the_months_still_live_and_queries_read_the_rest(store):
+    """Which series hold which month live is kept per month (a bool per series number
+    and a count): after an eviction the shard holds exactly what is left, counts its
+    series-months exactly, and a query over both months reads the evicted one back."""
+    nov, dec = calendar.timegm((2026, 11, 5, 3, 0, 0)), calendar.timegm((2026, 12, 2, 3, 0, 0))
+    now = dec + 3600
+    state = ShardState(0, store.open_shard(0))
+    state.ingest(rows_batch([["acme", "m", {"k": "a"}, nov, 1], ["acme", "m", {"k": "b"}, nov, 2],
+                             ["acme", "m", {"k": "a"}, dec, 4]], now), store.load_months)
+    live = state.live
+    a, b = live.series["acme|m|k=a"], live.series["acme|m|k=b"]
+    assert live.series_months == 3 and sorted(live.months()) == [month_number("2026-11"),
+                                                                 month_number("2026-12")]
+    checkpoint(state, store)
+    assert state.evict("2026-12", idle=0) == 2  # November's two: clean and past
+    assert live.months() == [month_number("2026-12")] and live.series_months == 1
+    assert live.holders(month_number("2026-12")).tolist() == [a]
+    assert live.holding(month_number("2026-12"), [a, None, 10**6]).tolist() == [True, False,
+                                                                                 False]
+    assert live.holding(month_number("2026-11"), [a]).tolist() == [False]
+    assert "acme|m|k=b" not in live.series  # it held nothing live any more
+    sids = ["acme|m|k=a", "acme|m|k=b"]
+    assert state.totals_of(sids, nov // 3600, dec // 3600 + 1, store.load_months) == [5, 2]
+    assert b not in live.holders(month_number("2026-12")).tolist()
+
+
 def test_rows_freed_by_an_eviction_are_not_found_again_for_their_old_series(store):
     """The recent days' rows are kept in arrays by series number; an eviction frees a
     month's rows (another series' new day takes one) and may give the series' number
