@@ -154,9 +154,9 @@ def run_streams(streams: list[Stream]) -> float:
     """Connect every stream, then run them at once; seconds from the first frame to the
     last answer.
 
-    Connecting (hello, and defining a series table: a second or so for 100,000 series)
-    is done first and kept in each stream's ``connect_seconds``, not in the phase: a
-    producer's connection lives for far more frames than a phase sends.
+    Connecting (hello, and defining a series table, which for a wide table takes a
+    while) is done first and kept in each stream's ``connect_seconds``, not in the
+    phase: a producer's connection lives for far more frames than a phase sends.
     """
     socks = []
     for s in streams:
