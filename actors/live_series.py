@@ -20,16 +20,21 @@ import numpy as np
 from tally.actors.day_blocks import MONTH_BITS
 from tally.checkpoint.store import MonthKey
 from tally.wire.batches import Batch
-from tally.wire.series import SeriesKey, matches, parse_series_id
+from tally.wire.series import matches, parse_series_id
 from tally.wire.timeslots import month_name, months_of_hours
 
 
 class LiveSeries:
-    """Series numbers and their ids and keys; the live months of each."""
+    """Series numbers and their ids; the live months of each.
+
+    A series' parsed key (its tenant, metric and tags as objects) is not kept: its
+    small objects were a large part of what each series costs a shard, and only a
+    filter by tags (``matching``, which tools and the model test use; queries go
+    by id) needs the tags, which it parses from the id then.
+    """
 
     def __init__(self) -> None:
         self.series: dict[str, int] = {}  # sid -> series number
-        self.keys: list[SeriesKey | None] = []  # series number -> its key (None: free)
         self.sids: list[str | None] = []  # series number -> its sid (None: free)
         self._free: list[int] = []
         self._months_held = np.zeros(0, dtype=np.int32)  # per series: months live
@@ -52,7 +57,7 @@ class LiveSeries:
     @property
     def count(self) -> int:
         """A bound on series numbers: every number in use is below it."""
-        return len(self.keys)
+        return len(self.sids)
 
     def numbers(self, sids: list[str]) -> np.ndarray:
         """Series numbers of ``sids`` (-1: not held)."""
@@ -60,13 +65,11 @@ class LiveSeries:
         return np.fromiter(map(self.series.get, sids, repeat(-1)), np.int64, len(sids))
 
     def add(self, sid: str) -> int:
-        key = parse_series_id(sid)
         if self._free:
             g = self._free.pop()
-            self.keys[g], self.sids[g] = key, sid
+            self.sids[g] = sid
         else:
-            g = len(self.keys)
-            self.keys.append(key)
+            g = len(self.sids)
             self.sids.append(sid)
             if g >= len(self._months_held):
                 self._months_held = np.concatenate(
@@ -76,20 +79,21 @@ class LiveSeries:
         self._months_held[g] = 0
         self.gen[g] += 1
         self.series[sid] = g
-        self.by_metric.setdefault((key.tenant, key.metric), set()).add(g)
+        self.by_metric.setdefault(_metric_of(sid), set()).add(g)
         self._match_cache.clear()
         return g
 
     def drop(self, g: int) -> None:
         """Forget series ``g`` (it holds no month live); its number is free for another."""
-        key, sid = self.keys[g], self.sids[g]
-        assert key is not None and sid is not None
+        sid = self.sids[g]
+        assert sid is not None
         del self.series[sid]
-        members = self.by_metric[(key.tenant, key.metric)]
+        metric = _metric_of(sid)
+        members = self.by_metric[metric]
         members.discard(g)
         if not members:
-            del self.by_metric[(key.tenant, key.metric)]
-        self.keys[g] = self.sids[g] = None
+            del self.by_metric[metric]
+        self.sids[g] = None
         self.gen[g] += 1
         self._free.append(g)
         self._match_cache.clear()
@@ -181,7 +185,7 @@ class LiveSeries:
             held = self._held.get(mno)
             top = int(gm.max())
             if held is None or top >= len(held):
-                grown = np.zeros(max(1024, 2 * top + 1, len(self.keys)), np.bool_)
+                grown = np.zeros(max(1024, 2 * top + 1, len(self.sids)), np.bool_)
                 if held is not None:
                     grown[:len(held)] = held
                 held = self._held[mno] = grown
@@ -224,11 +228,12 @@ class LiveSeries:
         ck = (tenant, metric, tuple(sorted(where.items())))
         found = self._match_cache.get(ck)
         if found is None:
-            keys = self.keys
+            members = self.by_metric.get((tenant, metric), ())
+            sids = self.sids
             found = sorted(
-                g for g in self.by_metric.get((tenant, metric), ())
-                if matches(keys[g].tags, where)  # type: ignore[union-attr]
-            )
+                g for g in members
+                if matches(parse_series_id(sids[g]).tags, where)  # type: ignore[arg-type]
+            ) if where else sorted(members)
             if len(self._match_cache) > 10_000:
                 self._match_cache.clear()
             self._match_cache[ck] = found
@@ -243,3 +248,9 @@ class LiveSeries:
         sids = self.sids
         return [sids[g] for (t, _), members in self.by_metric.items() if t == tenant  # type: ignore
                 for g in members]
+
+
+def _metric_of(sid: str) -> tuple[str, str]:
+    """(tenant, metric) of a canonical series id (neither holds a ``|``)."""
+    tenant, metric, _ = sid.split("|", 2)
+    return tenant, metric
