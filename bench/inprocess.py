@@ -32,6 +32,7 @@ import numpy as np
 
 from tally.actors import memory as allocator
 from tally.actors.channel_table import Known, Sent
+from tally.actors.metrics import private_bytes
 from tally.actors.router import Router
 from tally.actors.shard_state import ShardState
 from tally.api.series_table import ConnectionTable
@@ -180,15 +181,6 @@ def backfill(work: Workload, folder: str, parts: int, profile: cProfile.Profile 
     return seconds, shard.checkpoint_seconds, n, shard
 
 
-def _anonymous() -> int:
-    """This process's resident anonymous memory, in bytes (Linux)."""
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no RssAnon in /proc/self/status")
-
-
 def memory(series: int, hours: int, folder: str) -> tuple[float, int]:
     """Bytes of resident memory per live series-month that a fresh shard gains over
     ``series`` series, each with every hour of the current month so far (up to
@@ -204,7 +196,7 @@ def memory(series: int, hours: int, folder: str) -> tuple[float, int]:
     chunks = Workload(series, seed=7, metric="bench.memory").hourly_chunks(hours, 100_000)
     gc.collect()
     allocator.trim()
-    before = _anonymous()
+    before = private_bytes()  # (the shards' own gauge: RssAnon)
     for k, c in enumerate(chunks):
         body = msgpack.unpackb(bytes([0x80 | c.keys]) + c.body, raw=False)
         state.ingest(columnar_batch(body["series"], body["i"], body["ts"], body["v"], now),
@@ -219,7 +211,7 @@ def memory(series: int, hours: int, folder: str) -> tuple[float, int]:
     allocator.trim()
     added = state.live.series_months
     store.close()
-    return (_anonymous() - before) / added, added
+    return (private_bytes() - before) / added, added
 
 
 def _checkpoint(state: ShardState, store: SqliteStore) -> None:

@@ -26,7 +26,7 @@ class AckingPeer:
         self.port = self.listener.getsockname()[1]
         self.refuse = refuse
         self.seqs: list[int] = []
-        self.last_sent = 0.0  # perf_counter when the last answer was written
+        self.last_sent = 0.0  # perf_counter just before the last answer was written
         self.thread = threading.Thread(target=self._serve, daemon=True)
         self.thread.start()
 
@@ -45,8 +45,10 @@ class AckingPeer:
                     else:
                         self.seqs.append(msg["seq"])
                         reply = {"op": "ack", "seq": msg["seq"], "rows": 1}
-                    conn.sendall(encode_frame(reply))
+                    # (stamped before the send: the reader may stamp its receipt before
+                    # this thread runs again after it)
                     self.last_sent = time.perf_counter()
+                    conn.sendall(encode_frame(reply))
 
     def close(self) -> None:
         self.listener.close()
