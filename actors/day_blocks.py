@@ -1,4 +1,4 @@
-"""Where a shard's live counts are: one int64 slab of day blocks, 24 hours each.
+"""Where a shard's live counts are: day blocks of 24 hours, found by (series, day).
 
 Counts are kept per (series, UTC day) rather than per series-month or per
 increment so that an ingest is a handful of numpy operations over the batch
@@ -11,8 +11,10 @@ that finds its block: a batch finds its blocks with one numpy gather, however
 many days it spans and however old they are, and a (series, day) costs 4 bytes
 of grid rather than a dict entry and two ints.
 
-The changes since the last checkpoint (``pending``, actors/pending.py) are
-indexed by block row, so they grow with the slab.
+A block's hours are int8 while they fit, wider only where a series counts
+more (``hours``, actors/hour_tiers.py). The changes since the last checkpoint
+(``pending``, actors/pending.py) are indexed by block row, so they grow with
+the slab.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import NamedTuple
 import numpy as np
 
 from tally.actors.day_tables import DayTables
+from tally.actors.hour_tiers import HourTiers
 from tally.actors.pending import PendingDeltas
 from tally.checkpoint.slots import Slots
 from tally.wire.timeslots import month_name, months_of_hours
@@ -34,7 +37,6 @@ FREE = -1  # the block key of a free row (its series, FREE >> DAY_BITS, is no se
 # Below this no 24 hours can add up to more than int64 (24 * 2**58 < 2**63): only a day
 # holding an hour beyond it needs its day total checked.
 BIG = 2**58
-NARROW = 2**15 - 1  # a block whose every hour is within ±NARROW is kept as int16
 
 
 def beyond_big(values: np.ndarray) -> np.ndarray:
@@ -42,8 +44,8 @@ def beyond_big(values: np.ndarray) -> np.ndarray:
     return (values > BIG) | (values < -BIG)
 
 
-# a block's bytes: its row of the int16 slab, its key, its wide and pending rows' entries
-BLOCK_BYTES = 24 * 2 + 8 + 4 + 4
+# a block's bytes beside its hours: its key and its entry in the pending table's index
+BLOCK_BYTES = 8 + 4
 
 
 class DayBlocks:
@@ -54,13 +56,8 @@ class DayBlocks:
     """
 
     def __init__(self) -> None:
-        # block row -> its 24 hours, as int16 while each fits (most series count little
-        # per hour); a block with an hour beyond NARROW moves to the int64 ``wide`` slab
-        self.narrow = np.zeros((1024, 24), dtype=np.int16)
-        self.wide_at = np.full(1024, -1, np.int32)  # block row -> its row of wide (-1: none)
-        self.wide = np.zeros((64, 24), dtype=np.int64)
-        self.wide_free: list[int] = []
-        self.wide_used = 0
+        # block row -> its 24 hours, as int8, int16 or int64: as narrow as they fit
+        self.hours = HourTiers(1024)
         self.key = np.zeros(1024, dtype=np.int64)  # block row -> its key (FREE: none)
         # (UTC day, series number) -> block row, for every day holding a block: a batch
         # finds its rows with one gather, and a (series, day) costs 4 bytes here rather
@@ -69,7 +66,7 @@ class DayBlocks:
         self.free: list[int] = []
         self.used = 0  # rows ever used: [0, used) are blocks or free
         self.big: set[int] = set()  # rows holding an hour beyond BIG
-        self.pending = PendingDeltas(len(self.narrow))
+        self.pending = PendingDeltas(len(self.hours))
 
     def __len__(self) -> int:
         """Blocks held."""
@@ -88,89 +85,30 @@ class DayBlocks:
         """
         new = max(0, more - len(self.free))
         need = self.used + new
-        size = len(self.narrow)
+        size = len(self.hours)
         if need <= size:
             return
         size = max(need, size + max(1024, size // 4, 4 * new))
-        narrow = np.zeros((size, 24), np.int16)
-        narrow[: len(self.narrow)] = self.narrow
-        wide_at = np.full(size, -1, np.int32)
-        wide_at[: len(self.wide_at)] = self.wide_at
+        self.hours.grow(size)
         key = np.zeros(size, np.int64)
         key[: len(self.key)] = self.key
-        self.narrow, self.wide_at, self.key = narrow, wide_at, key
+        self.key = key
         self.pending.reserve(size)
 
-    # ---- counts, narrow or wide --------------------------------------------
+    # ---- counts --------------------------------------------------------------
 
     @property
     def wide_blocks(self) -> int:
-        """Blocks kept in the wide slab (none: no lookup of ``wide_at`` is needed)."""
-        return self.wide_used - len(self.wide_free)
+        """Blocks kept as int64 (none: every hour held is within ±NARROW)."""
+        return self.hours.wide_blocks
 
     def get(self, rows: np.ndarray, hod: np.ndarray) -> np.ndarray:
         """The counts of slots (block rows, hours of day), as int64."""
-        values = self.narrow[rows, hod].astype(np.int64)
-        if not self.wide_blocks:
-            return values
-        at = self.wide_at[rows]
-        wide = at >= 0
-        if wide.any():
-            values[wide] = self.wide[at[wide], hod[wide]]
-        return values
+        return self.hours.get(rows, hod)
 
     def row_counts(self, rows: np.ndarray) -> np.ndarray:
         """The 24 hours of each block row, as int64 (len(rows) x 24)."""
-        out = self.narrow[rows].astype(np.int64)
-        if not self.wide_blocks:
-            return out
-        at = self.wide_at[rows]
-        wide = at >= 0
-        if wide.any():
-            out[wide] = self.wide[at[wide]]
-        return out
-
-    def _put(self, rows: np.ndarray, hod: np.ndarray, values: np.ndarray) -> None:
-        """Set distinct slots to int64 ``values``, widening blocks that need it."""
-        beyond = (values > NARROW) | (values < -NARROW)
-        if beyond.any():
-            self._widen(np.unique(rows[beyond]))
-        if not self.wide_blocks:
-            self.narrow[rows, hod] = values
-            return
-        at = self.wide_at[rows]
-        wide = at >= 0
-        if wide.any():
-            self.wide[at[wide], hod[wide]] = values[wide]
-            narrow = ~wide
-            self.narrow[rows[narrow], hod[narrow]] = values[narrow]
-        else:
-            self.narrow[rows, hod] = values
-
-    def _widen(self, rows: np.ndarray) -> None:
-        """Move blocks to the wide slab (those not there yet), their hours kept."""
-        rows = rows[self.wide_at[rows] < 0]
-        for row in rows.tolist():
-            if self.wide_free:
-                w = self.wide_free.pop()
-            else:
-                w = self.wide_used
-                if w == len(self.wide):
-                    grown = np.zeros((2 * len(self.wide), 24), np.int64)
-                    grown[: len(self.wide)] = self.wide
-                    self.wide = grown
-                self.wide_used += 1
-            self.wide[w] = self.narrow[row]
-            self.narrow[row] = 0
-            self.wide_at[row] = w
-
-    def _clear(self, row: int) -> None:
-        self.narrow[row] = 0
-        w = int(self.wide_at[row])
-        if w >= 0:
-            self.wide[w] = 0
-            self.wide_free.append(w)
-            self.wide_at[row] = -1
+        return self.hours.row_counts(rows)
 
     def find(self, g: np.ndarray, days: np.ndarray) -> np.ndarray:
         """Block rows of (series number, day) pairs; -1 where there is no block."""
@@ -228,14 +166,14 @@ class DayBlocks:
         totals = np.fromiter(itertools.chain.from_iterable(  # (stored totals are int64)
             hours.values() for _, hours in months), np.int64, n)
         rows = self.locate(g, at // 24, max(series_count, int(g.max()) + 1))
-        self._put(rows, at % 24, totals)
+        self.hours.put(rows, at % 24, totals)
         self.big.update(rows[beyond_big(totals)].tolist())
 
     def write(self, rows: np.ndarray, hod: np.ndarray, new: np.ndarray,
               values: np.ndarray) -> None:
         """Set slots (block rows, hours of day) to ``new``, which moved them by ``values``
         (distinct slots, checked for int64 by the caller); the move is pending."""
-        self._put(rows, hod, new)
+        self.hours.put(rows, hod, new)
         self.big.update(rows[beyond_big(new)].tolist())
         nonzero = values != 0
         if not nonzero.all():
@@ -253,19 +191,20 @@ class DayBlocks:
             row = self.tables.drop(day, g)
             if row < 0:
                 continue
-            self._clear(row)
+            self.hours.clear(row)
             self.key[row] = FREE  # a scan of the keys must not find it
             self.big.discard(row)
             self.free.append(row)
 
     def days_bytes(self, first: int, end: int) -> int:
         """What the blocks of days [first, end) and those days' tables hold, in bytes."""
-        blocks = tables = 0
+        held = 0
         for day in range(first, end):
             if day in self.tables:
-                blocks += self.tables.day_blocks(day)
-                tables += self.tables.row_bytes
-        return blocks * BLOCK_BYTES + tables
+                rows = self.tables.day_rows(day)
+                held += len(rows) * BLOCK_BYTES + self.hours.bytes_of(rows)
+                held += self.tables.row_bytes
+        return held
 
     def changed_keys(self) -> np.ndarray:
         """Keys of the blocks changed since the last checkpoint (even back to nothing)."""

@@ -51,6 +51,14 @@ class DayTables:
         r = self.row_of.get(day)
         return 0 if r is None else self.blocks[r]
 
+    def day_rows(self, day: int) -> np.ndarray:
+        """The block rows the day holds."""
+        r = self.row_of.get(day)
+        if r is None:
+            return np.empty(0, np.int64)
+        grid_row = self.rows[r]
+        return grid_row[grid_row != NONE].astype(np.int64)
+
     # ---- finding -----------------------------------------------------------
 
     def find(self, g: np.ndarray, days: np.ndarray) -> np.ndarray:

@@ -29,8 +29,9 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from tally.actors.day_blocks import BIG, DAY_BITS, NARROW, DayBlocks, Taken, beyond_big
+from tally.actors.day_blocks import BIG, DAY_BITS, DayBlocks, Taken, beyond_big
 from tally.actors.history import DEFAULT_BYTES, History
+from tally.actors.hour_tiers import NARROW
 from tally.actors.live_series import LiveSeries
 from tally.actors.marks import NO_SEQ, Marks
 from tally.actors.outcomes import Ingested, Outcome

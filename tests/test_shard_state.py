@@ -7,7 +7,8 @@ import calendar
 import numpy as np
 import pytest
 
-from tally.actors.day_blocks import BLOCK_BYTES, NARROW, DayBlocks
+from tally.actors.day_blocks import BLOCK_BYTES, DayBlocks
+from tally.actors.hour_tiers import NARROW, SMALL
 from tally.actors.shard_state import Applying, Outcome, ShardState
 from tally.checkpoint.sqlite import SqliteStore
 from tally.checkpoint.store import MonthDoc
@@ -443,24 +444,39 @@ def test_a_past_month_a_backfill_keeps_writing_stays_live(store):
     assert state.blocks.days_bytes(*month_days(month_number("2026-11"))) == 0
 
 
-def test_day_blocks_widen_an_hour_past_int16_and_give_the_row_back_narrow():
-    """Hours are int16 until one outgrows it: that block moves to int64 with its other
-    hours, and a freed row is narrow again for its next owner."""
+def test_day_blocks_move_a_block_to_a_wider_tier_and_give_the_row_back_small():
+    """Hours are int8 until one outgrows it: that block moves to int16 with its other
+    hours, then to int64 past int16; a freed row is small again for its next owner, and
+    the rows it left are reused."""
     blocks = DayBlocks()
     g, day = np.array([3, 3, 4], np.int64), np.array([20000, 20000, 20000], np.int64)
     rows = blocks.locate(g, day, 8)
     hod = np.array([1, 2, 1])
-    blocks.write(rows, hod, np.array([NARROW, -7, 5]), np.array([NARROW, -7, 5]))
-    assert blocks.get(rows, hod).tolist() == [NARROW, -7, 5]
-    blocks.write(rows[:1], hod[:1], np.array([NARROW + 1]), np.array([1]))
-    assert blocks.get(rows, hod).tolist() == [NARROW + 1, -7, 5]  # the block went wide
-    assert blocks.wide_at[rows[0]] >= 0 and blocks.wide_at[rows[2]] < 0
-    assert blocks.row_counts(rows[:1])[0, :3].tolist() == [0, NARROW + 1, -7]
-    blocks.write(rows[2:], hod[2:], np.array([-(2**40)]), np.array([-(2**40) - 5]))
-    assert blocks.get(rows, hod).tolist() == [NARROW + 1, -7, -(2**40)]
+    blocks.write(rows, hod, np.array([SMALL, -7, -SMALL]), np.array([SMALL, -7, -SMALL]))
+    assert blocks.get(rows, hod).tolist() == [SMALL, -7, -SMALL]
+    assert blocks.hours.moved == 0
+    blocks.write(rows[:1], hod[:1], np.array([SMALL + 1]), np.array([1]))
+    assert blocks.get(rows, hod).tolist() == [SMALL + 1, -7, -SMALL]  # to int16
+    assert blocks.hours.moved == 1 and blocks.wide_blocks == 0
+    assert blocks.row_counts(rows[:1])[0, :3].tolist() == [0, SMALL + 1, -7]
+    blocks.write(rows[:1], hod[:1], np.array([NARROW + 1]), np.array([NARROW - SMALL]))
+    assert blocks.get(rows, hod).tolist() == [NARROW + 1, -7, -SMALL]  # to int64
+    assert blocks.hours.moved == 1 and blocks.wide_blocks == 1
+    # a small block straight to int64, beside one in int16 in the same write
+    blocks.write(rows[1:], hod[1:], np.array([300, -(2**40)]), np.array([307, -(2**40)]))
+    assert blocks.get(rows, hod).tolist() == [NARROW + 1, 300, -(2**40)]
+    assert blocks.row_counts(rows)[:, :3].tolist() == [
+        [0, NARROW + 1, 300], [0, NARROW + 1, 300], [0, -(2**40), 0]]
+    assert blocks.wide_blocks == 2
     blocks.free_month(3, 20000, 20001)
-    again = blocks.locate(np.array([5]), np.array([20000]), 8)
-    assert blocks.wide_at[again[0]] < 0 and blocks.get(again, np.array([1])).tolist() == [0]
+    blocks.free_month(4, 20000, 20001)
+    assert blocks.hours.moved == 0
+    again = blocks.locate(np.array([5, 6]), np.array([20000, 20000]), 8)
+    assert blocks.get(again, np.array([1, 1])).tolist() == [0, 0]
+    blocks.write(again, np.array([1, 1]), np.array([NARROW + 5, 200]),
+                 np.array([NARROW + 5, 200]))
+    assert blocks.get(again, np.array([1, 1])).tolist() == [NARROW + 5, 200]
+    assert (blocks.hours.wide.used, blocks.hours.mid.used) == (2, 1)  # (rows reused)
 
 
 def test_a_batch_written_in_slices_shows_whole_series_and_holds_off_checkpoints(store):
