@@ -21,10 +21,18 @@ the actor's event loop on a thread of its own, and the store writes on
 another. A thread heap gives its top back only when a large block is freed
 and the top exceeds the trim threshold, which the dynamic thresholds put at
 twice the largest block freed so far (up to 64 MB). ``tune`` fixes the
-thresholds instead, once per process: blocks of 1 MiB or more are mapped on
-their own and unmapped when freed, and a heap top past 2 MiB is given back at
-the next large free. This does not slow the ingest path: a shard's time per
-batch is the same with and without it (docs/performance.md).
+thresholds instead, once per process: a heap top past 2 MiB is given back at
+the next large free.
+
+Blocks below 32 MiB (the most glibc allows) come from the heaps rather than
+from maps of their own. A checkpoint's temporaries are tens of megabytes, the
+same every interval: mapped, each one's pages were faulted in and zeroed
+anew at every checkpoint, which was a third of a wide checkpoint's time. From
+the heaps, the next checkpoint reuses the pages the last one freed. So a
+trim, which hands those pages back, waits until the shard is idle (an
+interval without a batch) or ``TRIM_SECONDS`` have passed: a shard that is
+ingesting keeps about one checkpoint's temporaries resident beside its
+state, and one that stops gives them back within two intervals.
 """
 
 from __future__ import annotations
@@ -39,14 +47,11 @@ from typing import Any
 # mallopt parameters (malloc.h) and the values tune() sets
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
-MMAP_THRESHOLD = 1 << 20
+MMAP_THRESHOLD = 32 << 20
 TRIM_THRESHOLD = 2 << 20
 
-# A checkpoint of this many slots makes a few megabytes of short-lived objects
-# (~250 bytes a slot between the deltas, the checked pairs and the store's rows).
-TRIM_SLOTS = 10_000
-# Smaller checkpoints and ingest leave garbage too, if less: it is given back at
-# most this often, so a shard's resident size follows its live state everywhere.
+# While batches flow, what checkpoints freed is given back at most this often (the
+# next checkpoint would fault it back in); at once when the shard is idle.
 TRIM_SECONDS = 30.0
 
 
@@ -110,7 +115,8 @@ def trim() -> float:
 
 
 class TrimPolicy:
-    """When to trim: after a large checkpoint, else at most every ``seconds``.
+    """When to trim: once the shard is idle, else at most every ``seconds``, and only
+    if checkpoints wrote something since the last trim (``wrote``).
 
     The heaps belong to the process, not to a shard, so one policy serves every
     shard of a process (tests run several in one): ``PROCESS``.
@@ -118,22 +124,26 @@ class TrimPolicy:
 
     def __init__(
         self,
-        slots: int = TRIM_SLOTS,
         seconds: float = TRIM_SECONDS,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.slots = slots
         self.seconds = seconds
         self._clock = clock
         self._last = clock()
+        self._written = 0  # slots checkpointed since the last trim
         self._lock = threading.Lock()
 
-    def due(self, slots: int) -> bool:
-        """Whether to trim after a checkpoint that wrote ``slots`` slots (then noted as done)."""
+    def wrote(self, slots: int) -> None:
+        """A checkpoint wrote ``slots`` slots (its temporaries are garbage now)."""
+        with self._lock:
+            self._written += slots
+
+    def due(self, idle: bool) -> bool:
+        """Whether to trim now (then noted as done); ``idle``: no batch this interval."""
         with self._lock:
             now = self._clock()
-            if slots >= self.slots or now - self._last >= self.seconds:
-                self._last = now
+            if self._written and (idle or now - self._last >= self.seconds):
+                self._last, self._written = now, 0
                 return True
         return False
 

@@ -280,10 +280,8 @@ class ShardActor:
                 ck, seconds, slots=slots, documents=documents, new_series=len(cp.new_series),
                 evicted=evicted,
             )
-            del cp  # its deltas are garbage now: a trim below gives their pages back
-            if memory.available() and memory.PROCESS.due(slots):
-                # On the writer thread: the event loop serves queries meanwhile.
-                self.meters.trimmed(await loop.run_in_executor(self._writer, memory.trim))
+            del cp  # its deltas are garbage now: a trim gives their pages back (``_trim``)
+            memory.PROCESS.wrote(slots)
             self._checkpoint_written(ck, seconds, lag, slots, documents)
             return ck
 
@@ -352,7 +350,15 @@ class ShardActor:
             except Exception:  # kept in last_error and retried next interval; state is intact
                 continue
             await self._fold(until_done=False)
+            await self._trim(idle=self._batches == self._batches_then)
             self._batches_then = self._batches
+
+    async def _trim(self, idle: bool) -> None:
+        """Give the checkpoints' garbage back when ``memory.PROCESS`` says so; on the
+        writer thread, so the event loop serves queries meanwhile."""
+        if memory.available() and memory.PROCESS.due(idle):
+            loop = asyncio.get_running_loop()
+            self.meters.trimmed(await loop.run_in_executor(self._writer, memory.trim))
 
     async def _fold(self, until_done: bool) -> None:
         """Fold the runs while the shard is idle (no batch since the last interval) or

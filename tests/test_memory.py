@@ -11,16 +11,20 @@ from tally.actors import memory
 from tally.actors.metrics import private_bytes, resident_bytes
 
 
-def test_the_policy_trims_after_a_large_checkpoint_else_at_most_every_interval():
+def test_the_policy_trims_once_idle_else_at_most_every_interval_and_only_after_writes():
     now = [100.0]
-    policy = memory.TrimPolicy(slots=1000, seconds=30, clock=lambda: now[0])
-    assert not policy.due(10)
-    assert policy.due(1000)  # large: at once
+    policy = memory.TrimPolicy(seconds=30, clock=lambda: now[0])
+    assert not policy.due(idle=True)  # nothing written since: nothing to give back
+    policy.wrote(100_000)
+    assert not policy.due(idle=False)  # busy: the next checkpoint reuses the pages
+    assert policy.due(idle=True)  # idle: at once
+    assert not policy.due(idle=True)  # given back already
+    policy.wrote(10)
     now[0] += 29
-    assert not policy.due(999)
+    assert not policy.due(idle=False)
     now[0] += 1
-    assert policy.due(1)  # 30 s since the last trim
-    assert not policy.due(1)
+    assert policy.due(idle=False)  # 30 s since the last trim, though busy
+    assert not policy.due(idle=False)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc and /proc are Linux's")
