@@ -20,6 +20,7 @@ the slab.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from typing import NamedTuple
 
 import numpy as np
@@ -33,7 +34,6 @@ from tally.wire.timeslots import month_name, months_of_hours
 DAY_BITS = 20  # a block key is series << DAY_BITS | UTC day (days up to year 4840)
 MONTH_BITS = 16  # a (series, month) key is series << MONTH_BITS | months since 1970-01
 _HOUR_BITS = 27  # a (series, hour) key: hours since 1970 below 2**27 (to the year 17,000)
-FREE = -1  # the block key of a free row (its series, FREE >> DAY_BITS, is no series)
 # Below this no 24 hours can add up to more than int64 (24 * 2**58 < 2**63): only a day
 # holding an hour beyond it needs its day total checked.
 BIG = 2**58
@@ -44,8 +44,8 @@ def beyond_big(values: np.ndarray) -> np.ndarray:
     return (values > BIG) | (values < -BIG)
 
 
-# a block's bytes beside its hours: its key and its entry in the pending table's index
-BLOCK_BYTES = 8 + 4
+# a block's bytes beside its hours: its entry in the pending table's index
+BLOCK_BYTES = 4
 
 
 class DayBlocks:
@@ -58,7 +58,6 @@ class DayBlocks:
     def __init__(self) -> None:
         # block row -> its 24 hours, as int8, int16 or int64: as narrow as they fit
         self.hours = HourTiers(1024)
-        self.key = np.zeros(1024, dtype=np.int64)  # block row -> its key (FREE: none)
         # (UTC day, series number) -> block row, for every day holding a block: a batch
         # finds its rows with one gather, and a (series, day) costs 4 bytes here rather
         # than a dict entry and two ints
@@ -90,9 +89,6 @@ class DayBlocks:
             return
         size = max(need, size + max(1024, size // 4, 4 * new))
         self.hours.grow(size)
-        key = np.zeros(size, np.int64)
-        key[: len(self.key)] = self.key
-        self.key = key
         self.pending.reserve(size)
 
     # ---- counts --------------------------------------------------------------
@@ -147,7 +143,6 @@ class DayBlocks:
             del self.free[len(self.free) - reuse:]
         rows[reuse:] = np.arange(self.used, self.used + len(keys) - reuse)
         self.used += len(keys) - reuse
-        self.key[rows] = keys
         self.tables.put(keys >> DAY_BITS, keys & ((1 << DAY_BITS) - 1), rows, series_count)
         return rows
 
@@ -170,16 +165,21 @@ class DayBlocks:
         self.big.update(rows[beyond_big(totals)].tolist())
 
     def write(self, rows: np.ndarray, hod: np.ndarray, new: np.ndarray,
-              values: np.ndarray) -> None:
+              values: np.ndarray, keys_of: Callable[[np.ndarray], np.ndarray]) -> None:
         """Set slots (block rows, hours of day) to ``new``, which moved them by ``values``
-        (distinct slots, checked for int64 by the caller); the move is pending."""
+        (distinct slots, checked for int64 by the caller); the move is pending.
+        ``keys_of``: the block keys of the slots at some positions (the caller knows
+        each slot's series and day; the slab keeps no key per block)."""
         self.hours.put(rows, hod, new)
         self.big.update(rows[beyond_big(new)].tolist())
         nonzero = values != 0
         if not nonzero.all():
-            rows, hod, values = rows[nonzero], hod[nonzero], values[nonzero]
+            kept = np.flatnonzero(nonzero)
+            rows, hod, values = rows[kept], hod[kept], values[kept]
+            named = keys_of
+            keys_of = lambda at: named(kept[at])  # noqa: E731
         if len(rows):
-            self.pending.add(rows, hod, values)
+            self.pending.add(rows, hod, values, keys_of)
 
     def free_month(self, g: int, first: int, end: int) -> None:
         """Give back series ``g``'s blocks of days [first, end) (a month forgotten).
@@ -192,7 +192,6 @@ class DayBlocks:
             if row < 0:
                 continue
             self.hours.clear(row)
-            self.key[row] = FREE  # a scan of the keys must not find it
             self.big.discard(row)
             self.free.append(row)
 
@@ -208,12 +207,11 @@ class DayBlocks:
 
     def changed_keys(self) -> np.ndarray:
         """Keys of the blocks changed since the last checkpoint (even back to nothing)."""
-        return self.key[self.pending.block_rows()]
+        return self.pending.block_keys()
 
     def take(self) -> Taken:
         """The changed slots for a checkpoint, with their keys; nothing pending after."""
-        rows, hod, vals = self.pending.take()
-        return Taken(rows, hod, vals, self.key[rows])
+        return Taken(*self.pending.take())
 
 
 class Taken(NamedTuple):

@@ -97,15 +97,16 @@ class HourTiers:
 
     def get(self, rows: np.ndarray, hod: np.ndarray) -> np.ndarray:
         """The counts of slots (block rows, hours of day), as int64."""
+        # (1-D takes and puts of flat indexes: numpy's 2-D fancy indexing costs more)
         if not self.moved:
-            return self.small[rows, hod].astype(np.int64)
+            return self.small.reshape(-1).take(rows * 24 + hod).astype(np.int64)
         at = self.at[rows]
         if not self.wide_blocks and int(at.min()) >= 0:  # (a busy stream: every block moved)
-            return self.mid.hours[at, hod].astype(np.int64)
-        values = self.small[rows, hod].astype(np.int64)
+            return self.mid.hours.reshape(-1).take(at * 24 + hod).astype(np.int64)
+        values = self.small.reshape(-1).take(rows * 24 + hod).astype(np.int64)
         mid, wide = self._tiers(at)
         if mid is not None:
-            values[mid] = self.mid.hours[at[mid], hod[mid]]
+            values[mid] = self.mid.hours.reshape(-1).take(at[mid] * 24 + hod[mid])
         if wide is not None:
             values[wide] = self.wide.hours[at[wide] - WIDE, hod[wide]]
         return values
@@ -128,21 +129,21 @@ class HourTiers:
         if not self.moved:
             beyond = (values > SMALL) | (values < -SMALL)
             if not beyond.any():
-                self.small[rows, hod] = values
+                self.small.reshape(-1).put(rows * 24 + hod, values)
                 return
         self._make_room(rows, values)
         at = self.at[rows]
         if not self.wide_blocks and int(at.min()) >= 0:
-            self.mid.hours[at, hod] = values
+            self.mid.hours.reshape(-1).put(at * 24 + hod, values)
             return
         mid, wide = self._tiers(at)
         if mid is None and wide is None:
-            self.small[rows, hod] = values
+            self.small.reshape(-1).put(rows * 24 + hod, values)
             return
         small = at < 0
-        self.small[rows[small], hod[small]] = values[small]
+        self.small.reshape(-1).put(rows[small] * 24 + hod[small], values[small])
         if mid is not None:
-            self.mid.hours[at[mid], hod[mid]] = values[mid]
+            self.mid.hours.reshape(-1).put(at[mid] * 24 + hod[mid], values[mid])
         if wide is not None:
             self.wide.hours[at[wide] - WIDE, hod[wide]] = values[wide]
 

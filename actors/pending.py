@@ -9,6 +9,8 @@ that the shard's bound (``max_dirty``) limits is always exact.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 PENDING_ROWS = 4096  # rows of pending deltas kept between checkpoints, at least
@@ -47,12 +49,15 @@ class PendingDeltas:
     checkpoint/layout.py, and the shard reports it until an operator acts).
     """
 
-    __slots__ = ("table", "at", "block", "rows", "slots", "wide", "bound")
+    __slots__ = ("table", "at", "block", "key", "rows", "slots", "wide", "bound")
 
     def __init__(self, blocks: int) -> None:
         self.table = np.zeros((PENDING_ROWS, 24), WIDTHS[0][0])
         self.at = np.full(blocks, -1, np.int32)  # block row -> its row of table, -1: none
         self.block = np.zeros(PENDING_ROWS, np.int64)  # row of table -> its block row
+        # row of table -> its block's key (series << DAY_BITS | day): named here, for the
+        # blocks changed, so the slab keeps no key per block
+        self.key = np.zeros(PENDING_ROWS, np.int64)
         self.rows = 0  # rows of table in use
         self.slots = 0  # nonzero entries of table and of wide
         self.wide: dict[int, int] = {}  # row of table * 24 + hour of day -> delta
@@ -70,6 +75,10 @@ class PendingDeltas:
 
     def block_rows(self) -> np.ndarray:
         return self.block[:self.rows]
+
+    def block_keys(self) -> np.ndarray:
+        """The keys of the blocks changed (in ``block_rows`` order)."""
+        return self.key[:self.rows]
 
     def _before(self, rows: np.ndarray, hod: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Rows of table of block ``rows`` (-1: none yet) and the deltas at ``hod``."""
@@ -89,12 +98,17 @@ class PendingDeltas:
             after = before + values
         return np.flatnonzero(((values > 0) & (after < before)) | ((values < 0) & (after > before)))
 
-    def add(self, rows: np.ndarray, hod: np.ndarray, values: np.ndarray) -> None:
-        """Add nonzero ``values`` at distinct (block row, hour of day) slots."""
+    def add(self, rows: np.ndarray, hod: np.ndarray, values: np.ndarray,
+            keys_of: Callable[[np.ndarray], np.ndarray]) -> None:
+        """Add nonzero ``values`` at distinct (block row, hour of day) slots; ``keys_of``
+        gives the block keys of the slots at some positions (asked only for blocks
+        not changed since the last checkpoint, the first time)."""
         at = self.at[rows]
         fresh = at < 0
         if fresh.any():
-            new = _distinct(rows[fresh], self.at)
+            fresh = np.flatnonzero(fresh)
+            first = _distinct(rows[fresh], self.at)
+            new = rows[fresh[first]]
             n, m = self.rows, self.rows + len(new)
             if m > len(self.table):
                 size = max(m, len(self.table) + len(self.table) // 2)
@@ -102,8 +116,11 @@ class PendingDeltas:
                 table[:n] = self.table[:n]
                 block = np.zeros(size, np.int64)
                 block[:n] = self.block[:n]
-                self.table, self.block = table, block
+                key = np.zeros(size, np.int64)
+                key[:n] = self.key[:n]
+                self.table, self.block, self.key = table, block, key
             self.block[n:m] = new
+            self.key[n:m] = keys_of(fresh[first])
             self.at[new] = np.arange(n, m, dtype=np.int32)
             self.rows = m
             at = self.at[rows]
@@ -139,9 +156,9 @@ class PendingDeltas:
             after[n] = 0
             self.slots += (new != 0) - (old != 0)
 
-    def take(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The nonzero slots (block rows, hours of day, deltas), and nothing pending after.
-        Deltas are int64, or Python ints (dtype object) if one left int64."""
+    def take(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """The nonzero slots (block rows, hours of day, deltas, block keys), and nothing
+        pending after. Deltas are int64, or Python ints (dtype object) if one left int64."""
         n = self.rows
         used = self.table[:n]
         flat, vals = _nonzero(used.reshape(-1))
@@ -154,7 +171,7 @@ class PendingDeltas:
             vals = np.concatenate((vals.astype(object), wide))
             keep = vals != 0
             at, hod, vals = at[keep], hod[keep], vals[keep]
-        rows = self.block[at]
+        rows, keys = self.block[at], self.key[at]
         self.at[self.block[:n]] = -1
         # Room for as many rows as this checkpoint took, and a quarter more: the next
         # interval of a steady stream needs about as many, and a table regrown from
@@ -166,13 +183,14 @@ class PendingDeltas:
         if len(self.table) > 2 * keep:
             self.table = np.zeros((keep, 24), narrow)
             self.block = np.zeros(keep, np.int64)
+            self.key = np.zeros(keep, np.int64)
         elif self.table.dtype != narrow:
             self.table = np.zeros(self.table.shape, narrow)
         else:
             used[:] = 0
         self.rows = self.slots = self.bound = 0
         self.wide = {}
-        return rows, hod.astype(np.int64), vals
+        return rows, hod.astype(np.int64), vals, keys
 
 
 def _nonzero(cells: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -196,10 +214,12 @@ def _nonzero(cells: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _distinct(keys: np.ndarray, scratch: np.ndarray) -> np.ndarray:
-    """The distinct values of ``keys`` (non-negative indexes into ``scratch``, whose
-    entries there are -1 and are left so), in no particular order, without a sort: each
-    key's entry takes the position of one of its occurrences, and that one is kept."""
-    scratch[keys] = np.arange(len(keys), dtype=scratch.dtype)
-    kept = keys[scratch[keys] == np.arange(len(keys), dtype=scratch.dtype)]
+    """Positions in ``keys`` of one occurrence of each distinct value (non-negative
+    indexes into ``scratch``, whose entries there are -1 and are left so), in no
+    particular order, without a sort: each key's entry takes the position of one of its
+    occurrences, and that one is kept."""
+    positions = np.arange(len(keys), dtype=scratch.dtype)
+    scratch[keys] = positions
+    kept = np.flatnonzero(scratch[keys] == positions)
     scratch[keys] = -1
     return kept

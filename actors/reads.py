@@ -19,18 +19,13 @@ from typing import NamedTuple
 
 import numpy as np
 
-from tally.actors.day_blocks import DAY_BITS, DayBlocks
+from tally.actors.day_blocks import DayBlocks
 from tally.actors.history import MISSING, History, Month, peak_of
 from tally.actors.live_series import LiveSeries
 from tally.checkpoint.store import MonthDoc, MonthKey
 from tally.wire.timeslots import month_days, month_name, month_of
 
 Load = Callable[[list[MonthKey]], dict[MonthKey, MonthDoc]]  # reads month documents
-
-# A query looks up each (series, day) in the dict, or, when there are more than
-# 1/SCAN_RATIO as many of them as used rows, finds them in one numpy pass over every
-# row's key: a pass costs far less per row than a dict lookup per pair.
-SCAN_RATIO = 10
 
 
 class Span(NamedTuple):
@@ -192,27 +187,12 @@ class Reads:
         return out
 
     def _block_rows(self, series: list[int], lo: int, hi: int) -> np.ndarray:
-        """Block rows of days [lo, hi) of each series (series x days), -1 where none."""
+        """Block rows of days [lo, hi) of each series (series x days), -1 where none: a
+        gather per (series, day) from the day tables, however many are asked."""
         n, days = len(series), hi - lo
-        used = self.blocks.used
-        if n * days * SCAN_RATIO > used:
-            # Many (a breakdown over most of the shard): scan every row's key instead.
-            numbers = np.array(series, np.int64)
-            # series number -> its position in ``series``; the extra last slot (-1) is
-            # what a free row's key (FREE) finds
-            position = np.full(self.live.count + 1, -1, np.int64)
-            position[numbers] = np.arange(n)
-            if (position[numbers] == np.arange(n)).all():  # (a series asked twice: lookups)
-                keys = self.blocks.key[:used]
-                at = position[keys >> DAY_BITS]
-                day = (keys & ((1 << DAY_BITS) - 1)) - lo
-                found = np.flatnonzero((at >= 0) & (day >= 0) & (day < days))
-                rows = np.full(n * days, -1, np.int64)
-                rows[at[found] * days + day[found]] = found
-                return rows.reshape(n, days)
-        span = np.arange(lo, hi, dtype=np.int64)
-        keys = (np.array(series, np.int64)[:, None] << DAY_BITS | span[None, :]).ravel()
-        return self.blocks.lookup(keys).reshape(n, days)
+        g = np.repeat(np.array(series, np.int64), days)
+        span = np.tile(np.arange(lo, hi, dtype=np.int64), n)
+        return self.blocks.find(g, span).reshape(n, days)
 
     def _day_counts(self, series: list[int], lo: int, hi: int) -> np.ndarray:
         """Counts of days [lo, hi) of each series, one row of (hi - lo) * 24 hours per series."""

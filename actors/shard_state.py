@@ -25,7 +25,7 @@ exact); new increments meanwhile start the next one.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 
@@ -261,13 +261,15 @@ class ShardState:
             known = self.live.series
             new = list(dict.fromkeys(sid for sid, _ in missing if sid not in known))
             self.install(missing, docs)
+        if numbers is None:
+            numbers = self.live.numbers(batch.sids)
         try:
             rows, hod, sums = self._checked(batch, numbers, rows, absent)
         except SlotOverflow as e:
             return Ingested.refused(Outcome.BAD_ROW, str(e), e.aggregate)
         except DeltaOverflow as e:
             return Ingested.refused(Outcome.DELTA_OVERFLOW, str(e))
-        self.applying = Applying(self, batch, rows, hod, sums, producer, seq, new)
+        self.applying = Applying(self, batch, numbers, rows, hod, sums, producer, seq, new)
         return self.applying
 
     def _not_applying(self, what: str) -> None:
@@ -432,7 +434,8 @@ class ShardState:
             self.marks.undo(producer)
         if not len(batch):
             return True
-        rows, hod = self._locate(batch)
+        numbers = self.live.numbers(batch.sids)
+        rows, hod = self._locate(batch, numbers)
         old = self.blocks.get(rows, hod)
         values = -batch.values
         with np.errstate(over="ignore"):
@@ -441,7 +444,7 @@ class ShardState:
             # Only possible if other batches moved the slot to within a batch of
             # the limit meanwhile; an undo cannot be refused, and must not wrap.
             raise RuntimeError(f"shard {self.shard}: undoing a batch would leave int64")
-        self.blocks.write(rows, hod, new, values)
+        self.blocks.write(rows, hod, new, values, block_keys(batch, numbers))
         self.increments -= batch.increments
         return True
 
@@ -595,13 +598,14 @@ class Applying:
     that half twice when the batch is resent.
     """
 
-    __slots__ = ("state", "batch", "rows", "hod", "sums", "producer", "seq", "new", "done",
-                 "result")
+    __slots__ = ("state", "batch", "numbers", "rows", "hod", "sums", "producer", "seq", "new",
+                 "done", "result")
 
-    def __init__(self, state: ShardState, batch: Batch, rows: np.ndarray, hod: np.ndarray,
-                 sums: np.ndarray, producer: str | None, seq: int | None, new: list[str]
-                 ) -> None:
+    def __init__(self, state: ShardState, batch: Batch, numbers: np.ndarray, rows: np.ndarray,
+                 hod: np.ndarray, sums: np.ndarray, producer: str | None, seq: int | None,
+                 new: list[str]) -> None:
         self.state, self.batch = state, batch
+        self.numbers = numbers  # the series number of each of the batch's sids
         self.rows, self.hod, self.sums = rows, hod, sums  # each slot and its total with it
         self.producer, self.seq, self.new = producer, seq, new
         self.done = 0  # aggregates written
@@ -617,9 +621,21 @@ class Applying:
             z = max(z, int(np.searchsorted(series, series[z - 1], side="right")))
         if z > a:
             values = self.batch.values[a:z]
-            self.state.blocks.write(self.rows[a:z], self.hod[a:z], self.sums[a:z], values)
+            self.state.blocks.write(self.rows[a:z], self.hod[a:z], self.sums[a:z], values,
+                                    block_keys(self.batch, self.numbers, a))
         self.done = z
         if z < n:
             return True
         self.result = self.state._applied(self)
         return False
+
+
+def block_keys(batch: Batch, numbers: np.ndarray, offset: int = 0
+               ) -> Callable[[np.ndarray], np.ndarray]:
+    """The block keys of a batch's aggregates at positions (from ``offset``), as
+    ``DayBlocks.write`` asks for them: only for blocks new to the pending table."""
+    def keys_of(at: np.ndarray) -> np.ndarray:
+        at = at + offset
+        g = numbers[batch.series[at].astype(np.intp)]
+        return g << DAY_BITS | batch.hours[at] // 24
+    return keys_of

@@ -7,7 +7,7 @@ import calendar
 import numpy as np
 import pytest
 
-from tally.actors.day_blocks import BLOCK_BYTES, DayBlocks
+from tally.actors.day_blocks import BLOCK_BYTES, DAY_BITS, DayBlocks
 from tally.actors.hour_tiers import NARROW, SMALL
 from tally.actors.shard_state import Applying, Outcome, ShardState
 from tally.checkpoint.sqlite import SqliteStore
@@ -258,11 +258,12 @@ def test_pending_deltas_sum_per_slot_exactly_even_past_int64(seed: int) -> None:
             vals = vals.astype(np.int64)
             keep = vals != 0
             rows, hod, vals = rows[keep], hod[keep], vals[keep]
-            pending.add(rows, hod, vals)
+            pending.add(rows, hod, vals, lambda at, rows=rows: rows[at] * 1000 + 7)
             for r, h, v in zip(rows.tolist(), hod.tolist(), vals.tolist(), strict=True):
                 expected[(r, h)] = expected.get((r, h), 0) + v
             assert pending.slots == sum(1 for v in expected.values() if v)
-        rows, hod, sums = pending.take()
+        rows, hod, sums, keys = pending.take()
+        assert keys.tolist() == (rows * 1000 + 7).tolist()  # each block's key, named once
         got = dict(zip(zip(rows.tolist(), hod.tolist(), strict=True), sums.tolist(), strict=True))
         assert got == {k: v for k, v in expected.items() if v}
         assert len(got) == len(rows) and rows.dtype == hod.dtype == np.int64
@@ -447,36 +448,45 @@ def test_a_past_month_a_backfill_keeps_writing_stays_live(store):
 def test_day_blocks_move_a_block_to_a_wider_tier_and_give_the_row_back_small():
     """Hours are int8 until one outgrows it: that block moves to int16 with its other
     hours, then to int64 past int16; a freed row is small again for its next owner, and
-    the rows it left are reused."""
+    the rows it left are reused. The changed blocks' keys come from the writer."""
     blocks = DayBlocks()
-    g, day = np.array([3, 3, 4], np.int64), np.array([20000, 20000, 20000], np.int64)
-    rows = blocks.locate(g, day, 8)
+    day = 20000
+    g = np.array([3, 3, 4], np.int64)
+    rows = blocks.locate(g, np.full(3, day), 8)
     hod = np.array([1, 2, 1])
-    blocks.write(rows, hod, np.array([SMALL, -7, -SMALL]), np.array([SMALL, -7, -SMALL]))
+
+    def write(at: slice, new: list[int], moved: list[int]) -> None:
+        keys = g[at] << DAY_BITS | day
+        blocks.write(rows[at], hod[at], np.array(new), np.array(moved), keys.__getitem__)
+
+    write(slice(None), [SMALL, -7, -SMALL], [SMALL, -7, -SMALL])
     assert blocks.get(rows, hod).tolist() == [SMALL, -7, -SMALL]
     assert blocks.hours.moved == 0
-    blocks.write(rows[:1], hod[:1], np.array([SMALL + 1]), np.array([1]))
+    write(slice(0, 1), [SMALL + 1], [1])
     assert blocks.get(rows, hod).tolist() == [SMALL + 1, -7, -SMALL]  # to int16
     assert blocks.hours.moved == 1 and blocks.wide_blocks == 0
     assert blocks.row_counts(rows[:1])[0, :3].tolist() == [0, SMALL + 1, -7]
-    blocks.write(rows[:1], hod[:1], np.array([NARROW + 1]), np.array([NARROW - SMALL]))
+    write(slice(0, 1), [NARROW + 1], [NARROW - SMALL])
     assert blocks.get(rows, hod).tolist() == [NARROW + 1, -7, -SMALL]  # to int64
     assert blocks.hours.moved == 1 and blocks.wide_blocks == 1
     # a small block straight to int64, beside one in int16 in the same write
-    blocks.write(rows[1:], hod[1:], np.array([300, -(2**40)]), np.array([307, -(2**40)]))
+    write(slice(1, 3), [300, -(2**40)], [307, -(2**40) + SMALL])
     assert blocks.get(rows, hod).tolist() == [NARROW + 1, 300, -(2**40)]
     assert blocks.row_counts(rows)[:, :3].tolist() == [
         [0, NARROW + 1, 300], [0, NARROW + 1, 300], [0, -(2**40), 0]]
     assert blocks.wide_blocks == 2
-    blocks.free_month(3, 20000, 20001)
-    blocks.free_month(4, 20000, 20001)
+    taken = blocks.take()  # (a checkpoint: a month is forgotten only once written)
+    assert sorted(set(taken.keys.tolist())) == [3 << DAY_BITS | day, 4 << DAY_BITS | day]
+    blocks.free_month(3, day, day + 1)
+    blocks.free_month(4, day, day + 1)
     assert blocks.hours.moved == 0
-    again = blocks.locate(np.array([5, 6]), np.array([20000, 20000]), 8)
-    assert blocks.get(again, np.array([1, 1])).tolist() == [0, 0]
-    blocks.write(again, np.array([1, 1]), np.array([NARROW + 5, 200]),
-                 np.array([NARROW + 5, 200]))
-    assert blocks.get(again, np.array([1, 1])).tolist() == [NARROW + 5, 200]
+    g = np.array([5, 6], np.int64)
+    rows, hod = blocks.locate(g, np.full(2, day), 8), np.array([1, 1])
+    assert blocks.get(rows, hod).tolist() == [0, 0]
+    write(slice(None), [NARROW + 5, 200], [NARROW + 5, 200])
+    assert blocks.get(rows, hod).tolist() == [NARROW + 5, 200]
     assert (blocks.hours.wide.used, blocks.hours.mid.used) == (2, 1)  # (rows reused)
+    assert sorted(blocks.take().keys.tolist()) == [5 << DAY_BITS | day, 6 << DAY_BITS | day]
 
 
 def test_a_batch_written_in_slices_shows_whole_series_and_holds_off_checkpoints(store):
