@@ -126,16 +126,21 @@ class HourTiers:
 
     def put(self, rows: np.ndarray, hod: np.ndarray, values: np.ndarray) -> None:
         """Set distinct slots to int64 ``values``, moving blocks that need a wider tier."""
+        if not len(values):
+            return
+        # (two reductions, no mask: what a batch whose blocks all fit their tier costs)
+        top, bottom = int(values.max()), int(values.min())
         if not self.moved:
-            beyond = (values > SMALL) | (values < -SMALL)
-            if not beyond.any():
+            if top <= SMALL and bottom >= -SMALL:
                 self.small.reshape(-1).put(rows * 24 + hod, values)
+                return
+        elif not self.wide_blocks and top <= NARROW and bottom >= -NARROW:
+            at = self.at[rows]
+            if int(at.min()) >= 0:  # (a busy stream: every block moved)
+                self.mid.hours.reshape(-1).put(at * 24 + hod, values)
                 return
         self._make_room(rows, values)
         at = self.at[rows]
-        if not self.wide_blocks and int(at.min()) >= 0:
-            self.mid.hours.reshape(-1).put(at * 24 + hod, values)
-            return
         mid, wide = self._tiers(at)
         if mid is None and wide is None:
             self.small.reshape(-1).put(rows * 24 + hod, values)
