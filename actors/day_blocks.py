@@ -26,7 +26,7 @@ from typing import NamedTuple
 import numpy as np
 
 from tally.actors.day_tables import DayTables
-from tally.actors.hour_tiers import HourTiers
+from tally.actors.hour_tiers import HourTiers, Where
 from tally.actors.pending import PendingDeltas
 from tally.checkpoint.slots import Slots
 from tally.wire.timeslots import month_name, months_of_hours
@@ -102,6 +102,10 @@ class DayBlocks:
         """The counts of slots (block rows, hours of day), as int64."""
         return self.hours.get(rows, hod)
 
+    def located(self, rows: np.ndarray, hod: np.ndarray) -> tuple[np.ndarray, Where]:
+        """The counts of slots, as int64, and where they are (for ``write``)."""
+        return self.hours.located(rows, hod)
+
     def row_counts(self, rows: np.ndarray) -> np.ndarray:
         """The 24 hours of each block row, as int64 (len(rows) x 24)."""
         return self.hours.row_counts(rows)
@@ -165,12 +169,14 @@ class DayBlocks:
         self.big.update(rows[beyond_big(totals)].tolist())
 
     def write(self, rows: np.ndarray, hod: np.ndarray, new: np.ndarray,
-              values: np.ndarray, keys_of: Callable[[np.ndarray], np.ndarray]) -> None:
+              values: np.ndarray, keys_of: Callable[[np.ndarray], np.ndarray],
+              where: Where | None = None) -> None:
         """Set slots (block rows, hours of day) to ``new``, which moved them by ``values``
         (distinct slots, checked for int64 by the caller); the move is pending.
         ``keys_of``: the block keys of the slots at some positions (the caller knows
-        each slot's series and day; the slab keeps no key per block)."""
-        self.hours.put(rows, hod, new)
+        each slot's series and day; the slab keeps no key per block); ``where``: where
+        ``located`` found these slots, if no block of theirs moved since."""
+        self.hours.put(rows, hod, new, where)
         self.big.update(rows[beyond_big(new)].tolist())
         nonzero = values != 0
         if not nonzero.all():

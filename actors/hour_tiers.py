@@ -16,6 +16,8 @@ back to the free list only when the block is cleared (its month forgotten).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
 SMALL = 2**7 - 1  # a block whose every hour is within ±SMALL is kept as int8
@@ -26,6 +28,24 @@ WIDE = 1 << 30
 SMALL_BYTES = 24 + 4
 MID_BYTES = 24 * 2
 WIDE_BYTES = 24 * 8
+
+
+class Where(NamedTuple):
+    """Where a batch's slots were when it read them: all in ``small`` or all in ``mid``
+    (``tier``), at ``flat`` (row * 24 + hour of that slab); tier MIXED: neither, no
+    ``flat``. A write of the same slots reuses it while no block of theirs has moved
+    since, which a batch's own earlier slices cannot have done to them: a slice holds
+    all the slots of its series (actors/shard_state.py, ``Applying``)."""
+
+    tier: int
+    flat: np.ndarray | None
+
+    def part(self, a: int, z: int) -> Where:
+        """Where slots [a, z) of the batch are."""
+        return self if self.flat is None else Where(self.tier, self.flat[a:z])
+
+
+SMALL_TIER, MID_TIER, MIXED = 0, 1, -1
 
 
 class _Slab:
@@ -97,19 +117,26 @@ class HourTiers:
 
     def get(self, rows: np.ndarray, hod: np.ndarray) -> np.ndarray:
         """The counts of slots (block rows, hours of day), as int64."""
+        return self.located(rows, hod)[0]
+
+    def located(self, rows: np.ndarray, hod: np.ndarray) -> tuple[np.ndarray, Where]:
+        """The counts of slots (block rows, hours of day), as int64, and where they are
+        (for ``put`` to write them back without finding them again)."""
         # (1-D takes and puts of flat indexes: numpy's 2-D fancy indexing costs more)
         if not self.moved:
-            return self.small.reshape(-1).take(rows * 24 + hod).astype(np.int64)
+            flat = rows * 24 + hod
+            return self.small.reshape(-1).take(flat).astype(np.int64), Where(SMALL_TIER, flat)
         at = self.at[rows]
         if not self.wide_blocks and int(at.min()) >= 0:  # (a busy stream: every block moved)
-            return self.mid.hours.reshape(-1).take(at * 24 + hod).astype(np.int64)
+            flat = at * 24 + hod
+            return self.mid.hours.reshape(-1).take(flat).astype(np.int64), Where(MID_TIER, flat)
         values = self.small.reshape(-1).take(rows * 24 + hod).astype(np.int64)
         mid, wide = self._tiers(at)
         if mid is not None:
             values[mid] = self.mid.hours.reshape(-1).take(at[mid] * 24 + hod[mid])
         if wide is not None:
             values[wide] = self.wide.hours[at[wide] - WIDE, hod[wide]]
-        return values
+        return values, Where(MIXED, None)
 
     def row_counts(self, rows: np.ndarray) -> np.ndarray:
         """The 24 hours of each block row, as int64 (len(rows) x 24)."""
@@ -124,12 +151,21 @@ class HourTiers:
             out[wide] = self.wide.hours[at[wide] - WIDE]
         return out
 
-    def put(self, rows: np.ndarray, hod: np.ndarray, values: np.ndarray) -> None:
-        """Set distinct slots to int64 ``values``, moving blocks that need a wider tier."""
+    def put(self, rows: np.ndarray, hod: np.ndarray, values: np.ndarray,
+            where: Where | None = None) -> None:
+        """Set distinct slots to int64 ``values``, moving blocks that need a wider tier;
+        ``where``: where ``located`` found these slots, if none of their blocks moved since."""
         if not len(values):
             return
         # (two reductions, no mask: what a batch whose blocks all fit their tier costs)
         top, bottom = int(values.max()), int(values.min())
+        if where is not None and where.flat is not None:
+            if where.tier == SMALL_TIER and top <= SMALL and bottom >= -SMALL:
+                self.small.reshape(-1).put(where.flat, values)
+                return
+            if where.tier == MID_TIER and top <= NARROW and bottom >= -NARROW:
+                self.mid.hours.reshape(-1).put(where.flat, values)
+                return
         if not self.moved:
             if top <= SMALL and bottom >= -SMALL:
                 self.small.reshape(-1).put(rows * 24 + hod, values)

@@ -31,7 +31,7 @@ import numpy as np
 
 from tally.actors.day_blocks import BIG, DAY_BITS, DayBlocks, Taken, beyond_big
 from tally.actors.history import DEFAULT_BYTES, History
-from tally.actors.hour_tiers import NARROW
+from tally.actors.hour_tiers import MIXED, NARROW, Where
 from tally.actors.live_series import LiveSeries
 from tally.actors.marks import NO_SEQ, Marks
 from tally.actors.outcomes import Ingested, Outcome
@@ -264,12 +264,13 @@ class ShardState:
         if numbers is None:
             numbers = self.live.numbers(batch.sids)
         try:
-            rows, hod, sums = self._checked(batch, numbers, rows, absent)
+            rows, hod, sums, where = self._checked(batch, numbers, rows, absent)
         except SlotOverflow as e:
             return Ingested.refused(Outcome.BAD_ROW, str(e), e.aggregate)
         except DeltaOverflow as e:
             return Ingested.refused(Outcome.DELTA_OVERFLOW, str(e))
-        self.applying = Applying(self, batch, numbers, rows, hod, sums, producer, seq, new)
+        self.applying = Applying(self, batch, numbers, rows, hod, sums, where, producer, seq,
+                                 new)
         return self.applying
 
     def _not_applying(self, what: str) -> None:
@@ -330,23 +331,23 @@ class ShardState:
 
     def _checked(self, batch: Batch, numbers: np.ndarray | None = None,
                  rows: np.ndarray | None = None, absent: np.ndarray | None = None
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, Where]:
         """The batch's slots (block rows, hours of day) and their totals with it, once no
         slot, day or pending delta would leave int64 (SlotOverflow, DeltaOverflow)."""
         if not len(batch):
             empty = np.empty(0, np.int64)
-            return empty, empty, empty
+            return empty, empty, empty, Where(MIXED, None)
         rows, hod = self._locate(batch, numbers, rows, absent)
         blocks = self.blocks
         values = batch.values
-        old = blocks.get(rows, hod)
+        old, where = blocks.located(rows, hod)
         with np.errstate(over="ignore"):
             new = old + values
         if (not blocks.wide_blocks and not blocks.big
                 and max(int(values.max()), -int(values.min())) <= BIG - NARROW):
             # Every hour held is within ±NARROW and no value passes BIG - NARROW: no sum
             # can wrap or pass BIG, so no slot, day or pending delta needs a check.
-            return rows, hod, new
+            return rows, hod, new, where
         wrapped = ((old ^ new) & (values ^ new)) < 0  # (the sum's sign differs from both)
         bad: list[tuple[int, str]] = []
         for n in np.flatnonzero(wrapped).tolist():
@@ -371,7 +372,7 @@ class ShardState:
                     f"shard {self.shard}: series {batch.sids[int(batch.series[n])]!r} at "
                     f"{_utc(int(batch.hours[n]))}: the hour's change since the last "
                     "checkpoint would leave int64; retry after the next checkpoint")
-        return rows, hod, new
+        return rows, hod, new, where
 
     def _touched(self, batch: Batch) -> None:
         """Count the batch's increments, and note its months as written now."""
@@ -598,14 +599,17 @@ class Applying:
     that half twice when the batch is resent.
     """
 
-    __slots__ = ("state", "batch", "numbers", "rows", "hod", "sums", "producer", "seq", "new",
-                 "done", "result")
+    __slots__ = ("state", "batch", "numbers", "rows", "hod", "sums", "where", "producer", "seq",
+                 "new", "done", "result")
 
     def __init__(self, state: ShardState, batch: Batch, numbers: np.ndarray, rows: np.ndarray,
-                 hod: np.ndarray, sums: np.ndarray, producer: str | None, seq: int | None,
-                 new: list[str]) -> None:
+                 hod: np.ndarray, sums: np.ndarray, where: Where, producer: str | None,
+                 seq: int | None, new: list[str]) -> None:
         self.state, self.batch = state, batch
         self.numbers = numbers  # the series number of each of the batch's sids
+        # where its slots were read: no block of a slice moves before the slice is written,
+        # for a slice holds all its series' slots and only a write moves a block
+        self.where = where
         self.rows, self.hod, self.sums = rows, hod, sums  # each slot and its total with it
         self.producer, self.seq, self.new = producer, seq, new
         self.done = 0  # aggregates written
@@ -622,7 +626,7 @@ class Applying:
         if z > a:
             values = self.batch.values[a:z]
             self.state.blocks.write(self.rows[a:z], self.hod[a:z], self.sums[a:z], values,
-                                    block_keys(self.batch, self.numbers, a))
+                                    block_keys(self.batch, self.numbers, a), self.where.part(a, z))
         self.done = z
         if z < n:
             return True

@@ -527,6 +527,34 @@ def test_a_batch_written_in_slices_shows_whole_series_and_holds_off_checkpoints(
     assert restarted.ingest(wide, store.load_months, "p", 2, 1).outcome is Outcome.DUPLICATE
 
 
+def test_slices_that_move_their_blocks_to_wider_tiers_leave_the_next_slices_exact(store):
+    """A slice writes its slots back where the batch read them, unless its own values
+    move its blocks: each slice holds all the slots of its series, so one slice moving
+    its blocks to int16 or int64 moves none of the next slice's."""
+    state = ShardState(0, store.open_shard(0))
+    values = {0: 100, 1: 5, 2: 40_000, 3: 7}  # series 0 passes int8, 2 passes int16
+    rows = [["acme", "m", {"k": str(k)}, HOUR + h * 3600, v] for k, v in values.items()
+            for h in range(3)]
+    for seq in (1, 2):  # read all small, then read some moved
+        applying = state.begin_ingest(rows_batch(rows, NOW), store.load_months, "p", seq,
+                                      seq - 1 if seq > 1 else None)
+        assert isinstance(applying, Applying)
+        while applying.step(3):  # a series a slice
+            pass
+        assert applying.result is not None and applying.result.outcome is Outcome.APPLIED
+    for k, v in values.items():
+        got = state.hourly("acme", "m", {"k": str(k)}, HOUR // 3600, HOUR // 3600 + 3)
+        assert got[0].tolist() == [2 * v] * 3
+    assert state.blocks.hours.moved == 2 and state.blocks.wide_blocks == 1
+    all_moved = [["acme", "m", {"k": "0"}, HOUR, 1], ["acme", "m", {"k": "2"}, HOUR, -1]]
+    assert state.ingest(rows_batch(all_moved, NOW), store.load_months, "p", 3, 2).outcome \
+        is Outcome.APPLIED
+    assert state.hourly("acme", "m", {"k": "0"}, HOUR // 3600, HOUR // 3600 + 1)[0].tolist() \
+        == [201]
+    assert state.hourly("acme", "m", {"k": "2"}, HOUR // 3600, HOUR // 3600 + 1)[0].tolist() \
+        == [79_999]
+
+
 def test_a_slice_that_fails_leaves_the_state_refusing_everything(store, monkeypatch):
     """Half a batch applied and the mark not moved: the state refuses every change and
     checkpoint from then on, never taking the half into a checkpoint (the shard actor
