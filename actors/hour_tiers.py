@@ -46,6 +46,7 @@ class Where(NamedTuple):
 
 
 SMALL_TIER, MID_TIER, MIXED = 0, 1, -1
+NOWHERE = Where(MIXED, None)  # slots in several tiers (or none): found again when written
 
 
 class _Slab:
@@ -122,21 +123,29 @@ class HourTiers:
     def located(self, rows: np.ndarray, hod: np.ndarray) -> tuple[np.ndarray, Where]:
         """The counts of slots (block rows, hours of day), as int64, and where they are
         (for ``put`` to write them back without finding them again)."""
-        # (1-D takes and puts of flat indexes: numpy's 2-D fancy indexing costs more)
-        if not self.moved:
-            flat = rows * 24 + hod
-            return self.small.reshape(-1).take(flat).astype(np.int64), Where(SMALL_TIER, flat)
+        where = self._where(rows, hod)
+        if where.tier == SMALL_TIER:
+            return self.small.reshape(-1).take(where.flat).astype(np.int64), where
+        if where.tier == MID_TIER:
+            return self.mid.hours.reshape(-1).take(where.flat).astype(np.int64), where
         at = self.at[rows]
-        if not self.wide_blocks and int(at.min()) >= 0:  # (a busy stream: every block moved)
-            flat = at * 24 + hod
-            return self.mid.hours.reshape(-1).take(flat).astype(np.int64), Where(MID_TIER, flat)
         values = self.small.reshape(-1).take(rows * 24 + hod).astype(np.int64)
         mid, wide = self._tiers(at)
         if mid is not None:
             values[mid] = self.mid.hours.reshape(-1).take(at[mid] * 24 + hod[mid])
         if wide is not None:
             values[wide] = self.wide.hours[at[wide] - WIDE, hod[wide]]
-        return values, Where(MIXED, None)
+        return values, where
+
+    def _where(self, rows: np.ndarray, hod: np.ndarray) -> Where:
+        """Where slots are: all small, all in ``mid``, or NOWHERE (several tiers). Flat
+        indexes (1-D takes and puts) cost less than numpy's 2-D fancy indexing."""
+        if not self.moved:
+            return Where(SMALL_TIER, rows * 24 + hod)
+        at = self.at[rows]
+        if not self.wide_blocks and int(at.min()) >= 0:  # (a busy stream: every block moved)
+            return Where(MID_TIER, at * 24 + hod)
+        return NOWHERE
 
     def row_counts(self, rows: np.ndarray) -> np.ndarray:
         """The 24 hours of each block row, as int64 (len(rows) x 24)."""
@@ -154,27 +163,20 @@ class HourTiers:
     def put(self, rows: np.ndarray, hod: np.ndarray, values: np.ndarray,
             where: Where | None = None) -> None:
         """Set distinct slots to int64 ``values``, moving blocks that need a wider tier;
-        ``where``: where ``located`` found these slots, if none of their blocks moved since."""
+        ``where``: where ``located`` found these slots, if none of their blocks moved since
+        (found here otherwise)."""
         if not len(values):
             return
         # (two reductions, no mask: what a batch whose blocks all fit their tier costs)
         top, bottom = int(values.max()), int(values.min())
-        if where is not None and where.flat is not None:
-            if where.tier == SMALL_TIER and top <= SMALL and bottom >= -SMALL:
-                self.small.reshape(-1).put(where.flat, values)
-                return
-            if where.tier == MID_TIER and top <= NARROW and bottom >= -NARROW:
-                self.mid.hours.reshape(-1).put(where.flat, values)
-                return
-        if not self.moved:
-            if top <= SMALL and bottom >= -SMALL:
-                self.small.reshape(-1).put(rows * 24 + hod, values)
-                return
-        elif not self.wide_blocks and top <= NARROW and bottom >= -NARROW:
-            at = self.at[rows]
-            if int(at.min()) >= 0:  # (a busy stream: every block moved)
-                self.mid.hours.reshape(-1).put(at * 24 + hod, values)
-                return
+        if where is None:
+            where = self._where(rows, hod)
+        if where.tier == SMALL_TIER and top <= SMALL and bottom >= -SMALL:
+            self.small.reshape(-1).put(where.flat, values)
+            return
+        if where.tier == MID_TIER and top <= NARROW and bottom >= -NARROW:
+            self.mid.hours.reshape(-1).put(where.flat, values)
+            return
         self._make_room(rows, values)
         at = self.at[rows]
         mid, wide = self._tiers(at)

@@ -31,7 +31,7 @@ import numpy as np
 
 from tally.actors.day_blocks import BIG, DAY_BITS, DayBlocks, Taken, beyond_big
 from tally.actors.history import DEFAULT_BYTES, History
-from tally.actors.hour_tiers import MIXED, NARROW, Where
+from tally.actors.hour_tiers import NARROW, NOWHERE, Where
 from tally.actors.live_series import LiveSeries
 from tally.actors.marks import NO_SEQ, Marks
 from tally.actors.outcomes import Ingested, Outcome
@@ -305,23 +305,20 @@ class ShardState:
         g = numbers[batch.series.astype(np.intp)]
         return self.blocks.find(g, batch.hours // 24)
 
-    def _locate(self, batch: Batch, numbers: np.ndarray | None = None,
-                rows: np.ndarray | None = None, absent: np.ndarray | None = None
-                ) -> tuple[np.ndarray, np.ndarray]:
+    def _locate(self, batch: Batch, numbers: np.ndarray, rows: np.ndarray | None = None,
+                absent: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Block rows and hours of day of a batch's aggregates (all months loaded);
-        ``rows``: the rows the caller found (``_held_rows``), -1 where a block is made,
-        at ``absent`` (found from ``rows`` if not given)."""
+        ``numbers``: the series number of each of its sids; ``rows``: the rows the caller
+        found (``_held_rows``), -1 where a block is made, at ``absent`` (found from
+        ``rows`` if not given)."""
         if rows is not None:
             if absent is None:
                 absent = np.flatnonzero(rows < 0)
             if len(absent):
-                assert numbers is not None
                 g = numbers[batch.series[absent].astype(np.intp)]
                 rows = rows.copy()
                 rows[absent] = self.blocks.locate(g, batch.hours[absent] // 24, self.live.count)
             return rows, batch.hours % 24
-        if numbers is None:
-            numbers = self.live.numbers(batch.sids)
         g = numbers[batch.series.astype(np.intp)]
         if (g < 0).any():
             raise RuntimeError("a batch's series must be installed before it is applied")
@@ -329,14 +326,14 @@ class ShardState:
         rows = self.blocks.locate(g, hours // 24, self.live.count)
         return rows, hours % 24
 
-    def _checked(self, batch: Batch, numbers: np.ndarray | None = None,
-                 rows: np.ndarray | None = None, absent: np.ndarray | None = None
+    def _checked(self, batch: Batch, numbers: np.ndarray, rows: np.ndarray | None = None,
+                 absent: np.ndarray | None = None
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, Where]:
         """The batch's slots (block rows, hours of day) and their totals with it, once no
         slot, day or pending delta would leave int64 (SlotOverflow, DeltaOverflow)."""
         if not len(batch):
             empty = np.empty(0, np.int64)
-            return empty, empty, empty, Where(MIXED, None)
+            return empty, empty, empty, NOWHERE
         rows, hod = self._locate(batch, numbers, rows, absent)
         blocks = self.blocks
         values = batch.values
